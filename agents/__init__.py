@@ -1,0 +1,1 @@
+"""agents package of come_rl."""

@@ -1,0 +1,1 @@
+"""envs package of come_rl."""
