@@ -1,0 +1,146 @@
+"""The composition of memory experts: product of experts (PoE) and product of contrastive experts (PoCE).
+
+The rule (paper eq. 3, 4 and its score form eq. 6), in noise-prediction form (score = -eps / sigma):
+
+    eps = sum_k w_k * [ alpha_k * eps_k(x_t | c_k) + (1 - alpha_k) * eps_k(x_t | no c_k) ]
+
+alpha_k = 1 is the plain product of experts; alpha_k > 1 makes expert k contrastive: modes its condition emphasises
+more than its baseline are amplified, modes it merely shares with the baseline are suppressed (Proposition 1).
+w_k = 1 for all k is the paper's sum of scores; ``normalize=True`` divides by sum_k w_k instead (a geometric mean of
+experts rather than a product, which keeps the composed score on the scale of a single expert's).
+
+The long-term memory's baseline p_psi(empty)(x | c) is the base model's own conditional prediction, so that forward
+pass is shared rather than repeated (``baseline="<other term's name>"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from come_rl.experts.expert import DiffusionExpert
+
+
+def compose_noise_predictions(
+    conditional: Sequence[torch.Tensor],
+    baselines: Sequence[torch.Tensor | None],
+    alphas: Sequence[float],
+    weights: Sequence[float] | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """The composition rule above, as a pure function.
+
+    Args:
+        conditional: eps_k(x_t | c_k) for each expert, all of one shape.
+        baselines: eps_k(x_t | no c_k) for each expert; may be None where alpha_k == 1 (it has weight 0 there).
+        alphas: contrast coefficients alpha_k (>= 1 in the paper; any real is accepted).
+        weights: w_k (default 1 each).
+        normalize: divide by sum_k w_k.
+    """
+    k = len(conditional)
+    if not (len(baselines) == len(alphas) == k) or k == 0:
+        raise ValueError(f"need one baseline and one alpha per expert: {k} conditional, {len(baselines)} baselines, "
+                         f"{len(alphas)} alphas")
+    weights = [1.0] * k if weights is None else list(weights)
+    if len(weights) != k:
+        raise ValueError(f"need one weight per expert, got {len(weights)} for {k} experts")
+    total = torch.zeros_like(conditional[0])
+    for eps_c, eps_u, alpha, weight in zip(conditional, baselines, alphas, weights):
+        if alpha != 1.0 and eps_u is None:
+            raise ValueError(f"alpha={alpha} != 1 needs the expert's baseline prediction, got None")
+        term = eps_c if alpha == 1.0 else alpha * eps_c + (1.0 - alpha) * eps_u
+        total = total + weight * term
+    if normalize:
+        weight_sum = sum(weights)
+        if weight_sum == 0:
+            raise ValueError("normalize=True needs weights with a non-zero sum")
+        total = total / weight_sum
+    return total
+
+
+@dataclass
+class ExpertTerm:
+    """One factor of the composition.
+
+    Attributes:
+        name: unique label ("base", "ltm", "stm", "sltm").
+        expert: the denoiser.
+        alpha: contrast coefficient (1 = plain PoE factor).
+        weight: w_k.
+        baseline: "unconditional" (the expert's own dropped-condition mode, batched with its conditional pass) or the
+            name of another term whose *conditional* prediction is this term's baseline (the LTM uses "base").
+    """
+
+    name: str
+    expert: DiffusionExpert
+    alpha: float = 1.0
+    weight: float = 1.0
+    baseline: str = "unconditional"
+
+
+class Composer:
+    """Turns several experts into one denoiser ``(x_t, t) -> eps`` with the rule of :func:`compose_noise_predictions`.
+
+    ``prepare`` processes every expert's context once (conditional and unconditional rows stacked into one batch), so
+    each denoising step costs exactly one network call per expert that has a term: the distinct (expert, condition)
+    pairs are the rows of those calls, and a baseline shared with another term costs nothing.
+    """
+
+    def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False):
+        names = [term.name for term in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert term names must be unique, got {names}")
+        for term in terms:
+            if term.baseline != "unconditional" and term.baseline not in names:
+                raise ValueError(f"term {term.name!r} uses the baseline of {term.baseline!r}, which is not a term; "
+                                 f"terms are {names}")
+        self.terms, self.normalize = list(terms), normalize
+        self.network_calls = 0
+        self._states: dict[str, Any] = {}
+        self._paired: dict[str, bool] = {}
+
+    def needs_unconditional(self, term: ExpertTerm) -> bool:
+        return term.alpha != 1.0 and term.baseline == "unconditional"
+
+    def prepare(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> None:
+        """conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A), poses=(B,K+1,P) or None) per term."""
+        self._states.clear()
+        for term in self.terms:
+            if term.name not in conditions:
+                raise ValueError(f"no conditioning given for expert term {term.name!r}")
+            cond = conditions[term.name]
+            context, actions, poses = cond["context"], cond["actions"], cond.get("poses")
+            b = context.shape[0]
+            paired = self.needs_unconditional(term)
+            if paired:
+                # Conditional rows first, unconditional rows second: one batched call per step for both.
+                context, actions = torch.cat([context, context]), torch.cat([actions, actions])
+                poses = None if poses is None else torch.cat([poses, poses])
+                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+            else:
+                drop = torch.zeros(b, dtype=torch.bool)
+            self._states[term.name] = term.expert.prepare(context, actions, poses, drop)
+            self._paired[term.name] = paired
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self._states:
+            raise RuntimeError("Composer.prepare(conditions) must be called before denoising")
+        conditional: dict[str, torch.Tensor] = {}
+        unconditional: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            if self._paired[term.name]:
+                eps = term.expert.predict_eps(self._states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
+                conditional[term.name], unconditional[term.name] = eps.chunk(2)
+            else:
+                conditional[term.name] = term.expert.predict_eps(self._states[term.name], x_t, t)
+            self.network_calls += 1
+        baselines = [
+            unconditional.get(term.name) if term.baseline == "unconditional" else conditional[term.baseline]
+            for term in self.terms
+        ]
+        return compose_noise_predictions(
+            [conditional[term.name] for term in self.terms], baselines,
+            [term.alpha for term in self.terms], [term.weight for term in self.terms], self.normalize,
+        )

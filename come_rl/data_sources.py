@@ -1,0 +1,118 @@
+"""Where training clips come from: a recorded data set on disk, or episodes generated on the fly by a cheap env.
+
+Both give ``sample_clips(batch_size, length, rng) -> dict(frames (B, L, H, W, 3) uint8, actions (B, L-1, A) float32,
+poses (B, L, 3) float32 or None)`` with ``frames[:, i+1]`` following ``actions[:, i]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from come_rl.interfaces import ActionSpec
+
+
+class OnlineEpisodePool:
+    """A pool of episodes generated with the environment's random policy, refreshed a few episodes at a time.
+
+    For an env that renders ten thousand frames per second (Memory Cards) this beats a recorded data set: every clip
+    is real env output and the pool keeps changing, so the model never sees the same episode for long.
+    """
+
+    def __init__(self, env_name: str, episodes: int = 1024, steps: int = 64, refresh: int = 2, seed: int = 0,
+                 env_kwargs: dict | None = None):
+        if env_name != "memory_cards":
+            raise ValueError(f"online data is available for memory_cards only (fast numpy renderer), got {env_name!r}; "
+                             f"collect a data set with `python -m come_rl.collect env={env_name} ...` instead")
+        from envs.memory_cards import MemoryCardsEnv
+
+        self.env = MemoryCardsEnv(max_steps=10**9, **(env_kwargs or {}))
+        self.action_spec: ActionSpec = self.env.action_spec
+        self.frame_size = self.env.size
+        self.steps, self.refresh = steps, refresh
+        self.rng = np.random.default_rng(seed)
+        self.frames = np.empty((episodes, steps + 1, self.frame_size, self.frame_size, 3), np.uint8)
+        self.actions = np.empty((episodes, steps, self.action_spec.dim), np.float32)
+        self.poses = np.empty((episodes, steps + 1, 3), np.float32)
+        for i in tqdm(range(episodes), desc="generating memory_cards episodes", leave=False):
+            self._fill(i)
+        self._next = 0
+
+    def _fill(self, index: int) -> None:
+        frame, info = self.env.reset(seed=int(self.rng.integers(2**31)))
+        self.frames[index, 0], self.poses[index, 0] = frame, info["pose"]
+        for t in range(self.steps):
+            action = self.env.random_policy_action(self.rng)
+            frame, _, _, _, info = self.env.step(action)
+            self.frames[index, t + 1], self.poses[index, t + 1] = frame, info["pose"]
+            self.actions[index, t] = self.action_spec.encode(action)
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        for _ in range(self.refresh):  # keep the pool fresh: replace the oldest episodes
+            self._fill(self._next)
+            self._next = (self._next + 1) % len(self.frames)
+        episode = rng.integers(0, len(self.frames), batch_size)
+        start = rng.integers(0, self.steps + 2 - length, batch_size)
+        frame_index = start[:, None] + np.arange(length)
+        return {
+            "frames": self.frames[episode[:, None], frame_index],
+            "actions": self.actions[episode[:, None], frame_index[:, :-1]],
+            "poses": self.poses[episode[:, None], frame_index],
+        }
+
+
+class DatasetSource:
+    """A recorded data set (``come_rl.data.EpisodeDataset``) behind the same interface."""
+
+    def __init__(self, path: str):
+        from come_rl.data.episodes import EpisodeDataset
+
+        self.dataset = EpisodeDataset(path)
+        self.action_spec = self.dataset.action_spec
+        self.frame_size = int(self.dataset.frames[0].shape[1])
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        return self.dataset.sample_clips(batch_size, length, rng)
+
+
+def open_data_source(spec: str, seed: int = 0):
+    """``online:<env>`` for generated episodes, otherwise a data set path."""
+    if spec.startswith("online:"):
+        return OnlineEpisodePool(spec.split(":", 1)[1], seed=seed)
+    return DatasetSource(spec)
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 in [0, 255], got {frames.dtype}")
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
+    return tensor.movedim(-1, -3)
+
+
+def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
+    return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def pose_features(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., 3) poses (x, y, yaw) -> (..., 4) features (x, y, sin yaw, cos yaw), as the authors feed the SLTM."""
+    poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32)
+    return torch.cat([poses[..., :2], torch.sin(poses[..., 2:3]), torch.cos(poses[..., 2:3])], dim=-1)
+
+
+def clips_to_tensors(clips: dict, pose_features: bool = False):
+    """A clip of L frames -> (frames (B, L-1, 3, H, W), actions (B, L-1, A), poses (B, L-1, 4) or None).
+
+    The first frame is dropped so that every remaining frame has the action that led to it.
+    """
+    use_poses = pose_features
+    frames = frames_to_tensor(clips["frames"][:, 1:])
+    actions = torch.from_numpy(np.ascontiguousarray(clips["actions"])).float()
+    poses = None
+    if use_poses:
+        if clips.get("poses") is None:
+            raise ValueError("pose features requested but the data set has no poses")
+        poses = globals()["pose_features"](clips["poses"][:, 1:])
+    return frames, actions, poses

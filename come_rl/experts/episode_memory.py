@@ -1,0 +1,100 @@
+"""The episode store: every frame, action and pose the world model has observed in the current episode.
+
+It is the short-term context (its last frames) and the long-term memory's training set (clips drawn from it are what
+``memorize`` fine-tunes the LoRA adapters on).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from come_rl.interfaces import ActionSpec
+
+
+class EpisodeMemory:
+    """Frames (T, C, H, W) in [-1, 1], actions (T, A) (row t = the action that led to frame t; row 0 zeros) and
+    poses (T, 3) or None, grown one observation at a time."""
+
+    def __init__(self, frame_shape: tuple[int, int, int], action_spec: ActionSpec):
+        self.frame_shape, self.action_spec = tuple(frame_shape), action_spec
+        self.clear()
+
+    def clear(self) -> None:
+        self._frames: list[torch.Tensor] = []
+        self._actions: list[torch.Tensor] = []
+        self._poses: list[torch.Tensor | None] = []
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def append(self, frame: torch.Tensor, action: torch.Tensor, pose: torch.Tensor | None) -> None:
+        if self._poses and (pose is None) != (self._poses[-1] is None):
+            raise ValueError("give a pose with every observation of an episode or with none")
+        self._frames.append(frame)
+        self._actions.append(action)
+        self._poses.append(pose)
+
+    @property
+    def frames(self) -> torch.Tensor:
+        return torch.stack(self._frames)
+
+    @property
+    def actions(self) -> torch.Tensor:
+        return torch.stack(self._actions)
+
+    @property
+    def poses(self) -> torch.Tensor | None:
+        return None if not self._poses or self._poses[0] is None else torch.stack(self._poses)
+
+    def last(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The last ``count`` frames, actions, poses; an episode shorter than that is padded by repeating its first
+        observation with a zero action (the agent standing still), so experts always see full contexts."""
+        if not self._frames:
+            raise RuntimeError("the episode memory is empty: call WorldModel.observe(first_frame) after reset()")
+        frames, actions, poses = self.frames[-count:], self.actions[-count:], self.poses
+        poses = None if poses is None else poses[-count:]
+        missing = count - frames.shape[0]
+        if missing > 0:
+            frames = torch.cat([frames[:1].expand(missing, *frames.shape[1:]), frames])
+            actions = torch.cat([torch.zeros(missing, actions.shape[1]), actions])
+            if poses is not None:
+                poses = torch.cat([poses[:1].expand(missing, *poses.shape[1:]), poses])
+        return frames, actions, poses
+
+    def sample_clips(self, batch_size: int, length: int, window: int | None = None,
+                     generator: torch.Generator | None = None):
+        """Random clips of ``length`` consecutive observations from the last ``window`` ones (all if None).
+
+        Returns frames (B, length, C, H, W), actions (B, length, A), poses (B, length, 3) or None.
+        """
+        total = len(self)
+        if total < length:
+            raise ValueError(f"the episode memory holds {total} frames, fewer than the {length} a training clip needs; "
+                             f"observe more frames before memorize()")
+        first = 0 if window is None else max(0, total - window)
+        starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator)
+        index = starts[:, None] + torch.arange(length)
+        frames, actions, poses = self.frames, self.actions, self.poses
+        return frames[index], actions[index], None if poses is None else poses[index]
+
+
+def to_frame_tensor(frame, frame_shape: tuple[int, int, int]) -> torch.Tensor:
+    """A uint8 (H, W, 3) array or a float (3, H, W) tensor in [-1, 1] -> float (3, H, W), validated."""
+    if isinstance(frame, np.ndarray):
+        if frame.dtype != np.uint8:
+            raise ValueError(f"numpy frames must be uint8 (H, W, 3) in [0, 255], got dtype {frame.dtype}")
+        if frame.shape != (frame_shape[1], frame_shape[2], frame_shape[0]):
+            raise ValueError(f"frame has shape {frame.shape}, this world model takes "
+                             f"{(frame_shape[1], frame_shape[2], frame_shape[0])}; resize it or load a model for it")
+        return torch.from_numpy(frame).float().div(127.5).sub(1.0).permute(2, 0, 1).contiguous()
+    if isinstance(frame, torch.Tensor):
+        if tuple(frame.shape) != tuple(frame_shape):
+            raise ValueError(f"frame tensor has shape {tuple(frame.shape)}, expected {tuple(frame_shape)} (C, H, W)")
+        frame = frame.float()
+        if not torch.isfinite(frame).all():
+            raise ValueError("frame contains NaN or inf")
+        if frame.min() < -1.001 or frame.max() > 1.001:
+            raise ValueError("float frames must lie in [-1, 1]; pass uint8 arrays for [0, 255] images")
+        return frame
+    raise TypeError(f"a frame must be a uint8 numpy array or a float tensor, got {type(frame).__name__}")

@@ -1,0 +1,141 @@
+"""The long-term memory expert p_psi(c_LT)(x | c): the base expert plus LoRA adapters fine-tuned on the episode.
+
+Memorization (paper B, "Test-time adaptation of LTM") runs the diffusion loss on clips drawn from the episode store,
+updating only low-rank adapters (peft) so that the backbone keeps its general prior; ``reset()`` re-initialises the
+adapters (B = 0), which makes the expert exactly the base again, so nothing leaks from one episode to the next.
+
+The noise levels memorization trains on are a first-class knob (``noise_low``, ``uniform_fraction``): the episode's
+memory only matters near pure noise, where the base model cannot recover an object from the noisy target itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from come_rl.experts.episode_memory import EpisodeMemory
+from come_rl.experts.expert import DiffusionExpert
+
+
+@dataclass
+class MemorizeConfig:
+    """How the LTM memorizes an episode.
+
+    Attributes:
+        rank: LoRA rank (paper: 8-256; 16 costs ~2x sampling time at r=16 in their streaming setting).
+        lora_alpha: LoRA scaling numerator (scale = lora_alpha / rank).
+        target_modules: regex over module names of the backbone that get adapters (Conv2d / Linear only).
+        steps: gradient steps per ``memorize`` call (paper streaming: 25 every 50 frames).
+        batch_size: clips per step.
+        lr: AdamW learning rate of the adapters.
+        noise_low, uniform_fraction: noise levels U[noise_low, 1], with a uniform_fraction of rows from U[0, 1].
+        window: memorize the last ``window`` frames only (None = the whole episode).
+    """
+
+    rank: int = 16
+    lora_alpha: float = 16.0
+    target_modules: str = r".*(conv1|conv2|film|qkv|proj|fc1|fc2|skip|downsamples\.\d+|upsamples\.\d+|out_conv)$"
+    steps: int = 25
+    batch_size: int = 16
+    lr: float = 5e-3
+    noise_low: float = 0.95
+    uniform_fraction: float = 0.5
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("memorize needs steps >= 0, batch_size >= 1 and lr > 0")
+
+
+def lora_target_names(backbone: nn.Module, pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    names = [name for name, module in backbone.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear)) and regex.fullmatch(name)]
+    if not names:
+        raise ValueError(f"target_modules {pattern!r} matches no Conv2d/Linear of the backbone")
+    return names
+
+
+class LongTermMemoryExpert(DiffusionExpert):
+    """A copy of the base expert with LoRA adapters; see the module docstring."""
+
+    def __init__(self, base: DiffusionExpert, config: MemorizeConfig | None = None):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = config or MemorizeConfig()
+        backbone = copy.deepcopy(base.backbone)
+        targets = lora_target_names(backbone, config.target_modules)
+        lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        backbone = inject_adapter_in_model(lora, backbone)
+        super().__init__(backbone, base.schedule, name="ltm", uses_poses=base.uses_poses)
+        self.config, self.targets = config, targets
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+        self.adapter_parameters = [p for p in self.backbone.parameters() if p.requires_grad]
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.memorized_steps = 0
+        self.eval()
+
+    def reset(self) -> None:
+        """Re-initialise every adapter (A random, B = 0): the expert's outputs equal the base's exactly again."""
+        for module in self.backbone.modules():
+            if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+                for adapter in list(module.lora_A.keys()):
+                    module.reset_lora_parameters(adapter, True)
+        self._optimizer = None
+        self.memorized_steps = 0
+
+    def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
+                 **overrides) -> dict:
+        """Fine-tune the adapters on clips of ``memory`` for ``steps`` gradient steps; returns loss statistics.
+
+        ``overrides`` may set any :class:`MemorizeConfig` field for this call (batch_size, lr, noise_low, ...).
+        """
+        config = _replace(self.config, overrides)
+        steps = config.steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"memorize steps must be >= 0, got {steps}")
+        clip_length = self.context_frames + 1
+        if len(memory) < clip_length:
+            raise ValueError(f"memorize needs at least {clip_length} observed frames (context {self.context_frames} + 1); "
+                             f"the episode memory holds {len(memory)}")
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(self.adapter_parameters, lr=config.lr, weight_decay=0.0)
+        for group in self._optimizer.param_groups:
+            group["lr"] = config.lr
+        self.train()
+        losses, start = [], time.perf_counter()
+        for _ in range(steps):
+            frames, actions, poses = memory.sample_clips(config.batch_size, clip_length, config.window, generator)
+            pose_input = None
+            if self.uses_poses and poses is not None:
+                from come_rl.data_sources import pose_features
+
+                pose_input = pose_features(poses)
+            loss = self.loss(frames, actions, pose_input, noise_low=config.noise_low,
+                             uniform_fraction=config.uniform_fraction, generator=generator)
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+            losses.append(loss.item())
+        self.eval()
+        self.memorized_steps += steps
+        seconds = time.perf_counter() - start
+        return {"steps": steps, "seconds": seconds, "loss_first": losses[0] if losses else float("nan"),
+                "loss_last": losses[-1] if losses else float("nan"), "total_steps": self.memorized_steps}
+
+
+def _replace(config: MemorizeConfig, overrides: dict) -> MemorizeConfig:
+    import dataclasses
+
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ValueError(f"unknown memorize options {sorted(unknown)}")
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,167 @@
+"""Small file helpers: atomic writes, hashing, and a pickle loader that cannot run code.
+
+Every writer here writes to a temporary file in the destination's directory and then renames it
+over the destination with `os.replace`, so a reader never sees a half-written file (a crash leaves
+either the old file or the new one, plus at worst a stray `*.tmp`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same directory, then `os.replace`).
+
+    Parent directories are created. Returns the destination as a `Path`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes expects bytes, got {type(data).__name__}; encode text first "
+                        "or use atomic_write_text")
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the destination so that os.replace is a rename on one filesystem (atomic).
+    file_descriptor, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                                  suffix=".tmp")
+    try:
+        # mkstemp creates 0600 files; keep the destination's mode, or use the usual 0644 for new files.
+        os.chmod(temp_name, destination.stat().st_mode & 0o777 if destination.exists() else 0o644)
+        with os.fdopen(file_descriptor, "wb") as temp_file:
+            temp_file.write(data)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, destination)
+    except BaseException:
+        # Leave no stray temp file behind on failure; the destination keeps its old content.
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    return destination
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (see `atomic_write_bytes`)."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text expects str, got {type(text).__name__}")
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_save_npz(path: PathLike, **arrays: Any) -> Path:
+    """Save arrays to a compressed `.npz` at `path` atomically.
+
+    `path` should end in `.npz` (numpy would otherwise append it to the temporary name, so we insist).
+    Each keyword becomes one array in the archive; load with `np.load(path)` (no pickle needed for
+    numeric arrays, and object arrays are refused so loading never needs `allow_pickle=True`).
+    """
+    destination = Path(path)
+    if destination.suffix != ".npz":
+        raise ValueError(f"atomic_save_npz: path must end in '.npz', got {str(destination)!r}; "
+                         f"use {str(destination.with_suffix('.npz'))!r}")
+    if not arrays:
+        raise ValueError("atomic_save_npz: give at least one array as a keyword, e.g. frames=array")
+    for name, value in arrays.items():
+        if np.asarray(value).dtype == object:
+            raise ValueError(f"atomic_save_npz: array {name!r} has dtype object, which would need pickle to "
+                             "load; convert it to a numeric or string array first")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write_bytes(destination, buffer.getvalue())
+
+
+def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 digest of the file at `path`, read in chunks (large weight files stay out of memory)."""
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise FileNotFoundError(f"sha256_file: no such file {str(file_path)!r}")
+    digest = hashlib.sha256()
+    with open(file_path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# (module, name) pairs a numpy-only pickle needs. Plain containers (dict, list, tuple, str, int,
+# float, bool, None, bytes) are built by pickle opcodes directly and never go through find_class.
+_ALLOWED_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    # ndarray reconstruction (numpy < 2 writes numpy.core, numpy >= 2 writes numpy._core)
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    # protocol 5 pickles arrays as _frombuffer(buffer, dtype, shape, order)
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "dtype"),
+    # numpy scalars such as np.float32(1.0)
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    # protocol 0-2 pickles made by Python 3 store bytes as _codecs.encode(str, 'latin1')
+    ("_codecs", "encode"),
+})
+
+
+def _is_allowed_numpy_dtype_class(module: str, name: str) -> bool:
+    # numpy >= 1.25 may pickle dtypes by their class, e.g. numpy.dtypes.Float32DType.
+    return module == "numpy.dtypes" and name.endswith("DType") and name.isidentifier()
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler whose `find_class` admits only the numpy reconstruction helpers listed above."""
+
+    def __init__(self, file: IO[bytes], source_name: str) -> None:
+        super().__init__(file)
+        self._source_name = source_name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_PICKLE_GLOBALS or _is_allowed_numpy_dtype_class(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {self._source_name}: it references {module}.{name}, but only numpy arrays, "
+            "numpy scalars and plain containers (dict, list, tuple, str, int, float, bool, None) are "
+            "allowed, because unpickling anything else can run arbitrary code. If you trust this file and "
+            "it is legitimately different, convert it to .npz or safetensors first."
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {self._source_name}: it uses persistent ids "
+                                     "(e.g. a torch.save file); only plain numpy pickles are allowed")
+
+
+def safe_pickle_load(path_or_file: PathLike | IO[bytes]) -> Any:
+    """Load a pickle that may contain only numpy arrays/dtypes/scalars and plain containers.
+
+    Anything else (classes, functions, `os.system`, torch storages) raises `pickle.UnpicklingError`
+    naming the file and the refused global, before any of it is executed.
+
+    Args:
+        path_or_file: a path, or a binary file object opened for reading.
+    """
+    if isinstance(path_or_file, (str, os.PathLike)):
+        file_path = Path(path_or_file)
+        if not file_path.is_file():
+            raise FileNotFoundError(f"safe_pickle_load: no such file {str(file_path)!r}")
+        with open(file_path, "rb") as handle:
+            return _load_checked(handle, repr(str(file_path)))
+    if not hasattr(path_or_file, "read"):
+        raise TypeError(f"safe_pickle_load expects a path or a binary file object, got "
+                        f"{type(path_or_file).__name__}")
+    return _load_checked(path_or_file, repr(getattr(path_or_file, "name", "<file object>")))
+
+
+def _load_checked(handle: IO[bytes], source_name: str) -> Any:
+    try:
+        return _NumpyOnlyUnpickler(handle, source_name).load()
+    except pickle.UnpicklingError:
+        raise
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise pickle.UnpicklingError(f"could not read {source_name} as a numpy pickle ({type(error).__name__}: "
+                                     f"{error}); the file is truncated or not a pickle") from error

@@ -1,0 +1,87 @@
+"""Named backbone configurations: ``build_backbone("stm_cpu", frame_size=32, action_dim=5)``.
+
+``BACKBONES`` maps a name to a factory ``(**overrides) -> VideoBackbone``. Other modules add their
+own entries (the conv U-Net adds ``unet_*``): ``BACKBONES["unet_cards"] = make_unet_cards``.
+
+The transformer entries (all :class:`come_rl.nets.dit.VideoDiT`; overrides are fields of
+:class:`come_rl.nets.dit.VideoDiTConfig`):
+
+| name | size | attention | frames (context -> predicted) |
+|---|---|---|---|
+| ``dit_cpu`` | hidden 128, 6 blocks, 4 heads, patch 4 | full | 3 -> 4 |
+| ``dit_s`` | hidden 384, 12 blocks, 6 heads, patch 4 | full | 3 -> 17 (paper's base) |
+| ``dit_b`` | hidden 768, 12 blocks, 12 heads, patch 4 | full | 3 -> 17 |
+| ``stm_cpu`` | hidden 128, 4 blocks, 4 heads, patch 4 | window 4, full at [1] | 16 -> 4 |
+| ``stm_paper`` | DiT-S | window 20, full at [2, 6] | 33 -> 17 (paper E.1) |
+| ``sltm_cpu`` | hidden 128, 4 blocks, patch 8, poses (4) | full | 3 -> 4 |
+| ``sltm_paper`` | DiT-B, patch 8, poses (4) | full | 3 -> 17 |
+| ``full_attention_cpu`` | as ``stm_cpu`` | full | 16 -> 4 (baseline) |
+| ``sliding_window_cpu`` | as ``stm_cpu`` | window 4 only | 16 -> 4 (baseline) |
+| ``ssm_cpu`` | as ``stm_cpu`` | window 4 + gated recurrences after blocks 1, 3 | 16 -> 4 (baseline) |
+
+Frame size defaults to 64 (Memory Maze); pass ``frame_size`` for other worlds. The paper works on
+the 32x32 latents of a 2x VAE with patch 2 (SLTM: patch 4); on 64x64 pixels we use patch 4 (SLTM:
+8), the same number of tokens per frame. The STM scales from the paper's 33 -> 17 frames with window
+20 to 16 -> 4 frames with window 4 for CPU: the window keeps the same fraction of the context (~1/8
+to 1/4) with few enough tokens to run on two cores, and full layer [1] of 4 mirrors [2, 6] of 12.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from come_rl.nets.backbone import VideoBackbone
+from come_rl.nets.dit import VideoDiT, VideoDiTConfig
+
+__all__ = ["BACKBONES", "DIT_CONFIGS", "build_backbone", "register_backbone"]
+
+_CPU = {"frame_size": 64, "patch_size": 4, "hidden_size": 128, "num_heads": 4, "mlp_ratio": 4.0}
+_LONG_CONTEXT_CPU = dict(_CPU, depth=4, context_frames=16, predicted_frames=4)
+_DIT_S = {"frame_size": 64, "patch_size": 4, "hidden_size": 384, "depth": 12, "num_heads": 6}
+_DIT_B = {"frame_size": 64, "patch_size": 4, "hidden_size": 768, "depth": 12, "num_heads": 12}
+
+DIT_CONFIGS: dict[str, VideoDiTConfig] = {
+    "dit_cpu": VideoDiTConfig(**_CPU, depth=6, context_frames=3, predicted_frames=4),
+    "dit_s": VideoDiTConfig(**_DIT_S, context_frames=3, predicted_frames=17),
+    "dit_b": VideoDiTConfig(**_DIT_B, context_frames=3, predicted_frames=17),
+    "stm_cpu": VideoDiTConfig(**_LONG_CONTEXT_CPU, window_frames=4, full_attention_layers=(1,)),
+    "stm_paper": VideoDiTConfig(**_DIT_S, context_frames=33, predicted_frames=17, window_frames=20,
+                                full_attention_layers=(2, 6)),
+    "sltm_cpu": VideoDiTConfig(**dict(_CPU, patch_size=8), depth=4, context_frames=3, predicted_frames=4,
+                               pose_dim=4),
+    "sltm_paper": VideoDiTConfig(**dict(_DIT_B, patch_size=8), context_frames=3, predicted_frames=17, pose_dim=4),
+    "full_attention_cpu": VideoDiTConfig(**_LONG_CONTEXT_CPU),
+    "sliding_window_cpu": VideoDiTConfig(**_LONG_CONTEXT_CPU, window_frames=4),
+    "ssm_cpu": VideoDiTConfig(**_LONG_CONTEXT_CPU, window_frames=4, ssm_layers=(1, 3)),
+}
+
+
+def _dit_factory(base: VideoDiTConfig) -> Callable[..., VideoBackbone]:
+    def build(**overrides: Any) -> VideoBackbone:
+        known = {f.name for f in dataclasses.fields(VideoDiTConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown VideoDiT option(s) {unknown}; valid options are {sorted(known)}")
+        return VideoDiT(dataclasses.replace(base, **overrides))
+
+    return build
+
+
+BACKBONES: dict[str, Callable[..., VideoBackbone]] = {name: _dit_factory(cfg) for name, cfg in DIT_CONFIGS.items()}
+
+
+def register_backbone(name: str, factory: Callable[..., VideoBackbone]) -> None:
+    """Add ``factory`` under ``name`` (``BACKBONES[name] = factory`` with a duplicate check)."""
+    if name in BACKBONES:
+        raise ValueError(f"a backbone named {name!r} is already registered; pick another name")
+    BACKBONES[name] = factory
+
+
+def build_backbone(name: str, **overrides: Any) -> VideoBackbone:
+    """Build the backbone registered as ``name`` with config fields replaced by ``overrides``."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or register yours "
+                         "with come_rl.nets.registry.register_backbone")
+    return BACKBONES[name](**overrides)

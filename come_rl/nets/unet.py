@@ -1,0 +1,205 @@
+"""A small convolutional video U-Net for pixel worlds (the paper used a U-Net for Memory Cards).
+
+Design choices that buy world-model quality per CPU-hour (DESIGN.md, measured probe):
+* Context frames are concatenated with the noisy target along channels, so every pixel sees its own past directly.
+* Frames are pixel-unshuffled (size/f) so the network runs at 16x16 with levels 16/8/4; for the 4x4 Memory Cards
+  grid the 4x4 bottleneck has one cell per tile.
+* FiLM conditioning from the noise level, the current and previous action, the pose (SLTM) and a "context dropped"
+  flag (the unconditional mode used by the composition).
+* A learned positional map per level: convolutions alone cannot tell where on the grid they are.
+* The context's contribution to the first convolution is linear in the context, so ``prepare`` computes it once and
+  every denoising step and every planner candidate reuses it (the block-causal cache of the transformer, for convs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from come_rl.nets.backbone import VideoBackbone
+
+
+@dataclass
+class UNetConfig:
+    """Configuration of :class:`VideoUNet`.
+
+    Attributes:
+        frame_size: height = width of frames in pixels.
+        channels: colour channels per frame.
+        context_frames: K clean frames the prediction conditions on.
+        action_dim: size of an action vector (one-hot for discrete spaces).
+        pose_dim: size of per-frame pose features (0 = no pose conditioning).
+        unshuffle: pixel-unshuffle factor f; the network runs at frame_size / f.
+        widths: channels of each level (the first at frame_size / f, each next one at half resolution).
+        blocks_per_level: residual blocks per level in the encoder (the decoder has one more, for the skip).
+        cond_dim: width of the FiLM conditioning embedding.
+        bottleneck_attention: one self-attention block at the lowest level (16 tokens at 4x4: global reasoning
+            for almost no compute).
+    """
+
+    frame_size: int = 48
+    channels: int = 3
+    context_frames: int = 3
+    action_dim: int = 5
+    pose_dim: int = 0
+    unshuffle: int = 3
+    widths: list[int] = field(default_factory=lambda: [48, 96, 192])
+    blocks_per_level: int = 1
+    cond_dim: int = 128
+    bottleneck_attention: bool = True
+
+    def __post_init__(self) -> None:
+        if self.frame_size % self.unshuffle:
+            raise ValueError(f"frame_size {self.frame_size} must be divisible by unshuffle {self.unshuffle}")
+        base = self.frame_size // self.unshuffle
+        if base % (2 ** (len(self.widths) - 1)):
+            raise ValueError(f"frame_size/unshuffle = {base} must be divisible by 2^(levels-1) = {2 ** (len(self.widths) - 1)}")
+        if self.context_frames < 1:
+            raise ValueError(f"context_frames must be >= 1, got {self.context_frames}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like discrete DDPM steps). (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _groups(ch: int) -> int:
+    return math.gcd(ch, 8) if ch % 8 else 8
+
+
+class FiLMResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        # Zero-init the last conv so every block starts as the identity: deep residual nets train from step one.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, ch: int, heads: int = 4):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, ch)
+        self.heads = heads
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(tokens).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+
+
+class VideoUNet(VideoBackbone):
+    """Predicts one future frame from K context frames; see the module docstring. Implements VideoBackbone."""
+
+    predicted_frames = 1
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.context_frames, self.action_dim, self.pose_dim = config.context_frames, config.action_dim, config.pose_dim
+        f, c, widths, d = config.unshuffle, config.channels, config.widths, config.cond_dim
+        base = config.frame_size // f
+        # The input convolution is split into a noisy-target part and a context part (their sum equals one conv over
+        # the channel concatenation), so the context part can be cached by prepare().
+        self.in_noisy = nn.Conv2d(c * f * f, widths[0], 3, padding=1)
+        self.in_context = nn.Conv2d(config.context_frames * c * f * f, widths[0], 3, padding=1, bias=False)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
+        self.action_embed = nn.Linear(2 * config.action_dim, d)
+        self.pose_embed = nn.Linear(config.pose_dim, d) if config.pose_dim else None
+        self.dropped_embed = nn.Parameter(torch.zeros(d))
+        self.cond_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
+        self.pos_maps = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, w, base >> i, base >> i)) for i, w in enumerate(widths)]
+        )
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.down_blocks.append(nn.ModuleList([FiLMResBlock(w, w, d) for _ in range(config.blocks_per_level)]))
+            if i < len(widths) - 1:
+                self.downsamples.append(nn.Conv2d(w, widths[i + 1], 3, stride=2, padding=1))
+        self.mid_block = FiLMResBlock(widths[-1], widths[-1], d)
+        self.mid_attention = AttentionBlock(widths[-1]) if config.bottleneck_attention else nn.Identity()
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            w = widths[i]
+            self.up_blocks.append(FiLMResBlock(2 * w, w, d))
+            if i > 0:
+                self.upsamples.append(nn.Conv2d(w, widths[i - 1], 3, padding=1))
+        self.out_norm = nn.GroupNorm(_groups(widths[0]), widths[0])
+        self.out_conv = nn.Conv2d(widths[0], c * f * f, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    # ------------------------------------------------------------------------------------------ contract
+    def prepare(self, context, actions, poses=None, drop_context=None):
+        cfg = self.config
+        b, k = context.shape[:2]
+        if k != cfg.context_frames:
+            raise ValueError(f"this U-Net conditions on {cfg.context_frames} context frames, got {k}")
+        if actions.shape != (b, k + 1, cfg.action_dim):
+            raise ValueError(f"actions must have shape ({b}, {k + 1}, {cfg.action_dim}) (context + 1 target), "
+                             f"got {tuple(actions.shape)}")
+        if drop_context is None:
+            drop_context = torch.zeros(b, dtype=torch.bool)
+        keep = (~drop_context).to(context.dtype)
+        packed = F.pixel_unshuffle(context.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
+        context_features = self.in_context(packed * keep[:, None, None, None])
+        cond = self.action_embed(torch.cat([actions[:, -1], actions[:, -2]], dim=-1))
+        if self.pose_embed is not None:
+            if poses is None:
+                raise ValueError(f"this U-Net is pose-conditioned (pose_dim={cfg.pose_dim}); pass poses (B, K+1, P)")
+            if poses.shape != (b, k + 1, cfg.pose_dim):
+                raise ValueError(f"poses must have shape ({b}, {k + 1}, {cfg.pose_dim}), got {tuple(poses.shape)}")
+            cond = cond + self.pose_embed(poses[:, -1]) * keep[:, None]
+        cond = cond + drop_context.to(cond.dtype)[:, None] * self.dropped_embed
+        return {"context_features": context_features, "cond": cond}
+
+    def denoise(self, state, noisy, t):
+        cfg = self.config
+        if noisy.dim() != 5 or noisy.shape[1] != 1:
+            raise ValueError(f"noisy must have shape (B, 1, C, H, W), got {tuple(noisy.shape)}")
+        x = F.pixel_unshuffle(noisy[:, 0], cfg.unshuffle)
+        cond = self.cond_mlp(state["cond"] + self.time_mlp(timestep_embedding(t, cfg.cond_dim)))
+        h = self.in_noisy(x) + state["context_features"]
+        skips = []
+        for i, blocks in enumerate(self.down_blocks):
+            h = h + self.pos_maps[i]
+            for block in blocks:
+                h = block(h, cond)
+            skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+        h = self.mid_attention(self.mid_block(h, cond))
+        for j, block in enumerate(self.up_blocks):
+            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+            if j < len(self.upsamples):
+                h = self.upsamples[j](F.interpolate(h, scale_factor=2, mode="nearest"))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, cfg.unshuffle)[:, None]

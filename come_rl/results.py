@@ -1,0 +1,106 @@
+"""Results tables: append rows to a CSV under `results/` and render it as a Markdown table.
+
+Both files are written atomically (temporary file + rename), so a table being read while a run
+appends to it is always complete. Appending rewrites the whole CSV, which is fine for the small
+tables this project writes (hundreds of rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from come_rl.io_utils import PathLike, atomic_write_text
+
+
+def read_rows(csv_path: PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV written by `append_rows`; rows map column -> cell text."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results table at {str(path)!r}; write one with append_rows first")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        return columns, [dict(row) for row in reader]
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly; Markdown rendering does the rounding
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _cell_text(value.item())
+    return str(value)
+
+
+def append_rows(csv_path: PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Append `rows` to the CSV at `csv_path`, creating it (and its directory) with a header if needed.
+
+    Column order: the existing header first, then new keys in the order they first appear; rows
+    missing a column get an empty cell. Returns the CSV path.
+    """
+    if isinstance(rows, Mapping):
+        raise TypeError("append_rows expects a list of dicts; wrap a single row as [row]")
+    rows = list(rows)
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"append_rows: row {index} is a {type(row).__name__}, expected a dict column -> value")
+        for key in row:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"append_rows: row {index} has column name {key!r}; use non-empty strings")
+    path = Path(csv_path)
+    columns, existing_rows = read_rows(path) if path.is_file() else ([], [])
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in existing_rows:
+        writer.writerow({column: row.get(column, "") or "" for column in columns})
+    for row in rows:
+        writer.writerow({column: _cell_text(row.get(column)) for column in columns})
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def _format_cell(text: str, float_format: str) -> str:
+    try:
+        number = float(text)
+    except ValueError:
+        return text.replace("|", "\\|")
+    if text.strip().lstrip("+-").isdigit():
+        return text.strip()  # integers stay as written
+    if math.isnan(number) or math.isinf(number):
+        return text.strip()
+    return format(number, float_format)
+
+
+def write_markdown_table(csv_path: PathLike, md_path: PathLike | None = None, title: str | None = None,
+                         float_format: str = ".4g") -> Path:
+    """Render the CSV as a Markdown table at `md_path` (default: same name with `.md`).
+
+    Floats are formatted with `float_format`; integers and text are written as they are. Returns the
+    Markdown path.
+    """
+    columns, rows = read_rows(csv_path)
+    if not columns:
+        raise ValueError(f"{csv_path} has no header; it is empty or not written by append_rows")
+    format(1.0, float_format)  # fail early, with Python's own message, on a bad format spec
+    destination = Path(md_path) if md_path is not None else Path(csv_path).with_suffix(".md")
+    lines = []
+    if title:
+        lines += [f"# {title}", ""]
+    lines.append("| " + " | ".join(column.replace("|", "\\|") for column in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(column) or "", float_format)
+                                       for column in columns) + " |")
+    atomic_write_text(destination, "\n".join(lines) + "\n")
+    return destination

@@ -1,0 +1,194 @@
+"""Goal reaching with planners in a world model that remembers.
+
+Usage:
+    python -m come_rl.run agent=cem env=memory_maze
+    python -m come_rl.run env=point_mass model=point_mass agent=mppi run.episodes=5
+    python -m come_rl.run planner._target_=my_module.MyPlanner       # your own planner
+    python -m come_rl.run --help                                      # groups and options
+
+Steps: check the configuration (planner, agent, env settings) before any work; build the env from
+``env._target_``; load the world model (``model._target_``, or ``model.loader(model.checkpoint)``);
+wrap the env with the memory wrapper (observe every frame, memorize on schedule); record one
+reference trajectory per episode (the goal image and the reference path); run the MPC agent; write
+``results/<run.name>/`` (see ``agents.runner``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import hydra
+import torch
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from agents.goal_tasks import record_reference_task
+from agents.mpc import MPCAgent
+from agents.runner import run_goal_episodes
+from envs.memory_wrapper import WorldModelMemoryWrapper
+
+log = logging.getLogger("come_rl.run")
+
+# keys of an env config that describe the task, not the env's constructor
+ENV_RESERVED_KEYS = ("observation", "task")
+
+
+def _import_target(target: str, what: str) -> Any:
+    try:
+        return hydra.utils.get_object(target)
+    except Exception as error:  # ImportError, AttributeError, ... : say which key and how to fix it
+        raise ValueError(
+            f"{what}._target_={target!r} could not be imported ({type(error).__name__}: {error}); "
+            f"give a dotted path to a class or function importable from {Path.cwd()}"
+        ) from error
+
+
+def build_planner(planner_cfg: DictConfig) -> Any:
+    """Instantiate the planner; keys its constructor does not take are dropped with a warning.
+
+    Dropping them is what makes ``planner._target_=my_module.MyPlanner`` work on top of the default
+    planner's settings (population, elites, ...), which a custom planner need not accept.
+    """
+    if "_target_" not in planner_cfg:
+        raise ValueError("the planner config has no _target_; pick planner=cem|mppi|random_shooting|nwm or set planner._target_")
+    target = _import_target(planner_cfg._target_, "planner")
+    settings = OmegaConf.to_container(planner_cfg, resolve=True)
+    parameters = inspect.signature(target).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        dropped = [key for key in settings if key != "_target_" and key not in parameters]
+        if dropped:
+            log.warning("planner %s does not take %s; these settings are ignored", planner_cfg._target_, dropped)
+        settings = {key: value for key, value in settings.items() if key not in dropped}
+    planner = instantiate(settings)
+    if not callable(getattr(planner, "plan", None)) or not callable(getattr(planner, "reset", None)):
+        raise TypeError(
+            f"planner {planner_cfg._target_} must have plan(objective, action_spec, horizon) -> (horizon, action_dim) "
+            "and reset(); see planners.base"
+        )
+    return planner
+
+
+def build_env(env_cfg: DictConfig) -> gym.Env:
+    if "_target_" not in env_cfg:
+        raise ValueError("the env config has no _target_; pick env=memory_maze|memory_cards|point_mass")
+    _import_target(env_cfg._target_, "env")
+    settings = {k: v for k, v in OmegaConf.to_container(env_cfg, resolve=True).items() if k not in ENV_RESERVED_KEYS}
+    return instantiate(settings)
+
+
+def build_world_model(model_cfg: DictConfig) -> Any:
+    """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint)`` (the CoME model)."""
+    if "_target_" in model_cfg:
+        _import_target(model_cfg._target_, "model")
+        return instantiate(model_cfg)
+    if "checkpoint" not in model_cfg or "loader" not in model_cfg:
+        raise ValueError("the model config needs either _target_ or loader + checkpoint")
+    checkpoint = Path(to_absolute_path(str(model_cfg.checkpoint)))
+    if not checkpoint.exists():
+        raise FileNotFoundError(
+            f"model.checkpoint={str(checkpoint)!r} does not exist; train a world model first (see README) and pass "
+            "model.checkpoint=PATH, or try the loop with env=point_mass model=point_mass"
+        )
+    loader = _import_target(str(model_cfg.loader), "model.loader")
+    return loader(str(checkpoint))
+
+
+def check_compatible(env: gym.Env, world_model: Any) -> None:
+    """The world model's action spec must describe the env's action space."""
+    spec = getattr(world_model, "action_spec", None)
+    if spec is None or getattr(world_model, "frame_shape", None) is None:
+        raise TypeError(f"world model {type(world_model).__name__} needs action_spec and frame_shape (C, H, W)")
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        ok = spec.kind == "discrete" and spec.dim == space.n
+    elif isinstance(space, gym.spaces.Box):
+        ok = spec.kind == "continuous" and space.shape == (spec.dim,)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"the world model's actions ({spec.kind}, dim {spec.dim}) do not match the env's {space}; "
+            "use a model trained on this env (model=...)"
+        )
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Cheap checks of everything a typo can break, before the env or the model is built."""
+    for key in ("episodes", "threads"):
+        if int(cfg.run[key]) < 1:
+            raise ValueError(f"run.{key} must be >= 1, got {cfg.run[key]}")
+    task = cfg.env.get("task")
+    if task is None:
+        raise ValueError("the env config needs a task section (goal_offset, max_steps, success_threshold)")
+    for key in ("goal_offset", "max_steps"):
+        if int(task[key]) < 1:
+            raise ValueError(f"env.task.{key} must be >= 1, got {task[key]}")
+    if float(task.success_threshold) <= 0:
+        raise ValueError(f"env.task.success_threshold must be > 0, got {task.success_threshold}")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured goal-reaching evaluation; return the summary row."""
+    check_run_config(cfg)
+    torch.set_num_threads(int(cfg.run.threads))
+    planner = build_planner(cfg.planner)
+    horizon, replan_every = cfg.agent.horizon, cfg.agent.replan_every
+    objective_factory: Callable = instantiate(cfg.agent.objective)
+    env = build_env(cfg.env)
+    world_model = build_world_model(cfg.model)
+    check_compatible(env, world_model)
+    agent = MPCAgent(world_model, planner, objective_factory, horizon=horizon, replan_every=replan_every)
+    observation_cfg = cfg.env.get("observation", {})
+    frame_key, pose_key = observation_cfg.get("frame_key"), observation_cfg.get("pose_key", "pose")
+    wrapped = WorldModelMemoryWrapper(env, world_model, memorize_every=cfg.memory.memorize_every,
+                                      memorize_steps=cfg.memory.memorize_steps, frame_key=frame_key, pose_key=pose_key)
+    task_cfg = cfg.env.task
+    policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
+    tasks = [record_reference_task(env, seed=int(cfg.run.seed) + index, goal_offset=int(task_cfg.goal_offset),
+                                   policy=policy, frame_key=frame_key, pose_key=pose_key)
+             for index in range(int(cfg.run.episodes))]
+    lpips = None
+    if cfg.run.lpips_metric:
+        from come_rl.metrics.lpips_metric import get_lpips
+
+        lpips = get_lpips()
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    choices = _choices()
+    run_info = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_,
+                "horizon": horizon, "replan_every": replan_every}
+    results = run_goal_episodes(wrapped, agent, tasks, max_steps=int(task_cfg.max_steps),
+                                success_threshold=float(task_cfg.success_threshold), out_dir=out_dir, lpips=lpips,
+                                gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
+                                run_info=run_info, progress=bool(cfg.run.progress))
+    env.close()
+    from agents.runner import summarize
+
+    summary = {**run_info, **summarize([r.episode_row for r in results])}
+    log.info("results in %s: %s", out_dir, {k: summary[k] for k in ("success_rate", "final_distance", "ate", "rpe")})
+    print(f"results written to {out_dir}")
+    print((out_dir / "summary.md").read_text())
+    return summary
+
+
+def _choices() -> dict:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+        return {group: choices.get(group) for group in ("env", "model", "agent", "planner")}
+    except ValueError:  # run() called without Hydra (tests, notebooks)
+        return {}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The CoME world model: experts composed at sampling time, an episode memory, and ``imagine(actions)``.
+
+    wm = WorldModel.load("come_rl/checkpoints/memory_cards")      # base (+ STM / SLTM if present) + LTM
+    wm.reset(); wm.observe(first_frame)
+    for frame, action in stream: wm.observe(frame, action)          # short-term context and long-term store
+    wm.memorize(steps=25)                                            # LoRA updates on the episode (LTM)
+    frames = wm.imagine(actions)                                     # (B, H, A) -> (B, H, 3, height, width)
+
+One imagined step samples the residual of the next frame to the last one with the composition of the enabled experts
+(``come_rl.composition``), then appends it to a per-candidate rolling context; horizons longer than one frame roll out
+autoregressively. ``imagine`` runs without gradients and leaves the episode memory and the adapters untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from come_rl.checkpoint import load_expert
+from come_rl.composition import Composer, ExpertTerm
+from come_rl.diffusion import SamplerConfig, sample
+from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
+from come_rl.interfaces import ActionSpec
+
+EXPERT_ROLES = ("base", "ltm", "stm", "sltm")
+
+
+@dataclass
+class CompositionConfig:
+    """Which experts take part and how they are weighed (paper eq. 4 and 6).
+
+    Attributes:
+        experts: the enabled terms, a subset of ("base", "ltm", "stm", "sltm"); "base" is always the anchor.
+        alphas: contrast coefficient per expert (1 = plain PoE; the authors' code uses 2 for STM and LTM).
+        weights: w_k per expert (1 = the paper's sum of scores).
+        normalize: divide the composed eps by sum_k w_k.
+        ltm_baseline: "base" shares the base model's conditional pass as the LTM's baseline p_psi(empty)(x | c)
+            (paper eq. 4); "unconditional" uses the LTM's own dropped-context mode instead.
+    """
+
+    experts: list[str] = field(default_factory=lambda: ["base", "ltm"])
+    alphas: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 2.0, "stm": 2.0, "sltm": 2.0})
+    weights: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 1.0, "stm": 1.0, "sltm": 1.0})
+    normalize: bool = True
+    ltm_baseline: str = "base"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.experts) - set(EXPERT_ROLES)
+        if unknown:
+            raise ValueError(f"unknown experts {sorted(unknown)}; choose from {EXPERT_ROLES}")
+        if "base" not in self.experts:
+            raise ValueError("the composition needs the base expert (it anchors the LTM's baseline and the residual)")
+
+
+PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""pose_model(poses (B, 3), actions (B, A)) -> next poses (B, 3): how imagined actions move the agent (SLTM)."""
+
+
+class WorldModel:
+    """See the module docstring. Build it with :meth:`load` or from experts directly."""
+
+    def __init__(
+        self,
+        base: DiffusionExpert,
+        action_spec: ActionSpec,
+        frame_size: int,
+        stm: DiffusionExpert | None = None,
+        sltm: DiffusionExpert | None = None,
+        composition: CompositionConfig | None = None,
+        sampler: SamplerConfig | None = None,
+        memorize_config: MemorizeConfig | None = None,
+        pose_model: PoseModel | None = None,
+        pose_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.base, self.stm, self.sltm = base, stm, sltm
+        self.action_spec, self.frame_shape = action_spec, (3, frame_size, frame_size)
+        self.composition = composition or CompositionConfig()
+        self.sampler = sampler or SamplerConfig()
+        self.memorize_config = memorize_config or MemorizeConfig()
+        self.pose_model = pose_model
+        if pose_features is None:
+            from come_rl.data_sources import pose_features as default_pose_features
+
+            pose_features = default_pose_features
+        self.pose_features = pose_features
+        for role in self.composition.experts:
+            if role in ("stm", "sltm") and getattr(self, role) is None:
+                raise ValueError(f"composition enables {role!r} but no {role} expert was given/trained; "
+                                 f"remove it from composition.experts or train it with come_rl.train role={role}")
+        self.ltm = LongTermMemoryExpert(base, self.memorize_config) if "ltm" in self.composition.experts else None
+        self.memory = EpisodeMemory(self.frame_shape, action_spec)
+        self.last_network_calls = 0
+
+    # ------------------------------------------------------------------------------------------------ memory
+    @property
+    def experts(self) -> dict[str, DiffusionExpert]:
+        return {role: getattr(self, role) for role in self.composition.experts}
+
+    def reset(self) -> None:
+        """Start a new episode: empty the memory and re-initialise the LTM's adapters."""
+        self.memory.clear()
+        if self.ltm is not None:
+            self.ltm.reset()
+
+    def observe(self, frame, action=None, pose=None) -> None:
+        """Append one observation: frame uint8 (H, W, 3) or float (3, H, W) in [-1, 1]; action (A,) = the action
+        that led to it (None for the first frame of an episode); pose (3,) = (x, y, yaw) or None."""
+        frame_t = to_frame_tensor(frame, self.frame_shape)
+        if action is None:
+            if len(self.memory):
+                raise ValueError("only the first frame of an episode may come without an action; pass the action "
+                                 "that led to this frame (a vector of size action_spec.dim)")
+            action_t = torch.zeros(self.action_spec.dim)
+        else:
+            action_t = self._validate_actions(torch.as_tensor(np.asarray(action), dtype=torch.float32)[None, None])[0, 0]
+        pose_t = None
+        if pose is not None:
+            pose_t = torch.as_tensor(np.asarray(pose, dtype=np.float32))
+            if pose_t.shape != (3,) or not torch.isfinite(pose_t).all():
+                raise ValueError(f"pose must be a finite (x, y, yaw) vector of shape (3,), got {tuple(pose_t.shape)}")
+        self.memory.append(frame_t, action_t, pose_t)
+
+    def memorize(self, steps: int | None = None, generator: torch.Generator | None = None, **overrides) -> dict:
+        """Fine-tune the LTM's adapters on the episode memory (no-op statistics when the LTM is disabled)."""
+        if self.ltm is None:
+            return {"steps": 0, "seconds": 0.0, "note": "LTM disabled in composition.experts"}
+        if len(self.memory) == 0:
+            raise ValueError("memorize() on an empty memory: observe frames of the episode first")
+        return self.ltm.memorize(self.memory, steps, generator=generator, **overrides)
+
+    # ------------------------------------------------------------------------------------------------ imagine
+    def _validate_actions(self, actions) -> torch.Tensor:
+        if not isinstance(actions, torch.Tensor):
+            actions = torch.as_tensor(np.asarray(actions, dtype=np.float32))
+        if actions.dim() != 3 or actions.shape[-1] != self.action_spec.dim:
+            raise ValueError(f"actions must have shape (batch, horizon, {self.action_spec.dim}), got "
+                             f"{tuple(actions.shape)}" + (" (encode discrete actions one-hot with action_spec.encode)"
+                                                          if self.action_spec.kind == "discrete" else ""))
+        if actions.shape[0] < 1 or actions.shape[1] < 1:
+            raise ValueError(f"actions need batch >= 1 and horizon >= 1, got {tuple(actions.shape)}")
+        actions = actions.float()
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf")
+        if self.action_spec.kind == "discrete":
+            if actions.min() < 0 or actions.max() > 1:
+                raise ValueError("discrete actions are one-hot vectors with entries in [0, 1]")
+        else:
+            low, high = torch.tensor(self.action_spec.low), torch.tensor(self.action_spec.high)
+            if (actions < low - 1e-6).any() or (actions > high + 1e-6).any():
+                raise ValueError(f"continuous actions must lie in [{self.action_spec.low}, {self.action_spec.high}]")
+        return actions
+
+    def _composer(self) -> Composer:
+        cfg = self.composition
+        terms = []
+        for role in cfg.experts:
+            baseline = cfg.ltm_baseline if role == "ltm" else "unconditional"
+            terms.append(ExpertTerm(role, self.experts[role], cfg.alphas.get(role, 1.0), cfg.weights.get(role, 1.0),
+                                    baseline))
+        return Composer(terms, normalize=cfg.normalize)
+
+    @torch.no_grad()
+    def imagine(self, actions, generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+        """Imagine the frames that ``actions`` lead to from the last observed frame.
+
+        Args:
+            actions: (batch, horizon, action_dim) float; row h is applied to the frame before imagined frame h.
+            generator / seed: make sampling reproducible (bit-identical for a fixed seed on one machine).
+        Returns:
+            frames: (batch, horizon, 3, height, width) in [-1, 1].
+        """
+        actions = self._validate_actions(actions)
+        if len(self.memory) == 0:
+            raise RuntimeError("imagine() needs at least one observed frame: call reset() and observe(frame) first")
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        batch, horizon = actions.shape[:2]
+        experts = self.experts
+        longest = max(expert.context_frames for expert in experts.values())
+        frames, past_actions, poses = self.memory.last(longest)
+        frames = frames[None].expand(batch, *frames.shape).clone()          # (B, L, C, H, W)
+        past_actions = past_actions[None].expand(batch, *past_actions.shape).clone()  # (B, L, A)
+        needs_poses = any(expert.uses_poses for expert in experts.values())
+        if needs_poses:
+            if poses is None:
+                raise ValueError("the SLTM needs poses: pass pose= to observe()")
+            if self.pose_model is None:
+                raise ValueError("the SLTM needs the poses of imagined frames: give the WorldModel a pose_model")
+            poses = poses[None].expand(batch, *poses.shape).clone()
+        composer = self._composer()
+        outputs = []
+        for h in range(horizon):
+            step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
+            if needs_poses:
+                next_pose = self.pose_model(poses[:, -1], actions[:, h])
+                step_poses = self.pose_features(torch.cat([poses, next_pose[:, None]], dim=1))
+            conditions = {}
+            for role, expert in experts.items():
+                k = expert.context_frames
+                conditions[role] = {
+                    "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
+                    "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
+                }
+            composer.prepare(conditions)
+            residual = sample(composer, (batch, *self.frame_shape), self.base.schedule, self.sampler, generator)
+            next_frame = (frames[:, -1] + residual).clamp(-1.0, 1.0)
+            outputs.append(next_frame)
+            frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
+            past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
+            if needs_poses:
+                poses = torch.cat([poses[:, 1:], next_pose[:, None]], dim=1)
+        self.last_network_calls = composer.network_calls
+        return torch.stack(outputs, dim=1)
+
+    # ------------------------------------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path) -> None:
+        """Write every trained expert and the world model's own settings (config.json) to ``directory``."""
+        from come_rl.checkpoint import save_expert
+
+        directory = Path(directory)
+        for role in ("base", "stm", "sltm"):
+            expert = getattr(self, role)
+            if expert is not None:
+                if expert.spec is None:
+                    raise ValueError(f"the {role} expert has no recipe (spec); build experts with come_rl.train or load them")
+                save_expert(directory, expert, dict(expert.spec, role=role))
+        settings = {
+            "composition": dataclasses.asdict(self.composition), "sampler": dataclasses.asdict(self.sampler),
+            "memorize": dataclasses.asdict(self.memorize_config), "action_spec": dataclasses.asdict(self.action_spec),
+            "frame_size": self.frame_shape[-1],
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(settings, handle, indent=2)
+        os.replace(tmp, directory / "world_model.json")
+
+    @classmethod
+    def load(cls, directory: str | Path, experts: list[str] | None = None, sampler: dict | None = None,
+             composition: dict | None = None, memorize: dict | None = None,
+             pose_model: PoseModel | None = None) -> "WorldModel":
+        """Load a world model from a checkpoint directory (``base.safetensors`` + ``base.json``, optionally stm/sltm,
+        and ``world_model.json`` with default settings); keyword dicts override those settings."""
+        directory = Path(directory)
+        base, spec = load_expert(directory, "base")
+        settings_path = directory / "world_model.json"
+        settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        comp = dict(settings.get("composition", {}), **(composition or {}))
+        if experts is not None:
+            comp["experts"] = list(experts)
+        comp_cfg = CompositionConfig(**comp)
+        optional = {}
+        for role in ("stm", "sltm"):
+            if role in comp_cfg.experts:
+                optional[role], _ = load_expert(directory, role)
+        action_spec_dict = spec.get("action_spec") or settings.get("action_spec")
+        action_spec = ActionSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in action_spec_dict.items()})
+        model = cls(
+            base, action_spec, int(spec.get("frame_size") or settings["frame_size"]),
+            composition=comp_cfg,
+            sampler=SamplerConfig(**dict(settings.get("sampler", {}), **(sampler or {}))),
+            memorize_config=MemorizeConfig(**dict(settings.get("memorize", {}), **(memorize or {}))),
+            pose_model=pose_model, **optional,
+        )
+        model.checkpoint_dir = directory
+        model.base_spec = spec
+        return model

@@ -1,0 +1,201 @@
+"""Memory Cards (CoME paper, appendix C and D.1): a 4x4 grid of face-down cards with 8 objects, each on two tiles.
+
+The layout is shuffled per episode and static within it. A cursor moves over the grid and the agent covers or
+uncovers the tile under it, so a world model that has seen a tile once must remember its object to predict what
+uncovering it shows again. Guessing a hidden tile is right 1 time in 8 (the paper's 13 % chance level).
+
+Actions (Discrete(5)): 0 up, 1 down, 2 left, 3 right, 4 toggle (cover / uncover the tile under the cursor).
+Moves into the border leave the cursor where it is.
+
+Observation: uint8 RGB frame (size, size, 3), rendered with numpy; deterministic for a seed.
+``info``: ``cursor`` (row, col), ``layout`` (4, 4) object ids 0..7, ``covered`` (4, 4) bool, ``seen`` (4, 4) bool
+(the tile has been shown uncovered at least once), ``pose`` = (row, col, 0) float32 (the cursor as a pose).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from come_rl.interfaces import ActionSpec
+
+GRID = 4
+NUM_OBJECTS = 8
+ACTION_MEANINGS = ("up", "down", "left", "right", "toggle")
+UP, DOWN, LEFT, RIGHT, TOGGLE = range(5)
+# The paper's random policy: cover/uncover with probability 0.4, each move with 0.15.
+RANDOM_POLICY_PROBS = np.array([0.15, 0.15, 0.15, 0.15, 0.40])
+
+_BACKGROUND = np.array([24, 24, 32], dtype=np.uint8)
+_COVER = np.array([120, 120, 128], dtype=np.uint8)
+_CURSOR = np.array([255, 255, 255], dtype=np.uint8)
+_OBJECT_COLORS = np.array(
+    [[230, 60, 60], [60, 200, 70], [70, 110, 240], [240, 210, 50],
+     [200, 70, 220], [60, 210, 220], [250, 140, 40], [240, 240, 240]],
+    dtype=np.uint8,
+)
+
+
+def _object_masks(inner: int) -> np.ndarray:
+    """Eight distinct boolean shapes of size (inner, inner): square, disc, triangle, cross, diamond, ring, bars, X."""
+    y, x = np.mgrid[0:inner, 0:inner].astype(np.float32)
+    c = (inner - 1) / 2.0
+    r = np.hypot(y - c, x - c)
+    half = inner / 2.0
+    masks = [
+        np.ones((inner, inner), bool),                                   # filled square
+        r <= half * 0.95,                                                # disc
+        (y >= (inner - 1) - 2 * np.abs(x - c) * 1.0) & (y <= inner - 1),  # triangle
+        (np.abs(x - c) <= inner * 0.17) | (np.abs(y - c) <= inner * 0.17),  # plus
+        (np.abs(x - c) + np.abs(y - c)) <= half,                         # diamond
+        (r <= half * 0.95) & (r >= half * 0.5),                          # ring
+        (np.floor(y / max(inner / 4, 1)) % 2) == 0,                      # horizontal bars
+        (np.abs(x - y) <= inner * 0.15) | (np.abs(x + y - (inner - 1)) <= inner * 0.15),  # X
+    ]
+    return np.stack(masks)
+
+
+class MemoryCardsEnv(gym.Env):
+    """The Memory Cards grid world. See the module docstring for actions, observation and info."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+
+    def __init__(self, size: int = 48, max_steps: int = 250, initial_cover: str = "random",
+                 render_mode: str | None = "rgb_array"):
+        if size % GRID or size < 4 * GRID:
+            raise ValueError(f"size must be a multiple of {GRID} and at least {4 * GRID}, got {size}")
+        if initial_cover not in ("random", "covered", "uncovered"):
+            raise ValueError(f"initial_cover must be 'random', 'covered' or 'uncovered', got {initial_cover!r}")
+        if max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {max_steps}")
+        self.size, self.max_steps, self.initial_cover, self.render_mode = size, max_steps, initial_cover, render_mode
+        self.tile = size // GRID
+        # A 1-pixel ring per tile is reserved for the cursor; objects are drawn inside a margin so tiles never touch.
+        self.margin = max(1, self.tile // 6)
+        self.inner = self.tile - 2 * self.margin
+        self._masks = _object_masks(self.inner)
+        self.observation_space = spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.action_space = spaces.Discrete(len(ACTION_MEANINGS))
+        self.action_spec = ActionSpec.discrete(len(ACTION_MEANINGS))
+        self._rng = np.random.default_rng(0)
+        self.layout = np.zeros((GRID, GRID), np.int64)
+        self.covered = np.ones((GRID, GRID), bool)
+        self.seen = np.zeros((GRID, GRID), bool)
+        self.cursor = np.zeros(2, np.int64)
+        self.steps = 0
+
+    # ----------------------------------------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        super().reset(seed=seed)
+        self._rng = self.np_random
+        options = options or {}
+        cover = options.get("initial_cover", self.initial_cover)
+        self.layout = self._rng.permutation(np.repeat(np.arange(NUM_OBJECTS), 2)).reshape(GRID, GRID)
+        if cover == "random":
+            self.covered = self._rng.random((GRID, GRID)) < 0.5
+        elif cover in ("covered", "uncovered"):
+            self.covered = np.full((GRID, GRID), cover == "covered")
+        else:
+            raise ValueError(f"options['initial_cover'] must be 'random', 'covered' or 'uncovered', got {cover!r}")
+        self.cursor = np.array(options.get("cursor", self._rng.integers(0, GRID, size=2)), dtype=np.int64)
+        self.seen = ~self.covered
+        self.steps = 0
+        return self.render_frame(), self._info()
+
+    def step(self, action):
+        if isinstance(action, np.ndarray) and action.shape == ():
+            action = action.item()
+        if not isinstance(action, (int, np.integer)) or not self.action_space.contains(int(action)):
+            raise ValueError(f"action must be an int in [0, {self.action_space.n}) ({ACTION_MEANINGS}), got {action!r}")
+        action = int(action)
+        if action == TOGGLE:
+            r, c = self.cursor
+            self.covered[r, c] = ~self.covered[r, c]
+            self.seen[r, c] |= ~self.covered[r, c]
+        else:
+            delta = {UP: (-1, 0), DOWN: (1, 0), LEFT: (0, -1), RIGHT: (0, 1)}[action]
+            self.cursor = np.clip(self.cursor + np.array(delta), 0, GRID - 1)
+        self.steps += 1
+        truncated = self.steps >= self.max_steps
+        return self.render_frame(), 0.0, False, truncated, self._info()
+
+    def render(self):
+        return self.render_frame()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _info(self) -> dict:
+        return {
+            "cursor": self.cursor.copy(),
+            "layout": self.layout.copy(),
+            "covered": self.covered.copy(),
+            "seen": self.seen.copy(),
+            "pose": np.array([self.cursor[0], self.cursor[1], 0.0], dtype=np.float32),
+        }
+
+    def random_policy_action(self, rng: np.random.Generator) -> int:
+        """The paper's random policy: toggle with probability 0.4, each of the four moves with 0.15."""
+        return int(rng.choice(len(ACTION_MEANINGS), p=RANDOM_POLICY_PROBS))
+
+    def tile_slice(self, row: int, col: int) -> tuple[slice, slice]:
+        """Pixel slices of one tile in a frame."""
+        return slice(row * self.tile, (row + 1) * self.tile), slice(col * self.tile, (col + 1) * self.tile)
+
+    def render_tile(self, content: int) -> np.ndarray:
+        """A tile without cursor: ``content`` is an object id 0..7, or -1 for a covered tile. (tile, tile, 3) uint8."""
+        tile = np.empty((self.tile, self.tile, 3), np.uint8)
+        tile[:] = _BACKGROUND
+        m = self.margin
+        if content < 0:
+            tile[m:-m, m:-m] = _COVER
+        else:
+            inner = tile[m:-m, m:-m]
+            inner[self._masks[content]] = _OBJECT_COLORS[content]
+        return tile
+
+    def render_frame(self) -> np.ndarray:
+        frame = np.empty((self.size, self.size, 3), np.uint8)
+        for r in range(GRID):
+            for c in range(GRID):
+                content = -1 if self.covered[r, c] else int(self.layout[r, c])
+                frame[self.tile_slice(r, c)] = self.render_tile(content)
+        rows, cols = self.tile_slice(*self.cursor)
+        frame[rows.start, cols] = _CURSOR
+        frame[rows.stop - 1, cols] = _CURSOR
+        frame[rows, cols.start] = _CURSOR
+        frame[rows, cols.stop - 1] = _CURSOR
+        return frame
+
+    def tile_templates(self) -> np.ndarray:
+        """The 9 possible tile contents without cursor: objects 0..7 then covered. (9, tile, tile, 3) uint8."""
+        return np.stack([self.render_tile(k) for k in range(NUM_OBJECTS)] + [self.render_tile(-1)])
+
+
+def zigzag_recall_actions(start: str = "covered") -> list[int]:
+    """The paper's special test episodes (appendix C): a zig-zag over all tiles that shows every tile once.
+
+    The episode must be reset with ``options={'initial_cover': start, 'cursor': (0, 0)}``. Starting all covered,
+    each tile is uncovered and covered again; starting all uncovered, each tile is covered as the cursor passes. Either
+    way every tile has been seen and all tiles are covered at the end, so every tile is a recall query.
+    """
+    if start not in ("covered", "uncovered"):
+        raise ValueError(f"start must be 'covered' or 'uncovered', got {start!r}")
+    actions: list[int] = []
+    for row in range(GRID):
+        cols = range(GRID) if row % 2 == 0 else range(GRID - 1, -1, -1)
+        for i, _ in enumerate(cols):
+            actions += [TOGGLE, TOGGLE] if start == "covered" else [TOGGLE]
+            if i < GRID - 1:
+                actions.append(RIGHT if row % 2 == 0 else LEFT)
+        if row < GRID - 1:
+            actions.append(DOWN)
+    return actions
+
+
+def path_to_tile(cursor, target) -> list[int]:
+    """Moves that bring the cursor from ``cursor`` to ``target`` (rows first)."""
+    (r0, c0), (r1, c1) = (int(cursor[0]), int(cursor[1])), (int(target[0]), int(target[1]))
+    moves = [DOWN if r1 > r0 else UP] * abs(r1 - r0)
+    return moves + [RIGHT if c1 > c0 else LEFT] * abs(c1 - c0)
