@@ -48,6 +48,14 @@ def _import_target(target: str, what: str) -> Any:
         ) from error
 
 
+def _call_target(target: Callable, settings: dict) -> Any:
+    """``target(**settings)`` with nested ``_target_`` values instantiated; errors keep their own type
+    and message (Hydra's ``instantiate`` would wrap a ValueError in an InstantiationException)."""
+    kwargs = {key: instantiate(value) if isinstance(value, dict) and "_target_" in value else value
+              for key, value in settings.items() if key != "_target_"}
+    return target(**kwargs)
+
+
 def build_planner(planner_cfg: DictConfig) -> Any:
     """Instantiate the planner; keys its constructor does not take are dropped with a warning.
 
@@ -64,7 +72,7 @@ def build_planner(planner_cfg: DictConfig) -> Any:
         if dropped:
             log.warning("planner %s does not take %s; these settings are ignored", planner_cfg._target_, dropped)
         settings = {key: value for key, value in settings.items() if key not in dropped}
-    planner = instantiate(settings)
+    planner = _call_target(target, settings)
     if not callable(getattr(planner, "plan", None)) or not callable(getattr(planner, "reset", None)):
         raise TypeError(
             f"planner {planner_cfg._target_} must have plan(objective, action_spec, horizon) -> (horizon, action_dim) "
@@ -76,16 +84,16 @@ def build_planner(planner_cfg: DictConfig) -> Any:
 def build_env(env_cfg: DictConfig) -> gym.Env:
     if "_target_" not in env_cfg:
         raise ValueError("the env config has no _target_; pick env=memory_maze|memory_cards|point_mass")
-    _import_target(env_cfg._target_, "env")
+    target = _import_target(env_cfg._target_, "env")
     settings = {k: v for k, v in OmegaConf.to_container(env_cfg, resolve=True).items() if k not in ENV_RESERVED_KEYS}
-    return instantiate(settings)
+    return _call_target(target, settings)
 
 
 def build_world_model(model_cfg: DictConfig) -> Any:
     """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint)`` (the CoME model)."""
     if "_target_" in model_cfg:
-        _import_target(model_cfg._target_, "model")
-        return instantiate(model_cfg)
+        target = _import_target(model_cfg._target_, "model")
+        return _call_target(target, OmegaConf.to_container(model_cfg, resolve=True))
     if "checkpoint" not in model_cfg or "loader" not in model_cfg:
         raise ValueError("the model config needs either _target_ or loader + checkpoint")
     checkpoint = Path(to_absolute_path(str(model_cfg.checkpoint)))
@@ -130,6 +138,13 @@ def check_run_config(cfg: DictConfig) -> None:
             raise ValueError(f"env.task.{key} must be >= 1, got {task[key]}")
     if float(task.success_threshold) <= 0:
         raise ValueError(f"env.task.success_threshold must be > 0, got {task.success_threshold}")
+    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+        checkpoint = Path(to_absolute_path(str(cfg.model.checkpoint)))
+        if not checkpoint.exists():
+            raise FileNotFoundError(
+                f"model.checkpoint={str(checkpoint)!r} does not exist; train a world model first (see README) and "
+                "pass model.checkpoint=PATH, or try the loop with env=point_mass model=point_mass"
+            )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -138,6 +153,8 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)
     horizon, replan_every = cfg.agent.horizon, cfg.agent.replan_every
+    if int(horizon) < 1 or not 1 <= int(replan_every) <= int(horizon):
+        raise ValueError(f"agent.horizon must be >= 1 and 1 <= agent.replan_every <= horizon, got {horizon}, {replan_every}")
     objective_factory: Callable = instantiate(cfg.agent.objective)
     env = build_env(cfg.env)
     world_model = build_world_model(cfg.model)

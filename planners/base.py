@@ -1,0 +1,161 @@
+"""The planner contract and the helpers every planner of come_rl shares.
+
+A planner optimises an action sequence against an objective and never sees the world model:
+
+    plan = planner.plan(objective, action_spec, horizon)      # (horizon, action_dim)
+    scores = objective(actions)                               # (batch, horizon, action_dim) -> (batch,)
+
+Scores are "higher is better". A NaN score (a world model that diverged, an objective that broke)
+ranks *worst*, never as a neutral ~0: :func:`score_candidates` replaces NaN by ``-inf`` before any
+planner ranks, weights or averages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from come_rl.interfaces import ActionSpec, Objective, Planner
+
+__all__ = [
+    "ActionSpec",
+    "Objective",
+    "Planner",
+    "SamplingPlanner",
+    "action_bounds",
+    "check_positive_int",
+    "one_hot_argmax",
+    "sample_gaussian_actions",
+    "sample_one_hot_actions",
+    "sanitize_scores",
+    "score_candidates",
+]
+
+
+def check_positive_int(name: str, value: int, owner: str) -> int:
+    """Return ``int(value)`` or raise a ValueError that names the setting and the fix."""
+    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}; set {name}=1 or more")
+    return int(value)
+
+
+def sanitize_scores(scores: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, so that a broken candidate ranks worst in top-k, argmax and softmax weights."""
+    scores = scores.detach().to(torch.float32)
+    return torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+
+
+def score_candidates(objective: Objective, actions: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+    """Score candidate action sequences, averaging over ``repeats`` stochastic evaluations.
+
+    The repeats are one batch (every candidate tiled ``repeats`` times), so a stochastic world model
+    draws independent noise per copy and the objective runs once.
+
+    Args:
+        objective: ``(batch, horizon, action_dim) -> (batch,)``, higher is better.
+        actions: (num_candidates, horizon, action_dim) candidate sequences.
+        repeats: how many evaluations to average per candidate.
+    Returns:
+        (num_candidates,) float32 scores with NaN replaced by -inf (a NaN in any repeat makes the
+        candidate's mean NaN, so it ranks worst).
+    """
+    num_candidates = actions.shape[0]
+    batch = actions.repeat(repeats, 1, 1) if repeats > 1 else actions
+    scores = objective(batch)
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    if scores.shape != (batch.shape[0],):
+        raise ValueError(
+            f"the objective must return one score per candidate, shape ({batch.shape[0]},), got "
+            f"{tuple(scores.shape)}; reduce over every other dimension inside the objective"
+        )
+    scores = scores.detach().to(torch.float32).cpu()
+    if repeats > 1:
+        # rows are [all candidates, repeat 0], [all candidates, repeat 1], ...
+        scores = scores.view(repeats, num_candidates).mean(dim=0)
+    scores = sanitize_scores(scores)
+    if not torch.isfinite(scores).any() and not (scores == float("inf")).any():
+        raise ValueError(
+            f"the objective returned no finite score for any of the {num_candidates} candidates "
+            "(NaN counts as worst); check the world model's imagined frames and the objective"
+        )
+    return scores
+
+
+def action_bounds(action_spec: ActionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) float32 tensors of shape (action_dim,) of a continuous action spec."""
+    if action_spec.kind != "continuous":
+        raise ValueError("action_bounds needs a continuous ActionSpec")
+    return (
+        torch.tensor(action_spec.low, dtype=torch.float32),
+        torch.tensor(action_spec.high, dtype=torch.float32),
+    )
+
+
+def sample_gaussian_actions(
+    mean: torch.Tensor, std: torch.Tensor, count: int, low: torch.Tensor, high: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw ``count`` sequences from N(mean, std^2), clipped to the action bounds.
+
+    mean, std: (horizon, action_dim); low, high: (action_dim,). Returns (count, horizon, action_dim).
+    """
+    noise = torch.randn((count, *mean.shape), generator=generator)
+    return torch.maximum(torch.minimum(mean + std * noise, high), low)
+
+
+def sample_one_hot_actions(probs: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``count`` one-hot sequences from per-step categorical distributions.
+
+    probs: (horizon, n) rows summing to 1. Returns (count, horizon, n) float32 one-hot vectors.
+    """
+    horizon, num_actions = probs.shape
+    indices = torch.multinomial(probs, count, replacement=True, generator=generator)  # (horizon, count)
+    one_hot = torch.zeros(count, horizon, num_actions)
+    one_hot.scatter_(2, indices.T.unsqueeze(-1), 1.0)
+    return one_hot
+
+
+def one_hot_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """(horizon, n) probabilities -> (horizon, n) one-hot float plan of the most likely actions."""
+    plan = torch.zeros_like(probs, dtype=torch.float32)
+    plan.scatter_(1, probs.argmax(dim=1, keepdim=True), 1.0)
+    return plan
+
+
+class SamplingPlanner:
+    """Shared state of the sampling planners: a seeded generator and the warm-start memory.
+
+    Subclasses implement :meth:`plan`. ``warm_start_shift`` is how many steps the previous plan is
+    shifted at the next call (the agent executes that many actions between replans).
+    """
+
+    def __init__(self, seed: int = 0, warm_start_shift: int = 1) -> None:
+        self.seed = int(seed)
+        if int(warm_start_shift) < 0:
+            raise ValueError(f"warm_start_shift must be >= 0, got {warm_start_shift}; use 0 to disable shifting")
+        self.warm_start_shift = int(warm_start_shift)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._previous: torch.Tensor | None = None  # last distribution parameter (mean or probs)
+
+    def reset(self) -> None:
+        """Forget the warm start between episodes (the generator keeps running, so episodes differ)."""
+        self._previous = None
+
+    def _warm_start(self, initial: torch.Tensor) -> torch.Tensor:
+        """The previous mean/probs shifted by ``warm_start_shift`` steps, the tail from ``initial``.
+
+        initial: (horizon, action_dim) the cold-start parameter. TD-MPC2's warm start: the plan made
+        one decision ago is still mostly right, shifted by the steps executed since.
+        """
+        previous = self._previous
+        if previous is None or previous.shape != initial.shape:
+            return initial.clone()
+        shift = min(self.warm_start_shift, initial.shape[0])
+        warm = initial.clone()
+        warm[: initial.shape[0] - shift] = previous[shift:]
+        return warm
+
+    def _check_spec(self, action_spec: ActionSpec, horizon: int) -> int:
+        if not isinstance(action_spec, ActionSpec):
+            raise TypeError(f"action_spec must be a come_rl.interfaces.ActionSpec, got {type(action_spec).__name__}")
+        return check_positive_int("horizon", horizon, type(self).__name__)

@@ -1,0 +1,136 @@
+"""Model predictive path integral control (MPPI): a softmax-weighted average of all candidates.
+
+Where CEM keeps the top-k candidates with equal weight, MPPI weights every candidate by
+``exp(score / temperature)``. Scores are standardised by their spread before the softmax
+(``normalize_scores``), so one temperature works for LPIPS scores (spread ~0.05) and for returns
+(spread ~100) alike. Continuous actions: the weighted mean (and, with ``adapt_std``, the weighted
+std) of Gaussian samples. Discrete actions: the categorical probabilities move towards the
+softmax-weighted frequencies of the sampled one-hot actions; the plan is the most likely action per
+step as a one-hot vector.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from planners.base import (
+    ActionSpec,
+    Objective,
+    SamplingPlanner,
+    action_bounds,
+    check_positive_int,
+    one_hot_argmax,
+    sample_gaussian_actions,
+    sample_one_hot_actions,
+    score_candidates,
+)
+
+
+def softmax_weights(scores: torch.Tensor, temperature: float, normalize_scores: bool) -> torch.Tensor:
+    """(batch,) scores (-inf for broken candidates) -> (batch,) weights summing to 1.
+
+    Subtracting the best score first keeps exp() from overflowing; -inf scores get weight 0.
+    """
+    finite = scores[torch.isfinite(scores)]
+    scale = 1.0
+    if normalize_scores and finite.numel() > 1:
+        scale = float(finite.std()) + 1e-8
+    best = scores.max()
+    if best == float("inf"):  # an infinitely good candidate takes all the weight
+        return (scores == best).to(torch.float32) / (scores == best).sum()
+    return torch.softmax((scores - best) / (temperature * scale), dim=0)
+
+
+class MPPIPlanner(SamplingPlanner):
+    """MPPI planner.
+
+    Args:
+        population: candidates sampled per iteration.
+        iterations: weighted updates per decision.
+        temperature: softmax temperature (in units of the scores' std when ``normalize_scores``).
+        noise_std: std of continuous samples as a fraction of the half range (high - low) / 2.
+        adapt_std: refit the continuous std to the weighted spread each iteration (TD-MPC2 style).
+        min_std: floor of the adapted std as a fraction of the half range.
+        momentum: weight of the old mean/probabilities in each update, in [0, 1).
+        probability_floor: minimum probability of every discrete action after an update.
+        normalize_scores: divide scores by their std before the softmax.
+        repeats: stochastic evaluations averaged per candidate.
+        warm_start_shift: steps the previous plan is shifted at the next call.
+        seed: seed of the planner's generator.
+    """
+
+    def __init__(
+        self,
+        population: int = 64,
+        iterations: int = 2,
+        temperature: float = 0.5,
+        noise_std: float = 1.0,
+        adapt_std: bool = True,
+        min_std: float = 0.05,
+        momentum: float = 0.0,
+        probability_floor: float = 0.01,
+        normalize_scores: bool = True,
+        repeats: int = 1,
+        warm_start_shift: int = 1,
+        seed: int = 0,
+    ) -> None:
+        name = "MPPIPlanner"
+        self.population = check_positive_int("population", population, name)
+        if self.population < 2:
+            raise ValueError(f"{name}: population must be at least 2 to weight candidates, got {population}")
+        self.iterations = check_positive_int("iterations", iterations, name)
+        self.repeats = check_positive_int("repeats", repeats, name)
+        if float(temperature) <= 0.0:
+            raise ValueError(f"{name}: temperature must be > 0, got {temperature}; try 0.5")
+        if float(noise_std) <= 0.0 or float(min_std) < 0.0:
+            raise ValueError(f"{name}: noise_std must be > 0 and min_std >= 0, got {noise_std}, {min_std}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"{name}: momentum must be in [0, 1), got {momentum}")
+        if not 0.0 <= float(probability_floor) < 1.0:
+            raise ValueError(f"{name}: probability_floor must be in [0, 1), got {probability_floor}")
+        self.temperature = float(temperature)
+        self.noise_std = float(noise_std)
+        self.adapt_std = bool(adapt_std)
+        self.min_std = float(min_std)
+        self.momentum = float(momentum)
+        self.probability_floor = float(probability_floor)
+        self.normalize_scores = bool(normalize_scores)
+        super().__init__(seed=seed, warm_start_shift=warm_start_shift)
+
+    def plan(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        """Return the weighted mean plan after ``iterations`` updates, shape (horizon, action_dim)."""
+        horizon = self._check_spec(action_spec, horizon)
+        if action_spec.kind == "continuous":
+            return self._plan_continuous(objective, action_spec, horizon)
+        return self._plan_discrete(objective, action_spec, horizon)
+
+    def _plan_continuous(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        low, high = action_bounds(action_spec)
+        half_range = (high - low) / 2
+        mean = self._warm_start(((low + high) / 2).expand(horizon, -1))
+        std = (self.noise_std * half_range).expand(horizon, -1).clone()
+        for _ in range(self.iterations):
+            candidates = sample_gaussian_actions(mean, std, self.population, low, high, self.generator)
+            scores = score_candidates(objective, candidates, self.repeats)
+            weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
+            weighted_mean = (weights * candidates).sum(dim=0)
+            if self.adapt_std:
+                weighted_std = (weights * (candidates - weighted_mean) ** 2).sum(dim=0).sqrt()
+                std = torch.maximum(weighted_std, self.min_std * half_range)
+            mean = self.momentum * mean + (1 - self.momentum) * weighted_mean
+        self._previous = mean.clone()
+        return torch.maximum(torch.minimum(mean, high), low)
+
+    def _plan_discrete(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        num_actions = action_spec.dim
+        probs = self._warm_start(torch.full((horizon, num_actions), 1.0 / num_actions))
+        floor = min(self.probability_floor, 1.0 / num_actions)
+        for _ in range(self.iterations):
+            candidates = sample_one_hot_actions(probs, self.population, self.generator)
+            scores = score_candidates(objective, candidates, self.repeats)
+            weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
+            weighted_frequencies = (weights * candidates).sum(dim=0)  # (horizon, n), rows sum to 1
+            probs = self.momentum * probs + (1 - self.momentum) * weighted_frequencies
+            probs = (1 - num_actions * floor) * probs + floor
+        self._previous = probs.clone()
+        return one_hot_argmax(probs)

@@ -1,0 +1,166 @@
+"""Objectives: ``objective(actions (batch, horizon, action_dim)) -> scores (batch,)``, higher is better.
+
+An objective is where the world model meets the planner: it imagines the candidates' futures and
+scores them. The planner only sees the callable.
+
+* :class:`LPIPSGoalObjective`: -LPIPS (AlexNet) between the last imagined frame and a goal image,
+  averaged over ``repeats`` stochastic rollouts (NWM's goal-reaching objective).
+* :class:`PixelGoalObjective`: -mean squared pixel error to the goal (cheap; for tests and toy worlds).
+* :class:`CallableObjective`: any user callable, with its output checked.
+
+Each objective keeps ``timings`` (seconds spent imagining and scoring, number of calls), so a
+benchmark can tell how much of a planning call the world model takes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from come_rl.interfaces import WorldModelProtocol
+
+
+def frame_to_tensor(frame: Any) -> torch.Tensor:
+    """An env frame (uint8 (H, W, 3)) or a model frame (float (3, H, W) in [-1, 1]) -> float32 (3, H, W) in [-1, 1]."""
+    if isinstance(frame, torch.Tensor) and frame.dtype.is_floating_point:
+        tensor = frame.detach().to(torch.float32).cpu()
+        if tensor.ndim != 3:
+            raise ValueError(f"a float goal frame must have shape (3, H, W), got {tuple(tensor.shape)}")
+        if tensor.min() < -1.0 - 1e-4 or tensor.max() > 1.0 + 1e-4:
+            raise ValueError("a float goal frame must lie in [-1, 1]; pass a uint8 (H, W, 3) frame or rescale")
+        return tensor
+    array = np.asarray(frame.cpu() if isinstance(frame, torch.Tensor) else frame)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(
+            f"a goal frame must be uint8 (H, W, 3) or float (3, H, W) in [-1, 1], got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class _GoalObjective:
+    """Shared part of the goal objectives: goal validation, repeats, imagining, timings."""
+
+    def __init__(self, world_model: WorldModelProtocol, goal_frame: Any, repeats: int = 1,
+                 generator: torch.Generator | None = None, frames: str = "last") -> None:
+        if isinstance(repeats, bool) or int(repeats) != repeats or int(repeats) < 1:
+            raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+        if frames not in ("last", "all"):
+            raise ValueError(f"frames must be 'last' (NWM: the last imagined frame) or 'all' (mean over the horizon), got {frames!r}")
+        self.frames = frames
+        frame_shape = getattr(world_model, "frame_shape", None)
+        if frame_shape is None:
+            raise ValueError(
+                f"{type(world_model).__name__} has no frame_shape (C, H, W); a goal objective needs it to check the goal"
+            )
+        goal = frame_to_tensor(goal_frame)
+        if tuple(goal.shape) != tuple(frame_shape):
+            raise ValueError(
+                f"the goal image has shape (C, H, W) = {tuple(goal.shape)} but the world model imagines frames of "
+                f"{tuple(frame_shape)}; resize the goal to {frame_shape[1]}x{frame_shape[2]} or use a matching model"
+            )
+        self.world_model = world_model
+        self.goal = goal
+        self.repeats = int(repeats)
+        self.generator = generator
+        self.timings = {"imagine_s": 0.0, "score_s": 0.0, "calls": 0, "candidates": 0}
+
+    def scored_frames(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions (B, horizon, A) -> frames to score (repeats * B * F, C, H, W), F = 1 ("last") or horizon ("all").
+
+        Rows are ordered (repeat, candidate, frame).
+        """
+        if actions.ndim != 3:
+            raise ValueError(f"actions must have shape (batch, horizon, action_dim), got {tuple(actions.shape)}")
+        batch = actions.repeat(self.repeats, 1, 1) if self.repeats > 1 else actions
+        start = time.perf_counter()
+        with torch.no_grad():
+            frames = self.world_model.imagine(batch, generator=self.generator)
+        self.timings["imagine_s"] += time.perf_counter() - start
+        self.timings["calls"] += 1
+        self.timings["candidates"] += int(batch.shape[0])
+        if self.frames == "last":
+            return frames[:, -1].to(torch.float32)
+        return frames.flatten(0, 1).to(torch.float32)
+
+    def _average_repeats(self, distances: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(repeats * B * F,) distances -> (B,) scores = -mean over repeats (and frames)."""
+        return -distances.view(self.repeats, batch_size, -1).mean(dim=(0, 2))
+
+
+class LPIPSGoalObjective(_GoalObjective):
+    """scores = -LPIPS(last imagined frame, goal), averaged over ``repeats`` stochastic rollouts.
+
+    Args:
+        world_model: anything with ``frame_shape`` (C, H, W) and ``imagine(actions, generator)``.
+        goal_frame: uint8 (H, W, 3) env frame or float (3, H, W) in [-1, 1].
+        repeats: rollouts per candidate (one batch of repeats x batch).
+        lpips: an LPIPS metric callable on (N, 3, H, W) in [-1, 1] -> (N,); default
+            ``come_rl.metrics.lpips_metric.get_lpips()`` (AlexNet, offline weights).
+        generator: torch generator passed to ``imagine`` (reproducible rollouts).
+        frames: ``"last"`` scores the last imagined frame (NWM); ``"all"`` the mean over the horizon,
+            which rewards reaching the goal early and staying there (steadier under MPC replanning;
+            costs horizon x more LPIPS evaluations).
+    """
+
+    def __init__(self, world_model: WorldModelProtocol, goal_frame: Any, repeats: int = 1,
+                 lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None, frames: str = "last") -> None:
+        super().__init__(world_model, goal_frame, repeats, generator, frames)
+        if lpips is None:
+            from come_rl.metrics.lpips_metric import get_lpips
+
+            lpips = get_lpips()
+        self.lpips = lpips
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions: (batch, horizon, action_dim) -> scores (batch,) = -mean LPIPS to the goal."""
+        last = self.scored_frames(actions)
+        start = time.perf_counter()
+        with torch.no_grad():
+            distances = self.lpips(last, self.goal.unsqueeze(0).expand_as(last))
+        self.timings["score_s"] += time.perf_counter() - start
+        return self._average_repeats(torch.as_tensor(distances, dtype=torch.float32).reshape(-1), actions.shape[0])
+
+
+class PixelGoalObjective(_GoalObjective):
+    """scores = -mean squared error between the last imagined frame and the goal (averaged over repeats)."""
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions: (batch, horizon, action_dim) -> scores (batch,)."""
+        last = self.scored_frames(actions)
+        start = time.perf_counter()
+        distances = ((last - self.goal.unsqueeze(0)) ** 2).flatten(1).mean(dim=1)
+        self.timings["score_s"] += time.perf_counter() - start
+        return self._average_repeats(distances, actions.shape[0])
+
+
+class CallableObjective:
+    """Wrap any ``fn(actions (batch, horizon, action_dim)) -> scores (batch,)`` (numpy or torch).
+
+    The output is checked (one finite-or-NaN float per candidate) and returned as a float32 tensor.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"CallableObjective needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.timings = {"imagine_s": 0.0, "score_s": 0.0, "calls": 0, "candidates": 0}
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        scores = self.fn(actions)
+        self.timings["score_s"] += time.perf_counter() - start
+        self.timings["calls"] += 1
+        self.timings["candidates"] += int(actions.shape[0])
+        scores = torch.as_tensor(np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores),
+                                 dtype=torch.float32)
+        if scores.shape != (actions.shape[0],):
+            raise ValueError(
+                f"the objective {getattr(self.fn, '__name__', self.fn)!r} returned shape {tuple(scores.shape)}; "
+                f"it must return one score per candidate, shape ({actions.shape[0]},)"
+            )
+        return scores

@@ -1,0 +1,91 @@
+"""Smoke tests of `python -m come_rl.run` as a user runs it (subprocess, tiny budget)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = [
+    "env=point_mass", "model=point_mass", "agent=cem", "run.episodes=2", "run.threads=1",
+    "planner.population=16", "planner.elites=4", "planner.iterations=1", "agent.horizon=4",
+    "env.task.goal_offset=4", "env.task.max_steps=4", "run.progress=false",
+]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "come_rl.run", *args], check=False, cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_point_mass_writes_results(tmp_path: Path) -> None:
+    out_dir = tmp_path / "results" / "smoke"
+    result = run_cli([*TINY, f"run.out_dir={out_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("steps.csv", "steps.md", "episodes.csv", "episodes.md", "summary.csv", "summary.md",
+                 "distance.png", "rollout.gif"):
+        assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
+    with open(out_dir / "episodes.csv") as handle:
+        episodes = list(csv.DictReader(handle))
+    assert len(episodes) == 2
+    for row in episodes:
+        for key in ("final_distance", "start_distance", "ate", "rpe", "lpips_to_goal"):
+            value = float(row[key])
+            assert math.isfinite(value) and value >= 0.0, (key, value)
+        assert int(row["steps"]) == 4
+        # a point mass moves at most 0.2 per axis per step: 4 steps change the distance by <= 4 * 0.2 * sqrt(2)
+        assert abs(float(row["final_distance"]) - float(row["start_distance"])) <= 4 * 0.2 * math.sqrt(2) + 1e-6
+    with open(out_dir / "steps.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2 * 4
+    assert (out_dir / "distance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "rollout.gif").read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    # Hydra's own output goes under results/runs, not outputs/ in the working directory
+    assert not (tmp_path / "outputs").exists()
+    assert any((tmp_path / "results" / "runs").rglob("config.yaml"))
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    unknown = run_cli(["agent=does_not_exist"], tmp_path)
+    assert unknown.returncode != 0
+    assert "agent" in unknown.stderr and "does_not_exist" in unknown.stderr
+    assert "cem" in unknown.stderr, "Hydra lists the available options"
+
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    import come_rl.run
+
+    with initialize_config_dir(config_dir=str(Path(come_rl.run.__file__).parent / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, "run.name=test"])
+
+
+def test_bad_settings_fail_before_any_work(tmp_path: Path) -> None:
+    import pytest
+
+    from come_rl.run import run
+
+    cases = [
+        ([*TINY, "planner.population=2", "planner.elites=4"], ValueError, r"elites \(4\) must not exceed population \(2\)"),
+        ([*TINY, "agent.horizon=0"], ValueError, "agent.horizon must be >= 1"),
+        (["env=memory_maze", "model.checkpoint=/nonexistent/model"], FileNotFoundError,
+         "model.checkpoint='/nonexistent/model' does not exist"),
+        ([*TINY, "planner._target_=no_such_module.Planner"], ValueError, "could not be imported"),
+    ]
+    for overrides, error, match in cases:
+        cfg = compose_config([*overrides, f"run.out_dir={tmp_path / 'never'}"])
+        with pytest.raises(error, match=match):
+            run(cfg)
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_help_lists_groups(tmp_path: Path) -> None:
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0
+    for group in ("env:", "agent:", "planner:", "model:", "memory_maze", "point_mass", "mppi", "nwm"):
+        assert group in result.stdout, group

@@ -1,0 +1,125 @@
+"""The composition rule against closed forms, and the paper's toy example (appendix A, figure 4)."""
+
+import math
+
+import pytest
+import torch
+
+from come_rl.composition import Composer, ExpertTerm, compose_noise_predictions
+from come_rl.diffusion import CosineSchedule, SamplerConfig, sample
+
+MEANS = torch.tensor([-6.0, -3.0, 0.0, 3.0, 6.0])
+KERNEL_STD = 0.4
+SCHEDULE = CosineSchedule()
+# Two experts whose mode weights decay from the left; they agree that the leftmost mode is the heaviest, and each
+# carries a different spurious second mode. Their contrastive baselines weigh all modes equally (paper figure 4b).
+EXPERT_WEIGHTS = [torch.tensor([0.50, 0.30, 0.10, 0.05, 0.05]), torch.tensor([0.45, 0.10, 0.35, 0.05, 0.05])]
+UNIFORM = torch.full((5,), 0.2)
+
+
+def noised_log_density(x: torch.Tensor, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log p_t(x) of a 1-D Gaussian mixture pushed through the forward diffusion to level t (exact)."""
+    alpha, sigma = SCHEDULE.alpha_sigma(t)
+    var = alpha[:, None] ** 2 * KERNEL_STD**2 + sigma[:, None] ** 2
+    comp = -0.5 * (x[:, None] - alpha[:, None] * MEANS) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)
+    return torch.logsumexp(comp + torch.log(weights), dim=1)
+
+
+def analytic_eps(weights: torch.Tensor):
+    """eps(x_t, t) = -sigma_t * d/dx log p_t(x) for the mixture, computed exactly by autograd."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (score,) = torch.autograd.grad(noised_log_density(x.flatten(), t, weights).sum(), x)
+        _, sigma = SCHEDULE.alpha_sigma(t)
+        return -sigma.reshape(-1, *([1] * (x.dim() - 1))) * score
+
+    return eps
+
+
+def composed(alpha: float):
+    experts = [analytic_eps(w) for w in EXPERT_WEIGHTS]
+    baselines = [analytic_eps(UNIFORM) for _ in EXPERT_WEIGHTS]
+
+    def eps(x, t):
+        return compose_noise_predictions([e(x, t) for e in experts], [b(x, t) for b in baselines], [alpha] * 2)
+
+    return eps
+
+
+def test_combine_matches_closed_form_score_of_the_contrastive_product():
+    torch.manual_seed(0)
+    x, t = torch.randn(64) * 5, torch.rand(64) * 0.9 + 0.05
+    alpha = 2.5
+    # Closed form: log of prod_k p_k^alpha * pbar_k^(1 - alpha), differentiated exactly.
+    x_req = x.clone().requires_grad_(True)
+    log_p = sum(alpha * noised_log_density(x_req, t, w) + (1 - alpha) * noised_log_density(x_req, t, UNIFORM)
+                for w in EXPERT_WEIGHTS)
+    (score,) = torch.autograd.grad(log_p.sum(), x_req)
+    expected = -SCHEDULE.alpha_sigma(t)[1] * score
+    got = composed(alpha)(x[:, None], t)[:, 0]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_combine_rules_by_hand():
+    c1, c2, u1, u2 = (torch.full((3,), v) for v in (1.0, 2.0, 0.5, -1.0))
+    # alpha=2 for expert 1: 2*1 - 0.5 = 1.5; alpha=1 for expert 2: 2 (its baseline is ignored).
+    out = compose_noise_predictions([c1, c2], [u1, None], [2.0, 1.0], weights=[1.0, 3.0])
+    assert torch.allclose(out, torch.full((3,), 1.5 + 3 * 2.0))
+    normalized = compose_noise_predictions([c1, c2], [u1, None], [2.0, 1.0], weights=[1.0, 3.0], normalize=True)
+    assert torch.allclose(normalized, torch.full((3,), (1.5 + 6.0) / 4.0))
+    with pytest.raises(ValueError, match="baseline"):
+        compose_noise_predictions([c1], [None], [2.0])
+    with pytest.raises(ValueError, match="one baseline and one alpha"):
+        compose_noise_predictions([c1, c2], [u1], [1.0, 1.0])
+
+
+def mass_on_consistent_mode(alpha: float, n: int = 4000) -> float:
+    samples = sample(composed(alpha), (n, 1), SCHEDULE, SamplerConfig(steps=200, eta=1.0, clip_x0=0.0),
+                     generator=torch.Generator().manual_seed(0))
+    return ((samples[:, 0] - MEANS[0]).abs() < 1.5).float().mean().item()
+
+
+def test_poce_puts_most_mass_on_the_mode_consistent_across_experts_and_poe_does_not():
+    poe, poce = mass_on_consistent_mode(1.0), mass_on_consistent_mode(3.0)
+    # Closed form for disjoint kernels (Proposition 1): PoE weights ~ pi_A * pi_B -> 0.225 / 0.295 = 76 % on mode 0;
+    # PoCE with alpha = 3 and uniform baselines ~ (pi_A * pi_B)^3 -> 99 %.
+    assert poce >= 0.90, poce
+    assert poe < 0.90, poe
+    assert poce > poe + 0.1
+
+
+class CountingExpert(torch.nn.Module):
+    """A closed-form 'expert': eps = x * scale (+ 1 when its context is dropped); counts network calls and rows."""
+
+    context_frames = 1
+    uses_poses = False
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale, self.calls, self.rows = scale, 0, 0
+
+    def prepare(self, context, actions, poses=None, drop_context=None):
+        return drop_context.float()
+
+    def predict_eps(self, state, x_t, t):
+        self.calls += 1
+        self.rows += x_t.shape[0]
+        return x_t * self.scale + state[:, None]
+
+
+def test_composer_batches_distinct_passes_and_shares_the_ltm_baseline():
+    base, ltm, stm = CountingExpert(1.0), CountingExpert(2.0), CountingExpert(3.0)
+    composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 2.0, baseline="base"),
+                         ExpertTerm("stm", stm, 2.0)])
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    composer.prepare({"base": cond, "ltm": cond, "stm": cond})
+    x = torch.ones(4, 1)
+    eps = composer(x, torch.zeros(4))
+    # base: 1; ltm: 2*2 - 1*base(1) = 3; stm: 2*3 - 1*(3 + 1) = 2  -> 6
+    assert torch.allclose(eps, torch.full((4, 1), 6.0))
+    # One network call per expert per step: 3 calls, 4 distinct (expert, condition) pairs of rows (stm paired).
+    assert (base.calls, ltm.calls, stm.calls) == (1, 1, 1)
+    assert (base.rows, ltm.rows, stm.rows) == (4, 4, 8)
+    assert composer.network_calls == 3

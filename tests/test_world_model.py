@@ -1,0 +1,167 @@
+"""WorldModel: shapes, reproducibility, input validation, LTM memorization and reset, save/load, overfitting."""
+
+import numpy as np
+import pytest
+import torch
+
+from come_rl.checkpoint import expert_spec, load_expert, save_expert
+from come_rl.diffusion import CosineSchedule, SamplerConfig
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.experts.long_term import MemorizeConfig
+from come_rl.nets.unet import UNetConfig, VideoUNet
+from come_rl.world_model import CompositionConfig, WorldModel
+from envs.memory_cards import MemoryCardsEnv
+
+TINY = dict(frame_size=48, unshuffle=3, action_dim=5, context_frames=3, widths=[16, 32, 32], cond_dim=32)
+
+
+def tiny_expert(seed: int = 0) -> DiffusionExpert:
+    torch.manual_seed(seed)
+    expert = DiffusionExpert(VideoUNet(UNetConfig(**TINY)), CosineSchedule())
+    expert.spec = expert_spec(expert, "unet", TINY, extra={"action_spec": {"kind": "discrete", "dim": 5},
+                                                           "frame_size": 48})
+    # Break the zero-init of the output layer so predictions depend on the input (an untrained but generic net).
+    torch.nn.init.normal_(expert.backbone.out_conv.weight, std=0.02)
+    return expert.eval()
+
+
+def episode(steps: int = 40, seed: int = 0):
+    env = MemoryCardsEnv()
+    frame, info = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    frames, actions = [frame], [None]
+    for _ in range(steps):
+        action = env.random_policy_action(rng)
+        frame, *_ = env.step(action)
+        frames.append(frame)
+        actions.append(env.action_spec.encode(action))
+    return env, frames, actions
+
+
+def filled_world_model(experts=("base", "ltm"), steps: int = 40) -> WorldModel:
+    env, frames, actions = episode(steps)
+    wm = WorldModel(tiny_expert(), env.action_spec, 48, composition=CompositionConfig(experts=list(experts)),
+                    sampler=SamplerConfig(steps=3), memorize_config=MemorizeConfig(steps=5, batch_size=4))
+    wm.reset()
+    for frame, action in zip(frames, actions):
+        wm.observe(frame, action)
+    return wm
+
+
+def one_hot_actions(batch: int, horizon: int, seed: int = 0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.randint(0, 5, (batch, horizon), generator=torch.Generator().manual_seed(seed)), 5).float()
+
+
+def test_imagine_shapes_reproducibility_and_no_side_effects():
+    wm = filled_world_model()
+    before = len(wm.memory)
+    lora_before = [p.clone() for p in wm.ltm.adapter_parameters]
+    actions = one_hot_actions(3, 4)
+    a = wm.imagine(actions, seed=7)
+    b = wm.imagine(actions, seed=7)
+    c = wm.imagine(actions, seed=8)
+    assert a.shape == (3, 4, 3, 48, 48)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len(wm.memory) == before
+    assert all(torch.equal(p, q) for p, q in zip(lora_before, wm.ltm.adapter_parameters))
+    # base + LTM: one network call per expert per denoising step, 4 horizon steps x 3 denoising steps.
+    assert wm.last_network_calls == 2 * 4 * 3
+
+
+def test_imagine_rejects_bad_input():
+    wm = filled_world_model(experts=("base",))
+    with pytest.raises(ValueError, match=r"\(batch, horizon, 5\)"):
+        wm.imagine(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="horizon >= 1"):
+        wm.imagine(torch.zeros(2, 0, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        wm.imagine(torch.full((1, 2, 5), float("nan")))
+    with pytest.raises(ValueError, match="one-hot"):
+        wm.imagine(torch.full((1, 2, 5), 3.0))
+    with pytest.raises(ValueError, match="uint8"):
+        wm.observe(np.zeros((48, 48, 3), np.float32), np.eye(5)[0])
+    with pytest.raises(ValueError, match="shape"):
+        wm.observe(np.zeros((64, 64, 3), np.uint8), np.eye(5)[0])
+    with pytest.raises(ValueError, match="first frame"):
+        wm.observe(np.zeros((48, 48, 3), np.uint8))
+    empty = WorldModel(tiny_expert(), MemoryCardsEnv().action_spec, 48, composition=CompositionConfig(experts=["base", "ltm"]))
+    with pytest.raises(RuntimeError, match="observe"):
+        empty.imagine(one_hot_actions(1, 1))
+    with pytest.raises(ValueError, match="empty memory"):
+        empty.memorize(steps=1)
+    with pytest.raises(ValueError, match="rank"):
+        MemorizeConfig(rank=0)
+    with pytest.raises(ValueError, match="stm"):
+        WorldModel(tiny_expert(), MemoryCardsEnv().action_spec, 48, composition=CompositionConfig(experts=["base", "stm"]))
+
+
+def fixed_loss(expert, frames, actions) -> float:
+    """Diffusion loss on a fixed batch of clips, noise and noise levels near pure noise (where memory matters)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        return expert.loss(frames, actions, t=0.95 + 0.05 * torch.rand(frames.shape[0], generator=g), generator=g).item()
+
+
+def test_memorization_lowers_the_episode_loss_and_reset_restores_the_base_exactly():
+    wm = filled_world_model(steps=60)
+    frames, actions, _ = wm.memory.sample_clips(16, 4, generator=torch.Generator().manual_seed(5))
+    x_t, t = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.4])
+    base_state = wm.base.prepare(frames[:2, :3], actions[:2])
+
+    def ltm_eps():
+        with torch.no_grad():
+            return wm.ltm.predict_eps(wm.ltm.prepare(frames[:2, :3], actions[:2]), x_t, t)
+
+    with torch.no_grad():
+        base_eps = wm.base.predict_eps(base_state, x_t, t)
+    assert torch.equal(ltm_eps(), base_eps)  # fresh adapters: B = 0
+    before = fixed_loss(wm.ltm, frames, actions)
+    stats = wm.memorize(steps=40, generator=torch.Generator().manual_seed(0), lr=5e-3)
+    after = fixed_loss(wm.ltm, frames, actions)
+    assert stats["steps"] == 40
+    assert after < 0.8 * before, (before, after)  # at least 20 % lower on the memorized episode
+    assert not torch.equal(ltm_eps(), base_eps)
+    wm.reset()
+    assert len(wm.memory) == 0
+    assert torch.equal(ltm_eps(), base_eps)  # nothing of episode A reaches episode B
+
+
+def test_save_load_roundtrip_and_corrupt_checkpoints(tmp_path):
+    expert = tiny_expert()
+    save_expert(tmp_path, expert, expert.spec)
+    loaded, spec = load_expert(tmp_path, "base")
+    for (name, p), q in zip(expert.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="requested"):
+        load_expert(tmp_path, "base", expect={"role": "stm"})
+    with pytest.raises(FileNotFoundError, match="role"):
+        load_expert(tmp_path, "stm")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_expert(tmp_path / "nowhere")
+    weights = tmp_path / "base.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_expert(tmp_path, "base")
+
+
+def test_a_cpu_size_unet_overfits_one_clip():
+    """A real learning test: 200 steps on one clip cut its diffusion loss by more than 40 %."""
+    torch.manual_seed(0)
+    env, frames, actions = episode(12, seed=3)
+    # Pick a step that changes the frame (a move or a toggle), so copying the last frame is wrong.
+    k = next(i for i in range(4, 13) if not np.array_equal(frames[i], frames[i - 1]))
+    clip = torch.stack([torch.from_numpy(f).float().div(127.5).sub(1).permute(2, 0, 1) for f in frames[k - 3:k + 1]])[None]
+    acts = torch.stack([torch.from_numpy(a) for a in actions[k - 3:k + 1]])[None]
+    expert = DiffusionExpert(VideoUNet(UNetConfig(**TINY)), CosineSchedule())
+    optimizer = torch.optim.Adam(expert.parameters(), lr=3e-3)
+    batch, batch_actions = clip.expand(16, -1, -1, -1, -1), acts.expand(16, -1, -1)
+    losses = []
+    for step in range(200):
+        loss = expert.loss(batch, batch_actions, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-20:])
