@@ -25,6 +25,10 @@ class EpisodeMemory:
         self._actions: list[torch.Tensor] = []
         self._poses: list[torch.Tensor | None] = []
 
+    def truncate(self, length: int) -> None:
+        """Forget every observation after the first ``length`` (used to undo probe observations)."""
+        del self._frames[length:], self._actions[length:], self._poses[length:]
+
     def __len__(self) -> int:
         return len(self._frames)
 

@@ -6,14 +6,16 @@ Usage:
 
 "cached" is ``denoise(state, ...)`` with the state prepared once per planning call; "recomputed"
 is ``prepare + denoise`` in every call, what a model without the cache (the authors' code, NWM)
-pays per denoising step. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
-attention; elementwise work is not counted).
+pays per denoising step. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, and
+attention through a formula for the CPU kernel it does not know; elementwise work is not counted;
+masked attention counts the full score matrix, which the dense kernel computes).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import tempfile
 import time
@@ -24,8 +26,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from come_rl.nets.registry import build_backbone
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's flop counter knows the CUDA attention kernels but not the CPU one: QK^T plus PV."""
+    leading = math.prod(query_shape[:-2])
+    return 2 * leading * query_shape[-2] * key_shape[-2] * (query_shape[-1] + value_shape[-1])
+
+
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+
+
 def _flops(function) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         function()
     return counter.get_total_flops()
 
