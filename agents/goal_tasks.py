@@ -134,15 +134,38 @@ def _model_frame_to_uint8(frame: torch.Tensor) -> np.ndarray:
 
 def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: int, success_threshold: float,
                      episode_index: int = 0, lpips: Callable | None = None, record_frames: bool = True,
-                     frame_key: str | None = None, pose_key: str = "pose") -> EpisodeResult:
+                     frame_key: str | None = None, pose_key: str = "pose", preload_memory: bool = False,
+                     memorize_steps: int = 25) -> EpisodeResult:
     """Run one goal-reaching episode with the MPC agent; ``env`` is the memory-wrapped env.
+
+    ``preload_memory`` ("explore, then return"): before the agent starts, the world model lives through the
+    recorded reference trajectory (start -> goal: frames, actions, poses), memorizes it with ``memorize_steps``
+    gradient steps, and the env is reset to the start with that memory kept (``env.preload`` and
+    ``env.reset(keep_memory=True)`` of ``envs.memory_wrapper.WorldModelMemoryWrapper``). The episode row
+    gets the memorize statistics as ``preload/...`` columns.
 
     Imagined frames for the GIF come from one extra ``imagine`` of the plan at batch 1 per replan
     (before the env moves, while the world model's state matches the plan's start).
     """
     if int(max_steps) < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    observation, info = env.reset(seed=task.seed, options=task.reset_options)
+    preload_row: dict = {}
+    if preload_memory:
+        if not callable(getattr(env, "preload", None)):
+            raise TypeError("preload_memory needs the memory wrapper (envs.memory_wrapper.WorldModelMemoryWrapper) "
+                            f"around the env, got {type(env).__name__}")
+        if task.reference_frames is None or not task.reference_actions:
+            raise ValueError("preload_memory needs a task with reference_frames and reference_actions "
+                             "(record it with record_reference_task)")
+        preload_row = env.preload(task.reference_frames, task.reference_actions, task.reference_poses,
+                                  memorize_steps=memorize_steps)
+        observation, info = env.reset(seed=task.seed, options=task.reset_options, keep_memory=True)
+        start_frame = _frame(observation, frame_key)
+        if not np.array_equal(start_frame, task.reference_frames[0]):
+            raise RuntimeError(f"env.reset(seed={task.seed}) did not return the recorded start frame: the env is not "
+                               "deterministic for a seed, so the preloaded memory would describe another place")
+    else:
+        observation, info = env.reset(seed=task.seed, options=task.reset_options)
     agent.reset(goal_frame=task.goal_frame)
     poses = [_pose(info, pose_key)]
     real_frames = [_frame(observation, frame_key)]
@@ -198,5 +221,6 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
         "lpips_to_goal": final_lpips,
         "mean_plan_seconds": float(np.mean(plan_times)) if plan_times else 0.0,
         "memorize_calls": sum(row["memorized"] for row in step_rows),
+        **preload_row,
     }
     return EpisodeResult(step_rows, episode_row, real_frames, imagined_frames, executed)

@@ -39,16 +39,19 @@ def summarize(episode_rows: Sequence[dict]) -> dict:
         "rpe": mean("rpe"),
         "lpips_to_goal": mean("lpips_to_goal"),
         "mean_plan_seconds": mean("mean_plan_seconds"),
+        **({"preload_seconds": mean("preload/seconds")} if episode_rows and "preload/seconds" in episode_rows[0] else {}),
     }
 
 
 def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], max_steps: int,
                       success_threshold: float, out_dir: str | Path, lpips: Callable | None = None,
                       gif_episodes: int = 1, frame_key: str | None = None, pose_key: str = "pose",
-                      run_info: dict | None = None, progress: bool = True) -> list[EpisodeResult]:
+                      run_info: dict | None = None, progress: bool = True, preload_memory: bool = False,
+                      memorize_steps: int = 25) -> list[EpisodeResult]:
     """Run one episode per task and write the tables, the plot and the GIF under ``out_dir``.
 
-    ``run_info`` (agent/env/model names ...) is prepended to the summary row.
+    ``run_info`` (agent/env/model names ...) is prepended to the summary row. ``preload_memory`` /
+    ``memorize_steps``: see :func:`agents.goal_tasks.run_goal_episode` ("explore, then return").
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,8 @@ def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], 
     bar = tqdm(tasks, desc="episodes", unit="ep", disable=not progress)
     for index, task in enumerate(bar):
         result = run_goal_episode(env, agent, task, max_steps, success_threshold, episode_index=index, lpips=lpips,
-                                  record_frames=index < gif_episodes, frame_key=frame_key, pose_key=pose_key)
+                                  record_frames=index < gif_episodes, frame_key=frame_key, pose_key=pose_key,
+                                  preload_memory=preload_memory, memorize_steps=memorize_steps)
         results.append(result)
         append_rows(out_dir / "steps.csv", result.step_rows)
         append_rows(out_dir / "episodes.csv", [result.episode_row])

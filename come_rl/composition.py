@@ -84,8 +84,9 @@ class Composer:
     """Turns several experts into one denoiser ``(x_t, t) -> eps`` with the rule of :func:`compose_noise_predictions`.
 
     ``prepare`` processes every expert's context once (conditional and unconditional rows stacked into one batch), so
-    each denoising step costs exactly one network call per expert that has a term: the distinct (expert, condition)
-    pairs are the rows of those calls, and a baseline shared with another term costs nothing.
+    each denoising step costs at most one network call per expert that has a term: the distinct (expert, condition)
+    pairs are the rows of those calls, a baseline shared with another term costs nothing, and a pass whose total
+    coefficient is zero is not run (see :meth:`conditional_coefficients`).
     """
 
     def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False):
@@ -100,14 +101,34 @@ class Composer:
         self.network_calls = 0
         self._states: dict[str, Any] = {}
         self._paired: dict[str, bool] = {}
+        self._skipped: set[str] = set()
 
     def needs_unconditional(self, term: ExpertTerm) -> bool:
         return term.alpha != 1.0 and term.baseline == "unconditional"
 
+    def conditional_coefficients(self) -> dict[str, float]:
+        """The total linear coefficient of each term's conditional prediction in the composed eps.
+
+        A shared baseline adds w_k (1 - alpha_k) to the coefficient of the term it borrows from. With the paper's
+        eq. 4 and alpha_LTM = 2 the base's conditional coefficient is w_base + w_LTM (1 - 2) = 0: the base pass
+        cancels and need not be run at all.
+        """
+        coefficients = {term.name: term.weight * term.alpha for term in self.terms}
+        for term in self.terms:
+            if term.baseline != "unconditional":
+                coefficients[term.baseline] += term.weight * (1.0 - term.alpha)
+        return coefficients
+
     def prepare(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> None:
         """conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A), poses=(B,K+1,P) or None) per term."""
         self._states.clear()
+        coefficients = self.conditional_coefficients()
+        # Passes whose prediction enters the sum with coefficient 0 are skipped (their term is added as zeros).
+        self._skipped = {term.name for term in self.terms
+                         if coefficients[term.name] == 0.0 and not self.needs_unconditional(term)}
         for term in self.terms:
+            if term.name in self._skipped:
+                continue
             if term.name not in conditions:
                 raise ValueError(f"no conditioning given for expert term {term.name!r}")
             cond = conditions[term.name]
@@ -130,6 +151,9 @@ class Composer:
         conditional: dict[str, torch.Tensor] = {}
         unconditional: dict[str, torch.Tensor] = {}
         for term in self.terms:
+            if term.name in self._skipped:
+                conditional[term.name] = torch.zeros_like(x_t)
+                continue
             if self._paired[term.name]:
                 eps = term.expert.predict_eps(self._states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
                 conditional[term.name], unconditional[term.name] = eps.chunk(2)

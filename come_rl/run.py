@@ -89,21 +89,64 @@ def build_env(env_cfg: DictConfig) -> gym.Env:
     return _call_target(target, settings)
 
 
+def packaged_checkpoints_dir() -> Path:
+    """``come_rl/checkpoints``: where the trained CPU-size world models ship inside the package."""
+    import come_rl
+
+    return Path(come_rl.__file__).resolve().parent / "checkpoints"
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """An existing path is used as it is; a bare name (``memory_maze``) means ``come_rl/checkpoints/<name>``.
+
+    Raises FileNotFoundError naming both places looked at and the fix.
+    """
+    text = str(checkpoint)
+    as_path = Path(to_absolute_path(text))
+    if as_path.exists():
+        return as_path
+    if "/" not in text and "\\" not in text:
+        packaged = packaged_checkpoints_dir() / text
+        if packaged.exists():
+            return packaged
+        where = f"{str(as_path)!r} nor {str(packaged)!r}"
+    else:
+        where = repr(str(as_path))
+    available = sorted(p.name for p in packaged_checkpoints_dir().iterdir()) if packaged_checkpoints_dir().is_dir() else []
+    raise FileNotFoundError(
+        f"model.checkpoint={text!r} does not exist (looked at {where}); packaged checkpoints: {available or 'none'}. "
+        "Train a world model first (see README) and pass model.checkpoint=PATH, or try the loop with "
+        "env=point_mass model=point_mass"
+    )
+
+
+# keys of a checkpoint model config that are WorldModel.load keyword arguments (None = the checkpoint's default)
+MODEL_LOAD_KEYS = ("experts", "composition", "memorize")
+
+
 def build_world_model(model_cfg: DictConfig) -> Any:
-    """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint)`` (the CoME model)."""
+    """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint, experts=..., sampler=...)``.
+
+    ``model.experts`` picks the composition (``[base]`` is the no-memory ablation, ``[base, ltm]`` CoME's
+    default); ``model.sampler_steps`` the denoising steps per imagined frame.
+    """
     if "_target_" in model_cfg:
         target = _import_target(model_cfg._target_, "model")
         return _call_target(target, OmegaConf.to_container(model_cfg, resolve=True))
     if "checkpoint" not in model_cfg or "loader" not in model_cfg:
         raise ValueError("the model config needs either _target_ or loader + checkpoint")
-    checkpoint = Path(to_absolute_path(str(model_cfg.checkpoint)))
-    if not checkpoint.exists():
-        raise FileNotFoundError(
-            f"model.checkpoint={str(checkpoint)!r} does not exist; train a world model first (see README) and pass "
-            "model.checkpoint=PATH, or try the loop with env=point_mass model=point_mass"
-        )
+    checkpoint = resolve_checkpoint(str(model_cfg.checkpoint))
     loader = _import_target(str(model_cfg.loader), "model.loader")
-    return loader(str(checkpoint))
+    settings = OmegaConf.to_container(model_cfg, resolve=True)
+    kwargs = {key: settings[key] for key in MODEL_LOAD_KEYS if settings.get(key) is not None}
+    sampler = dict(settings.get("sampler") or {})
+    if settings.get("sampler_steps") is not None:
+        if int(settings["sampler_steps"]) < 1:
+            raise ValueError(f"model.sampler_steps must be >= 1, got {settings['sampler_steps']}")
+        sampler["steps"] = int(settings["sampler_steps"])
+    if sampler:
+        kwargs["sampler"] = sampler
+    return loader(str(checkpoint), **kwargs)
 
 
 def check_compatible(env: gym.Env, world_model: Any) -> None:
@@ -136,19 +179,70 @@ def check_run_config(cfg: DictConfig) -> None:
     for key in ("goal_offset", "max_steps"):
         if int(task[key]) < 1:
             raise ValueError(f"env.task.{key} must be >= 1, got {task[key]}")
+    if int(task.get("memorize_steps", 0)) < 0:
+        raise ValueError(f"env.task.memorize_steps must be >= 0, got {task.memorize_steps}")
     if float(task.success_threshold) <= 0:
         raise ValueError(f"env.task.success_threshold must be > 0, got {task.success_threshold}")
     if "_target_" not in cfg.model and "checkpoint" in cfg.model:
-        checkpoint = Path(to_absolute_path(str(cfg.model.checkpoint)))
-        if not checkpoint.exists():
-            raise FileNotFoundError(
-                f"model.checkpoint={str(checkpoint)!r} does not exist; train a world model first (see README) and "
-                "pass model.checkpoint=PATH, or try the loop with env=point_mass model=point_mass"
-            )
+        resolve_checkpoint(str(cfg.model.checkpoint))
+    experts = cfg.model.get("experts")
+    if experts is not None:
+        unknown = set(experts) - {"base", "ltm", "stm", "sltm"}
+        if unknown or "base" not in experts:
+            raise ValueError(f"model.experts={list(experts)} must include 'base' and only name base, ltm, stm, sltm; "
+                             "e.g. model.experts=[base] (no memory) or model.experts=[base,ltm] (CoME)")
+
+
+def run_recon(cfg: DictConfig) -> dict:
+    """``env=recon data_dir=...``: NWM's open-loop protocol on RECON (``agents.nwm_protocol.evaluate_recon``).
+
+    Writes ``results/<run.name>/recon_cases.csv`` (one row per case) and ``recon_cases.md`` (ATE / RPE / final
+    distance in NWM's units: waypoint spacings of 0.25 m).
+    """
+    from agents.nwm_protocol import evaluate_recon, summarize_rows, write_results
+    from envs.recon import load_navigation_eval_tasks
+
+    env_cfg = cfg.env
+    if env_cfg.get("data_dir") in (None, "", "???"):
+        raise ValueError("env=recon needs the RECON data: pass data_dir=PATH (the folder of processed trajectories "
+                         "<traj_name>/{0..T-1}.jpg + traj_data.pkl; envs.recon converts the raw hdf5 files)")
+    root = Path(to_absolute_path(str(env_cfg.data_dir)))
+    if not root.is_dir():
+        raise FileNotFoundError(f"RECON data_dir {str(root)!r} does not exist; pass data_dir=PATH to the folder of "
+                                "processed RECON trajectories")
+    specs = load_navigation_eval_tasks(env_cfg.get("cases_csv"))
+    max_cases = env_cfg.get("max_cases")
+    if max_cases is not None and int(max_cases) < 1:
+        raise ValueError(f"env.max_cases must be >= 1 or null (all cases), got {max_cases}")
+    memorize_steps = int(env_cfg.get("memorize_steps", 0))
+    if memorize_steps < 0:
+        raise ValueError(f"env.memorize_steps must be >= 0, got {memorize_steps}")
+    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+        resolve_checkpoint(str(cfg.model.checkpoint))
+    torch.set_num_threads(int(cfg.run.threads))
+    planner = build_planner(cfg.planner)
+    objective_factory: Callable = instantiate(cfg.agent.objective)
+    world_model = build_world_model(cfg.model)
+    rows = evaluate_recon(world_model, planner, root, specs, objective_factory, memorize_steps=memorize_steps,
+                          max_cases=None if max_cases is None else int(max_cases), progress=bool(cfg.run.progress))
+    choices = _choices()
+    experts = getattr(getattr(world_model, "composition", None), "experts", None)
+    model_label = "+".join(experts) if experts else str(choices.get("model") or type(world_model).__name__)
+    planner_label = str(choices.get("planner") or cfg.planner._target_)
+    rows = [{"planner": planner_label, "world_model": model_label, **row} for row in rows]
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    csv_path, md_path = write_results(rows, out_dir, "recon_cases", f"RECON goal reaching (NWM protocol): {cfg.run.name}",
+                                      "NWM units: waypoint spacings of 0.25 m")
+    summary = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_, **summarize_rows(rows)[0]}
+    print(f"results written to {out_dir}")
+    print(md_path.read_text())
+    return summary
 
 
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
+    if cfg.env.get("protocol") == "recon":
+        return run_recon(cfg)
     check_run_config(cfg)
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)
@@ -181,7 +275,9 @@ def run(cfg: DictConfig) -> dict:
     results = run_goal_episodes(wrapped, agent, tasks, max_steps=int(task_cfg.max_steps),
                                 success_threshold=float(task_cfg.success_threshold), out_dir=out_dir, lpips=lpips,
                                 gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
-                                run_info=run_info, progress=bool(cfg.run.progress))
+                                run_info=run_info, progress=bool(cfg.run.progress),
+                                preload_memory=bool(task_cfg.get("preload_memory", False)),
+                                memorize_steps=int(task_cfg.get("memorize_steps", 25)))
     env.close()
     from agents.runner import summarize
 

@@ -199,3 +199,15 @@ def path_to_tile(cursor, target) -> list[int]:
     (r0, c0), (r1, c1) = (int(cursor[0]), int(cursor[1])), (int(target[0]), int(target[1]))
     moves = [DOWN if r1 > r0 else UP] * abs(r1 - r0)
     return moves + [RIGHT if c1 > c0 else LEFT] * abs(c1 - c0)
+
+
+def cursor_pose_model(poses, actions):
+    """Exact motion model of the cursor for imagination (the SLTM needs the poses of imagined frames).
+
+    poses: (B, 3) float tensor (row, col, 0); actions: (B, 5) one-hot float tensor -> next poses (B, 3).
+    """
+    import torch
+
+    index = actions.argmax(dim=-1)
+    delta = torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    return (poses + delta[index]).clamp(0.0, GRID - 1.0) * torch.tensor([1.0, 1.0, 0.0])

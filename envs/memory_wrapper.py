@@ -5,6 +5,8 @@ window and its long-term store grow with the episode) and fine-tunes its long-te
 schedule, "memorize the last 50 frames for 25 steps, then predict":
 
     reset()  -> world_model.reset(); world_model.observe(first_frame, None, pose)
+    reset(keep_memory=True) -> begin_segment(world_model) (keep the LTM); observe(first_frame, None, pose)
+    preload(frames, actions, poses) -> reset; observe the recorded trajectory; memorize it once
     step(a)  -> world_model.observe(frame, action_spec.encode(a), pose)
                 every ``memorize_every`` steps: world_model.memorize(steps=memorize_steps)
 
@@ -22,6 +24,26 @@ import gymnasium as gym
 import numpy as np
 
 from come_rl.interfaces import WorldModelProtocol
+
+
+def begin_segment(world_model: WorldModelProtocol) -> None:
+    """Start a new segment of the current episode: restart the short-term context, keep the long-term memory.
+
+    ``world_model.begin_segment()`` where the model has it; the CoME ``WorldModel`` (whose API has no segments yet)
+    gets its episode store emptied without touching the LTM's adapters (what ``reset()`` does minus
+    ``ltm.reset()``), so the next frame may be observed without an action. A model with neither is left as it is
+    (the point mass accepts a first frame at any time).
+
+    Why not observe the start frame with a zero action: the step from the last recorded frame to the start frame is
+    a teleport, not a no-op, and the experts would condition on a context that mixes both places.
+    """
+    begin = getattr(world_model, "begin_segment", None)
+    if callable(begin):
+        begin()
+        return
+    memory = getattr(world_model, "memory", None)
+    if memory is not None and callable(getattr(memory, "clear", None)):
+        memory.clear()
 
 
 class WorldModelMemoryWrapper(gym.Wrapper):
@@ -85,15 +107,61 @@ class WorldModelMemoryWrapper(gym.Wrapper):
             return np.asarray(observation[self.pose_key], dtype=np.float32)
         return None
 
-    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+    def reset(self, *, keep_memory: bool = False, **kwargs: Any) -> tuple[Any, dict]:
+        """Reset the env and start the world model's episode with the first frame.
+
+        ``keep_memory=True`` keeps what the world model memorized before (e.g. a preloaded reference trajectory,
+        see :meth:`preload`): the first frame starts a new *segment* of the same episode instead of a new episode
+        (:func:`begin_segment`), so the short-term context restarts at this frame and the long-term memory stays.
+        """
         observation, info = self.env.reset(**kwargs)
-        self.world_model.reset()
+        if keep_memory:
+            begin_segment(self.world_model)
+        else:
+            self.world_model.reset()
         self.world_model.observe(self.extract_frame(observation), None, self.extract_pose(observation, info))
         self.episode_steps = 0
         self.memorize_calls = 0
         info = dict(info)
-        info.update({"memory/observed_frames": 1, "memory/memorized": False})
+        info.update({"memory/observed_frames": 1, "memory/memorized": False, "memory/kept": bool(keep_memory)})
         return observation, info
+
+    def preload(self, frames: np.ndarray, actions: list | np.ndarray, poses: np.ndarray | None = None,
+                memorize_steps: int | None = None) -> dict:
+        """Let the world model live through a recorded trajectory, then memorize it ("the agent has been there").
+
+        Args:
+            frames: (T + 1, H, W, 3) uint8 recorded frames, start first.
+            actions: T env actions (ints for discrete spaces, vectors for continuous ones); ``frames[t + 1]``
+                follows ``actions[t]``.
+            poses: (T + 1, 3) poses or None.
+            memorize_steps: gradient steps of the one ``memorize`` call (default: the wrapper's ``memorize_steps``;
+                0 = observe only).
+        Returns:
+            the memorize statistics prefixed with ``preload/`` plus ``preload/frames`` and ``preload/seconds``.
+
+        Call :meth:`reset` with ``keep_memory=True`` afterwards, or the world model forgets it again.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or len(actions) != len(frames) - 1:
+            raise ValueError(f"preload needs frames (T + 1, H, W, 3) and T actions, got frames {frames.shape} and "
+                             f"{len(actions)} actions")
+        if poses is not None and len(poses) != len(frames):
+            raise ValueError(f"preload got {len(poses)} poses for {len(frames)} frames; give one pose per frame or none")
+        steps = self.memorize_steps if memorize_steps is None else int(memorize_steps)
+        if steps < 0:
+            raise ValueError(f"memorize_steps must be >= 0, got {memorize_steps}")
+        start = time.perf_counter()
+        self.world_model.reset()
+        spec = self.world_model.action_spec
+        for index, frame in enumerate(frames):
+            action = None if index == 0 else spec.encode(actions[index - 1])
+            pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
+            self.world_model.observe(self.extract_frame(frame), action, pose)
+        stats = (self.world_model.memorize(steps=steps) or {}) if steps > 0 else {"steps": 0}
+        row = {f"preload/{key}": value for key, value in stats.items() if np.isscalar(value)}
+        row.update({"preload/frames": len(frames), "preload/seconds": time.perf_counter() - start})
+        return row
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         observation, reward, terminated, truncated, info = self.env.step(action)

@@ -11,10 +11,18 @@ import tempfile
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import importlib.util
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# Load triton (pulled in by torch._dynamo via peft/transformers) before any test module loads MuJoCo's
+# EGL backend: loading Mesa's EGL first and triton's libtriton second segfaults the process (both carry
+# LLVM), as `python -c "import memory_maze.tasks; import peft"` shows; the other order is fine.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 # Converted LPIPS weights go to a per-session cache so tests exercise the conversion and never touch
 # the user's ~/.cache/come_rl. A cache the caller set explicitly is respected.

@@ -111,15 +111,30 @@ class CountingExpert(torch.nn.Module):
 
 def test_composer_batches_distinct_passes_and_shares_the_ltm_baseline():
     base, ltm, stm = CountingExpert(1.0), CountingExpert(2.0), CountingExpert(3.0)
-    composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 2.0, baseline="base"),
+    composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 3.0, baseline="base"),
                          ExpertTerm("stm", stm, 2.0)])
     cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
     composer.prepare({"base": cond, "ltm": cond, "stm": cond})
     x = torch.ones(4, 1)
     eps = composer(x, torch.zeros(4))
-    # base: 1; ltm: 2*2 - 1*base(1) = 3; stm: 2*3 - 1*(3 + 1) = 2  -> 6
-    assert torch.allclose(eps, torch.full((4, 1), 6.0))
+    # base: 1; ltm: 3*2 - 2*base(1) = 4; stm: 2*3 - 1*(3 + 1) = 2  -> 7
+    assert torch.allclose(eps, torch.full((4, 1), 7.0))
     # One network call per expert per step: 3 calls, 4 distinct (expert, condition) pairs of rows (stm paired).
     assert (base.calls, ltm.calls, stm.calls) == (1, 1, 1)
     assert (base.rows, ltm.rows, stm.rows) == (4, 4, 8)
     assert composer.network_calls == 3
+
+
+def test_composer_skips_the_base_pass_when_its_coefficient_cancels():
+    """Paper eq. 4 with alpha_LTM = 2: the base's conditional term cancels the LTM's baseline exactly."""
+    base, ltm = CountingExpert(1.0), CountingExpert(2.0)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    x = torch.ones(4, 1)
+    for alpha, base_calls, expected in ((2.0, 0, 2.0 * 2 / 2), (3.0, 1, (1 + 3 * 2 - 2 * 1) / 2)):
+        base.calls = ltm.calls = 0
+        composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, alpha, baseline="base")],
+                            normalize=True)
+        composer.prepare({"base": cond, "ltm": cond})
+        eps = composer(x, torch.zeros(4))
+        assert torch.allclose(eps, torch.full((4, 1), expected)), (alpha, eps)
+        assert (base.calls, ltm.calls) == (base_calls, 1)

@@ -66,7 +66,10 @@ def test_imagine_shapes_reproducibility_and_no_side_effects():
     assert not torch.equal(a, c)
     assert len(wm.memory) == before
     assert all(torch.equal(p, q) for p, q in zip(lora_before, wm.ltm.adapter_parameters))
-    # base + LTM: one network call per expert per denoising step, 4 horizon steps x 3 denoising steps.
+    # base + LTM with alpha_LTM = 2: the base pass cancels (eq. 4), one call per step; alpha = 3 needs both.
+    assert wm.last_network_calls == 1 * 4 * 3
+    wm.composition.alphas["ltm"] = 3.0
+    wm.imagine(actions, seed=7)
     assert wm.last_network_calls == 2 * 4 * 3
 
 

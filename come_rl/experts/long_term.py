@@ -81,7 +81,42 @@ class LongTermMemoryExpert(DiffusionExpert):
         self.adapter_parameters = [p for p in self.backbone.parameters() if p.requires_grad]
         self._optimizer: torch.optim.Optimizer | None = None
         self.memorized_steps = 0
+        # Inference runs on a plain copy of the base with W + delta_W folded in (no LoRA branches): after
+        # memorization the LTM costs exactly one base forward. It is rebuilt lazily when the adapters change.
+        self._merged = copy.deepcopy(base.backbone).eval()
+        self._merged_version = -1
         self.eval()
+
+    def _merged_backbone(self) -> nn.Module:
+        if self._merged_version != self.memorized_steps:
+            merged_state = {}
+            with torch.no_grad():
+                for name, module in self.backbone.named_modules():
+                    if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                        delta = sum(module.get_delta_weight(adapter) for adapter in module.lora_A.keys())
+                        merged_state[f"{name}.weight"] = module.base_layer.weight + delta
+                        if module.base_layer.bias is not None:
+                            merged_state[f"{name}.bias"] = module.base_layer.bias
+                base_state = {k.replace(".base_layer.", "."): v for k, v in self.backbone.state_dict().items()
+                              if "lora_" not in k}
+                base_state.update(merged_state)
+                self._merged.load_state_dict(base_state)
+            self._merged_version = self.memorized_steps
+        return self._merged
+
+    def prepare(self, context, actions, poses=None, drop_context=None):
+        if self.training:
+            return super().prepare(context, actions, poses, drop_context)
+        return self._merged_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
+
+    def predict_eps(self, state, x_t, t):
+        if self.training:
+            return super().predict_eps(state, x_t, t)
+        from come_rl.diffusion import v_to_eps
+
+        v = self._merged_backbone().denoise(state, x_t[:, None], t)[:, 0]
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return v_to_eps(v.float(), x_t, alpha, sigma)
 
     def reset(self) -> None:
         """Re-initialise every adapter (A random, B = 0): the expert's outputs equal the base's exactly again."""
@@ -91,6 +126,7 @@ class LongTermMemoryExpert(DiffusionExpert):
                     module.reset_lora_parameters(adapter, True)
         self._optimizer = None
         self.memorized_steps = 0
+        self._merged_version = -1
 
     def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
                  **overrides) -> dict:

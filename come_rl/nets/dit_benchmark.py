@@ -88,6 +88,13 @@ def measure(name: str, batch_size: int, repeats: int = 3, **overrides) -> dict:
     return row
 
 
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """fp32 matmul rate of this machine now (the yardstick for the achieved GFLOP/s above)."""
+    a = torch.randn(size, size)
+    seconds = _seconds(lambda: [a @ a for _ in range(repeats)], 2)
+    return 2 * size**3 * repeats / seconds / 1e9
+
+
 def _write_csv(rows: list[dict], path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -111,6 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = {} if args.frame_size is None else {"frame_size": args.frame_size}
     rows = []
+    print(f"fp32 matmul peak now: {matmul_peak_gflops():.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
     for name in args.names:
         for batch_size in args.batch_sizes:
             rows.append(measure(name, batch_size, args.repeats, **overrides))

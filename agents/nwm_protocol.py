@@ -1,0 +1,481 @@
+"""The goal-reaching protocol of Navigation World Models (NWM), open loop, on recorded trajectories.
+
+Per case: the world model observes the context (the last ``context`` frames up to the start time ``t``;
+optionally more history before them, which the long-term memory memorizes), the goal image is the
+recorded frame ``goal_offset`` steps after ``t``, a planner picks ``horizon`` actions once (open loop,
+scored by -LPIPS of the last imagined frame to the goal), and the plan is turned into a path:
+
+* Memory Maze / Memory Cards (:func:`run_protocol`): the plan is executed in the real env from the
+  recorded start state, reached by ``reset(seed)`` + replaying the recorded prefix actions (exact: the
+  envs are deterministic for a seed; every case checks the replayed pose and frame against the
+  recording and refuses to go on if they differ).
+* RECON (:func:`evaluate_recon`): the plan's (dx, dy, dyaw) step actions are integrated from the start
+  pose (``envs.recon.step_actions_to_poses``), as NWM does.
+
+Metrics per case: ATE and RPE of the path against the recorded one (``come_rl.metrics.trajectory``,
+NWM's convention: translation RMSE, no alignment, RPE delta 1) and the final distance to the goal pose.
+Memory Maze units are maze cells; RECON's are NWM's waypoint spacings (0.25 m).
+
+CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner x world model, and
+``<name>.md`` with the table of means, planners x world models)::
+
+    python -m agents.nwm_protocol checkpoint=memory_maze data=/work/data/memory_maze_val cases=10 \\
+        planners=cem,random_shooting,mppi,nwm experts='base|base,ltm'
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.goal_tasks import path_errors
+from come_rl.interfaces import ActionSpec
+from come_rl.io_utils import atomic_write_text
+
+PLANNER_NAMES = ("cem", "random_shooting", "mppi", "nwm")
+
+
+# ------------------------------------------------------------------------------------------------ cases
+@dataclass
+class TrajectoryCase:
+    """One open-loop goal case cut from a recorded episode.
+
+    Attributes:
+        episode, seed: index in the data set and the env seed the episode was recorded from.
+        start: frame index ``t`` of the last context frame (the plan starts there).
+        observed_frames: (M, H, W, 3) uint8 frames ``t - M + 1 .. t`` the world model observes (context + history).
+        observed_actions: (M - 1, A) action vectors between them.
+        observed_poses: (M, 3) poses of those frames, or None.
+        prefix_actions: the ``t`` env actions that lead from the reset to the start state.
+        goal_frame: (H, W, 3) uint8 frame ``t + goal_offset``.
+        goal_pose: (3,) its pose.
+        reference_poses: (horizon + 1, 3) recorded poses ``t .. t + horizon``.
+    """
+
+    episode: int
+    seed: int
+    start: int
+    observed_frames: np.ndarray
+    observed_actions: np.ndarray
+    observed_poses: np.ndarray | None
+    prefix_actions: list
+    goal_frame: np.ndarray
+    goal_pose: np.ndarray
+    reference_poses: np.ndarray
+
+
+def make_cases(dataset: Any, num_cases: int, context: int = 4, goal_offset: int = 8, horizon: int = 8,
+               memory_frames: int = 4, max_start: int | None = 40, seed: int = 0) -> list[TrajectoryCase]:
+    """Cut ``num_cases`` cases from an ``EpisodeDataset`` (episodes in turn, start times drawn with ``seed``).
+
+    ``memory_frames`` (>= ``context``) frames up to the start are observed; ``max_start`` bounds the start time,
+    because the start state is reached by replaying the prefix in the env (~10 steps per second for Memory Maze).
+    """
+    if num_cases < 1 or context < 1 or goal_offset < 1 or horizon < 1:
+        raise ValueError(f"cases, context, goal_offset and horizon must be >= 1, got {num_cases}, {context}, "
+                         f"{goal_offset}, {horizon}")
+    if memory_frames < context:
+        raise ValueError(f"memory_frames ({memory_frames}) must be >= context ({context}): the context is observed too")
+    if dataset.poses is None:
+        raise ValueError(f"data set {getattr(dataset, 'path', '')} has no poses; ATE/RPE need them (collect with poses)")
+    if any(seed_ < 0 for seed_ in dataset.seeds):
+        raise ValueError("the data set has episodes without an env seed (-1), so their start states cannot be "
+                         "replayed; use a data set written by python -m come_rl.collect")
+    rng = np.random.default_rng(seed)
+    cases = []
+    earliest, reach = memory_frames - 1, max(goal_offset, horizon)
+    for index in range(num_cases):
+        episode = index % len(dataset)
+        length = int(dataset.episode_lengths[episode])
+        latest = length - reach if max_start is None else min(length - reach, int(max_start))
+        if latest < earliest:
+            raise ValueError(f"episode {episode} has {length} steps: too short for memory_frames={memory_frames}, "
+                             f"goal_offset={goal_offset}, horizon={horizon} (and max_start={max_start})")
+        start = int(rng.integers(earliest, latest + 1))
+        frames, actions, poses = dataset.frames[episode], dataset.actions[episode], dataset.poses[episode]
+        first = start - memory_frames + 1
+        cases.append(TrajectoryCase(
+            episode=episode, seed=int(dataset.seeds[episode]), start=start,
+            observed_frames=np.asarray(frames[first:start + 1]), observed_actions=np.asarray(actions[first:start]),
+            observed_poses=np.asarray(poses[first:start + 1], dtype=np.float64),
+            prefix_actions=[decode_action(dataset.action_spec, a) for a in actions[:start]],
+            goal_frame=np.asarray(frames[start + goal_offset]),
+            goal_pose=np.asarray(poses[start + goal_offset], dtype=np.float64),
+            reference_poses=np.asarray(poses[start:start + horizon + 1], dtype=np.float64),
+        ))
+    return cases
+
+
+def decode_action(action_spec: ActionSpec, vector: np.ndarray) -> Any:
+    """Action vector -> env action (index for discrete spaces)."""
+    return action_spec.decode(np.asarray(vector, dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ world model
+def observe_case(world_model: Any, frames: np.ndarray, actions: np.ndarray, poses: np.ndarray | None,
+                 memorize_steps: int) -> dict:
+    """Reset the world model, observe the frames (first without an action) and memorize them.
+
+    Returns the memorize statistics ({} when nothing was memorized).
+    """
+    world_model.reset()
+    for index, frame in enumerate(frames):
+        pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
+        world_model.observe(frame, None if index == 0 else np.asarray(actions[index - 1], dtype=np.float32), pose)
+    if memorize_steps > 0 and "ltm" in getattr(getattr(world_model, "composition", None), "experts", ()):
+        return world_model.memorize(steps=memorize_steps) or {}
+    return {}
+
+
+def build_planner(name: str, population: int, elites: int, iterations: int, seed: int) -> Any:
+    """The planners of the table at a given budget (``nwm`` proposes every constant action for discrete spaces)."""
+    from planners import CEMPlanner, MPPIPlanner, NWMPlanner, RandomShootingPlanner
+
+    if name == "cem":
+        return CEMPlanner(population=population, elites=elites, iterations=iterations, seed=seed)
+    if name == "random_shooting":
+        return RandomShootingPlanner(population=population, seed=seed)
+    if name == "mppi":
+        return MPPIPlanner(population=population, iterations=iterations, seed=seed)
+    if name == "nwm":
+        return NWMPlanner(num_samples=population, top_k=min(elites, population), repeats=1, seed=seed)
+    raise ValueError(f"unknown planner {name!r}; choose from {', '.join(PLANNER_NAMES)}")
+
+
+# ------------------------------------------------------------------------------------------------ env replay
+def replay_to_start(env: Any, case: TrajectoryCase, pose_key: str = "pose") -> tuple[Any, dict]:
+    """Reset ``env`` with the case's seed and replay the prefix; check the reached state against the recording."""
+    observation, info = env.reset(seed=case.seed)
+    for action in case.prefix_actions:
+        observation, _, _, _, info = env.step(action)
+    pose = np.asarray(info[pose_key], dtype=np.float64)[:3]
+    pose_error = float(np.max(np.abs(pose - case.reference_poses[0])))
+    frame_error = int(np.max(np.abs(np.asarray(observation, dtype=np.int16) - case.observed_frames[-1].astype(np.int16))))
+    if pose_error > 1e-3 or frame_error > 0:
+        raise RuntimeError(f"replaying episode {case.episode} (seed {case.seed}) for {case.start} steps does not reach "
+                           f"the recorded state (pose error {pose_error:.3g}, frame error {frame_error}); the env or "
+                           "its settings differ from the recording (check the manifest's env_kwargs)")
+    return observation, info
+
+
+def execute_plan(env_factory: Callable[[], Any], case: TrajectoryCase, env_actions: Sequence,
+                 pose_key: str = "pose", env: Any = None) -> np.ndarray:
+    """Poses (len(env_actions) + 1, 3) of executing ``env_actions`` from the case's recorded start state."""
+    env = env if env is not None else env_factory()
+    _, info = replay_to_start(env, case, pose_key)
+    poses = [np.asarray(info[pose_key], dtype=np.float64)[:3]]
+    for action in env_actions:
+        _, _, _, _, info = env.step(action)
+        poses.append(np.asarray(info[pose_key], dtype=np.float64)[:3])
+    return np.stack(poses)
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def run_protocol(world_models: dict[str, Any], planners: dict[str, Callable[[], Any]], cases: Sequence[TrajectoryCase],
+                 env_factory: Callable[[], Any], horizon: int = 8, memorize_steps: int = 0,
+                 objective_factory: Callable[..., Any] | None = None, pose_key: str = "pose",
+                 progress: bool = True) -> list[dict]:
+    """Every case x world model x planner: observe, plan once, execute the plan in the env, score the path.
+
+    Args:
+        world_models: label -> world model (``reset/observe/memorize/imagine``, ``action_spec``, ``frame_shape``).
+        planners: label -> factory of a fresh planner (a planner keeps warm-start state).
+        cases: from :func:`make_cases`.
+        env_factory: builds the env the cases were recorded in (same settings).
+        horizon: planned steps.
+        memorize_steps: LTM gradient steps on the observed frames (world models whose composition has "ltm").
+        objective_factory: ``objective_factory(world_model=..., goal_frame=...)``; default -LPIPS of the last frame.
+    Returns:
+        one row per case x world model x planner: ate, rpe, final_distance, start_distance, plan_seconds, ...
+    """
+    if objective_factory is None:
+        from come_rl.metrics.lpips_metric import get_lpips
+        from planners.objectives import LPIPSGoalObjective
+
+        lpips = get_lpips()
+
+        def objective_factory(world_model, goal_frame):
+            return LPIPSGoalObjective(world_model, goal_frame, lpips=lpips)
+    env = env_factory()
+    executed_cache: dict[tuple, np.ndarray] = {}
+    rows = []
+    total = len(cases) * len(world_models) * len(planners)
+    bar = tqdm(total=total, desc="nwm protocol", unit="plan", disable=not progress)
+    for case_index, case in enumerate(cases):
+        for model_label, world_model in world_models.items():
+            spec = world_model.action_spec
+            start = time.perf_counter()
+            stats = observe_case(world_model, case.observed_frames, case.observed_actions, case.observed_poses,
+                                 memorize_steps)
+            memorize_seconds = time.perf_counter() - start
+            for planner_label, make_planner in planners.items():
+                planner = make_planner()
+                objective = objective_factory(world_model=world_model, goal_frame=case.goal_frame)
+                start = time.perf_counter()
+                plan = torch.as_tensor(planner.plan(objective, spec, horizon), dtype=torch.float32)
+                plan_seconds = time.perf_counter() - start
+                if tuple(plan.shape) != (horizon, spec.dim):
+                    raise ValueError(f"planner {planner_label} returned {tuple(plan.shape)}, expected {(horizon, spec.dim)}")
+                env_actions = [spec.decode(row.numpy()) for row in plan]
+                key = (case_index, repr([np.asarray(a).round(9).tolist() for a in env_actions]))
+                if key not in executed_cache:
+                    executed_cache[key] = execute_plan(env_factory, case, env_actions, pose_key, env=env)
+                executed = executed_cache[key]
+                ate, rpe = path_errors(executed, case.reference_poses)
+                rows.append({
+                    "case": case_index, "episode": case.episode, "seed": case.seed, "start": case.start,
+                    "world_model": model_label, "planner": planner_label,
+                    "ate": ate, "rpe": rpe,
+                    "final_distance": float(np.linalg.norm(executed[-1, :2] - case.goal_pose[:2])),
+                    "start_distance": float(np.linalg.norm(case.reference_poses[0, :2] - case.goal_pose[:2])),
+                    "plan_seconds": plan_seconds, "memorize_seconds": memorize_seconds,
+                    "memorize_loss": float(stats.get("loss_last", math.nan)),
+                    "actions": " ".join(str(a) if np.isscalar(a) else "/".join(f"{v:.3g}" for v in np.ravel(a))
+                                        for a in env_actions),
+                })
+                bar.update(1)
+    bar.close()
+    if hasattr(env, "close"):
+        env.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ RECON
+def recon_context_actions(trajectory: Any, spec: Any, action_spec: ActionSpec) -> np.ndarray:
+    """(context - 1, 3) NWM step actions between consecutive context frames, clipped to the model's bounds."""
+    from envs.recon import nwm_step_actions
+
+    first = spec.curr_time - spec.context_size + 1
+    actions = np.stack([nwm_step_actions(trajectory.position, trajectory.yaw, time_, 1)[0]
+                        for time_ in range(first, spec.curr_time)]) if spec.context_size > 1 else np.zeros((0, 3))
+    return np.clip(actions, action_spec.low, action_spec.high).astype(np.float32)
+
+
+def evaluate_recon(world_model: Any, planner: Any, root: str | Path, specs: list | None = None,
+                   objective_factory: Callable[..., Any] | None = None, memorize_steps: int = 0,
+                   max_cases: int | None = None, progress: bool = True) -> list[dict]:
+    """NWM's RECON protocol: per navigation-eval case (default the 100 shipped ones), observe the 4 context frames,
+    plan ``len_traj_pred`` (dx, dy, dyaw) steps toward the goal frame, integrate them from the start pose and
+    score against the recorded poses. ATE, RPE and final distance are in NWM's units (waypoint spacings, 0.25 m).
+    """
+    from envs.recon import (
+        WAYPOINT_SPACING_METRES,
+        iterate_goal_tasks,
+        load_navigation_eval_tasks,
+        load_recon_trajectory,
+        step_actions_to_poses,
+    )
+
+    action_spec = world_model.action_spec
+    if action_spec.kind != "continuous" or action_spec.dim != 3:
+        raise ValueError(f"RECON needs a world model with continuous (dx, dy, dyaw) actions, got {action_spec.kind} "
+                         f"dim {action_spec.dim}; train one on RECON (come_rl.train) and pass model.checkpoint=PATH")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"RECON data_dir {root} does not exist; pass data_dir=<folder of processed RECON "
+                                "trajectories> (see envs.recon for the layout and the hdf5 converter)")
+    if objective_factory is None:
+        from come_rl.metrics.lpips_metric import get_lpips
+        from planners.objectives import LPIPSGoalObjective
+
+        lpips = get_lpips()
+
+        def objective_factory(world_model, goal_frame):
+            return LPIPSGoalObjective(world_model, goal_frame, lpips=lpips)
+    specs = list(specs if specs is not None else load_navigation_eval_tasks())
+    if max_cases is not None:
+        specs = specs[:max_cases]
+    trajectories: dict[str, Any] = {}
+    rows = []
+    size = world_model.frame_shape[-1]
+    for index, task in enumerate(tqdm(iterate_goal_tasks(root, specs, image_size=size), total=len(specs),
+                                      desc="RECON cases", unit="case", disable=not progress)):
+        spec = task.spec
+        if spec.traj_name not in trajectories:
+            trajectories[spec.traj_name] = load_recon_trajectory(root, spec.traj_name)
+        context_actions = recon_context_actions(trajectories[spec.traj_name], spec, action_spec)
+        stats = observe_case(world_model, task.context_frames, context_actions, None, memorize_steps)
+        planner.reset()
+        objective = objective_factory(world_model=world_model, goal_frame=task.goal_frame)
+        start = time.perf_counter()
+        plan = torch.as_tensor(planner.plan(objective, action_spec, spec.len_traj_pred), dtype=torch.float32)
+        plan_seconds = time.perf_counter() - start
+        poses = step_actions_to_poses(plan.numpy().astype(np.float64), task.start_pose)
+        units = np.array([WAYPOINT_SPACING_METRES, WAYPOINT_SPACING_METRES, 1.0])
+        predicted = np.concatenate([task.start_pose[None], poses]) / units
+        reference = np.concatenate([task.start_pose[None], task.true_poses]) / units
+        ate, rpe = path_errors(predicted, reference)
+        goal = task.goal_pose / units
+        rows.append({
+            "case": index, "traj_name": spec.traj_name, "curr_time": spec.curr_time,
+            "ate": ate, "rpe": rpe,
+            "final_distance": float(np.linalg.norm(predicted[-1, :2] - goal[:2])),
+            "start_distance": float(np.linalg.norm(predicted[0, :2] - goal[:2])),
+            "plan_seconds": plan_seconds, "memorize_loss": float(stats.get("loss_last", math.nan)),
+            "plan": " ".join("/".join(f"{v:.3g}" for v in row) for row in plan.numpy()),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ tables
+METRICS = ("ate", "rpe", "final_distance")
+
+
+def summarize_rows(rows: Iterable[dict], group_keys: Sequence[str] = ("planner", "world_model")) -> list[dict]:
+    """Mean of ATE, RPE, final distance and plan seconds per group (NaN-aware)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in group_keys), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        entry = dict(zip(group_keys, key))
+        entry["cases"] = len(members)
+        for metric in (*METRICS, "plan_seconds"):
+            values = [float(m[metric]) for m in members if not math.isnan(float(m[metric]))]
+            entry[metric] = float(np.mean(values)) if values else math.nan
+        summary.append(entry)
+    return summary
+
+
+def rows_to_csv(rows: Sequence[dict]) -> str:
+    """Rows -> CSV text (columns: the union of keys in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def markdown_table(summary: Sequence[dict], title: str, units: str) -> str:
+    """Planners (rows) x world models (columns); each cell "ATE / RPE / final distance"."""
+    planners = list(dict.fromkeys(entry["planner"] for entry in summary))
+    models = list(dict.fromkeys(entry["world_model"] for entry in summary))
+    cells = {(entry["planner"], entry["world_model"]): entry for entry in summary}
+    lines = [f"# {title}", "", (f"Cells: ATE / RPE / final distance to the goal (means over cases; {units}); "
+                                "lower is better."), "", "| planner | " + " | ".join(models) + " |",
+             "|---|" + "---|" * len(models)]
+    for planner in planners:
+        texts = []
+        for model in models:
+            entry = cells.get((planner, model))
+            texts.append("-" if entry is None else " / ".join(f"{entry[m]:.3f}" for m in METRICS))
+        lines.append(f"| {planner} | " + " | ".join(texts) + " |")
+    lines += ["", "| planner | world model | cases | ATE | RPE | final distance | plan seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in summary:
+        lines.append(f"| {entry['planner']} | {entry['world_model']} | {entry['cases']} | {entry['ate']:.4f} | "
+                     f"{entry['rpe']:.4f} | {entry['final_distance']:.4f} | {entry['plan_seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[dict], out_dir: str | Path, name: str, title: str, units: str) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.csv`` (every row) and ``<name>.md`` (the table of means), both written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    atomic_write_text(csv_path, rows_to_csv(rows))
+    atomic_write_text(md_path, markdown_table(summarize_rows(rows), title, units))
+    return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+DEFAULTS: dict[str, Any] = {
+    "checkpoint": None, "data": None, "cases": 4, "planners": "cem,random_shooting,mppi,nwm", "experts": "base|base,ltm",
+    "horizon": 8, "goal_offset": 8, "context": 4, "memory_frames": 4, "max_start": 40, "population": 24, "elites": 4,
+    "iterations": 1, "sampler_steps": 4, "memorize_steps": 10, "seed": 0, "threads": 1,
+    "out": "results/nwm_protocol", "name": None, "progress": True,
+}
+INT_KEYS = ("cases", "horizon", "goal_offset", "context", "memory_frames", "max_start", "population", "elites",
+            "iterations", "sampler_steps", "memorize_steps", "seed", "threads")
+
+
+def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` arguments over :data:`DEFAULTS`; unknown keys and bad numbers raise a ValueError."""
+    config = dict(DEFAULTS)
+    for argument in argv:
+        if "=" not in argument:
+            raise ValueError(f"arguments are key=value, got {argument!r}; keys: {', '.join(DEFAULTS)}")
+        key, value = argument.split("=", 1)
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown key {key!r}; keys: {', '.join(DEFAULTS)}")
+        if key in INT_KEYS:
+            try:
+                config[key] = int(value)
+            except ValueError as error:
+                raise ValueError(f"{key} must be an integer, got {value!r}") from error
+        elif key == "progress":
+            config[key] = value.lower() in ("1", "true", "yes")
+        else:
+            config[key] = value
+    if config["checkpoint"] is None or config["data"] is None:
+        raise ValueError("give checkpoint=NAME|PATH (a Memory Maze world model) and data=DIR (recorded held-out "
+                         "episodes, python -m come_rl.collect env=memory_maze ... out=DIR)")
+    planners = [name.strip() for name in str(config["planners"]).split(",") if name.strip()]
+    unknown = [name for name in planners if name not in PLANNER_NAMES]
+    if unknown or not planners:
+        raise ValueError(f"unknown planners {unknown}; choose from {', '.join(PLANNER_NAMES)} (comma-separated)")
+    config["planners"] = planners
+    config["experts"] = [[e.strip() for e in group.split(",") if e.strip()] for group in str(config["experts"]).split("|")]
+    if config["elites"] > config["population"]:
+        raise ValueError(f"elites ({config['elites']}) must not exceed population ({config['population']})")
+    return config
+
+
+def env_factory_for(meta: dict) -> Callable[[], Any]:
+    """The env a collected data set was recorded in, from its manifest (``env`` + ``env_kwargs``)."""
+    name, kwargs = meta.get("env"), dict(meta.get("env_kwargs") or {})
+    if name == "memory_maze":
+        from envs.memory_maze import MemoryMazeEnv
+
+        return lambda: MemoryMazeEnv(**kwargs)
+    if name == "memory_cards":
+        from envs.memory_cards import MemoryCardsEnv
+
+        size = kwargs.get("image_size") or kwargs.get("size") or 48
+        return lambda: MemoryCardsEnv(size=size)
+    raise ValueError(f"the data set's manifest names env {name!r}; the protocol replays memory_maze or memory_cards")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_arguments(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(config["threads"])
+    from come_rl.data import EpisodeDataset
+    from come_rl.run import resolve_checkpoint
+    from come_rl.world_model import WorldModel
+
+    checkpoint = resolve_checkpoint(config["checkpoint"])
+    dataset = EpisodeDataset(config["data"])
+    cases = make_cases(dataset, config["cases"], config["context"], config["goal_offset"], config["horizon"],
+                       config["memory_frames"], config["max_start"], config["seed"])
+    world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
+                                                       sampler={"steps": config["sampler_steps"]})
+                    for experts in config["experts"]}
+    planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
+                                                       config["iterations"], config["seed"]))
+                for name in config["planners"]}
+    rows = run_protocol(world_models, planners, cases, env_factory_for(dataset.meta), horizon=config["horizon"],
+                        memorize_steps=config["memorize_steps"], progress=config["progress"])
+    name = config["name"] or f"{checkpoint.name}_{len(cases)}cases_h{config['horizon']}"
+    csv_path, md_path = write_results(rows, config["out"], name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
+                                      "maze cells" if dataset.meta.get("env") == "memory_maze" else "grid cells")
+    print(f"wrote {csv_path} and {md_path}")
+    print(md_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

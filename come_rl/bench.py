@@ -1,0 +1,179 @@
+"""Benchmarks (not tests): where the time of imagination, composition and memorization goes.
+
+Usage:
+    python -m come_rl.bench world_model [checkpoint=come_rl/checkpoints/memory_cards batch=32 horizon=2 steps=10]
+    python -m come_rl.bench planners
+
+``world_model`` writes ``results/bench/world_model.csv`` + ``.md``: imagined frames per second for the base alone and
+for every composition (base + LTM; base + LTM + STM + SLTM), the cost ratio to the base, network calls per denoising
+step, achieved GFLOP/s of ``imagine`` (FLOPs counted by torch's FlopCounterMode) against the fp32 matmul peak measured
+in the same run, memorization time per step for LoRA ranks 8/16/32/64 against one sampling step, and peak memory.
+All ratios come from one run (these machines are noisy). The STM and SLTM are untrained transformer experts here
+(their cost does not depend on their weights) unless the checkpoint holds trained ones.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from come_rl.diffusion import CosineSchedule
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.train import parse_overrides
+from come_rl.world_model import CompositionConfig, WorldModel
+
+
+@dataclass
+class WorldModelBenchConfig:
+    checkpoint: str = "come_rl/checkpoints/memory_cards"
+    batch: int = 32
+    horizon: int = 2
+    steps: int = 10
+    """denoising steps per imagined frame."""
+    repeats: int = 2
+    threads: int = 2
+    memorize_steps: int = 5
+    out_dir: str = "results/bench"
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _transformer_expert(name: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
+    from come_rl.nets.registry import build_backbone
+
+    overrides = dict(frame_size=frame_size, action_dim=action_dim, predicted_frames=1)
+    backbone = build_backbone(name, **overrides)
+    return DiffusionExpert(backbone, CosineSchedule(), name=role, uses_poses=uses_poses).eval()
+
+
+def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, sltm=None) -> WorldModel:
+    from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
+
+    wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.steps})
+    model = WorldModel(wm.base, wm.action_spec, wm.frame_shape[-1], stm=stm, sltm=sltm,
+                       composition=CompositionConfig(experts=experts), sampler=wm.sampler,
+                       memorize_config=wm.memorize_config, pose_model=cursor_pose_model)
+    env = MemoryCardsEnv(size=wm.frame_shape[-1])
+    frame, info = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    model.reset()
+    model.observe(frame, None, info["pose"])
+    for _ in range(40):
+        action = env.random_policy_action(rng)
+        frame, *_, info = env.step(action)
+        model.observe(frame, env.action_spec.encode(action), info["pose"])
+    return model
+
+
+def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
+    from come_rl.results import append_rows, write_markdown_table
+
+    torch.set_num_threads(config.threads)
+    peak = matmul_peak_gflops()
+    probe = WorldModel.load(config.checkpoint, experts=["base"])
+    size, action_dim = probe.frame_shape[-1], probe.action_spec.dim
+    stm = _transformer_expert("stm_cpu", "stm", size, action_dim, uses_poses=False)
+    sltm = _transformer_expert("sltm_cpu", "sltm", size, action_dim, uses_poses=True)
+    compositions = {
+        "base": (["base"], None, None),
+        "base+ltm": (["base", "ltm"], None, None),
+        "base+stm": (["base", "stm"], stm, None),
+        "base+ltm+stm+sltm (CoME)": (["base", "ltm", "stm", "sltm"], stm, sltm),
+    }
+    actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon)),
+                                          action_dim).float()
+    rows = []
+    base_seconds = None
+    for name, (experts, stm_expert, sltm_expert) in compositions.items():
+        model = _filled_model(config, experts, stm_expert, sltm_expert)
+        if model.ltm is not None:
+            model.memorize(steps=2)  # non-zero adapters, as after memorization
+        model.imagine(actions[:, :1], seed=0)  # warm-up
+        times = []
+        for r in range(config.repeats):
+            start = time.perf_counter()
+            model.imagine(actions, seed=r)
+            times.append(time.perf_counter() - start)
+        seconds = min(times)
+        calls_per_step = model.last_network_calls / (config.horizon * config.steps)
+        with FlopCounterMode(display=False) as counter:
+            model.imagine(actions[:, :1], seed=0)
+        flops_per_frame = counter.get_total_flops() / config.batch
+        frames_per_second = config.batch * config.horizon / seconds
+        base_seconds = base_seconds or seconds
+        params = {role: sum(p.numel() for p in model.experts[role].parameters()) for role in experts}
+        rows.append({
+            "composition": name, "imagined_frames_per_s": frames_per_second,
+            "ms_per_frame": 1000 / frames_per_second, "cost_ratio_to_base": seconds / base_seconds,
+            "network_calls_per_denoising_step": calls_per_step,
+            "gflop_per_frame": flops_per_frame / 1e9,
+            "achieved_gflops": flops_per_frame * frames_per_second / 1e9, "matmul_peak_gflops": peak,
+            "parameters_M": sum(params.values()) / 1e6, "batch": config.batch, "denoising_steps": config.steps,
+            "threads": config.threads, "resolution": size,
+        })
+    # Memorization cost per gradient step against one sampling (denoising) step of base + LTM.
+    model = _filled_model(config, ["base", "ltm"])
+    start = time.perf_counter()
+    model.imagine(actions[:, :1], seed=0)
+    sampling_step = (time.perf_counter() - start) / config.steps
+    for rank in (8, 16, 32, 64):
+        model = _filled_model(config, ["base", "ltm"])
+        from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
+
+        model.ltm = LongTermMemoryExpert(model.base, MemorizeConfig(rank=rank, lora_alpha=rank))
+        model.memorize(steps=1)  # warm-up (optimizer creation)
+        stats = model.memorize(steps=config.memorize_steps)
+        per_step = stats["seconds"] / config.memorize_steps
+        rows.append({
+            "composition": f"memorize LoRA r={rank} (batch {model.memorize_config.batch_size})",
+            "ms_per_frame": float("nan"), "memorize_ms_per_step": 1000 * per_step,
+            "sampling_step_ms (batch {0}, base+ltm)".format(config.batch): 1000 * sampling_step,
+            "memorize_step_over_sampling_step": per_step / sampling_step,
+            "lora_parameters_M": sum(p.numel() for p in model.ltm.adapter_parameters) / 1e6,
+            "threads": config.threads,
+        })
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for row in rows:
+        row["peak_rss_MB"] = round(peak_rss_mb, 1)
+    out = Path(config.out_dir)
+    csv = out / "world_model.csv"
+    if csv.exists():
+        csv.unlink()
+    append_rows(csv, rows)
+    write_markdown_table(csv, out / "world_model.md",
+                         title=f"World-model benchmark ({Path(config.checkpoint).name}, {size}x{size}, batch "
+                               f"{config.batch}, {config.steps} DDIM steps, {config.threads} threads, CPU; "
+                               f"`python -m come_rl.bench world_model`)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("world_model", "planners"):
+        raise SystemExit("usage: python -m come_rl.bench world_model|planners [key=value ...]")
+    if argv[0] == "planners":
+        from come_rl.bench_planners import main as planners_main
+
+        sys.argv = [sys.argv[0], *argv[1:]]
+        planners_main()
+        return
+    for row in bench_world_model(parse_overrides(argv[1:], WorldModelBenchConfig)):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+if __name__ == "__main__":
+    main()
