@@ -141,7 +141,7 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         rows.append({
             "composition": f"memorize LoRA r={rank} (batch {model.memorize_config.batch_size})",
             "ms_per_frame": float("nan"), "memorize_ms_per_step": 1000 * per_step,
-            "sampling_step_ms (batch {0}, base+ltm)".format(config.batch): 1000 * sampling_step,
+            f"sampling_step_ms (batch {config.batch}, base+ltm)": 1000 * sampling_step,
             "memorize_step_over_sampling_step": per_step / sampling_step,
             "lora_parameters_M": sum(p.numel() for p in model.ltm.adapter_parameters) / 1e6,
             "threads": config.threads,

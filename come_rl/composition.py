@@ -15,8 +15,9 @@ pass is shared rather than repeated (``baseline="<other term's name>"``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -22,7 +22,7 @@ import torch
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.diffusion import SamplerConfig
 from come_rl.train import parse_overrides
-from come_rl.world_model import CompositionConfig, WorldModel
+from come_rl.world_model import WorldModel
 
 
 @dataclass
@@ -81,7 +81,7 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
             state = wm.base.prepare(frames[sl, :k], actions[sl])
             from come_rl.diffusion import sample
 
-            residual = sample(lambda x, t: wm.base.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
+            residual = sample(lambda x, t, state=state: wm.base.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
                               wm.base.schedule, SamplerConfig(steps=config.sampler_steps), generator)
         predictions.append((frames[sl, k - 1] + residual).clamp(-1, 1))
     predicted = torch.cat(predictions)

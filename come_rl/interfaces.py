@@ -18,8 +18,9 @@ Conventions used across the whole toolkit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -50,11 +51,11 @@ class ActionSpec:
                 raise ValueError("a continuous ActionSpec needs low and high with one bound per dimension")
 
     @staticmethod
-    def discrete(n: int) -> "ActionSpec":
+    def discrete(n: int) -> ActionSpec:
         return ActionSpec("discrete", int(n))
 
     @staticmethod
-    def continuous(low, high) -> "ActionSpec":
+    def continuous(low, high) -> ActionSpec:
         low, high = tuple(float(v) for v in low), tuple(float(v) for v in high)
         return ActionSpec("continuous", len(low), low, high)
 

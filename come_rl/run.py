@@ -228,7 +228,7 @@ def run_recon(cfg: DictConfig) -> dict:
     choices = _choices()
     experts = getattr(getattr(world_model, "composition", None), "experts", None)
     model_label = "+".join(experts) if experts else str(choices.get("model") or type(world_model).__name__)
-    planner_label = str(choices.get("planner") or cfg.planner._target_)
+    planner_label = str(choices.get("planner") or str(cfg.planner._target_).rsplit(".", 1)[-1])
     rows = [{"planner": planner_label, "world_model": model_label, **row} for row in rows]
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     csv_path, md_path = write_results(rows, out_dir, "recon_cases", f"RECON goal reaching (NWM protocol): {cfg.run.name}",

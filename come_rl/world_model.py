@@ -17,9 +17,9 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -248,7 +248,7 @@ class WorldModel:
     @classmethod
     def load(cls, directory: str | Path, experts: list[str] | None = None, sampler: dict | None = None,
              composition: dict | None = None, memorize: dict | None = None,
-             pose_model: PoseModel | None = None) -> "WorldModel":
+             pose_model: PoseModel | None = None) -> WorldModel:
         """Load a world model from a checkpoint directory (``base.safetensors`` + ``base.json``, optionally stm/sltm,
         and ``world_model.json`` with default settings); keyword dicts override those settings."""
         directory = Path(directory)

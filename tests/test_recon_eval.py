@@ -122,7 +122,7 @@ def test_cli_recon_writes_ate_rpe_table(tmp_path: Path) -> None:
         assert plan.shape == (8, 3) and np.allclose(plan, plan[0], atol=1e-3)
         assert np.all(plan >= np.array(BOUNDS[0]) - 1e-6) and np.all(plan <= np.array(BOUNDS[1]) + 1e-6)
     table = (out / "recon_cases.md").read_text()
-    assert "waypoint spacings of 0.25 m" in table and "| nwm | base |" in table
+    assert "waypoint spacings of 0.25 m" in table and "| NWMPlanner | base |" in table  # no Hydra run: the class names the planner
 
 
 def test_missing_recon_folder_fails_before_work(tmp_path: Path) -> None:
