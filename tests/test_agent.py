@@ -141,3 +141,18 @@ def test_custom_planner_plugs_in_through_hydra_target(tmp_path: Path) -> None:
     # the grid planner executes constant grid actions: every action is a multiple of 0.1 (5 points on [-0.2, 0.2])
     actions = [float(v) for line in steps[1:] for v in line.split(",")[2].split()]
     assert all(abs(v * 10 - round(v * 10)) < 1e-5 for v in actions), actions
+
+
+def test_goal_episode_preloads_the_reference_into_memory() -> None:
+    env, world_model = PointMassEnv(), PointMassWorldModel()
+    wrapped = WorldModelMemoryWrapper(env, world_model, memorize_every=0)
+    task = record_reference_task(env, seed=5, goal_offset=6)
+    agent = MPCAgent(world_model, CEMPlanner(population=32, elites=4, iterations=2, seed=0), PixelGoalObjective,
+                     horizon=4)
+    row = run_goal_episode(wrapped, agent, task, max_steps=3, success_threshold=SUCCESS_THRESHOLD,
+                           record_frames=False, preload_memory=True, memorize_steps=7).episode_row
+    # the reference (7 frames) was observed and memorized with 7 steps before the env was reset to the start
+    assert row["preload/frames"] == 7 and row["preload/steps"] == 7
+    assert world_model.memorized_steps == 7 and world_model.observed_frames == 7 + 1 + 3
+    with pytest.raises(TypeError, match="needs the memory wrapper"):
+        run_goal_episode(env, agent, task, max_steps=1, success_threshold=0.1, preload_memory=True)

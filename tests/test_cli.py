@@ -89,3 +89,47 @@ def test_cli_help_lists_groups(tmp_path: Path) -> None:
     assert result.returncode == 0
     for group in ("env:", "agent:", "planner:", "model:", "memory_maze", "point_mass", "mppi", "nwm"):
         assert group in result.stdout, group
+
+
+def test_bare_checkpoint_names_resolve_in_the_package(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    import come_rl.run as run_module
+
+    packaged = tmp_path / "checkpoints"
+    (packaged / "memory_maze").mkdir(parents=True)
+    monkeypatch.setattr(run_module, "packaged_checkpoints_dir", lambda: packaged)
+    assert run_module.resolve_checkpoint("memory_maze") == packaged / "memory_maze"
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    assert run_module.resolve_checkpoint(str(existing)) == existing
+    with pytest.raises(FileNotFoundError, match=r"model.checkpoint='memory_cards' does not exist.*memory_maze"):
+        run_module.resolve_checkpoint("memory_cards")
+    cfg = compose_config(["env=memory_maze"])
+    assert cfg.model.checkpoint == "memory_maze" and list(cfg.model.experts) == ["base", "ltm"]
+    assert cfg.env.task.preload_memory and cfg.model.sampler_steps == 4
+
+
+def test_memory_cards_with_a_come_model_preloads_memory(tmp_path: Path) -> None:
+    from test_nwm_protocol import TINY_CARDS, save_tiny_world_model
+
+    from come_rl.run import run
+
+    checkpoint = save_tiny_world_model(tmp_path / "wm", TINY_CARDS, {"kind": "discrete", "dim": 5})
+    rows = {}
+    for experts in ("[base,ltm]", "[base]"):
+        out_dir = tmp_path / experts.strip("[]").replace(",", "_")
+        cfg = compose_config([
+            "env=memory_cards", "agent=cem", f"model.checkpoint={checkpoint}", f"model.experts={experts}",
+            "model.sampler_steps=1", "+model.memorize={batch_size: 2}", "env.task.memorize_steps=2",
+            "env.task.max_steps=2", "agent.horizon=2", "planner.population=4", "planner.elites=2",
+            "run.episodes=1", "run.lpips_metric=false", "run.gif_episodes=0", "run.progress=false", "run.threads=1",
+            "agent.objective._target_=planners.objectives.PixelGoalObjective", f"run.out_dir={out_dir}"])
+        run(cfg)
+        with open(out_dir / "episodes.csv") as handle:
+            rows[experts] = list(csv.DictReader(handle))[0]
+    come, ablation = rows["[base,ltm]"], rows["[base]"]
+    assert int(come["steps"]) == 2 and int(come["preload/steps"]) == 2 and int(come["preload/frames"]) == 7
+    assert math.isfinite(float(come["preload/loss_last"]))
+    # without the LTM nothing is memorized (the world model says so), the reference is still observed
+    assert int(ablation["preload/steps"]) == 0 and int(ablation["preload/frames"]) == 7

@@ -106,3 +106,69 @@ def test_bad_settings_raise() -> None:
         WorldModelMemoryWrapper(PointMassEnv(), PointMassWorldModel(), memorize_every=-1)
     with pytest.raises(TypeError, match="has no reset"):
         WorldModelMemoryWrapper(PointMassEnv(), object())
+
+
+def test_preload_then_keep_memory_with_the_point_mass() -> None:
+    env = PointMassEnv(discrete=True)
+    model = RecordingPointMassWorldModel(discrete=True)
+    wrapped = WorldModelMemoryWrapper(env, model, memorize_every=0, memorize_steps=3)
+    frames, poses, actions = [], [], [1, 1, 3]
+    observation, info = env.reset(seed=0)
+    frames.append(observation), poses.append(info["pose"])
+    for action in actions:
+        observation, _, _, _, info = env.step(action)
+        frames.append(observation), poses.append(info["pose"])
+    row = wrapped.preload(np.stack(frames), actions, np.stack(poses))
+    assert row["preload/frames"] == 4 and row["preload/steps"] == 3 and row["preload/seconds"] >= 0
+    assert [c[0] for c in model.calls] == ["reset", "observe", "observe", "observe", "observe", "memorize"]
+    assert model.calls[1][2] is None and np.array_equal(model.calls[2][2], [0, 1, 0, 0, 0])
+    # the kept memory: no reset, the start frame is observed as a new segment (no action)
+    _, info = wrapped.reset(seed=0, keep_memory=True)
+    assert model.calls[-1][0] == "observe" and model.calls[-1][2] is None and info["memory/kept"]
+    assert model.memorized_steps == 3, "reset(keep_memory=True) must not wipe what was memorized"
+    wrapped.reset(seed=0)
+    assert model.calls[-2][0] == "reset" and model.memorized_steps == 0
+    with pytest.raises(ValueError, match="T actions"):
+        wrapped.preload(np.stack(frames), actions[:2])
+
+
+def test_keep_memory_keeps_the_come_ltm_and_restarts_the_context() -> None:
+    import torch
+
+    from come_rl.diffusion import CosineSchedule
+    from come_rl.experts.expert import DiffusionExpert
+    from come_rl.nets.unet import UNetConfig, VideoUNet
+    from come_rl.world_model import WorldModel
+    from envs.memory_cards import MemoryCardsEnv
+
+    torch.manual_seed(0)
+    config = UNetConfig(frame_size=48, unshuffle=3, action_dim=5, context_frames=3, widths=[16, 32, 32], cond_dim=32)
+    expert = DiffusionExpert(VideoUNet(config), CosineSchedule())
+    torch.nn.init.normal_(expert.backbone.out_conv.weight, std=0.02)
+    from come_rl.experts.long_term import MemorizeConfig
+    from come_rl.interfaces import ActionSpec
+
+    model = WorldModel(expert.eval(), ActionSpec.discrete(5), 48, memorize_config=MemorizeConfig(batch_size=2, rank=2))
+    env = MemoryCardsEnv()
+    wrapped = WorldModelMemoryWrapper(env, model, memorize_every=0, memorize_steps=2)
+    rng = np.random.default_rng(0)
+    frames, actions, poses = [], [], []
+    observation, info = env.reset(seed=4)
+    frames.append(observation), poses.append(info["pose"])
+    for _ in range(6):
+        actions.append(env.random_policy_action(rng))
+        observation, _, _, _, info = env.step(actions[-1])
+        frames.append(observation), poses.append(info["pose"])
+    row = wrapped.preload(np.stack(frames), actions, np.stack(poses))
+    assert row["preload/steps"] == 2 and np.isfinite(row["preload/loss_last"])
+
+    def adapter_norm() -> float:
+        return sum(float(p.abs().sum()) for n, p in model.ltm.backbone.named_parameters() if "lora_B" in n)
+
+    assert len(model.memory) == 7 and adapter_norm() > 0, "memorize moved the LoRA adapters (B starts at 0)"
+    learned = adapter_norm()
+    observation, _ = wrapped.reset(seed=4, keep_memory=True)
+    assert len(model.memory) == 1 and adapter_norm() == learned, "the LTM stays, the context restarts"
+    assert torch.equal(model.memory.frames[0], torch.from_numpy(observation).float().div(127.5).sub(1).permute(2, 0, 1))
+    wrapped.reset(seed=4)
+    assert adapter_norm() == 0.0, "a plain reset forgets the episode"

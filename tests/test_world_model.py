@@ -168,3 +168,41 @@ def test_a_cpu_size_unet_overfits_one_clip():
         optimizer.step()
         losses.append(loss.item())
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+
+
+def test_all_four_experts_compose_with_one_call_per_expert_and_step():
+    """Base + LTM + STM (sliding-window DiT) + SLTM (pose-conditioned DiT): shapes, reproducibility, call count."""
+    from come_rl.nets.registry import build_backbone
+    from envs.memory_cards import cursor_pose_model
+
+    torch.manual_seed(0)
+    small = dict(frame_size=48, action_dim=5, predicted_frames=1, patch_size=8, hidden_size=32, num_heads=2)
+    stm = DiffusionExpert(build_backbone("stm_cpu", **small, context_frames=8, depth=2, full_attention_layers=(1,)),
+                          CosineSchedule(), name="stm").eval()
+    sltm = DiffusionExpert(build_backbone("sltm_cpu", **small, depth=2), CosineSchedule(), name="sltm",
+                           uses_poses=True).eval()
+    env, frames, actions = episode(20)
+    wm = WorldModel(tiny_expert(), env.action_spec, 48, stm=stm, sltm=sltm,
+                    composition=CompositionConfig(experts=["base", "ltm", "stm", "sltm"],
+                                                  alphas={"base": 1.0, "ltm": 3.0, "stm": 2.0, "sltm": 2.0}),
+                    sampler=SamplerConfig(steps=2), memorize_config=MemorizeConfig(steps=2, batch_size=2),
+                    pose_model=cursor_pose_model)
+    env2 = MemoryCardsEnv()
+    frame, info = env2.reset(seed=0)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        action = env2.random_policy_action(rng)
+        frame, *_, info = env2.step(action)
+        wm.observe(frame, env2.action_spec.encode(action), info["pose"])
+    wm.memorize(steps=2)
+    acts = one_hot_actions(2, 3)
+    a, b = wm.imagine(acts, seed=1), wm.imagine(acts, seed=1)
+    assert a.shape == (2, 3, 3, 48, 48)
+    assert torch.equal(a, b)
+    # 4 experts -> 4 network calls per denoising step (STM and SLTM run conditional + unconditional rows in one
+    # call; the LTM's baseline is the base's pass): 3 frames x 2 steps x 4.
+    assert wm.last_network_calls == 3 * 2 * 4
+    with pytest.raises(ValueError, match="pose"):
+        wm.observe(frame, env2.action_spec.encode(0), np.array([np.nan, 0, 0]))
