@@ -67,8 +67,21 @@ def _ensure_mujoco_gl(mujoco_gl: str | None) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+def _load_triton_before_mujoco() -> None:
+    """Import triton (if installed) before MuJoCo's EGL context exists.
+
+    Measured here: building a Memory Maze env (MuJoCo + EGL) and *then* importing peft (which pulls in triton via
+    torch._dynamo) segfaults the process; loading triton first avoids it and rendering still works.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
 def _build_task(maze_size: int, seed: int, image_size: int):
     """The dm_env task of memory-maze with global observables (poses, targets, layout)."""
+    _load_triton_before_mujoco()
     try:
         from memory_maze import tasks
     except ImportError as error:  # pragma: no cover - depends on the installation

@@ -163,7 +163,7 @@ def test_keep_memory_keeps_the_come_ltm_and_restarts_the_context() -> None:
     assert row["preload/steps"] == 2 and np.isfinite(row["preload/loss_last"])
 
     def adapter_norm() -> float:
-        return sum(float(p.abs().sum()) for n, p in model.ltm.backbone.named_parameters() if "lora_B" in n)
+        return sum(float(p.detach().abs().sum()) for n, p in model.ltm.backbone.named_parameters() if "lora_B" in n)
 
     assert len(model.memory) == 7 and adapter_norm() > 0, "memorize moved the LoRA adapters (B starts at 0)"
     learned = adapter_norm()

@@ -70,9 +70,9 @@ def test_recorded_actions_give_zero_error_and_toggles_give_hand_computed_error(c
         assert np.array_equal(case.goal_frame, dataset.frames[case.episode][case.start + 8])
     model = WorldModel.load(save_tiny_world_model(tmp_path / "wm", TINY_CARDS, {"kind": "discrete", "dim": 5}),
                             experts=["base", "ltm"], sampler={"steps": 1}, memorize={"batch_size": 2})
-    recorded = {index: [int(np.argmax(a)) for a in dataset.actions[case.episode][case.start:case.start + 8]]
-                for index, case in enumerate(cases)}
-    planners = {"oracle": lambda: OraclePlanner(recorded), "toggle": lambda: ReplayPlanner([4] * 8)}
+    # run_protocol asks the factories for a fresh planner per case, in case order
+    recorded = [[int(np.argmax(a)) for a in dataset.actions[case.episode][case.start:case.start + 8]] for case in cases]
+    planners = {"oracle": lambda: ReplayPlanner(recorded.pop(0)), "toggle": lambda: ReplayPlanner([4] * 8)}
     rows = run_protocol({"base+ltm": model}, planners, cases, lambda: MemoryCardsEnv(size=48), horizon=8,
                         memorize_steps=1, objective_factory=PixelGoalObjective, progress=False)
     assert len(rows) == 4
@@ -92,35 +92,6 @@ def test_recorded_actions_give_zero_error_and_toggles_give_hand_computed_error(c
             assert row["rpe"] == pytest.approx(relative_pose_error(standing, reference), abs=1e-9)
             assert row["final_distance"] == pytest.approx(row["start_distance"], abs=1e-9)
         assert np.isfinite(row["memorize_loss"]), "the LTM memorized the observed frames"
-
-
-class OraclePlanner:
-    """Plans the recorded actions of the case being evaluated (cases come in order, one plan each)."""
-
-    def __init__(self, recorded: dict[int, list[int]]) -> None:
-        self.recorded, self.calls = recorded, 0
-
-    def reset(self) -> None:
-        pass
-
-    def plan(self, objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        actions = self.recorded[OraclePlanner.case]
-        return torch.nn.functional.one_hot(torch.tensor(actions[:horizon]), action_spec.dim).float()
-
-
-@pytest.fixture(autouse=True)
-def _track_case(monkeypatch):
-    """OraclePlanner needs the current case index: count run_protocol's observe_case calls."""
-    import agents.nwm_protocol as protocol
-
-    original = protocol.observe_case
-    OraclePlanner.case = -1
-
-    def counting(*args, **kwargs):
-        OraclePlanner.case += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(protocol, "observe_case", counting)
 
 
 def test_replay_refuses_a_wrong_recording(cards_data: Path) -> None:
