@@ -112,6 +112,11 @@ class WorldModel:
         if self.ltm is not None:
             self.ltm.reset()
 
+    def begin_segment(self) -> None:
+        """Start a new stretch of observations in the same episode (e.g. the agent is put back at the start):
+        the short-term context restarts, but what the LTM has memorized stays in its adapters."""
+        self.memory.clear()
+
     def observe(self, frame, action=None, pose=None) -> None:
         """Append one observation: frame uint8 (H, W, 3) or float (3, H, W) in [-1, 1]; action (A,) = the action
         that led to it (None for the first frame of an episode); pose (3,) = (x, y, yaw) or None."""
