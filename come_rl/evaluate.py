@@ -116,7 +116,17 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
                                f"{config.checkpoint} data={config.data} clips={config.clips}`)")
     _save_examples(predicted[:8], target[:8], last[:8], out / f"{name}_one_step_examples.png")
+    _save_rollout(wm, source, config, out / f"{name}_rollout.gif")
     return rows
+
+
+def _save_rollout(wm: WorldModel, source, config: EvaluateConfig, path: Path) -> None:
+    """A held-out episode: real | imagined (open loop from the recorded actions, 16 steps after 3 context frames)."""
+    from come_rl.visualize import rollout_comparison, save_rollout_gif
+
+    clip = source.sample_clips(1, 3 + 16, np.random.default_rng(config.seed + 1))
+    real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=3, seed=config.seed)
+    save_rollout_gif(path, [real, imagined])
 
 
 def _save_examples(predicted, target, last, path: Path) -> None:
