@@ -76,10 +76,10 @@ class DatasetSource:
         return self.dataset.sample_clips(batch_size, length, rng)
 
 
-def open_data_source(spec: str, seed: int = 0):
+def open_data_source(spec: str, seed: int = 0, online_episodes: int = 1024):
     """``online:<env>`` for generated episodes, otherwise a data set path."""
     if spec.startswith("online:"):
-        return OnlineEpisodePool(spec.split(":", 1)[1], seed=seed)
+        return OnlineEpisodePool(spec.split(":", 1)[1], episodes=online_episodes, seed=seed)
     return DatasetSource(spec)
 
 

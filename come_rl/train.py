@@ -76,7 +76,8 @@ class TrainConfig:
     pose_features: bool = False
     """condition on absolute pose features (SLTM)."""
     backbone_overrides: dict = field(default_factory=dict)
-    eval_clips: int = 256
+    online_episodes: int = 1024
+    """size of the episode pool for online:<env> data."""
     half_weights: bool = False
     """store the shipped weights in float16 (halves the file)."""
 
@@ -137,7 +138,7 @@ def train(config: TrainConfig) -> Path:
     torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    source = open_data_source(config.data, seed=config.seed)
+    source = open_data_source(config.data, seed=config.seed, online_episodes=config.online_episodes)
     frame_size = source.frame_size
     expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
     k = expert.context_frames
@@ -215,7 +216,21 @@ def train(config: TrainConfig) -> Path:
     bar.close()
     save()
     print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min, {n_params / 1e6:.2f}M parameters")
+    if config.role == "base":
+        _rollout_video(out, source, config)
     return out
+
+
+def _rollout_video(out: Path, source, config: TrainConfig) -> None:
+    """Samples vs ground truth at the end of training: 16 imagined frames (EMA weights) beside the real ones."""
+    from come_rl.visualize import rollout_comparison, save_rollout_gif
+    from come_rl.world_model import WorldModel
+
+    wm = WorldModel.load(out, experts=["base"])
+    clip = source.sample_clips(1, wm.base.context_frames + 16, np.random.default_rng(config.seed + 7))
+    real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=wm.base.context_frames)
+    path = save_rollout_gif(out / "rollout_real_vs_imagined.gif", [real, imagined])
+    print(f"wrote {path} (left: real, right: imagined)")
 
 
 def main(argv: list[str] | None = None) -> None:
