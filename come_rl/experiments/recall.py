@@ -48,13 +48,13 @@ COMPOSITIONS = {
 class RecallConfig:
     checkpoint: str = "come_rl/checkpoints/memory_cards"
     episodes: int = 10
-    steps_list: str = "0,20,100,200"
+    steps_list: str = "0,25,50,100,200"
     """memorization steps to evaluate (each continues memorizing the same adapters)."""
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 2e-3
     rank: int = 16
-    noise_low: float = 0.95
-    uniform_fraction: float = 0.5
+    noise_low: float = 0.9
+    uniform_fraction: float = 0.0
     sampler_steps: int = 10
     seed: int = 1000
     threads: int = 2
