@@ -25,6 +25,8 @@ CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner 
 
 from __future__ import annotations
 
+from come_rl.cli_args import parse_key_values
+
 import csv
 import io
 import math
@@ -405,22 +407,9 @@ INT_KEYS = ("cases", "horizon", "goal_offset", "context", "memory_frames", "max_
 
 def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
     """``key=value`` arguments over :data:`DEFAULTS`; unknown keys and bad numbers raise a ValueError."""
-    config = dict(DEFAULTS)
-    for argument in argv:
-        if "=" not in argument:
-            raise ValueError(f"arguments are key=value, got {argument!r}; keys: {', '.join(DEFAULTS)}")
-        key, value = argument.split("=", 1)
-        if key not in DEFAULTS:
-            raise ValueError(f"unknown key {key!r}; keys: {', '.join(DEFAULTS)}")
-        if key in INT_KEYS:
-            try:
-                config[key] = int(value)
-            except ValueError as error:
-                raise ValueError(f"{key} must be an integer, got {value!r}") from error
-        elif key == "progress":
-            config[key] = value.lower() in ("1", "true", "yes")
-        else:
-            config[key] = value
+    converters = {key: int for key in INT_KEYS}
+    converters["progress"] = lambda raw: raw.lower() in ("1", "true", "yes")
+    config = parse_key_values(argv, DEFAULTS, converters=converters)
     if config["checkpoint"] is None or config["data"] is None:
         raise ValueError("give checkpoint=NAME|PATH (a Memory Maze world model) and data=DIR (recorded held-out "
                          "episodes, python -m come_rl.collect env=memory_maze ... out=DIR)")

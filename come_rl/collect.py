@@ -27,6 +27,8 @@ stray temporary files are removed, so a killed run leaves no corrupt or duplicat
 
 from __future__ import annotations
 
+from come_rl.cli_args import parse_key_values
+
 import multiprocessing
 import os
 import shlex
@@ -56,21 +58,11 @@ _IDENTITY_KEYS = ("env", "steps", "seed", "episodes_per_shard", "maze_size", "im
 def parse_arguments(argv: list[str]) -> dict[str, Any]:
     """``["env=memory_maze", "episodes=4", ...]`` -> a validated config dict."""
     integer_keys = {"episodes", "steps", "seed", "workers", "episodes_per_shard", "maze_size", "image_size"}
-    allowed = integer_keys | {"env", "out"}
-    config: dict[str, Any] = {"seed": 0, "workers": 1, "episodes_per_shard": 4, "maze_size": 9, "image_size": None}
-    for argument in argv:
-        if "=" not in argument:
-            raise ValueError(f"arguments are key=value, got {argument!r}; e.g. env=memory_maze episodes=4 steps=100 out=DIR")
-        key, value = argument.split("=", 1)
-        if key not in allowed:
-            raise ValueError(f"unknown key {key!r}; known keys: {sorted(allowed)}")
-        if key in integer_keys:
-            try:
-                config[key] = int(value)
-            except ValueError as error:
-                raise ValueError(f"{key} must be an integer, got {value!r}") from error
-        else:
-            config[key] = value
+    defaults: dict[str, Any] = {"env": None, "out": None, "episodes": None, "steps": None, "seed": 0, "workers": 1,
+                                "episodes_per_shard": 4, "maze_size": 9, "image_size": None}
+    config = parse_key_values(argv, defaults, usage="e.g. env=memory_maze episodes=4 steps=100 out=DIR",
+                              converters={key: int for key in integer_keys})
+    config = {key: value for key, value in config.items() if value is not None or key == "image_size"}
     for required in ("env", "episodes", "steps", "out"):
         if required not in config:
             raise ValueError(f"missing {required}=...; usage: python -m come_rl.collect env=memory_maze episodes=N "

@@ -13,7 +13,6 @@ same ``out`` -- kill it at any time. At the end it writes a GIF of samples vs gr
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from come_rl.cli_args import parse_dataclass
 from come_rl.checkpoint import build_backbone_from_spec, expert_spec, save_expert, torch_save_atomic
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.diffusion import build_schedule
@@ -84,31 +84,10 @@ class TrainConfig:
 
 def parse_overrides(argv: list[str], config_cls=TrainConfig):
     """Parse ``key=value`` arguments into a dataclass, with a clear error on unknown keys or bad values."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    values: dict = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"argument {arg!r} is not key=value; keys: {', '.join(fields)}")
-        key, raw = arg.split("=", 1)
-        if key not in fields:
-            raise SystemExit(f"unknown key {key!r}; valid keys: {', '.join(fields)}")
-        default = fields[key].default if fields[key].default is not dataclasses.MISSING else None
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true/false")
-                values[key] = raw.lower() in ("true", "1")
-            elif isinstance(default, int):
-                values[key] = int(float(raw))
-            elif isinstance(default, float):
-                values[key] = float(raw)
-            elif key == "backbone_overrides":
-                values[key] = json.loads(raw)
-            else:
-                values[key] = raw
-        except ValueError as error:
-            raise SystemExit(f"bad value for {key}: {raw!r} ({error})") from error
-    return config_cls(**values)
+    try:
+        return parse_dataclass(argv, config_cls)
+    except ValueError as error:
+        raise SystemExit(f"{error}") from error
 
 
 def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple[DiffusionExpert, str, dict]:

@@ -1,0 +1,60 @@
+"""``key=value`` command-line arguments for the toolkit's scripts (train, evaluate, collect, experiments, bench).
+
+The planning run (``come_rl.run``) uses Hydra; the other scripts take the same ``key=value`` shape through this one
+parser, so an unknown key or a bad value gets the same clear error everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def _convert(key: str, raw: str, default: Any, converter: Callable[[str], Any] | None) -> Any:
+    try:
+        if converter is not None:
+            return converter(raw)
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, (dict, list)):
+            return json.loads(raw)
+        return raw
+    except (ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"bad value for {key}: {raw!r} ({error})") from error
+
+
+def parse_key_values(argv: Sequence[str], defaults: dict[str, Any], usage: str = "",
+                     converters: dict[str, Callable[[str], Any]] | None = None) -> dict[str, Any]:
+    """Override ``defaults`` with ``key=value`` arguments; values are converted to the type of the default
+    (or by ``converters[key]``). Unknown keys, missing ``=`` and unconvertible values raise a ValueError."""
+    converters = converters or {}
+    values = dict(defaults)
+    for argument in argv:
+        if "=" not in argument:
+            raise ValueError(f"arguments are key=value, got {argument!r}; {usage or 'keys: ' + ', '.join(defaults)}")
+        key, raw = argument.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(defaults)}")
+        values[key] = _convert(key, raw, defaults[key], converters.get(key))
+    return values
+
+
+def parse_dataclass(argv: Sequence[str], config_cls: type) -> Any:
+    """``key=value`` arguments -> an instance of the dataclass ``config_cls`` (its fields are the keys)."""
+    defaults = {}
+    for field in dataclasses.fields(config_cls):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+        else:
+            defaults[field.name] = None
+    return config_cls(**parse_key_values(argv, defaults))
