@@ -80,7 +80,7 @@ def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, s
 
 
 def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
-    from come_rl.results import append_rows, write_markdown_table
+    from come_rl.results import write_table
 
     torch.set_num_threads(config.threads)
     peak = matmul_peak_gflops()
@@ -151,10 +151,7 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         row["peak_rss_MB"] = round(peak_rss_mb, 1)
     out = Path(config.out_dir)
     csv = out / "world_model.csv"
-    if csv.exists():
-        csv.unlink()
-    append_rows(csv, rows)
-    write_markdown_table(csv, out / "world_model.md",
+    write_table(csv, rows, md_path=out / "world_model.md",
                          title=f"World-model benchmark ({Path(config.checkpoint).name}, {size}x{size}, batch "
                                f"{config.batch}, {config.steps} DDIM steps, {config.threads} threads, CPU; "
                                f"`python -m come_rl.bench world_model`)")

@@ -64,7 +64,7 @@ def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
 
 def evaluate(config: EvaluateConfig) -> list[dict]:
     from come_rl.metrics.lpips_metric import get_lpips
-    from come_rl.results import append_rows, write_markdown_table
+    from come_rl.results import write_table
 
     torch.set_num_threads(config.threads)
     wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.sampler_steps})
@@ -108,10 +108,7 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     name = config.name or Path(config.checkpoint).name
     out = Path(config.out_dir)
     csv = out / f"{name}_one_step.csv"
-    if csv.exists():
-        csv.unlink()
-    append_rows(csv, rows)
-    write_markdown_table(csv, out / f"{name}_one_step.md",
+    write_table(csv, rows, md_path=out / f"{name}_one_step.md",
                          title=f"One-step prediction on held-out clips: {name} vs copy-last-frame "
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
                                f"{config.checkpoint} data={config.data} clips={config.clips}`)")

@@ -104,3 +104,20 @@ def write_markdown_table(csv_path: PathLike, md_path: PathLike | None = None, ti
                                        for column in columns) + " |")
     atomic_write_text(destination, "\n".join(lines) + "\n")
     return destination
+
+
+def write_table(csv_path: PathLike, rows: Sequence[Mapping[str, Any]], title: str | None = None,
+                md_path: PathLike | None = None) -> Path:
+    """Replace the table at ``csv_path`` by ``rows`` (CSV + Markdown beside it), each file written atomically.
+
+    For results that a command recomputes as a whole (an evaluation, a benchmark); ``append_rows`` is for logs that
+    grow. A crash leaves either the previous table or the new one, never a mix.
+    """
+    path = Path(csv_path)
+    staging = path.with_name(f".{path.name}.staging")
+    if staging.exists():
+        staging.unlink()
+    append_rows(staging, rows)
+    staging.replace(path)
+    write_markdown_table(path, md_path, title=title)
+    return path

@@ -61,3 +61,15 @@ def test_bad_input_is_explained(tmp_path) -> None:
     append_rows(tmp_path / "t.csv", [{"a": 1.5}])
     with pytest.raises(ValueError):
         write_markdown_table(tmp_path / "t.csv", float_format="%%bad")
+
+
+def test_write_table_replaces_the_whole_table(tmp_path):
+    from come_rl.results import read_rows, write_table
+
+    csv_path = tmp_path / "t.csv"
+    write_table(csv_path, [{"a": 1, "b": 2.5}], title="T")
+    write_table(csv_path, [{"a": 3}])
+    columns, rows = read_rows(csv_path)
+    assert columns == ["a"] and rows == [{"a": "3"}]
+    assert "| 3 |" in (tmp_path / "t.md").read_text()
+    assert not list(tmp_path.glob(".*staging"))

@@ -77,7 +77,7 @@ def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, r
 
 
 def run(config: RecallConfig) -> list[dict]:
-    from come_rl.results import append_rows, write_markdown_table
+    from come_rl.results import write_table
 
     torch.set_num_threads(config.threads)
     steps_list = [int(s) for s in config.steps_list.split(",")]
@@ -127,10 +127,7 @@ def run(config: RecallConfig) -> list[dict]:
         })
     out = Path(config.out_dir)
     csv = out / "memory_cards_recall.csv"
-    if csv.exists():
-        csv.unlink()
-    append_rows(csv, rows)
-    write_markdown_table(csv, out / "memory_cards_recall.md",
+    write_table(csv, rows, md_path=out / "memory_cards_recall.md",
                          title=f"Memory Cards recall ({config.episodes} zig-zag episodes x 16 tiles; chance 12.5 %); "
                                f"`python -m come_rl.experiments.recall episodes={config.episodes} "
                                f"steps_list={config.steps_list}`")
