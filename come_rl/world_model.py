@@ -228,8 +228,9 @@ class WorldModel:
         return torch.stack(outputs, dim=1)
 
     # ------------------------------------------------------------------------------------------------ save / load
-    def save(self, directory: str | Path) -> None:
-        """Write every trained expert and the world model's own settings (config.json) to ``directory``."""
+    def save(self, directory: str | Path, half: bool = False) -> None:
+        """Write every trained expert (float16 weights if ``half``) and the world model's own settings
+        (world_model.json) to ``directory``."""
         from come_rl.checkpoint import save_expert
 
         directory = Path(directory)
@@ -238,7 +239,7 @@ class WorldModel:
             if expert is not None:
                 if expert.spec is None:
                     raise ValueError(f"the {role} expert has no recipe (spec); build experts with come_rl.train or load them")
-                save_expert(directory, expert, dict(expert.spec, role=role))
+                save_expert(directory, expert, dict(expert.spec, role=role), half=half)
         settings = {
             "composition": dataclasses.asdict(self.composition), "sampler": dataclasses.asdict(self.sampler),
             "memorize": dataclasses.asdict(self.memorize_config), "action_spec": dataclasses.asdict(self.action_spec),
