@@ -206,3 +206,22 @@ def test_all_four_experts_compose_with_one_call_per_expert_and_step():
     assert wm.last_network_calls == 3 * 2 * 4
     with pytest.raises(ValueError, match="pose"):
         wm.observe(frame, env2.action_spec.encode(0), np.array([np.nan, 0, 0]))
+
+
+def test_full_parameter_memorization_is_undone_by_reset():
+    """MemorizeConfig.full_parameters trains chosen weights in full; reset() must restore them bit-exactly."""
+    env, frames, actions = episode(20)
+    wm = WorldModel(tiny_expert(), env.action_spec, 48, composition=CompositionConfig(experts=["base", "ltm"]),
+                    sampler=SamplerConfig(steps=2),
+                    memorize_config=MemorizeConfig(steps=3, batch_size=4, full_parameters=r"pos_maps\..*"))
+    wm.reset()
+    for frame, action in zip(frames, actions):
+        wm.observe(frame, action)
+    assert any("pos_maps" in n for n, p in wm.ltm.backbone.named_parameters() if p.requires_grad)
+    before = {k: v.clone() for k, v in wm.ltm.backbone.state_dict().items() if "lora_" not in k}
+    wm.memorize(steps=3, lr=1e-2)
+    changed = [k for k, v in wm.ltm.backbone.state_dict().items() if "pos_maps" in k and not torch.equal(v, before[k])]
+    assert changed
+    wm.reset()
+    after = {k: v for k, v in wm.ltm.backbone.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], before[k]) for k in before)

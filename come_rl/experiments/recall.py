@@ -55,10 +55,14 @@ class RecallConfig:
     rank: int = 16
     noise_low: float = 0.9
     uniform_fraction: float = 0.0
+    full_parameters: str = ""
+    """regex of backbone parameters memorization trains in full beside LoRA (see MemorizeConfig)."""
     sampler_steps: int = 10
     seed: int = 1000
     threads: int = 2
     out_dir: str = "results/recall"
+    suffix: str = ""
+    """appended to the result file names (to keep several settings side by side)."""
 
 
 def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, row: int, col: int,
@@ -83,7 +87,8 @@ def run(config: RecallConfig) -> list[dict]:
     steps_list = [int(s) for s in config.steps_list.split(",")]
     wm = WorldModel.load(config.checkpoint, experts=["base", "ltm"], sampler={"steps": config.sampler_steps},
                          memorize={"rank": config.rank, "batch_size": config.batch_size, "lr": config.lr,
-                                   "noise_low": config.noise_low, "uniform_fraction": config.uniform_fraction})
+                                   "noise_low": config.noise_low, "uniform_fraction": config.uniform_fraction,
+                                   "full_parameters": config.full_parameters})
     env = MemoryCardsEnv(max_steps=10**6)
     results: dict[tuple[str, int], list[tuple[float, bool]]] = {}
     memorize_seconds: dict[int, float] = {}
@@ -124,18 +129,19 @@ def run(config: RecallConfig) -> list[dict]:
             "memorize_seconds_per_episode": memorize_seconds.get(steps, 0.0) / config.episodes,
             "lora_rank": config.rank, "lr": config.lr, "batch": config.batch_size,
             "noise_levels": f"U[{config.noise_low},1] + {config.uniform_fraction:.0%} U[0,1]",
+            "trained": "LoRA" + (f" + full {config.full_parameters}" if config.full_parameters else ""),
         })
     out = Path(config.out_dir)
-    csv = out / "memory_cards_recall.csv"
-    write_table(csv, rows, md_path=out / "memory_cards_recall.md",
+    csv = out / f"memory_cards_recall{config.suffix}.csv"
+    write_table(csv, rows, md_path=out / f"memory_cards_recall{config.suffix}.md",
                          title=f"Memory Cards recall ({config.episodes} zig-zag episodes x 16 tiles; chance 12.5 %); "
                                f"`python -m come_rl.experiments.recall episodes={config.episodes} "
-                               f"steps_list={config.steps_list}`")
+                               f"steps_list={config.steps_list} lr={config.lr} full_parameters='{config.full_parameters}' suffix={config.suffix}`")
     if examples:
         import imageio.v3 as iio
 
         grid = np.concatenate([np.concatenate(pair, axis=0) for pair in examples[:16]], axis=1)
-        iio.imwrite(out / "memory_cards_recall_examples.png", np.kron(grid, np.ones((3, 3, 1), np.uint8)))
+        iio.imwrite(out / f"memory_cards_recall{config.suffix}_examples.png", np.kron(grid, np.ones((3, 3, 1), np.uint8)))
     return rows
 
 

@@ -48,6 +48,10 @@ class MemorizeConfig:
     noise_low: float = 0.9
     uniform_fraction: float = 0.0
     window: int | None = None
+    full_parameters: str = ""
+    """regex over parameter names of the backbone that memorization trains in full beside the adapters (e.g.
+    "pos_maps.*": the U-Net's learned positional maps, the natural place for "what is at which tile"); reset()
+    restores them exactly. Empty = adapters only (the paper's LTM)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -78,9 +82,13 @@ class LongTermMemoryExpert(DiffusionExpert):
         backbone = inject_adapter_in_model(lora, backbone)
         super().__init__(backbone, base.schedule, name="ltm", uses_poses=base.uses_poses)
         self.config, self.targets = config, targets
+        full = re.compile(config.full_parameters) if config.full_parameters else None
         for name, param in self.backbone.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_("lora_" in name or bool(full and full.fullmatch(name)))
         self.adapter_parameters = [p for p in self.backbone.parameters() if p.requires_grad]
+        # Fully trained parameters are restored from these copies on reset(), so episodes never leak.
+        self._initial_full = {name: p.detach().clone() for name, p in self.backbone.named_parameters()
+                              if p.requires_grad and "lora_" not in name}
         self._optimizer: torch.optim.Optimizer | None = None
         self.memorized_steps = 0
         # Inference runs on a plain copy of the base with W + delta_W folded in (no LoRA branches): after
@@ -126,6 +134,10 @@ class LongTermMemoryExpert(DiffusionExpert):
             if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
                 for adapter in list(module.lora_A.keys()):
                     module.reset_lora_parameters(adapter, True)
+        with torch.no_grad():
+            parameters = dict(self.backbone.named_parameters())
+            for name, value in self._initial_full.items():
+                parameters[name].copy_(value)
         self._optimizer = None
         self.memorized_steps = 0
         self._merged_version = -1
