@@ -79,6 +79,9 @@ class ExpertTerm:
     alpha: float = 1.0
     weight: float = 1.0
     baseline: str = "unconditional"
+    active_from: float = 0.0
+    """the term takes part only at noise levels t >= active_from (0 = always). An LTM memorized at t in [0.9, 1]
+    is only trustworthy there; gating it lets it set the content and the base refine the details."""
 
 
 class Composer:
@@ -107,26 +110,34 @@ class Composer:
     def needs_unconditional(self, term: ExpertTerm) -> bool:
         return term.alpha != 1.0 and term.baseline == "unconditional"
 
-    def conditional_coefficients(self) -> dict[str, float]:
+    def conditional_coefficients(self, t: float | None = None) -> dict[str, float]:
         """The total linear coefficient of each term's conditional prediction in the composed eps.
 
         A shared baseline adds w_k (1 - alpha_k) to the coefficient of the term it borrows from. With the paper's
         eq. 4 and alpha_LTM = 2 the base's conditional coefficient is w_base + w_LTM (1 - 2) = 0: the base pass
         cancels and need not be run at all.
         """
-        coefficients = {term.name: term.weight * term.alpha for term in self.terms}
+        weights = self._weights(t)
+        coefficients = {term.name: weights[term.name] * term.alpha for term in self.terms}
         for term in self.terms:
             if term.baseline != "unconditional":
-                coefficients[term.baseline] += term.weight * (1.0 - term.alpha)
+                coefficients[term.baseline] += weights[term.name] * (1.0 - term.alpha)
         return coefficients
+
+    def _weights(self, t: float | None) -> dict[str, float]:
+        """w_k at noise level t: 0 for a gated term below its active_from (t = None: every term active)."""
+        return {term.name: term.weight if t is None or t >= term.active_from else 0.0 for term in self.terms}
 
     def prepare(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> None:
         """conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A), poses=(B,K+1,P) or None) per term."""
         self._states.clear()
-        coefficients = self.conditional_coefficients()
-        # Passes whose prediction enters the sum with coefficient 0 are skipped (their term is added as zeros).
+        # Passes whose prediction enters the sum with coefficient 0 at every noise level are skipped (their term is
+        # added as zeros); gates split the noise range, so check just above and just below every gate.
+        gates = {term.active_from for term in self.terms if term.active_from > 0}
+        levels = [None, *gates, *(gate - 1e-6 for gate in gates)]
+        per_level = [self.conditional_coefficients(level) for level in levels]
         self._skipped = {term.name for term in self.terms
-                         if coefficients[term.name] == 0.0 and not self.needs_unconditional(term)}
+                         if all(c[term.name] == 0.0 for c in per_level) and not self.needs_unconditional(term)}
         for term in self.terms:
             if term.name in self._skipped:
                 continue
@@ -151,9 +162,14 @@ class Composer:
             raise RuntimeError("Composer.prepare(conditions) must be called before denoising")
         conditional: dict[str, torch.Tensor] = {}
         unconditional: dict[str, torch.Tensor] = {}
+        level = float(t.max())
+        weights = self._weights(level)
+        coefficients = self.conditional_coefficients(level)
         for term in self.terms:
-            if term.name in self._skipped:
+            inactive = coefficients[term.name] == 0.0 and not (weights[term.name] and self.needs_unconditional(term))
+            if term.name in self._skipped or inactive:
                 conditional[term.name] = torch.zeros_like(x_t)
+                unconditional[term.name] = torch.zeros_like(x_t)
                 continue
             if self._paired[term.name]:
                 eps = term.expert.predict_eps(self._states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
@@ -167,5 +183,5 @@ class Composer:
         ]
         return compose_noise_predictions(
             [conditional[term.name] for term in self.terms], baselines,
-            [term.alpha for term in self.terms], [term.weight for term in self.terms], self.normalize,
+            [term.alpha for term in self.terms], [weights[term.name] for term in self.terms], self.normalize,
         )

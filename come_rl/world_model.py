@@ -53,6 +53,9 @@ class CompositionConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 1.0, "stm": 1.0, "sltm": 1.0})
     normalize: bool = True
     ltm_baseline: str = "base"
+    active_from: dict[str, float] = field(default_factory=dict)
+    """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
+    memorized); absent = always."""
 
     def __post_init__(self) -> None:
         unknown = set(self.experts) - set(EXPERT_ROLES)
@@ -171,7 +174,7 @@ class WorldModel:
         for role in cfg.experts:
             baseline = cfg.ltm_baseline if role == "ltm" else "unconditional"
             terms.append(ExpertTerm(role, self.experts[role], cfg.alphas.get(role, 1.0), cfg.weights.get(role, 1.0),
-                                    baseline))
+                                    baseline, cfg.active_from.get(role, 0.0)))
         return Composer(terms, normalize=cfg.normalize)
 
     @torch.no_grad()

@@ -138,3 +138,18 @@ def test_composer_skips_the_base_pass_when_its_coefficient_cancels():
         eps = composer(x, torch.zeros(4))
         assert torch.allclose(eps, torch.full((4, 1), expected)), (alpha, eps)
         assert (base.calls, ltm.calls) == (base_calls, 1)
+
+
+def test_a_gated_term_takes_part_only_above_its_noise_level():
+    base, ltm = CountingExpert(1.0), CountingExpert(2.0)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 2.0, baseline="base", active_from=0.9)],
+                        normalize=True)
+    composer.prepare({"base": cond, "ltm": cond})
+    x = torch.ones(4, 1)
+    high = composer(x, torch.full((4,), 0.95))  # (1 + 2*2 - 1) / 2 = 2: the LTM alone, base pass skipped
+    assert torch.allclose(high, torch.full((4,), 2.0).view(4, 1))
+    assert (base.calls, ltm.calls) == (0, 1)
+    low = composer(x, torch.full((4,), 0.5))  # LTM gated off: the base alone
+    assert torch.allclose(low, torch.ones(4, 1))
+    assert (base.calls, ltm.calls) == (1, 1)

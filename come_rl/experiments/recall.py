@@ -42,6 +42,9 @@ COMPOSITIONS = {
     "base+ltm PoCE (alpha=3, normalized)": dict(experts=["base", "ltm"], alphas={"base": 1.0, "ltm": 3.0}, normalize=True),
     "base+ltm PoCE (alpha=2, sum of scores)": dict(experts=["base", "ltm"], alphas={"base": 1.0, "ltm": 2.0},
                                                    normalize=False),
+    # The LTM only at the noise levels it memorized (t >= noise_low); the base denoises the rest.
+    "base+ltm PoCE (alpha=2) gated to t>=noise_low": dict(experts=["base", "ltm"], alphas={"base": 1.0, "ltm": 2.0},
+                                                          normalize=True, active_from={"ltm": "noise_low"}),
 }
 
 @dataclass
@@ -114,7 +117,9 @@ def run(config: RecallConfig) -> list[dict]:
                     continue  # fresh adapters: every composition equals the base
                 if steps > 0 and name == "no_memory (base)":
                     continue
-                wm.composition = CompositionConfig(**composition)
+                gates = {k: (config.noise_low if v == "noise_low" else v)
+                         for k, v in composition.get("active_from", {}).items()}
+                wm.composition = CompositionConfig(**dict(composition, active_from=gates))
                 scores = _query_all_tiles(wm, env, info, episode, examples if (steps == steps_list[-1] and
                                                                              "alpha=3" in name and episode == 0) else None)
                 results.setdefault((name, steps), []).extend(scores)
