@@ -45,11 +45,15 @@ class DiffusionExpert(nn.Module):
         context: (B, K, C, H, W) in [-1, 1]; actions: (B, K + 1, A), the action that led to each frame, the last row
         being the action taken from the last context frame; poses: (B, K + 1, P) or None; drop_context: (B,) bool.
         """
-        return self.backbone.prepare(context, actions, poses if self.uses_poses else None, drop_context)
+        return self.inference_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
+
+    def inference_backbone(self):
+        """The network that sampling runs (the LTM substitutes its adapter-merged copy)."""
+        return self.backbone
 
     def predict_eps(self, state, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t: (B, C, H, W) noisy residual, t: (B,) -> eps: (B, C, H, W)."""
-        v = self.backbone.denoise(state, x_t[:, None], t)[:, 0]
+        v = self.inference_backbone().denoise(state, x_t[:, None], t)[:, 0]
         alpha, sigma = self.schedule.alpha_sigma(t)
         return v_to_eps(v.float(), x_t, alpha, sigma)
 

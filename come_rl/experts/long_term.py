@@ -114,19 +114,9 @@ class LongTermMemoryExpert(DiffusionExpert):
             self._merged_version = self.memorized_steps
         return self._merged
 
-    def prepare(self, context, actions, poses=None, drop_context=None):
-        if self.training:
-            return super().prepare(context, actions, poses, drop_context)
-        return self._merged_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
-
-    def predict_eps(self, state, x_t, t):
-        if self.training:
-            return super().predict_eps(state, x_t, t)
-        from come_rl.diffusion import v_to_eps
-
-        v = self._merged_backbone().denoise(state, x_t[:, None], t)[:, 0]
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        return v_to_eps(v.float(), x_t, alpha, sigma)
+    def inference_backbone(self) -> nn.Module:
+        # Memorization (train mode) runs through the LoRA branches; sampling runs the merged copy.
+        return self.backbone if self.training else self._merged_backbone()
 
     def reset(self) -> None:
         """Re-initialise every adapter (A random, B = 0): the expert's outputs equal the base's exactly again."""
