@@ -225,3 +225,23 @@ def test_full_parameter_memorization_is_undone_by_reset():
     wm.reset()
     after = {k: v for k, v in wm.ltm.backbone.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_change_weighted_memorization_clips_favour_frames_that_change():
+    from come_rl.experts.episode_memory import EpisodeMemory
+    from come_rl.interfaces import ActionSpec
+
+    memory = EpisodeMemory((3, 8, 8), ActionSpec("discrete", 2))
+    for i in range(40):  # a static episode except for one change, at frame 30
+        frame = torch.full((3, 8, 8), 0.5 if i >= 30 else -0.5)
+        memory.append(frame, torch.zeros(2), None)
+    g = torch.Generator().manual_seed(0)
+    uniform, *_ = memory.sample_clips(200, 4, generator=g)
+    weighted, *_ = memory.sample_clips(200, 4, generator=g, change_weighting=1.0)
+    changes = lambda clips: ((clips[:, -1] - clips[:, -2]).abs().sum(dim=(1, 2, 3)) > 0).float().mean().item()  # noqa: E731
+    assert changes(weighted) == 1.0  # every weighted clip ends on the one change
+    assert changes(uniform) < 0.15  # 1 of 37 start positions
+    half, *_ = memory.sample_clips(200, 4, generator=g, change_weighting=0.5)
+    assert 0.45 < changes(half) < 0.65
+    with pytest.raises(ValueError, match="change_weighting"):
+        memory.sample_clips(4, 4, change_weighting=1.5)

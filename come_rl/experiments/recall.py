@@ -16,6 +16,7 @@ Compositions compared: no memory (base alone), LTM alone, base + LTM as PoE (alp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +57,9 @@ class RecallConfig:
     batch_size: int = 16
     lr: float = 2e-3
     rank: int = 16
-    noise_low: float = 0.9
+    lora_alpha: float = 16.0
+    noise_low: float = 0.95
+    change_weighting: float = 0.0
     uniform_fraction: float = 0.0
     full_parameters: str = ""
     """regex of backbone parameters memorization trains in full beside LoRA (see MemorizeConfig)."""
@@ -89,8 +92,9 @@ def run(config: RecallConfig) -> list[dict]:
     torch.set_num_threads(config.threads)
     steps_list = [int(s) for s in config.steps_list.split(",")]
     wm = WorldModel.load(config.checkpoint, experts=["base", "ltm"], sampler={"steps": config.sampler_steps},
-                         memorize={"rank": config.rank, "batch_size": config.batch_size, "lr": config.lr,
+                         memorize={"rank": config.rank, "lora_alpha": config.lora_alpha, "batch_size": config.batch_size, "lr": config.lr,
                                    "noise_low": config.noise_low, "uniform_fraction": config.uniform_fraction,
+                                   "change_weighting": config.change_weighting,
                                    "full_parameters": config.full_parameters})
     env = MemoryCardsEnv(max_steps=10**6)
     results: dict[tuple[str, int], list[tuple[float, bool]]] = {}
@@ -121,27 +125,28 @@ def run(config: RecallConfig) -> list[dict]:
                          for k, v in composition.get("active_from", {}).items()}
                 wm.composition = CompositionConfig(**dict(composition, active_from=gates))
                 scores = _query_all_tiles(wm, env, info, episode, examples if (steps == steps_list[-1] and
-                                                                             "alpha=3" in name and episode == 0) else None)
-                results.setdefault((name, steps), []).extend(scores)
+                                                                             "= LTM alone" in name and episode == 0) else None)
+                results.setdefault((name, steps, start), []).extend(scores)
     rows = []
-    for (name, steps), scores in results.items():
+    for (name, steps, start), scores in sorted(results.items(), key=lambda item: (item[0][2], item[0][1])):
         mses = np.array([s[0] for s in scores])
         rows.append({
-            "composition": name, "memorize_steps": steps, "tiles": len(scores),
+            "composition": name, "episode_start": start, "memorize_steps": steps, "tiles": len(scores),
             "recall_strict_mse<2e-5": float((mses < STRICT_THRESHOLD).mean()),
             "recall_nearest_object": float(np.mean([s[1] for s in scores])),
             "median_tile_mse": float(np.median(mses)),
             "memorize_seconds_per_episode": memorize_seconds.get(steps, 0.0) / config.episodes,
-            "lora_rank": config.rank, "lr": config.lr, "batch": config.batch_size,
+            "lora_rank": config.rank, "lora_alpha": config.lora_alpha, "lr": config.lr, "batch": config.batch_size,
             "noise_levels": f"U[{config.noise_low},1] + {config.uniform_fraction:.0%} U[0,1]",
             "trained": "LoRA" + (f" + full {config.full_parameters}" if config.full_parameters else ""),
         })
     out = Path(config.out_dir)
     csv = out / f"memory_cards_recall{config.suffix}.csv"
     write_table(csv, rows, md_path=out / f"memory_cards_recall{config.suffix}.md",
-                         title=f"Memory Cards recall ({config.episodes} zig-zag episodes x 16 tiles; chance 12.5 %); "
-                               f"`python -m come_rl.experiments.recall episodes={config.episodes} "
-                               f"steps_list={config.steps_list} lr={config.lr} full_parameters='{config.full_parameters}' suffix={config.suffix}`")
+                         title=f"Memory Cards recall ({config.episodes} zig-zag episodes x 16 tiles; chance 12.5 %; base "
+                               f"{config.checkpoint}, 48x48, 10-step DDIM). Command: `python -m come_rl.experiments.recall "
+                               + " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                          for k, v in dataclasses.asdict(config).items()) + "`")
     if examples:
         import imageio.v3 as iio
 

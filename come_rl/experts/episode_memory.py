@@ -67,8 +67,14 @@ class EpisodeMemory:
         return frames, actions, poses
 
     def sample_clips(self, batch_size: int, length: int, window: int | None = None,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, change_weighting: float = 0.0):
         """Random clips of ``length`` consecutive observations from the last ``window`` ones (all if None).
+
+        ``change_weighting`` in [0, 1]: that fraction of the clips is drawn with probability proportional to how much
+        the clip's last frame differs from the frame before it (mean absolute change), the rest uniformly. Under the
+        residual parametrisation a clip whose frame does not change teaches the memory nothing about the episode's
+        content, so weighting by change spends memorization steps where the episode's facts are (a tile uncovered,
+        a room entered).
 
         Returns frames (B, length, C, H, W), actions (B, length, A), poses (B, length, 3) or None.
         """
@@ -76,10 +82,20 @@ class EpisodeMemory:
         if total < length:
             raise ValueError(f"the episode memory holds {total} frames, fewer than the {length} a training clip needs; "
                              f"observe more frames before memorize()")
+        if not 0.0 <= change_weighting <= 1.0:
+            raise ValueError(f"change_weighting must lie in [0, 1], got {change_weighting}")
         first = 0 if window is None else max(0, total - window)
         starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator)
-        index = starts[:, None] + torch.arange(length)
         frames, actions, poses = self.frames, self.actions, self.poses
+        weighted = int(round(change_weighting * batch_size))
+        if weighted:
+            candidates = torch.arange(first, total - length + 1)
+            last = candidates + length - 1
+            change = (frames[last] - frames[last - 1]).abs().mean(dim=(1, 2, 3))
+            if change.sum() > 0:
+                picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
+                starts[:weighted] = candidates[picks]
+        index = starts[:, None] + torch.arange(length)
         return frames[index], actions[index], None if poses is None else poses[index]
 
 
