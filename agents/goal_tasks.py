@@ -74,31 +74,42 @@ def _frame(observation: Any, frame_key: str | None) -> np.ndarray:
 
 def record_reference_task(env: gym.Env, seed: int, goal_offset: int, policy: ReferencePolicy | None = None,
                           reset_options: dict | None = None, frame_key: str | None = None,
-                          pose_key: str = "pose") -> GoalTask:
+                          pose_key: str = "pose", min_goal_distance: float = 0.0, max_attempts: int = 20) -> GoalTask:
     """Record ``goal_offset`` steps of ``policy`` from ``env.reset(seed=seed)``; the last frame is the goal.
 
     Use the raw env (not the memory wrapper), so that recording does not feed the world model.
     ``policy(info, rng)`` gets a numpy generator seeded with ``seed``; default: uniform random.
+    ``min_goal_distance``: a recording whose goal lies closer than this (in pose units) to the start is redrawn with
+    the next policy seed (same start state), up to ``max_attempts`` times, so that a goal is never trivially "stay
+    here" (a random policy often turns in place).
     """
     if isinstance(goal_offset, bool) or int(goal_offset) < 1:
         raise ValueError(f"goal_offset must be a positive number of steps, got {goal_offset!r}")
     policy = policy if policy is not None else uniform_random_policy(env.action_space)
-    if hasattr(policy, "reset"):
-        policy.reset()
-    rng = np.random.default_rng(seed)
-    observation, info = env.reset(seed=seed, options=reset_options)
-    frames, poses, actions = [_frame(observation, frame_key)], [_pose(info, pose_key)], []
-    for _ in range(int(goal_offset)):
-        action = policy(info, rng)
-        observation, _, terminated, truncated, info = env.step(action)
-        frames.append(_frame(observation, frame_key))
-        poses.append(_pose(info, pose_key))
-        actions.append(action)
-        if terminated or truncated:
-            break
-    return GoalTask(seed=seed, goal_frame=frames[-1].copy(), goal_pose=poses[-1].copy(),
-                    reference_poses=np.stack(poses), reference_actions=actions,
-                    reference_frames=np.stack(frames), reset_options=reset_options)
+    farthest = 0.0
+    for attempt in range(max(1, int(max_attempts))):
+        if hasattr(policy, "reset"):
+            policy.reset()
+        rng = np.random.default_rng(seed if attempt == 0 else (seed, attempt))
+        observation, info = env.reset(seed=seed, options=reset_options)
+        frames, poses, actions = [_frame(observation, frame_key)], [_pose(info, pose_key)], []
+        for _ in range(int(goal_offset)):
+            action = policy(info, rng)
+            observation, _, terminated, truncated, info = env.step(action)
+            frames.append(_frame(observation, frame_key))
+            poses.append(_pose(info, pose_key))
+            actions.append(action)
+            if terminated or truncated:
+                break
+        distance = float(np.linalg.norm(poses[-1][:2] - poses[0][:2]))
+        farthest = max(farthest, distance)
+        if distance >= min_goal_distance:
+            return GoalTask(seed=seed, goal_frame=frames[-1].copy(), goal_pose=poses[-1].copy(),
+                            reference_poses=np.stack(poses), reference_actions=actions,
+                            reference_frames=np.stack(frames), reset_options=reset_options)
+    raise ValueError(f"no reference path from seed {seed} ends {min_goal_distance} or more from its start in "
+                     f"{max_attempts} attempts (farthest {farthest:.3f}); lower task.min_goal_distance or raise "
+                     f"task.goal_offset")
 
 
 def path_errors(executed_poses: np.ndarray, reference_poses: np.ndarray) -> tuple[float, float]:

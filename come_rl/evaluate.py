@@ -28,6 +28,8 @@ from come_rl.world_model import WorldModel
 @dataclass
 class EvaluateConfig:
     checkpoint: str = "come_rl/checkpoints/memory_cards"
+    expert: str = "base"
+    """which trained expert of the checkpoint to score on its own: base, stm or sltm."""
     """world model checkpoint directory."""
     data: str = "online:memory_cards"
     """held-out data: online:memory_cards (seed below) or a held-out data set directory."""
@@ -67,22 +69,25 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     from come_rl.results import write_table
 
     torch.set_num_threads(config.threads)
-    wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.sampler_steps})
+    if config.expert not in ("base", "stm", "sltm"):
+        raise ValueError(f"expert must be base, stm or sltm, got {config.expert!r}")
+    wm = WorldModel.load(config.checkpoint, experts=sorted({"base", config.expert}), sampler={"steps": config.sampler_steps})
+    expert = getattr(wm, config.expert)
     source = open_data_source(config.data, seed=config.seed)
-    k = wm.base.context_frames
+    k = expert.context_frames
     rng = np.random.default_rng(config.seed)
     clips = source.sample_clips(config.clips, k + 2, rng)
-    frames, actions, _ = clips_to_tensors(clips)
+    frames, actions, poses = clips_to_tensors(clips, pose_features=expert.uses_poses)
     predictions = []
     generator = torch.Generator().manual_seed(config.seed)
     for start in range(0, config.clips, config.batch_size):
         sl = slice(start, start + config.batch_size)
         with torch.no_grad():
-            state = wm.base.prepare(frames[sl, :k], actions[sl])
+            state = expert.prepare(frames[sl, :k], actions[sl], None if poses is None else poses[sl])
             from come_rl.diffusion import sample
 
-            residual = sample(lambda x, t, state=state: wm.base.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
-                              wm.base.schedule, SamplerConfig(steps=config.sampler_steps), generator)
+            residual = sample(lambda x, t, state=state: expert.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
+                              expert.schedule, SamplerConfig(steps=config.sampler_steps), generator)
         predictions.append((frames[sl, k - 1] + residual).clamp(-1, 1))
     predicted = torch.cat(predictions)
     target, last = frames[:, k], frames[:, k - 1]
@@ -92,28 +97,30 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     mse_copy = ((last - target) / 2).pow(2).flatten(1).mean(1).numpy()
     lp_model = lpips(predicted, target).numpy()
     lp_copy = lpips(last, target).numpy()
-    spec = wm.base_spec
+    spec = wm.base_spec if config.expert == "base" else expert.spec
     rows = []
     for kind, mask in transition_kinds(clips, config.data).items():
         if mask.sum() == 0:
             continue
         rows.append({
-            "checkpoint": Path(config.checkpoint).name, "kind": kind, "clips": int(mask.sum()),
+            "checkpoint": Path(config.checkpoint).name, "expert": config.expert, "kind": kind, "clips": int(mask.sum()),
             "mse_model": float(mse_model[mask].mean()), "mse_copy_last": float(mse_copy[mask].mean()),
             "mse_ratio_copy_over_model": float(mse_copy[mask].mean() / max(mse_model[mask].mean(), 1e-12)),
             "lpips_model": float(lp_model[mask].mean()), "lpips_copy_last": float(lp_copy[mask].mean()),
             "parameters_M": round(spec.get("parameters", 0) / 1e6, 2), "train_minutes": round(spec.get("minutes", 0), 1),
             "train_steps": spec.get("step", 0), "resolution": spec.get("frame_size"), "sampler_steps": config.sampler_steps,
         })
-    name = config.name or Path(config.checkpoint).name
+    name = config.name or Path(config.checkpoint).name + ("" if config.expert == "base" else f"_{config.expert}")
     out = Path(config.out_dir)
     csv = out / f"{name}_one_step.csv"
     write_table(csv, rows, md_path=out / f"{name}_one_step.md",
                          title=f"One-step prediction on held-out clips: {name} vs copy-last-frame "
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
-                               f"{config.checkpoint} data={config.data} clips={config.clips}`)")
+                               f"{config.checkpoint} expert={config.expert} data={config.data} clips={config.clips}`; "
+                               f"{k} context frames)")
     _save_examples(predicted[:8], target[:8], last[:8], out / f"{name}_one_step_examples.png")
-    _save_rollout(wm, source, config, out / f"{name}_rollout.gif")
+    if config.expert == "base":
+        _save_rollout(wm, source, config, out / f"{name}_rollout.gif")
     return rows
 
 

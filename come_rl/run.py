@@ -261,7 +261,8 @@ def run(cfg: DictConfig) -> dict:
     task_cfg = cfg.env.task
     policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
     tasks = [record_reference_task(env, seed=int(cfg.run.seed) + index, goal_offset=int(task_cfg.goal_offset),
-                                   policy=policy, frame_key=frame_key, pose_key=pose_key)
+                                   policy=policy, frame_key=frame_key, pose_key=pose_key,
+                                   min_goal_distance=float(task_cfg.get("min_goal_distance", 0.0)))
              for index in range(int(cfg.run.episodes))]
     lpips = None
     if cfg.run.lpips_metric:

@@ -156,3 +156,18 @@ def test_goal_episode_preloads_the_reference_into_memory() -> None:
     assert world_model.memorized_steps == 7 and world_model.observed_frames == 7 + 1 + 3
     with pytest.raises(TypeError, match="needs the memory wrapper"):
         run_goal_episode(env, agent, task, max_steps=1, success_threshold=0.1, preload_memory=True)
+
+
+def test_reference_tasks_redraw_goals_closer_than_min_goal_distance() -> None:
+    env = PointMassEnv()
+    distances = []
+    for seed in range(6):
+        task = record_reference_task(env, seed=seed, goal_offset=4, min_goal_distance=0.15)
+        distance = float(np.linalg.norm(task.goal_pose[:2] - task.reference_poses[0, :2]))
+        distances.append(distance)
+        assert distance >= 0.15
+        # the start state is the seed's: redrawing changes the policy's path, not where the agent starts
+        _, info = env.reset(seed=seed)
+        assert np.allclose(task.reference_poses[0], np.asarray(info["pose"])[:3])
+    with pytest.raises(ValueError, match="min_goal_distance"):
+        record_reference_task(env, seed=0, goal_offset=1, min_goal_distance=100.0, max_attempts=3)

@@ -52,6 +52,9 @@ COMPOSITIONS = {
 class RecallConfig:
     checkpoint: str = "come_rl/checkpoints/memory_cards"
     episodes: int = 10
+    starts: str = "covered,uncovered"
+    """episode kinds, used in turn: "covered" (each tile is seen being uncovered) and/or "uncovered" (tiles are seen
+    open and covered as the cursor passes)."""
     steps_list: str = "0,25,50,100,200"
     """memorization steps to evaluate (each continues memorizing the same adapters)."""
     batch_size: int = 16
@@ -91,6 +94,9 @@ def run(config: RecallConfig) -> list[dict]:
 
     torch.set_num_threads(config.threads)
     steps_list = [int(s) for s in config.steps_list.split(",")]
+    starts = [s.strip() for s in config.starts.split(",") if s.strip()]
+    if not starts or set(starts) - {"covered", "uncovered"}:
+        raise ValueError(f"starts must list covered and/or uncovered, got {config.starts!r}")
     wm = WorldModel.load(config.checkpoint, experts=["base", "ltm"], sampler={"steps": config.sampler_steps},
                          memorize={"rank": config.rank, "lora_alpha": config.lora_alpha, "batch_size": config.batch_size, "lr": config.lr,
                                    "noise_low": config.noise_low, "uniform_fraction": config.uniform_fraction,
@@ -101,7 +107,7 @@ def run(config: RecallConfig) -> list[dict]:
     memorize_seconds: dict[int, float] = {}
     examples = []
     for episode in tqdm(range(config.episodes), desc="recall episodes"):
-        start = "covered" if episode % 2 == 0 else "uncovered"
+        start = starts[episode % len(starts)]
         frame, info = env.reset(seed=config.seed + episode, options={"initial_cover": start, "cursor": (0, 0)})
         wm.reset()
         wm.observe(frame)
