@@ -52,12 +52,23 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def _transformer_expert(name: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
-    from come_rl.nets.registry import build_backbone
+def _transformer_expert(preset: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
+    """An untrained expert of a training preset (come_rl.train.MODEL_PRESETS): the cost of what the project trains."""
+    from come_rl.checkpoint import build_backbone_from_spec
+    from come_rl.train import MODEL_PRESETS
 
-    overrides = dict(frame_size=frame_size, action_dim=action_dim, predicted_frames=1)
-    backbone = build_backbone(name, **overrides)
+    name, kwargs = MODEL_PRESETS[preset]
+    backbone = build_backbone_from_spec(name, dict(kwargs, frame_size=frame_size, action_dim=action_dim))
     return DiffusionExpert(backbone, CosineSchedule(), name=role, uses_poses=uses_poses).eval()
+
+
+def _checkpoint_expert(checkpoint: str, role: str) -> DiffusionExpert | None:
+    from come_rl.checkpoint import load_expert
+
+    directory = Path(checkpoint)
+    if not (directory / f"{role}.safetensors").is_file():
+        return None
+    return load_expert(directory, role)[0]
 
 
 def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, sltm=None) -> WorldModel:
@@ -86,8 +97,11 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     peak = matmul_peak_gflops()
     probe = WorldModel.load(config.checkpoint, experts=["base"])
     size, action_dim = probe.frame_shape[-1], probe.action_spec.dim
-    stm = _transformer_expert("stm_cpu", "stm", size, action_dim, uses_poses=False)
-    sltm = _transformer_expert("sltm_cpu", "sltm", size, action_dim, uses_poses=True)
+    # The checkpoint's trained STM / SLTM when it ships them (their cost is the point here, not their quality);
+    # otherwise the registry's untrained CPU sizes.
+    stm, sltm = _checkpoint_expert(config.checkpoint, "stm"), _checkpoint_expert(config.checkpoint, "sltm")
+    stm = stm or _transformer_expert("stm_cards", "stm", size, action_dim, uses_poses=False)
+    sltm = sltm or _transformer_expert("sltm_cards", "sltm", size, action_dim, uses_poses=True)
     compositions = {
         "base": (["base"], None, None),
         "base+ltm": (["base", "ltm"], None, None),

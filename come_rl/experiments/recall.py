@@ -64,6 +64,8 @@ class RecallConfig:
     noise_low: float = 0.95
     change_weighting: float = 0.0
     uniform_fraction: float = 0.0
+    target_modules: str = ""
+    """regex of the backbone modules that get LoRA adapters (empty: the checkpoint's stored setting)."""
     full_parameters: str = ""
     """regex of backbone parameters memorization trains in full beside LoRA (see MemorizeConfig)."""
     sampler_steps: int = 10
@@ -101,6 +103,7 @@ def run(config: RecallConfig) -> list[dict]:
                          memorize={"rank": config.rank, "lora_alpha": config.lora_alpha, "batch_size": config.batch_size, "lr": config.lr,
                                    "noise_low": config.noise_low, "uniform_fraction": config.uniform_fraction,
                                    "change_weighting": config.change_weighting,
+                                   **({"target_modules": config.target_modules} if config.target_modules else {}),
                                    "full_parameters": config.full_parameters})
     env = MemoryCardsEnv(max_steps=10**6)
     results: dict[tuple[str, int], list[tuple[float, bool]]] = {}
