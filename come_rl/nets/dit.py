@@ -80,6 +80,11 @@ class VideoDiTConfig:
     """Block indices (0-based) that use full attention although ``window_frames`` is set."""
     ssm_layers: tuple[int, ...] = ()
     """Block indices (0-based) followed by a gated linear recurrence over time (SSM-style baseline)."""
+    noisy_skip: bool = True
+    """Add a per-pixel, condition-gated copy of the noisy target patch to the output (zero-initialised gate). When a
+    patch has more pixel values than the token has channels (patch 8 x 8 x 3 = 192 > hidden 128), the tokens cannot
+    carry the noise that v-prediction must return at low noise levels; without this skip the CPU STM/SLTM stalled
+    at a loss of 0.21 (the conv U-Net reaches 0.035 in as many steps)."""
     last_frame_shortcut: bool = True
     """Feed the last context frame into the target tokens (concatenated to the noisy frame before the
     patch embedding): the cheapest path to "the next frame looks like the last one" (DESIGN.md probe)."""
@@ -289,6 +294,7 @@ class VideoDiT(VideoBackbone):
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.final_linear = nn.Linear(hidden, patch_pixels)
+        self.noisy_skip_gate = nn.Linear(hidden, patch_pixels) if config.noisy_skip else None
         self._initialize_weights()
 
     # ------------------------------------------------------------------ setup
@@ -311,6 +317,9 @@ class VideoDiT(VideoBackbone):
         nn.init.zeros_(self.final_modulation[-1].bias)
         nn.init.zeros_(self.final_linear.weight)
         nn.init.zeros_(self.final_linear.bias)
+        if self.noisy_skip_gate is not None:
+            nn.init.zeros_(self.noisy_skip_gate.weight)
+            nn.init.zeros_(self.noisy_skip_gate.bias)
 
     def config_dict(self) -> dict:
         """The config as a plain dict (for saving next to the weights)."""
@@ -598,11 +607,14 @@ class VideoDiT(VideoBackbone):
             tokens, _, _ = block(tokens, conditions, attend)
             if str(layer) in self.recurrences:
                 tokens, _ = self.recurrences[str(layer)](tokens, state["recurrent_states"][layer])
-        return self._output(tokens, conditions)
+        return self._output(tokens, conditions, noisy)
 
-    def _output(self, tokens: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    def _output(self, tokens: torch.Tensor, conditions: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         shift, scale = self.final_modulation(conditions)[:, :, None, :].chunk(2, dim=-1)
-        return self._unpatchify(self.final_linear(_modulate(self.final_norm(tokens), shift, scale)))
+        out = self.final_linear(_modulate(self.final_norm(tokens), shift, scale))
+        if self.noisy_skip_gate is not None:
+            out = out + self.noisy_skip_gate(conditions)[:, :, None, :] * self._patchify(noisy)
+        return self._unpatchify(out)
 
     def denoise_uncached(
         self,
@@ -651,7 +663,7 @@ class VideoDiT(VideoBackbone):
                     context_state = context_state * context_visible[:, None, None].to(context_state.dtype)
                 target_part, _ = recurrence(tokens[:, num_context:], context_state)
                 tokens = torch.cat([context_part, target_part], dim=1)
-        return self._output(tokens[:, num_context:], conditions[:, num_context:])
+        return self._output(tokens[:, num_context:], conditions[:, num_context:], noisy)
 
     def extra_repr(self) -> str:
         c = self.config
