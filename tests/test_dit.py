@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -273,3 +275,32 @@ def test_tiny_dit_overfits_one_clip():
     # context frame would score 24 changed pixels * 2^2 / 256 = 0.375; the memorised clip must be far below.
     assert abs(initial - 1.0) < 1e-6
     assert final < 0.02, f"x0 MSE {final:.4f} after training (start {initial:.3f})"
+
+
+def test_noisy_skip_lets_tokens_narrower_than_a_patch_fit_the_low_noise_target():
+    """patch 8 x 8 x 3 = 192 values per token of 32 channels: without the skip, v at low noise (mostly the noise
+    itself) cannot pass through the tokens and the loss stalls; with it the same training fits far better."""
+    from come_rl.diffusion import CosineSchedule
+    from come_rl.experts.expert import DiffusionExpert
+
+    def final_loss(noisy_skip: bool) -> float:
+        torch.manual_seed(0)
+        config = VideoDiTConfig(**dict(SMALL, patch_size=8), depth=1, context_frames=2, predicted_frames=1,
+                                noisy_skip=noisy_skip)
+        expert = DiffusionExpert(VideoDiT(config), CosineSchedule())
+        generator = torch.Generator().manual_seed(1)
+        frames = torch.rand(1, 3, 3, 16, 16, generator=generator).expand(8, -1, -1, -1, -1) * 2 - 1
+        actions = torch.zeros(8, 3, 5)
+        optimizer = torch.optim.Adam(expert.parameters(), lr=3e-3)
+        losses = []
+        for step in range(150):
+            t = torch.rand(8, generator=generator) * 0.3  # low noise, where v is mostly the noise
+            loss = expert.loss(frames, actions, t=t, generator=generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return float(np.mean(losses[-20:]))
+
+    with_skip, without = final_loss(True), final_loss(False)
+    assert with_skip < 0.5 * without, (with_skip, without)
