@@ -293,7 +293,7 @@ def test_noisy_skip_lets_tokens_narrower_than_a_patch_fit_the_low_noise_target()
         actions = torch.zeros(8, 3, 5)
         optimizer = torch.optim.Adam(expert.parameters(), lr=3e-3)
         losses = []
-        for step in range(150):
+        for _ in range(150):
             t = torch.rand(8, generator=generator) * 0.3  # low noise, where v is mostly the noise
             loss = expert.loss(frames, actions, t=t, generator=generator)
             optimizer.zero_grad()
