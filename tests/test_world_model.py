@@ -245,3 +245,25 @@ def test_change_weighted_memorization_clips_favour_frames_that_change():
     assert 0.45 < changes(half) < 0.65
     with pytest.raises(ValueError, match="change_weighting"):
         memory.sample_clips(4, 4, change_weighting=1.5)
+
+
+def test_the_shipped_memory_cards_model_composes_all_four_trained_experts():
+    from come_rl.run import resolve_checkpoint
+    from envs.memory_cards import cursor_pose_model
+
+    directory = resolve_checkpoint("memory_cards")
+    wm = WorldModel.load(directory, experts=["base", "ltm", "stm", "sltm"], sampler={"steps": 2},
+                         pose_model=cursor_pose_model)
+    assert wm.stm.context_frames == 8 and wm.sltm.uses_poses
+    env = MemoryCardsEnv()
+    frame, info = env.reset(seed=3)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    for action in [1, 3, 4, 4, 1, 3]:
+        frame, *_, info = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action), info["pose"])
+    wm.memorize(steps=1)
+    actions = torch.from_numpy(np.stack([env.action_spec.encode(a) for a in (1, 4)]))[None].repeat(2, 1, 1)
+    first, second = wm.imagine(actions, seed=5), wm.imagine(actions, seed=5)
+    assert first.shape == (2, 2, 3, 48, 48) and torch.equal(first, second)
+    assert torch.isfinite(first).all() and first.abs().max() <= 1.0
