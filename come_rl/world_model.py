@@ -53,6 +53,9 @@ class CompositionConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 1.0, "stm": 1.0, "sltm": 1.0})
     normalize: bool = True
     ltm_baseline: str = "base"
+    sltm_memorizes: bool = False
+    """test-time memorization of the SLTM too (paper B): a LoRA copy of the SLTM is fine-tuned on the episode (with
+    its poses) by ``memorize`` like the LTM, and reset with it."""
     active_from: dict[str, float] = field(default_factory=dict)
     """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
     memorized); absent = always."""
@@ -101,6 +104,8 @@ class WorldModel:
                 raise ValueError(f"composition enables {role!r} but no {role} expert was given/trained; "
                                  f"remove it from composition.experts or train it with come_rl.train role={role}")
         self.ltm = LongTermMemoryExpert(base, self.memorize_config) if "ltm" in self.composition.experts else None
+        if self.composition.sltm_memorizes and self.sltm is not None and "sltm" in self.composition.experts:
+            self.sltm = LongTermMemoryExpert(self.sltm, self.memorize_config, name="sltm")
         self.memory = EpisodeMemory(self.frame_shape, action_spec)
         self.last_network_calls = 0
 
@@ -112,8 +117,9 @@ class WorldModel:
     def reset(self) -> None:
         """Start a new episode: empty the memory and re-initialise the LTM's adapters."""
         self.memory.clear()
-        if self.ltm is not None:
-            self.ltm.reset()
+        for expert in (self.ltm, self.sltm):
+            if isinstance(expert, LongTermMemoryExpert):
+                expert.reset()
 
     def begin_segment(self) -> None:
         """Start a new stretch of observations in the same episode (e.g. the agent is put back at the start):
@@ -139,12 +145,19 @@ class WorldModel:
         self.memory.append(frame_t, action_t, pose_t)
 
     def memorize(self, steps: int | None = None, generator: torch.Generator | None = None, **overrides) -> dict:
-        """Fine-tune the LTM's adapters on the episode memory (no-op statistics when the LTM is disabled)."""
-        if self.ltm is None:
+        """Fine-tune the LTM's adapters (and the SLTM's, with ``sltm_memorizes``) on the episode memory (no-op
+        statistics when the LTM is disabled). Returns the LTM's loss statistics (the SLTM's under ``"sltm"``)."""
+        memorizing_sltm = isinstance(self.sltm, LongTermMemoryExpert)
+        if self.ltm is None and not memorizing_sltm:
             return {"steps": 0, "seconds": 0.0, "note": "LTM disabled in composition.experts"}
         if len(self.memory) == 0:
             raise ValueError("memorize() on an empty memory: observe frames of the episode first")
-        return self.ltm.memorize(self.memory, steps, generator=generator, **overrides)
+        stats = self.ltm.memorize(self.memory, steps, generator=generator, **overrides) if self.ltm is not None else {}
+        if memorizing_sltm:
+            if self.memory.poses is None:
+                raise ValueError("the SLTM memorizes with poses: observe(frame, action, pose) every frame")
+            stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator, **overrides))
+        return stats
 
     # ------------------------------------------------------------------------------------------------ imagine
     def _validate_actions(self, actions) -> torch.Tensor:

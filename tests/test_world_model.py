@@ -267,3 +267,33 @@ def test_the_shipped_memory_cards_model_composes_all_four_trained_experts():
     first, second = wm.imagine(actions, seed=5), wm.imagine(actions, seed=5)
     assert first.shape == (2, 2, 3, 48, 48) and torch.equal(first, second)
     assert torch.isfinite(first).all() and first.abs().max() <= 1.0
+
+
+def test_the_sltm_memorizes_on_request_and_reset_restores_it():
+    from come_rl.run import resolve_checkpoint
+    from envs.memory_cards import cursor_pose_model
+
+    wm = WorldModel.load(resolve_checkpoint("memory_cards"), experts=["base", "ltm", "sltm"], sampler={"steps": 2},
+                         composition={"sltm_memorizes": True}, pose_model=cursor_pose_model)
+    env = MemoryCardsEnv()
+    frame, info = env.reset(seed=4)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    for action in [1, 3, 4, 4, 1, 3, 4]:
+        frame, *_, info = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action), info["pose"])
+    actions = torch.from_numpy(np.stack([env.action_spec.encode(a) for a in (1, 4)]))[None]
+    before = wm.imagine(actions, seed=2)
+    stats = wm.memorize(steps=3, lr=1e-2)
+    assert stats["sltm"]["steps"] == 3 and wm.sltm.memorized_steps == 3
+    assert not torch.equal(wm.imagine(actions, seed=2), before)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    assert wm.sltm.memorized_steps == 0 and wm.ltm.memorized_steps == 0
+    wm.memory.clear()
+    frame, info = env.reset(seed=4)
+    wm.observe(frame, None, info["pose"])
+    for action in [1, 3, 4, 4, 1, 3, 4]:
+        frame, *_, info = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action), info["pose"])
+    assert torch.equal(wm.imagine(actions, seed=2), before)

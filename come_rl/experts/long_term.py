@@ -77,7 +77,7 @@ def lora_target_names(backbone: nn.Module, pattern: str) -> list[str]:
 class LongTermMemoryExpert(DiffusionExpert):
     """A copy of the base expert with LoRA adapters; see the module docstring."""
 
-    def __init__(self, base: DiffusionExpert, config: MemorizeConfig | None = None):
+    def __init__(self, base: DiffusionExpert, config: MemorizeConfig | None = None, name: str = "ltm"):
         from peft import LoraConfig, inject_adapter_in_model
 
         config = config or MemorizeConfig()
@@ -85,7 +85,7 @@ class LongTermMemoryExpert(DiffusionExpert):
         targets = lora_target_names(backbone, config.target_modules)
         lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
         backbone = inject_adapter_in_model(lora, backbone)
-        super().__init__(backbone, base.schedule, name="ltm", uses_poses=base.uses_poses)
+        super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses)
         self.config, self.targets = config, targets
         full = re.compile(config.full_parameters) if config.full_parameters else None
         for name, param in self.backbone.named_parameters():
