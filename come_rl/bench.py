@@ -98,7 +98,7 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     probe = WorldModel.load(config.checkpoint, experts=["base"])
     size, action_dim = probe.frame_shape[-1], probe.action_spec.dim
     # The checkpoint's trained STM / SLTM when it ships them (their cost is the point here, not their quality);
-    # otherwise the registry's untrained CPU sizes.
+    # otherwise untrained experts of the training presets (stm_cards, sltm_cards).
     stm, sltm = _checkpoint_expert(config.checkpoint, "stm"), _checkpoint_expert(config.checkpoint, "sltm")
     stm = stm or _transformer_expert("stm_cards", "stm", size, action_dim, uses_poses=False)
     sltm = sltm or _transformer_expert("sltm_cards", "sltm", size, action_dim, uses_poses=True)

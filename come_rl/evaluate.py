@@ -28,9 +28,9 @@ from come_rl.world_model import WorldModel
 @dataclass
 class EvaluateConfig:
     checkpoint: str = "come_rl/checkpoints/memory_cards"
+    """world model checkpoint directory."""
     expert: str = "base"
     """which trained expert of the checkpoint to score on its own: base, stm or sltm."""
-    """world model checkpoint directory."""
     data: str = "online:memory_cards"
     """held-out data: online:memory_cards (seed below) or a held-out data set directory."""
     clips: int = 256

@@ -152,10 +152,10 @@ class WorldModel:
             return {"steps": 0, "seconds": 0.0, "note": "LTM disabled in composition.experts"}
         if len(self.memory) == 0:
             raise ValueError("memorize() on an empty memory: observe frames of the episode first")
+        if memorizing_sltm and self.memory.poses is None:  # checked before any expert changes
+            raise ValueError("the SLTM memorizes with poses: observe(frame, action, pose) every frame")
         stats = self.ltm.memorize(self.memory, steps, generator=generator, **overrides) if self.ltm is not None else {}
         if memorizing_sltm:
-            if self.memory.poses is None:
-                raise ValueError("the SLTM memorizes with poses: observe(frame, action, pose) every frame")
             stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator, **overrides))
         return stats
 
@@ -252,6 +252,7 @@ class WorldModel:
         directory = Path(directory)
         for role in ("base", "stm", "sltm"):
             expert = getattr(self, role)
+            expert = getattr(expert, "source", expert)  # a memorizing SLTM saves the trained SLTM it adapts
             if expert is not None:
                 if expert.spec is None:
                     raise ValueError(f"the {role} expert has no recipe (spec); build experts with come_rl.train or load them")

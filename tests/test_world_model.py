@@ -297,3 +297,34 @@ def test_the_sltm_memorizes_on_request_and_reset_restores_it():
         frame, *_, info = env.step(action)
         wm.observe(frame, env.action_spec.encode(action), info["pose"])
     assert torch.equal(wm.imagine(actions, seed=2), before)
+
+
+def test_memorizing_sltm_needs_poses_and_saves_the_trained_sltm(tmp_path):
+    from come_rl.run import resolve_checkpoint
+    from envs.memory_cards import cursor_pose_model
+
+    directory = resolve_checkpoint("memory_cards")
+    wm = WorldModel.load(directory, experts=["base", "ltm", "sltm"], composition={"sltm_memorizes": True},
+                         pose_model=cursor_pose_model)
+    assert "source" not in dict(wm.sltm.named_modules())  # the trained SLTM is not part of the adapted copy
+    env = MemoryCardsEnv()
+    frame, _ = env.reset(seed=0)
+    wm.reset()
+    wm.observe(frame)
+    for action in [1, 3, 4, 2]:
+        frame, *_ = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action))  # no poses
+    with pytest.raises(ValueError, match="SLTM memorizes with poses"):
+        wm.memorize(steps=1)
+    assert wm.ltm.memorized_steps == 0  # the error came before any expert changed
+    wm.save(tmp_path)
+    saved = load_expert(tmp_path, "sltm")[0].state_dict()
+    trained = load_expert(directory, "sltm")[0].state_dict()
+    assert all(torch.equal(saved[k], trained[k]) for k in trained)
+
+
+def test_recall_rejects_unknown_episode_starts():
+    from come_rl.experiments.recall import RecallConfig, run
+
+    with pytest.raises(ValueError, match="starts must list covered and/or uncovered"):
+        run(RecallConfig(starts="covered,open"))

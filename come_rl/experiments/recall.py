@@ -106,7 +106,7 @@ def run(config: RecallConfig) -> list[dict]:
                                    **({"target_modules": config.target_modules} if config.target_modules else {}),
                                    "full_parameters": config.full_parameters})
     env = MemoryCardsEnv(max_steps=10**6)
-    results: dict[tuple[str, int], list[tuple[float, bool]]] = {}
+    results: dict[tuple[str, int, str], list[tuple[float, bool]]] = {}
     memorize_seconds: dict[int, float] = {}
     examples = []
     for episode in tqdm(range(config.episodes), desc="recall episodes"):

@@ -87,6 +87,9 @@ class LongTermMemoryExpert(DiffusionExpert):
         backbone = inject_adapter_in_model(lora, backbone)
         super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses)
         self.config, self.targets = config, targets
+        # The trained expert it adapts (what a checkpoint saves: never episode memory); kept out of the module tree
+        # so that it adds nothing to this expert's parameters or state_dict.
+        object.__setattr__(self, "source", base)
         full = re.compile(config.full_parameters) if config.full_parameters else None
         for name, param in self.backbone.named_parameters():
             param.requires_grad_("lora_" in name or bool(full and full.fullmatch(name)))
