@@ -44,6 +44,7 @@ def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: di
         "backbone_kwargs": backbone_kwargs,
         "schedule": type(expert.schedule).__name__.replace("Schedule", "").lower(),
         "uses_poses": expert.uses_poses,
+        "target": expert.target,
     }
     spec.update(extra or {})
     return spec
@@ -106,7 +107,9 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
         raise ValueError(f"{weights} does not match its recipe {recipe.name}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     backbone.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
-    expert = DiffusionExpert(backbone, build_schedule(spec["schedule"]), name=spec["role"], uses_poses=spec["uses_poses"])
+    # Checkpoints written before targets were recorded all predict the residual.
+    expert = DiffusionExpert(backbone, build_schedule(spec["schedule"]), name=spec["role"], uses_poses=spec["uses_poses"],
+                             target=spec.get("target", "residual"))
     expert.spec = spec
     expert.eval()
     return expert, spec

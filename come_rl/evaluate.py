@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from come_rl.data_sources import clips_to_tensors, open_data_source
-from come_rl.diffusion import SamplerConfig
 from come_rl.train import parse_overrides
 from come_rl.world_model import WorldModel
 
@@ -86,9 +85,9 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
             state = expert.prepare(frames[sl, :k], actions[sl], None if poses is None else poses[sl])
             from come_rl.diffusion import sample
 
-            residual = sample(lambda x, t, state=state: expert.predict_eps(state, x, t), (frames[sl].shape[0], *wm.frame_shape),
-                              expert.schedule, SamplerConfig(steps=config.sampler_steps), generator)
-        predictions.append((frames[sl, k - 1] + residual).clamp(-1, 1))
+            predicted = sample(lambda x, t, state=state: expert.predict_eps(state, x, t),
+                               (frames[sl].shape[0], *wm.frame_shape), expert.schedule, wm.sampler, generator)
+        predictions.append(predicted.clamp(-1, 1))
     predicted = torch.cat(predictions)
     target, last = frames[:, k], frames[:, k - 1]
     lpips = get_lpips()

@@ -70,6 +70,8 @@ class TrainConfig:
     drop_prob: float = 0.1
     """condition dropout: the share of rows trained in the unconditional mode (the composition's baseline)."""
     schedule: str = "cosine"
+    target: str = "full"
+    """what the expert denoises: "full" (the next frame; the default) or "residual" (its change to the last frame)."""
     threads: int = 2
     seed: int = 0
     checkpoint_seconds: float = 120.0
@@ -105,7 +107,8 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     if config.pose_features:
         kwargs["pose_dim"] = 4
     backbone = build_backbone_from_spec(name, kwargs)
-    expert = DiffusionExpert(backbone, build_schedule(config.schedule), name=config.role, uses_poses=config.pose_features)
+    expert = DiffusionExpert(backbone, build_schedule(config.schedule), name=config.role, uses_poses=config.pose_features,
+                             target=config.target)
     return expert, name, kwargs
 
 

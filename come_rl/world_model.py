@@ -6,7 +6,7 @@
     wm.memorize(steps=25)                                            # LoRA updates on the episode (LTM)
     frames = wm.imagine(actions)                                     # (B, H, A) -> (B, H, 3, height, width)
 
-One imagined step samples the residual of the next frame to the last one with the composition of the enabled experts
+One imagined step samples the next frame (in frame space, whatever each expert's target) with the composition of the enabled experts
 (``come_rl.composition``), then appends it to a per-candidate rolling context; horizons longer than one frame roll out
 autoregressively. ``imagine`` runs without gradients and leaves the episode memory and the adapters untouched.
 """
@@ -65,7 +65,7 @@ class CompositionConfig:
         if unknown:
             raise ValueError(f"unknown experts {sorted(unknown)}; choose from {EXPERT_ROLES}")
         if "base" not in self.experts:
-            raise ValueError("the composition needs the base expert (it anchors the LTM's baseline and the residual)")
+            raise ValueError("the composition needs the base expert (it anchors the LTM's baseline)")
 
 
 PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -154,9 +154,15 @@ class WorldModel:
             raise ValueError("memorize() on an empty memory: observe frames of the episode first")
         if memorizing_sltm and self.memory.poses is None:  # checked before any expert changes
             raise ValueError("the SLTM memorizes with poses: observe(frame, action, pose) every frame")
-        stats = self.ltm.memorize(self.memory, steps, generator=generator, **overrides) if self.ltm is not None else {}
+        for expert in (self.ltm, self.sltm if memorizing_sltm else None):  # every check before any weight changes
+            if expert is not None:
+                expert.check_memorize(self.memory, steps, self.pose_model, **overrides)
+        stats = {}
+        if self.ltm is not None:
+            stats = self.ltm.memorize(self.memory, steps, generator=generator, pose_model=self.pose_model, **overrides)
         if memorizing_sltm:
-            stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator, **overrides))
+            stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator,
+                                                        pose_model=self.pose_model, **overrides))
         return stats
 
     # ------------------------------------------------------------------------------------------------ imagine
@@ -190,34 +196,46 @@ class WorldModel:
                                     baseline, cfg.active_from.get(role, 0.0)))
         return Composer(terms, normalize=cfg.normalize)
 
+    @property
+    def context_length(self) -> int:
+        """How many past frames the enabled experts read (the longest context)."""
+        return max(expert.context_frames for expert in self.experts.values())
+
     @torch.no_grad()
-    def imagine(self, actions, generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
+    def imagine(self, actions, generator: torch.Generator | None = None, seed: int | None = None,
+                history: tuple | None = None) -> torch.Tensor:
         """Imagine the frames that ``actions`` lead to from the last observed frame.
 
         Args:
             actions: (batch, horizon, action_dim) float; row h is applied to the frame before imagined frame h.
             generator / seed: make sampling reproducible (bit-identical for a fixed seed on one machine).
+            history: optional per-row pasts instead of the episode memory's last frames (what the LTM memorized
+                stays in use): (frames (batch, L, 3, H, W) in [-1, 1], actions (batch, L, A), poses (batch, L, 3) or
+                None) with L >= ``context_length``; e.g. one past per queried place, imagined in one batch.
         Returns:
             frames: (batch, horizon, 3, height, width) in [-1, 1].
         """
         actions = self._validate_actions(actions)
-        if len(self.memory) == 0:
-            raise RuntimeError("imagine() needs at least one observed frame: call reset() and observe(frame) first")
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         batch, horizon = actions.shape[:2]
         experts = self.experts
-        longest = max(expert.context_frames for expert in experts.values())
-        frames, past_actions, poses = self.memory.last(longest)
-        frames = frames[None].expand(batch, *frames.shape).clone()          # (B, L, C, H, W)
-        past_actions = past_actions[None].expand(batch, *past_actions.shape).clone()  # (B, L, A)
+        longest = self.context_length
+        if history is not None:
+            frames, past_actions, poses = self._validate_history(history, batch, longest)
+        else:
+            if len(self.memory) == 0:
+                raise RuntimeError("imagine() needs at least one observed frame: call reset() and observe(frame) first")
+            frames, past_actions, poses = self.memory.last(longest)
+            frames = frames[None].expand(batch, *frames.shape).clone()          # (B, L, C, H, W)
+            past_actions = past_actions[None].expand(batch, *past_actions.shape).clone()  # (B, L, A)
+            poses = None if poses is None else poses[None].expand(batch, *poses.shape).clone()
         needs_poses = any(expert.uses_poses for expert in experts.values())
         if needs_poses:
             if poses is None:
                 raise ValueError("the SLTM needs poses: pass pose= to observe()")
             if self.pose_model is None:
                 raise ValueError("the SLTM needs the poses of imagined frames: give the WorldModel a pose_model")
-            poses = poses[None].expand(batch, *poses.shape).clone()
         composer = self._composer()
         outputs = []
         for h in range(horizon):
@@ -233,8 +251,9 @@ class WorldModel:
                     "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                 }
             composer.prepare(conditions)
-            residual = sample(composer, (batch, *self.frame_shape), self.base.schedule, self.sampler, generator)
-            next_frame = (frames[:, -1] + residual).clamp(-1.0, 1.0)
+            # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
+            next_frame = sample(composer, (batch, *self.frame_shape), self.base.schedule, self.sampler,
+                                generator).clamp(-1.0, 1.0)
             outputs.append(next_frame)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
@@ -242,6 +261,28 @@ class WorldModel:
                 poses = torch.cat([poses[:, 1:], next_pose[:, None]], dim=1)
         self.last_network_calls = composer.network_calls
         return torch.stack(outputs, dim=1)
+
+    def _validate_history(self, history, batch: int, longest: int):
+        if not isinstance(history, (tuple, list)) or len(history) != 3:
+            raise ValueError("history must be a tuple (frames, actions, poses or None)")
+        frames, past_actions, poses = history
+        frames, past_actions = torch.as_tensor(frames).float(), torch.as_tensor(past_actions).float()
+        if frames.dim() != 5 or tuple(frames.shape[2:]) != self.frame_shape or frames.shape[0] != batch:
+            raise ValueError(f"history frames must have shape ({batch}, L, {', '.join(map(str, self.frame_shape))}), "
+                             f"got {tuple(frames.shape)}")
+        if frames.shape[1] < longest:
+            raise ValueError(f"history holds {frames.shape[1]} frames; the enabled experts read {longest}")
+        if past_actions.shape != (batch, frames.shape[1], self.action_spec.dim):
+            raise ValueError(f"history actions must have shape ({batch}, {frames.shape[1]}, {self.action_spec.dim}), "
+                             f"got {tuple(past_actions.shape)}")
+        if not (torch.isfinite(frames).all() and torch.isfinite(past_actions).all()):
+            raise ValueError("history contains NaN or inf")
+        if poses is not None:
+            poses = torch.as_tensor(poses).float()
+            if poses.shape != (batch, frames.shape[1], 3):
+                raise ValueError(f"history poses must have shape ({batch}, {frames.shape[1]}, 3), got {tuple(poses.shape)}")
+            poses = poses[:, -longest:].clone()
+        return frames[:, -longest:].clone(), past_actions[:, -longest:].clone(), poses
 
     # ------------------------------------------------------------------------------------------------ save / load
     def save(self, directory: str | Path, half: bool = False) -> None:
@@ -273,11 +314,20 @@ class WorldModel:
              composition: dict | None = None, memorize: dict | None = None,
              pose_model: PoseModel | None = None) -> WorldModel:
         """Load a world model from a checkpoint directory (``base.safetensors`` + ``base.json``, optionally stm/sltm,
-        and ``world_model.json`` with default settings); keyword dicts override those settings."""
+        and ``world_model.json`` with default settings); keyword dicts override those settings. A bare name that is
+        not a directory here (``"memory_cards"``) is a checkpoint shipped in the package (come_rl/checkpoints/)."""
         directory = Path(directory)
+        if not directory.exists() and len(directory.parts) == 1:
+            packaged = Path(__file__).resolve().parent / "checkpoints" / directory.name
+            if packaged.is_dir():
+                directory = packaged
         base, spec = load_expert(directory, "base")
         settings_path = directory / "world_model.json"
-        settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        try:
+            settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{settings_path} is not valid JSON ({error}); the checkpoint is corrupt, re-copy it or "
+                             f"delete the file to use the defaults") from error
         comp = dict(settings.get("composition", {}), **(composition or {}))
         if experts is not None:
             comp["experts"] = list(experts)

@@ -24,6 +24,9 @@ GRID = 4
 NUM_OBJECTS = 8
 ACTION_MEANINGS = ("up", "down", "left", "right", "toggle")
 UP, DOWN, LEFT, RIGHT, TOGGLE = range(5)
+# The world is reversible: each action is undone by another (a move away from the border by the opposite move, a toggle
+# by a toggle). Memorization may replay the episode backwards with these (MemorizeConfig.reverse_fraction).
+INVERSE_ACTIONS = (DOWN, UP, RIGHT, LEFT, TOGGLE)
 # The paper's random policy: cover/uncover with probability 0.4, each move with 0.15.
 RANDOM_POLICY_PROBS = np.array([0.15, 0.15, 0.15, 0.15, 0.40])
 

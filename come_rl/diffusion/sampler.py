@@ -21,14 +21,14 @@ class SamplerConfig:
     Attributes:
         steps: number of denoising steps (DDIM works well with 5-20; NWM used 250 DDPM steps).
         eta: 0 = deterministic DDIM, 1 = DDPM's ancestral sampling; in between interpolates.
-        clip_x0: clamp the predicted clean sample to [-clip_x0, clip_x0] (residual frames live in [-2, 2]); 0 = off.
+        clip_x0: clamp the predicted clean sample to [-clip_x0, clip_x0] (frames live in [-1, 1]); 0 = off.
         langevin_steps: corrector steps after each predictor step (paper D.3; it found no gain).
         langevin_step_size: corrector step size as a fraction of sigma_t^2.
     """
 
     steps: int = 10
     eta: float = 0.0
-    clip_x0: float = 2.0
+    clip_x0: float = 1.0
     langevin_steps: int = 0
     langevin_step_size: float = 0.1
 

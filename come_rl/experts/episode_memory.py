@@ -98,6 +98,71 @@ class EpisodeMemory:
         index = starts[:, None] + torch.arange(length)
         return frames[index], actions[index], None if poses is None else poses[index]
 
+    def sample_reversed_clips(self, batch_size: int, length: int, inverse_actions, window: int | None = None,
+                              generator: torch.Generator | None = None):
+        """Clips of ``length`` observations played backwards in time, for worlds that declare themselves reversible.
+
+        ``inverse_actions[a]`` is the discrete action that undoes action ``a`` (Memory Cards: up <-> down,
+        left <-> right, toggle <-> toggle). A forward clip of length + 1 is reversed and its first frame dropped, so
+        every remaining frame has the (inverted) action that led to it. Reversed, "a tile is covered" becomes "a tile
+        is uncovered": the memory learns what a tile hides from an episode that only ever covered it.
+        """
+        if self.action_spec.kind != "discrete":
+            raise ValueError("time-reversed clips need a discrete action space with declared inverse actions")
+        inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
+        if inverse.shape != (self.action_spec.dim,) or inverse.min() < 0 or inverse.max() >= self.action_spec.dim:
+            raise ValueError(f"inverse_actions must map each of the {self.action_spec.dim} actions to an action index, "
+                             f"got {list(inverse_actions)}")
+        frames, actions, poses = self.sample_clips(batch_size, length + 1, window, generator)
+        # Reversed clip g_j = f_{L-j}; the action from g_{j-1} = f_{L-j+1} to g_j is inverse(a_{L-j+1}).
+        frames = frames.flip(1)[:, 1:]
+        original = actions.argmax(-1).flip(1)[:, :-1]  # a_{L}, a_{L-1}, ..., a_1 for g_1 .. g_L
+        actions = torch.nn.functional.one_hot(inverse[original], self.action_spec.dim).float()
+        return frames, actions, None if poses is None else poses.flip(1)[:, 1:]
+
+    def sample_revisit_clips(self, batch_size: int, length: int, pose_model, tolerance: float = 0.25,
+                             yaw_tolerance: float = 0.5, generator: torch.Generator | None = None):
+        """Clips that pair a context with a view of the same place from another time of the episode, keyed by pose.
+
+        For a context ending at frame k and an action a, ``pose_model(pose_k, a)`` says where a leads; the target is a
+        frame j != k, j != k + 1 of the episode whose pose lies within ``tolerance`` (position) and ``yaw_tolerance``
+        (radians) of it. So the memory is asked to predict what the place looked like when the agent was there before
+        or after, which is how a world model learns what a view hides now but showed once. Discrete action spaces try
+        every action; continuous ones the episode's own actions. Returns None when no (context, action) has a revisit.
+        """
+        poses = self.poses
+        if poses is None:
+            raise ValueError("revisit clips need poses: observe(frame, action, pose) every frame")
+        total, k = len(self), length - 1
+        if total < length:
+            raise ValueError(f"the episode memory holds {total} frames, fewer than the {length} a clip needs")
+        if self.action_spec.kind == "discrete":
+            candidates = torch.eye(self.action_spec.dim)
+        else:
+            candidates = torch.unique(self.actions[1:], dim=0)
+        ends = torch.arange(k - 1, total)  # the context's last frame
+        n_end, n_act = len(ends), len(candidates)
+        with torch.no_grad():
+            next_poses = pose_model(poses[ends].repeat_interleave(n_act, 0), candidates.repeat(n_end, 1)).float()
+        position = torch.cdist(next_poses[:, :2], poses[:, :2])  # (n_end * n_act, total)
+        yaw = torch.remainder(next_poses[:, 2:3] - poses[None, :, 2] + torch.pi, 2 * torch.pi) - torch.pi
+        match = (position <= tolerance) & (yaw.abs() <= yaw_tolerance)
+        end_index = ends.repeat_interleave(n_act)
+        frame_index = torch.arange(total)[None]
+        match &= (frame_index != end_index[:, None]) & (frame_index != end_index[:, None] + 1)
+        pairs = match.nonzero()
+        if len(pairs) == 0:
+            return None
+        picks = pairs[torch.randint(0, len(pairs), (batch_size,), generator=generator)]
+        row, target = picks[:, 0], picks[:, 1]
+        end, action = end_index[row], candidates[row % n_act]
+        context = end[:, None] - torch.arange(k - 1, -1, -1)[None]  # (B, k) frame indices, oldest first
+        frames, actions = self.frames, self.actions
+        clip_frames = torch.cat([frames[context], frames[target][:, None]], dim=1)
+        clip_actions = torch.cat([actions[context], action[:, None]], dim=1)
+        clip_poses = torch.cat([poses[context], next_poses[row][:, None]], dim=1)
+        return clip_frames, clip_actions, clip_poses
+
 
 def to_frame_tensor(frame, frame_shape: tuple[int, int, int]) -> torch.Tensor:
     """A uint8 (H, W, 3) array or a float (3, H, W) tensor in [-1, 1] -> float (3, H, W), validated."""

@@ -1,12 +1,19 @@
 """An expert: one conditional denoiser p_k(x | c_k) of the next frame, with an unconditional mode p_k(x | empty).
 
-All experts of a world model denoise the same variable: the *residual* r = x_next - x_last of the next frame to the
-last frame seen (observed or imagined). Predicting the residual is the strongest inductive bias a small model can get
-in these worlds (most pixels do not change between frames), and sharing it keeps the composition well defined: the
-anchor x_last is common to every expert, so a product of experts over r is a product over x shifted by a constant.
+What the network is trained to denoise is the expert's *target* (recorded in its checkpoint recipe):
+  * ``"full"`` (the default, as in the paper's authors' code): the next frame itself, x_next in [-1, 1]; the last
+    context frame is an input only. Content that never changes (a tile's object) is part of every target, so an
+    episode's facts enter the loss and memorization can store them.
+  * ``"residual"``: r = x_next - x_last, the change to the last frame seen. A strong bias for small models (most pixels
+    do not change), but unchanged content never enters the loss: a memory expert cannot learn what a hidden tile holds
+    from clips in which it does not change.
+
+Whatever its target, every expert speaks *frame space* to the sampler and the composer: ``predict_eps`` takes the
+noisy next frame z = alpha x_next + sigma eps and returns eps. For a residual expert z - alpha x_last is exactly its
+noisy residual with the same eps, so experts of both targets compose by the same rule (paper eq. 6) without change.
 
 The network predicts v (see ``come_rl.diffusion.parametrization``); ``predict_eps`` turns it into the noise estimate
-that the composition rule (paper eq. 6) sums.
+that the composition rule sums.
 """
 
 from __future__ import annotations
@@ -16,22 +23,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from come_rl.diffusion import NoiseSchedule, add_noise, sample_noise_levels, v_target, v_to_eps
+from come_rl.diffusion.parametrization import _bcast
 from come_rl.nets.backbone import VideoBackbone
+
+TARGETS = ("full", "residual")
+
+
+class PreparedContext:
+    """What ``DiffusionExpert.prepare`` returns: the backbone's processed context, plus the anchor (the last context
+    frame, (B, C, H, W)) that a residual expert subtracts from the noisy frame; None for full-frame experts."""
+
+    __slots__ = ("state", "anchor")
+
+    def __init__(self, state, anchor: torch.Tensor | None):
+        self.state, self.anchor = state, anchor
 
 
 class DiffusionExpert(nn.Module):
-    """A backbone plus the residual-v parametrisation; the base, STM and SLTM experts are all of this class.
+    """A backbone plus the v-parametrisation of its target; the base, STM and SLTM experts are all of this class.
 
     Args:
         backbone: any :class:`VideoBackbone` predicting one frame.
         schedule: the noise schedule it trains and samples with.
         name: a label for logs and the composer ("base", "stm", "sltm", ...).
         uses_poses: whether the backbone takes per-frame pose features (SLTM).
+        target: "full" (the next frame) or "residual" (its change to the last context frame); see the module docstring.
     """
 
-    def __init__(self, backbone: VideoBackbone, schedule: NoiseSchedule, name: str = "base", uses_poses: bool = False):
+    def __init__(self, backbone: VideoBackbone, schedule: NoiseSchedule, name: str = "base", uses_poses: bool = False,
+                 target: str = "full"):
         super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown expert target {target!r}; choose one of {TARGETS}")
         self.backbone, self.schedule, self.name, self.uses_poses = backbone, schedule, name, uses_poses
+        self.target = target
         self.spec: dict | None = None  # the recipe it was loaded from (come_rl.checkpoint), needed to save it
 
     @property
@@ -45,17 +70,25 @@ class DiffusionExpert(nn.Module):
         context: (B, K, C, H, W) in [-1, 1]; actions: (B, K + 1, A), the action that led to each frame, the last row
         being the action taken from the last context frame; poses: (B, K + 1, P) or None; drop_context: (B,) bool.
         """
-        return self.inference_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
+        state = self.inference_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
+        return PreparedContext(state, context[:, -1].float() if self.target == "residual" else None)
 
     def inference_backbone(self):
         """The network that sampling runs (the LTM substitutes its adapter-merged copy)."""
         return self.backbone
 
-    def predict_eps(self, state, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, C, H, W) noisy residual, t: (B,) -> eps: (B, C, H, W)."""
-        v = self.inference_backbone().denoise(state, x_t[:, None], t)[:, 0]
+    def predict_eps(self, prepared: PreparedContext, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, C, H, W) noisy next frame (frame space, whatever the target), t: (B,) -> eps: (B, C, H, W)."""
         alpha, sigma = self.schedule.alpha_sigma(t)
+        if prepared.anchor is not None:  # residual target: z_residual = z_frame - alpha * x_last, the same eps
+            x_t = x_t - _bcast(alpha, x_t) * prepared.anchor
+        v = self.inference_backbone().denoise(prepared.state, x_t[:, None], t)[:, 0]
         return v_to_eps(v.float(), x_t, alpha, sigma)
+
+    def clean_target(self, frames: torch.Tensor) -> torch.Tensor:
+        """The variable this expert denoises for clips ``frames`` (B, K + 1, C, H, W): the last frame, or its change."""
+        target = frames[:, -1]
+        return target - frames[:, -2] if self.target == "residual" else target
 
     def loss(self, frames: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None = None,
              drop_prob: float = 0.0, t: torch.Tensor | None = None, noise_low: float = 0.0,
@@ -67,13 +100,12 @@ class DiffusionExpert(nn.Module):
         t / noise_low / uniform_fraction: the noise levels (see ``sample_noise_levels``).
         """
         b = frames.shape[0]
-        context, target = frames[:, :-1], frames[:, -1]
-        residual = target - context[:, -1]
+        context, x0 = frames[:, :-1], self.clean_target(frames)
         if t is None:
             t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
-        eps = torch.randn(residual.shape, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        x_t = add_noise(residual, eps, alpha, sigma)
+        x_t = add_noise(x0, eps, alpha, sigma)
         drop = torch.rand(b, generator=generator) < drop_prob if drop_prob > 0 else None
         v = self.backbone(x_t[:, None], t, context, actions, poses if self.uses_poses else None, drop)[:, 0]
-        return F.mse_loss(v.float(), v_target(residual, eps, alpha, sigma))
+        return F.mse_loss(v.float(), v_target(x0, eps, alpha, sigma))

@@ -1,8 +1,18 @@
-"""The long-term memory expert p_psi(c_LT)(x | c): the base expert plus LoRA adapters fine-tuned on the episode.
+"""The long-term memory expert p_psi(c_LT)(x | c): the base expert fine-tuned on the episode at test time.
 
-Memorization (paper B, "Test-time adaptation of LTM") runs the diffusion loss on clips drawn from the episode store,
-updating only low-rank adapters (peft) so that the backbone keeps its general prior; ``reset()`` re-initialises the
-adapters (B = 0), which makes the expert exactly the base again, so nothing leaks from one episode to the next.
+Memorization (paper B, "Test-time adaptation of LTM") is the training step itself: the same loss
+(``DiffusionExpert.loss``) and noise-level sampler (``sample_noise_levels``) as ``come_rl.train``, on clips drawn from
+the episode store, with a fresh AdamW per episode. Two ways to hold the memory (``MemorizeConfig.method``):
+  * ``"lora"``: low-rank adapters (peft) on the chosen layers, so the backbone keeps its general prior (the paper's
+    LTM for Memory Maze);
+  * ``"full"``: every weight of a copy of the base is trained (the authors' Memory Cards memory expert).
+``reset()`` restores the expert bit-exactly to the base (adapters B = 0, or the copied weights), so nothing leaks from
+one episode to the next.
+
+Where the episode never shows what a context hides (a tile seen open only before it was covered), clips of the episode
+teach the memory nothing about it; two clip sources beside the plain one address that: time-reversed clips for worlds
+that declare their inverse actions (``reverse_fraction``), and pose-keyed revisit clips that pair a context with a view
+of the same place from another time (``revisit_fraction``, any world with poses).
 
 The noise levels memorization trains on are a first-class knob (``noise_low``, ``uniform_fraction``): the episode's
 memory only matters near pure noise, where the base model cannot recover an object from the noisy target itself.
@@ -11,6 +21,7 @@ memory only matters near pure noise, where the base model cannot recover an obje
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +38,7 @@ class MemorizeConfig:
     """How the LTM memorizes an episode.
 
     Attributes:
+        method: "lora" (adapters) or "full" (fine-tune every weight of a copy of the base).
         rank: LoRA rank (paper: 8-256; 16 costs ~2x sampling time at r=16 in their streaming setting).
         lora_alpha: LoRA scaling numerator (scale = lora_alpha / rank).
         target_modules: regex over module names of the backbone that get adapters (Conv2d / Linear only).
@@ -35,8 +47,15 @@ class MemorizeConfig:
         lr: AdamW learning rate of the adapters.
         noise_low, uniform_fraction: noise levels U[noise_low, 1], with a uniform_fraction of rows from U[0, 1].
         window: memorize the last ``window`` frames only (None = the whole episode).
+        reverse_fraction: share of each batch drawn as time-reversed clips (needs ``inverse_actions``).
+        inverse_actions: per discrete action, the action that undoes it (declared by reversible worlds).
+        revisit_fraction: share of each batch drawn as pose-keyed revisit clips (needs poses and a pose model).
+        drop_context_fraction: share of rows trained in the unconditional mode (the context dropped): the memory
+            of the episode's views without their context.
+        weight_decay: AdamW weight decay.
     """
 
+    method: str = "lora"
     rank: int = 16
     lora_alpha: float = 16.0
     # The input convolutions (in_context / in_noisy: the U-Net's only layers that see raw pixels at full detail) must
@@ -53,16 +72,44 @@ class MemorizeConfig:
     uniform_fraction: float = 0.0
     window: int | None = None
     change_weighting: float = 0.0
+    reverse_fraction: float = 0.0
+    inverse_actions: list[int] | None = None
+    revisit_fraction: float = 0.0
+    revisit_tolerance: float = 0.25
+    drop_context_fraction: float = 0.0
+    weight_decay: float = 0.0
     full_parameters: str = ""
     """regex over parameter names of the backbone that memorization trains in full beside the adapters (e.g.
     "pos_maps.*": the U-Net's learned positional maps, the natural place for "what is at which tile"); reset()
     restores them exactly. Empty = adapters only (the paper's LTM)."""
 
     def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"memorize method must be 'lora' or 'full', got {self.method!r}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("memorize needs steps >= 0, batch_size >= 1 and lr > 0")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"memorize steps must be an integer >= 1, got {self.steps!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"memorize batch_size must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"memorize lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"memorize weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.noise_low < 1.0:
+            raise ValueError(f"memorize noise_low must lie in [0, 1), got {self.noise_low}")
+        if self.window is not None and self.window < 2:
+            raise ValueError(f"memorize window must be None or >= 2 frames, got {self.window}")
+        for name in ("reverse_fraction", "revisit_fraction", "drop_context_fraction", "uniform_fraction",
+                     "change_weighting"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"memorize {name} must lie in [0, 1], got {value}")
+        if self.reverse_fraction + self.revisit_fraction > 1.0:
+            raise ValueError("reverse_fraction + revisit_fraction must be <= 1 (they share one batch)")
+        if self.reverse_fraction > 0 and not self.inverse_actions:
+            raise ValueError("reverse_fraction > 0 needs inverse_actions: only worlds that declare how to undo each "
+                             "action (e.g. Memory Cards' INVERSE_ACTIONS) can be memorized backwards in time")
 
 
 def lora_target_names(backbone: nn.Module, pattern: str) -> list[str]:
@@ -82,17 +129,20 @@ class LongTermMemoryExpert(DiffusionExpert):
 
         config = config or MemorizeConfig()
         backbone = copy.deepcopy(base.backbone)
-        targets = lora_target_names(backbone, config.target_modules)
-        lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
-        backbone = inject_adapter_in_model(lora, backbone)
-        super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses)
+        if config.method == "lora":
+            targets = lora_target_names(backbone, config.target_modules)
+            lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
+            backbone = inject_adapter_in_model(lora, backbone)
+        else:
+            targets = []
+        super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses, target=base.target)
         self.config, self.targets = config, targets
         # The trained expert it adapts (what a checkpoint saves: never episode memory); kept out of the module tree
         # so that it adds nothing to this expert's parameters or state_dict.
         object.__setattr__(self, "source", base)
-        full = re.compile(config.full_parameters) if config.full_parameters else None
+        full = re.compile(".*" if config.method == "full" else config.full_parameters or "(?!)")
         for name, param in self.backbone.named_parameters():
-            param.requires_grad_("lora_" in name or bool(full and full.fullmatch(name)))
+            param.requires_grad_("lora_" in name or bool(full.fullmatch(name)))
         self.adapter_parameters = [p for p in self.backbone.parameters() if p.requires_grad]
         # Fully trained parameters are restored from these copies on reset(), so episodes never leak.
         self._initial_full = {name: p.detach().clone() for name, p in self.backbone.named_parameters()
@@ -101,7 +151,7 @@ class LongTermMemoryExpert(DiffusionExpert):
         self.memorized_steps = 0
         # Inference runs on a plain copy of the base with W + delta_W folded in (no LoRA branches): after
         # memorization the LTM costs exactly one base forward. It is rebuilt lazily when the adapters change.
-        self._merged = copy.deepcopy(base.backbone).eval()
+        self._merged = copy.deepcopy(base.backbone).eval() if config.method == "lora" else None
         self._merged_version = -1
         self.eval()
 
@@ -124,7 +174,7 @@ class LongTermMemoryExpert(DiffusionExpert):
 
     def inference_backbone(self) -> nn.Module:
         # Memorization (train mode) runs through the LoRA branches; sampling runs the merged copy.
-        return self.backbone if self.training else self._merged_backbone()
+        return self.backbone if self.training or self._merged is None else self._merged_backbone()
 
     def reset(self) -> None:
         """Re-initialise every adapter (A random, B = 0): the expert's outputs equal the base's exactly again."""
@@ -140,36 +190,55 @@ class LongTermMemoryExpert(DiffusionExpert):
         self.memorized_steps = 0
         self._merged_version = -1
 
-    def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
-                 **overrides) -> dict:
-        """Fine-tune the adapters on clips of ``memory`` for ``steps`` gradient steps; returns loss statistics.
-
-        ``overrides`` may set any :class:`MemorizeConfig` field for this call (batch_size, lr, noise_low, ...).
-        """
+    def check_memorize(self, memory: EpisodeMemory, steps: int | None = None, pose_model=None,
+                       **overrides) -> tuple[MemorizeConfig, int]:
+        """Validate a memorize call (before any weight changes); returns the call's config and step count."""
         config = _replace(self.config, overrides)
-        steps = config.steps if steps is None else int(steps)
-        if steps < 0:
-            raise ValueError(f"memorize steps must be >= 0, got {steps}")
+        steps = config.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or steps < 1:
+            raise ValueError(f"memorize steps must be an integer >= 1, got {steps!r}")
+        steps = int(steps)
         clip_length = self.context_frames + 1
-        if len(memory) < clip_length:
+        if len(memory) == 0:
+            raise ValueError("memorize() on an empty memory: observe frames of the episode first")
+        if len(memory) < clip_length + (1 if config.reverse_fraction > 0 else 0):
             raise ValueError(f"memorize needs at least {clip_length} observed frames (context {self.context_frames} + 1); "
                              f"the episode memory holds {len(memory)}")
+        if config.window is not None and config.window > len(memory):
+            raise ValueError(f"memorize window={config.window} is longer than the episode ({len(memory)} frames "
+                             f"observed); lower window or observe more frames")
+        if config.window is not None and config.window < clip_length + (1 if config.reverse_fraction > 0 else 0):
+            raise ValueError(f"memorize window={config.window} is shorter than one training clip ({clip_length} frames)")
+        if config.revisit_fraction > 0 and (memory.poses is None or pose_model is None):
+            raise ValueError("revisit_fraction > 0 needs poses in the memory (observe(..., pose=)) and a pose_model")
+        return config, steps
+
+    def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
+                 pose_model=None, **overrides) -> dict:
+        """Fine-tune on clips of ``memory`` for ``steps`` gradient steps of the training loss; returns loss statistics.
+
+        ``overrides`` may set any :class:`MemorizeConfig` field for this call (batch_size, lr, noise_low, ...).
+        ``pose_model`` (poses, actions) -> next poses is needed for revisit clips.
+        """
+        config, steps = self.check_memorize(memory, steps, pose_model, **overrides)
+        clip_length = self.context_frames + 1
         if self._optimizer is None:
-            self._optimizer = torch.optim.AdamW(self.adapter_parameters, lr=config.lr, weight_decay=0.0)
+            self._optimizer = torch.optim.AdamW(self.adapter_parameters, lr=config.lr, weight_decay=config.weight_decay)
         for group in self._optimizer.param_groups:
-            group["lr"] = config.lr
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
         self.train()
         losses, start = [], time.perf_counter()
         for _ in range(steps):
-            frames, actions, poses = memory.sample_clips(config.batch_size, clip_length, config.window, generator,
-                                                               change_weighting=config.change_weighting)
+            frames, actions, poses = self._memorization_batch(memory, config, clip_length, pose_model, generator)
             pose_input = None
             if self.uses_poses and poses is not None:
                 from come_rl.data_sources import pose_features
 
                 pose_input = pose_features(poses)
-            loss = self.loss(frames, actions, pose_input, noise_low=config.noise_low,
-                             uniform_fraction=config.uniform_fraction, generator=generator)
+            loss = self.loss(frames, actions, pose_input, drop_prob=config.drop_context_fraction,
+                             noise_low=config.noise_low, uniform_fraction=config.uniform_fraction, generator=generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"memorization loss became {loss.item()}; lower lr (now {config.lr})")
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._optimizer.step()
@@ -179,6 +248,33 @@ class LongTermMemoryExpert(DiffusionExpert):
         seconds = time.perf_counter() - start
         return {"steps": steps, "seconds": seconds, "loss_first": losses[0] if losses else float("nan"),
                 "loss_last": losses[-1] if losses else float("nan"), "total_steps": self.memorized_steps}
+
+    @staticmethod
+    def _memorization_batch(memory: EpisodeMemory, config: MemorizeConfig, clip_length: int, pose_model,
+                            generator: torch.Generator | None):
+        """One batch: plain clips of the episode, plus the time-reversed and revisit shares of the config."""
+        n_reverse = int(round(config.reverse_fraction * config.batch_size))
+        n_revisit = int(round(config.revisit_fraction * config.batch_size))
+        parts = []
+        if n_revisit:
+            revisit = memory.sample_revisit_clips(n_revisit, clip_length, pose_model, config.revisit_tolerance,
+                                                  generator=generator)
+            if revisit is not None:
+                parts.append(revisit)
+            else:
+                n_revisit = 0
+        if n_reverse:
+            parts.append(memory.sample_reversed_clips(n_reverse, clip_length, config.inverse_actions, config.window,
+                                                      generator))
+        n_plain = config.batch_size - n_reverse - n_revisit
+        if n_plain > 0:
+            parts.append(memory.sample_clips(n_plain, clip_length, config.window, generator,
+                                             change_weighting=config.change_weighting))
+        frames = torch.cat([p[0] for p in parts])
+        actions = torch.cat([p[1] for p in parts])
+        has_poses = all(p[2] is not None for p in parts)
+        poses = torch.cat([p[2] for p in parts]) if has_poses else None
+        return frames, actions, poses
 
 
 def _replace(config: MemorizeConfig, overrides: dict) -> MemorizeConfig:
