@@ -239,10 +239,40 @@ def run_recon(cfg: DictConfig) -> dict:
     return summary
 
 
+def run_find_object(cfg: DictConfig) -> dict:
+    """``env=memory_cards_find``: the world-model agent uncovers the tile it imagines hides the goal object
+    (``agents.find_object``); ``run.episodes`` episodes from ``run.seed``, results in ``results/<run.name>/``."""
+    from agents.find_object import WorldModelFindAgent, evaluate_agents
+    from envs.memory_cards import cursor_pose_model
+
+    if int(cfg.run.episodes) < 1:
+        raise ValueError(f"run.episodes must be >= 1, got {cfg.run.episodes}")
+    memorize_steps = int(cfg.env.task.get("memorize_steps", 100))
+    if memorize_steps < 0:
+        raise ValueError(f"env.task.memorize_steps must be >= 0, got {memorize_steps}")
+    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+        resolve_checkpoint(str(cfg.model.checkpoint))
+    torch.set_num_threads(int(cfg.run.threads))
+    world_model = build_world_model(cfg.model)
+    world_model.pose_model = world_model.pose_model or cursor_pose_model
+    experts = "+".join(world_model.composition.experts)
+    agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts)
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    title = (f"Memory Cards, find the object: world model {cfg.model.checkpoint} ({experts}), {memorize_steps} "
+             f"memorization steps, {cfg.run.episodes} episodes from seed {cfg.run.seed}; chance 2/16")
+    summary = evaluate_agents([agent], int(cfg.run.episodes), int(cfg.run.seed), out_dir, title,
+                              progress=bool(cfg.run.progress), make_env=lambda: build_env(cfg.env))[0]
+    print(f"results written to {out_dir}")
+    print((out_dir / "summary.md").read_text())
+    return {"run": cfg.run.name, **_choices(), **summary}
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
     if cfg.env.get("protocol") == "recon":
         return run_recon(cfg)
+    if cfg.env.get("task", {}).get("kind") == "find_object":
+        return run_find_object(cfg)
     check_run_config(cfg)
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)

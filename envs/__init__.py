@@ -12,6 +12,7 @@ from gymnasium.envs.registration import register, registry
 
 _REGISTRATIONS: dict[str, tuple[str, dict]] = {
     "come_rl/MemoryCards-v0": ("envs.memory_cards:MemoryCardsEnv", {}),
+    "come_rl/MemoryCardsFind-v0": ("envs.memory_cards_find:MemoryCardsFindEnv", {}),
     "come_rl/MemoryMaze9x9-v0": ("envs.memory_maze:MemoryMazeEnv", {"maze_size": 9}),
     "come_rl/MemoryMaze11x11-v0": ("envs.memory_maze:MemoryMazeEnv", {"maze_size": 11}),
     "come_rl/MemoryMaze13x13-v0": ("envs.memory_maze:MemoryMazeEnv", {"maze_size": 13}),

@@ -1,0 +1,254 @@
+"""Find the object on Memory Cards (``envs.memory_cards_find``): plan the one uncover with the world model.
+
+    python -m agents.find_object                                   # all agents, 32 held-out episodes each
+    python -m agents.find_object agents=come,base episodes=8 seed=100 memorize_steps=50
+    python -m come_rl.run env=memory_cards_find                    # the same task through the Hydra entry point
+    python -m come_rl.run env=memory_cards_find model.experts=[base]   # its no-memory ablation
+
+The world-model agent watches the exploration (observe every frame, action and cursor pose), memorizes it
+(``memorize_steps`` of the world model's memorization), then imagines, in one batch, walking to each of the 16 tiles
+and uncovering it; it uncovers the tile whose imagined content is nearest (pixel MSE of the tile's inside) to the goal
+image. Pixels, not LPIPS: the goal is a 12x12-pixel tile, below the size at which AlexNet's features (stride 4, an
+11x11 first kernel) mean anything. Without memory the base can only guess what a covered tile hides; with it, the
+world model should know. Baselines: ``random`` (a uniformly random tile: 2 of 16 hide the object) and ``oracle`` (the
+layout is known: the ceiling).
+
+Writes ``results/find_object/``: ``episodes.csv`` (one row per agent and episode), ``summary.csv``/``.md`` (success rate
+with a 95 % Wilson interval, seconds per decision, memorization seconds), ``success.png`` (bars with intervals) and
+per agent one success and one failure as GIFs (real | imagined at the chosen tile | goal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from come_rl.results import wilson_interval, write_table
+from envs.memory_cards import GRID, TOGGLE
+from envs.memory_cards_find import MemoryCardsFindEnv
+
+AGENT_EXPERTS = {"base": ["base"], "ltm": ["base", "ltm"], "come": ["base", "ltm", "stm", "sltm"]}
+AGENTS = ("random", "base", "ltm", "come", "oracle")
+
+
+class RandomTileAgent:
+    """Uncovers a uniformly random tile (seeded): succeeds 2 times in 16."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+        tile = divmod(int(self.rng.integers(GRID * GRID)), GRID)
+        self.queue = env.path_to(tile)
+        return {"tile": tile}
+
+    def act(self, observation, info) -> int:
+        return self.queue.pop(0)
+
+
+class OracleAgent(RandomTileAgent):
+    """Knows the layout: walks to the nearest tile that hides the goal object (the ceiling, 100 %)."""
+
+    name = "oracle"
+
+    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+        cursor = np.asarray(info["cursor"])
+        tile = min(env.goal_tiles(), key=lambda t: (abs(t[0] - cursor[0]) + abs(t[1] - cursor[1]), t))
+        self.queue = env.path_to(tile)
+        return {"tile": tile}
+
+
+class WorldModelFindAgent:
+    """See the module docstring. ``world_model``: a come_rl ``WorldModel`` for Memory Cards."""
+
+    def __init__(self, world_model, memorize_steps: int = 100, seed: int = 0, name: str = "world_model"):
+        if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
+            raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
+        self.world_model, self.memorize_steps, self.seed, self.name = world_model, int(memorize_steps), seed, name
+
+    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+        wm, exploration = self.world_model, info["exploration"]
+        goal = np.asarray(info["goal_image"])
+        tile_px = env.cards.tile
+        if goal.dtype != np.uint8 or goal.shape != (tile_px, tile_px, 3):
+            raise ValueError(f"the goal image must be a uint8 ({tile_px}, {tile_px}, 3) tile, got {goal.dtype} {goal.shape}")
+        spec = wm.action_spec
+        wm.reset()
+        wm.observe(exploration["frames"][0], None, exploration["poses"][0])
+        for frame, action, pose in zip(exploration["frames"][1:], exploration["actions"], exploration["poses"][1:]):
+            wm.observe(frame, spec.encode(action), pose)
+        memorize_seconds = 0.0
+        if self.memorize_steps and "ltm" in wm.composition.experts:
+            memorize_seconds = wm.memorize(steps=self.memorize_steps,
+                                           generator=torch.Generator().manual_seed(self.seed))["seconds"]
+        start = time.perf_counter()
+        tiles = [divmod(i, GRID) for i in range(GRID * GRID)]
+        paths = [env.path_to(tile) for tile in tiles]
+        horizon = max(len(p) for p in paths)
+        actions = torch.from_numpy(np.stack([np.stack([spec.encode(a) for a in p + [TOGGLE] * (horizon - len(p))])
+                                             for p in paths])).float()
+        imagined = wm.imagine(actions, seed=self.seed)  # (16, horizon, 3, H, W)
+        uncovered = imagined[torch.arange(len(paths)), torch.tensor([len(p) - 1 for p in paths])]
+        frames = ((uncovered.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        m = env.cards.margin
+        target = goal[m:-m, m:-m].astype(np.float32) / 255
+        distances = []
+        for (r, c), frame in zip(tiles, frames):
+            rows, cols = env.cards.tile_slice(r, c)
+            inside = frame[rows, cols][m:-m, m:-m].astype(np.float32) / 255
+            distances.append(float(((inside - target) ** 2).mean()))
+        choice = int(np.argmin(distances))
+        self.queue = list(paths[choice])
+        return {"tile": tiles[choice], "plan_seconds": time.perf_counter() - start, "memorize_seconds": memorize_seconds,
+                "imagined": frames[choice], "distance": distances[choice]}
+
+    def act(self, observation, info) -> int:
+        return self.queue.pop(0)
+
+
+def run_episode(env: MemoryCardsFindEnv, agent, seed: int) -> tuple[dict, list]:
+    observation, info = env.reset(seed=seed)
+    plan = agent.begin(env, info)
+    frames, success, steps = [observation], False, 0
+    while True:
+        observation, reward, terminated, truncated, info = env.step(agent.act(observation, info))
+        frames.append(observation)
+        steps += 1
+        if terminated or truncated:
+            success = bool(info["success"])
+            break
+    row = {"agent": agent.name, "seed": seed, "initial_cover": info["exploration"]["initial_cover"],
+           "goal_object": info["goal_object"], "success": int(success), "uncovered_tile": f"{plan['tile'][0]},{plan['tile'][1]}",
+           "steps": steps, "seconds_per_decision": plan.get("plan_seconds", 0.0),
+           "memorize_seconds": plan.get("memorize_seconds", 0.0)}
+    gif = [np.concatenate([f, plan["imagined"] if "imagined" in plan else np.zeros_like(f),
+                           _pad_goal(info["goal_image"], f.shape)], axis=1) for f in frames]
+    return row, gif
+
+
+def _pad_goal(goal: np.ndarray, shape) -> np.ndarray:
+    canvas = np.zeros(shape, np.uint8)
+    r0, c0 = (shape[0] - goal.shape[0]) // 2, (shape[1] - goal.shape[1]) // 2
+    canvas[r0:r0 + goal.shape[0], c0:c0 + goal.shape[1]] = goal
+    return canvas
+
+
+@dataclass
+class FindConfig:
+    checkpoint: str = "memory_cards"
+    agents: str = ",".join(AGENTS)
+    episodes: int = 32
+    seed: int = 7000
+    """episodes use seeds seed .. seed + episodes - 1 (7000+: never used for tuning)."""
+    memorize_steps: int = 100
+    sampler_steps: int = 10
+    threads: int = 2
+    out_dir: str = "results/find_object"
+
+
+def build_agent(name: str, config: FindConfig):
+    if name == "random":
+        return RandomTileAgent(config.seed)
+    if name == "oracle":
+        return OracleAgent(config.seed)
+    if name not in AGENT_EXPERTS:
+        raise ValueError(f"unknown agent {name!r}; choose from {AGENTS}")
+    from come_rl.world_model import WorldModel
+    from envs.memory_cards import cursor_pose_model
+
+    wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name], sampler={"steps": config.sampler_steps},
+                         pose_model=cursor_pose_model)
+    return WorldModelFindAgent(wm, config.memorize_steps if name != "base" else 0, config.seed, name=name)
+
+
+def evaluate(config: FindConfig) -> list[dict]:
+    names = [n.strip() for n in config.agents.split(",") if n.strip()]
+    unknown = [n for n in names if n not in AGENTS]
+    if unknown or not names:
+        raise ValueError(f"unknown agents {unknown}; choose from {AGENTS}")
+    if config.episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {config.episodes}")
+    torch.set_num_threads(config.threads)
+    command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+    title = (f"Memory Cards, find the object ({config.episodes} episodes per agent, seeds {config.seed}+; chance 2/16; "
+             f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization "
+             f"steps): `{command}`")
+    return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed,
+                           Path(config.out_dir), title)
+
+
+def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: str, progress: bool = True,
+                    make_env=MemoryCardsFindEnv) -> list[dict]:
+    """Run ``episodes`` episodes (seeds seed, seed + 1, ...) per agent; write episodes/summary tables, the bar plot and
+    one success and one failure GIF per agent into ``out``; return the summary rows."""
+    from come_rl.visualize import save_rollout_gif
+
+    rows, summaries = [], []
+    for agent in agents:
+        env = make_env()
+        agent_rows, gifs = [], {}
+        for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}", disable=not progress):
+            row, gif = run_episode(env, agent, seed + episode)
+            agent_rows.append(row)
+            gifs.setdefault(row["success"], gif)
+        rows += agent_rows
+        hits = sum(r["success"] for r in agent_rows)
+        low, high = wilson_interval(hits, len(agent_rows))
+        summaries.append({"agent": agent.name, "episodes": len(agent_rows), "successes": hits,
+                          "success_rate": hits / len(agent_rows), "ci95_low": low, "ci95_high": high,
+                          "seconds_per_decision": float(np.mean([r["seconds_per_decision"] for r in agent_rows])),
+                          "memorize_seconds": float(np.mean([r["memorize_seconds"] for r in agent_rows]))})
+        for success, gif in gifs.items():
+            save_rollout_gif(out / f"{agent.name}_{'success' if success else 'failure'}.gif", [np.stack(gif)])
+    write_table(out / "episodes.csv", rows, md_path=out / "episodes.md", title=title + " (per episode)")
+    write_table(out / "summary.csv", summaries, md_path=out / "summary.md", title=title)
+    _plot(summaries, out / "success.png")
+    return summaries
+
+
+def _plot(summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(summaries))
+    rates = np.array([s["success_rate"] for s in summaries])
+    err = np.array([[s["success_rate"] - s["ci95_low"] for s in summaries], [s["ci95_high"] - s["success_rate"] for s in summaries]])
+    ax.bar(x, rates, yerr=err, capsize=4, color="tab:blue")
+    ax.axhline(2 / 16, color="k", ls=":", lw=1, label="chance 2/16")
+    ax.set_xticks(x, [s["agent"] for s in summaries])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("success rate (95 % CI)")
+    ax.set_title(f"Memory Cards: find the object ({summaries[0]['episodes']} episodes each)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from come_rl.train import parse_overrides
+
+    config = parse_overrides(sys.argv[1:] if argv is None else argv, FindConfig)
+    try:
+        summaries = evaluate(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
+    for row in summaries:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+if __name__ == "__main__":
+    main()

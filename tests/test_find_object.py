@@ -1,0 +1,83 @@
+"""Memory Cards, find the object: the env's rules, its baselines, the world-model agent and bad input."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401  (registers the ids)
+from agents.find_object import FindConfig, OracleAgent, RandomTileAgent, WorldModelFindAgent, evaluate, run_episode
+from envs.memory_cards import GRID, TOGGLE, UP
+from envs.memory_cards_find import MemoryCardsFindEnv
+
+
+def test_the_env_explores_then_allows_one_uncover():
+    env = gym.make("come_rl/MemoryCardsFind-v0").unwrapped
+    frame, info = env.reset(seed=3)
+    exploration = info["exploration"]
+    assert exploration["frames"].shape[0] == len(exploration["actions"]) + 1 == exploration["poses"].shape[0]
+    assert info["covered"].all() and info["seen"].all()  # every tile shown, all covered again
+    assert info["goal_image"].shape == (12, 12, 3) and info["goal_image"].dtype == np.uint8
+    assert len(env.goal_tiles()) == 2
+    _, reward, terminated, truncated, info = env.step(UP)
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    _, reward, terminated, _, info = env.step(TOGGLE)
+    assert terminated and reward == float(info["success"])
+    with pytest.raises(RuntimeError, match="episode has ended"):
+        env.step(UP)
+
+
+def test_same_seed_same_episode_and_goal():
+    a, b = MemoryCardsFindEnv(), MemoryCardsFindEnv()
+    (fa, ia), (fb, ib) = a.reset(seed=5), b.reset(seed=5)
+    assert np.array_equal(fa, fb) and ia["goal_object"] == ib["goal_object"]
+    assert np.array_equal(ia["exploration"]["frames"], ib["exploration"]["frames"])
+
+
+def test_oracle_always_succeeds_and_random_is_near_chance():
+    env = MemoryCardsFindEnv()
+    oracle = [run_episode(env, OracleAgent(), seed)[0]["success"] for seed in range(20)]
+    assert all(oracle)
+    random_agent = RandomTileAgent(seed=0)
+    hits = [run_episode(env, random_agent, seed)[0]["success"] for seed in range(160)]
+    assert 0.03 < np.mean(hits) < 0.25  # chance 2/16 = 0.125
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(options={"goal_object": 8}), "goal_object must be an object id"),
+    (dict(options={"goal_object": -1}), "goal_object must be an object id"),
+    (dict(options={"initial_cover": "open"}), "initial_cover"),
+])
+def test_bad_goal_or_start_is_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryCardsFindEnv().reset(seed=0, **bad)
+
+
+def test_world_model_agent_rejects_a_goal_image_of_the_wrong_size_or_dtype():
+    from come_rl.world_model import WorldModel
+
+    env = MemoryCardsFindEnv()
+    _, info = env.reset(seed=1)
+    agent = WorldModelFindAgent(WorldModel.load("memory_cards", experts=["base"], sampler={"steps": 1}), 0)
+    for goal in (np.zeros((48, 48, 3), np.uint8), info["goal_image"].astype(np.float32)):
+        with pytest.raises(ValueError, match="goal image must be a uint8"):
+            agent.begin(env, dict(info, goal_image=goal))
+
+
+def test_evaluation_rejects_bad_settings_before_any_episode(tmp_path):
+    with pytest.raises(ValueError, match="episodes must be >= 1"):
+        evaluate(FindConfig(agents="random", episodes=0, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown agents"):
+        evaluate(FindConfig(agents="random,psychic", out_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_evaluation_writes_tables_plot_and_gifs(tmp_path):
+    rows = evaluate(FindConfig(agents="random,oracle,base", episodes=2, sampler_steps=1, out_dir=str(tmp_path)))
+    by_agent = {r["agent"]: r for r in rows}
+    assert by_agent["oracle"]["success_rate"] == 1.0
+    for row in rows:
+        assert row["ci95_low"] <= row["success_rate"] <= row["ci95_high"]
+    assert by_agent["base"]["seconds_per_decision"] > 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"summary.csv", "summary.md", "episodes.csv", "success.png", "oracle_success.gif"} <= names
+    assert GRID == 4
