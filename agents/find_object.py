@@ -14,7 +14,8 @@ world model should know. Baselines: ``random`` (a uniformly random tile: 2 of 16
 layout is known: the ceiling).
 
 Writes ``results/find_object/``: ``episodes.csv`` (one row per agent and episode), ``summary.csv``/``.md`` (success rate
-with a 95 % Wilson interval, seconds per decision, memorization seconds), ``success.png`` (bars with intervals) and
+with a 95 % Wilson interval, the final distance in tiles from the uncovered tile to the nearest tile hiding the goal,
+seconds per decision, memorization seconds; ATE/RPE do not apply: there is no reference path), ``success.png`` (bars with intervals) and
 per agent one success and one failure as GIFs (real | imagined at the chosen tile | goal).
 """
 
@@ -126,8 +127,11 @@ def run_episode(env: MemoryCardsFindEnv, agent, seed: int) -> tuple[dict, list]:
         if terminated or truncated:
             success = bool(info["success"])
             break
+    cursor = np.asarray(info["cursor"])
+    tile_distance = min(abs(r - cursor[0]) + abs(c - cursor[1]) for r, c in env.goal_tiles())
     row = {"agent": agent.name, "seed": seed, "initial_cover": info["exploration"]["initial_cover"],
            "goal_object": info["goal_object"], "success": int(success), "uncovered_tile": f"{plan['tile'][0]},{plan['tile'][1]}",
+           "tile_distance_to_goal": int(tile_distance),
            "steps": steps, "seconds_per_decision": plan.get("plan_seconds", 0.0),
            "memorize_seconds": plan.get("memorize_seconds", 0.0)}
     gif = [np.concatenate([f, plan["imagined"] if "imagined" in plan else np.zeros_like(f),
@@ -205,6 +209,7 @@ def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: st
         low, high = wilson_interval(hits, len(agent_rows))
         summaries.append({"agent": agent.name, "episodes": len(agent_rows), "successes": hits,
                           "success_rate": hits / len(agent_rows), "ci95_low": low, "ci95_high": high,
+                          "tile_distance_to_goal": float(np.mean([r["tile_distance_to_goal"] for r in agent_rows])),
                           "seconds_per_decision": float(np.mean([r["seconds_per_decision"] for r in agent_rows])),
                           "memorize_seconds": float(np.mean([r["memorize_seconds"] for r in agent_rows]))})
         for success, gif in gifs.items():

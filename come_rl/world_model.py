@@ -179,8 +179,9 @@ class WorldModel:
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or inf")
         if self.action_spec.kind == "discrete":
-            if actions.min() < 0 or actions.max() > 1:
-                raise ValueError("discrete actions are one-hot vectors with entries in [0, 1]")
+            if not (((actions == 0) | (actions == 1)).all() and (actions.sum(-1) == 1).all()):
+                raise ValueError("discrete actions are one-hot vectors (one entry 1, the others 0); encode action "
+                                 "indices with action_spec.encode")
         else:
             low, high = torch.tensor(self.action_spec.low), torch.tensor(self.action_spec.high)
             if (actions < low - 1e-6).any() or (actions > high + 1e-6).any():

@@ -55,6 +55,9 @@ COMPOSITIONS = {
     "PoCE w=2": _poce(2.0),
     "PoCE w=2.5": _poce(2.5),
     "PoCE w=3": _poce(3.0),
+    # The LTM only at the noise levels it memorized (t >= 0.9): it sets the content, the base draws the details.
+    "LTM alone, gated t>=0.9": _poce(1.0, active_from={"ltm": 0.9}),
+    "PoCE w=2.5, gated t>=0.9": _poce(2.5, active_from={"ltm": 0.9}),
     # The full composition: the LTM's contrastive term beside the STM's and SLTM's (alpha 2 against their own
     # unconditional modes), all normalised; and the same without the LTM (what the short-term experts recall alone).
     "base+STM+SLTM (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
@@ -63,11 +66,12 @@ COMPOSITIONS = {
                                             alphas={"stm": 2.0, "sltm": 2.0}),
 }
 COMPOSITION_SETS = {
-    "sweep": ["no memory (base)", "LTM alone", "PoCE w=2.5"],
+    "sweep": ["no memory (base)", "LTM alone", "PoCE w=2.5", "LTM alone, gated t>=0.9", "PoCE w=2.5, gated t>=0.9"],
     "ltm": [name for name in COMPOSITIONS if "STM" not in name],
     "all": list(COMPOSITIONS),
 }
 NO_MEMORY = "no memory (base)"
+SHIPPED_DEFAULT = "PoCE w=2.5, gated t>=0.9"  # the composition in come_rl/checkpoints/memory_cards/world_model.json
 NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)"}
 
 
@@ -83,7 +87,7 @@ class RecallConfig:
     memorize: dict = field(default_factory=dict)
     """MemorizeConfig overrides as JSON, e.g. {"method": "full", "lr": 3e-4}; empty = the checkpoint's defaults."""
     compositions: str = "all"
-    """a set name (sweep, ltm, all) or a comma list of composition names (see COMPOSITIONS)."""
+    """a set name (sweep, ltm, all), a composition name, or names separated by ";" (see COMPOSITIONS)."""
     sampler_steps: int = 10
     seed: int = 5000
     threads: int = 2
@@ -108,7 +112,13 @@ def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, r
 
 
 def resolve_compositions(spec: str) -> list[str]:
-    names = COMPOSITION_SETS.get(spec) or [name.strip() for name in spec.split(",") if name.strip()]
+    """A set name, one composition name, or names separated by ";" (names may contain commas)."""
+    if spec in COMPOSITION_SETS:
+        names = COMPOSITION_SETS[spec]
+    elif spec in COMPOSITIONS:
+        names = [spec]
+    else:
+        names = [name.strip() for name in spec.split(";") if name.strip()]
     unknown = [name for name in names if name not in COMPOSITIONS]
     if unknown or not names:
         raise ValueError(f"unknown compositions {unknown}; use a set ({', '.join(COMPOSITION_SETS)}) or names from "
@@ -146,6 +156,11 @@ def run(config: RecallConfig) -> list[dict]:
     seconds: dict[tuple[int, str], float] = {}
     examples: list = []
     jobs = [(start, i) for start in starts for i in range(config.episodes_per_start)]
+    # The examples image: the shipped default composition where it is evaluated, after 100 steps where there are.
+    example_name = SHIPPED_DEFAULT if SHIPPED_DEFAULT in names else names[-1]
+    example_steps = max([s for s in steps_list if s <= 100] or steps_list)
+    if example_name in NEEDS_NO_MEMORIZATION:
+        example_steps = 0
     for job, (start, i) in enumerate(tqdm(jobs, desc="recall episodes")):
         seed = config.seed + i + (0 if start == "covered" else 50_000)
         frame, info = env.reset(seed=seed, options={"initial_cover": start, "cursor": (0, 0)})
@@ -159,12 +174,13 @@ def run(config: RecallConfig) -> list[dict]:
         history, truths = _tile_queries(wm, env)
         layout = info["layout"]
         generator = torch.Generator().manual_seed(seed)
-        done = 0
+        done, spent = 0, 0.0
         for steps in steps_list:
             if steps > done:
-                stats = wm.memorize(steps=steps - done, generator=generator)
-                seconds[(steps, start)] = seconds.get((steps, start), 0.0) + stats["seconds"]
+                spent += wm.memorize(steps=steps - done, generator=generator)["seconds"]
                 done = steps
+            # the episode's memorization time so far (cumulative over the steps list)
+            seconds[(steps, start)] = seconds.get((steps, start), 0.0) + spent
             for name in names:
                 if (steps == 0) != (name in NEEDS_NO_MEMORIZATION):
                     continue  # before memorization every LTM composition is the base; after it, these do not change
@@ -175,7 +191,7 @@ def run(config: RecallConfig) -> list[dict]:
                     row, col = divmod(tile, GRID)
                     scores.setdefault((name, steps, start), []).append(
                         tile_errors(imagined[tile], truths[tile], env, row, col, int(layout[row, col])))
-                if job in (0, config.episodes_per_start) and steps == steps_list[-1] and name == names[-1]:
+                if job in (0, config.episodes_per_start) and steps == example_steps and name == example_name:
                     examples.append(np.concatenate([np.concatenate(list(truths[:8]), axis=1),
                                                     np.concatenate(list(imagined[:8]), axis=1)], axis=0))
     rows = []
@@ -194,10 +210,13 @@ def run(config: RecallConfig) -> list[dict]:
             "memorize_seconds_per_episode": seconds.get((steps, start), 0.0) / config.episodes_per_start,
         })
     out = Path(config.out_dir)
-    settings = {k: v for k, v in memorize_settings.items() if k not in ("steps", "target_modules") or config.memorize.get(k)}
+    settings = {k: v for k, v in memorize_settings.items()
+                if k != "steps" and (k != "target_modules" or memorize_settings["method"] == "lora")}
+    # The command names every memorization setting, so it reproduces the table whatever the checkpoint's defaults.
+    shown = dict(dataclasses.asdict(config), memorize=settings)
     command = "python -m come_rl.experiments.recall " + " ".join(
         f"{k}='{json.dumps(v)}'" if isinstance(v, dict) else f"{k}={v}"
-        for k, v in dataclasses.asdict(config).items() if v != getattr(RecallConfig(), k, None) or k == "seed")
+        for k, v in shown.items() if v != getattr(RecallConfig(), k, None) or k in ("seed", "memorize"))
     write_table(out / f"memory_cards_recall{config.suffix}.csv", rows, md_path=out / f"memory_cards_recall{config.suffix}.md",
                 title=f"Memory Cards recall: {config.episodes_per_start} zig-zag episodes per start x 16 tiles, seeds "
                       f"from {config.seed}; chance 12.5 %; base {wm.base_spec.get('parameters', 0) / 1e6:.2f}M-parameter "

@@ -67,7 +67,7 @@ class EpisodeMemory:
         return frames, actions, poses
 
     def sample_clips(self, batch_size: int, length: int, window: int | None = None,
-                     generator: torch.Generator | None = None, change_weighting: float = 0.0):
+                     generator: torch.Generator | None = None, change_weighting: float = 0.0, pad_start: bool = True):
         """Random clips of ``length`` consecutive observations from the last ``window`` ones (all if None).
 
         ``change_weighting`` in [0, 1]: that fraction of the clips is drawn with probability proportional to how much
@@ -75,6 +75,9 @@ class EpisodeMemory:
         residual parametrisation a clip whose frame does not change teaches the memory nothing about the episode's
         content, so weighting by change spends memorization steps where the episode's facts are (a tile uncovered,
         a room entered).
+
+        ``pad_start``: clips may begin up to length - 2 frames before the episode (the first frame repeated with zero
+        actions, as ``last`` pads), so that the episode's second frame is a target too.
 
         Returns frames (B, length, C, H, W), actions (B, length, A), poses (B, length, 3) or None.
         """
@@ -84,19 +87,26 @@ class EpisodeMemory:
                              f"observe more frames before memorize()")
         if not 0.0 <= change_weighting <= 1.0:
             raise ValueError(f"change_weighting must lie in [0, 1], got {change_weighting}")
-        first = 0 if window is None else max(0, total - window)
+        # Clips may begin before the episode (padded as ``last`` pads: the first frame repeated, zero actions), so that
+        # every frame but the first is a target, as every frame is a prediction of imagine from the episode's start.
+        earliest = -(length - 2) if pad_start else 0
+        first = earliest if window is None else max(earliest, total - window)
         starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator)
         frames, actions, poses = self.frames, self.actions, self.poses
         weighted = int(round(change_weighting * batch_size))
         if weighted:
             candidates = torch.arange(first, total - length + 1)
-            last = candidates + length - 1
+            last = (candidates + length - 1).clamp_min(1)
             change = (frames[last] - frames[last - 1]).abs().mean(dim=(1, 2, 3))
             if change.sum() > 0:
                 picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
                 starts[:weighted] = candidates[picks]
         index = starts[:, None] + torch.arange(length)
-        return frames[index], actions[index], None if poses is None else poses[index]
+        padded = index < 0
+        index = index.clamp_min(0)
+        clip_actions = actions[index]
+        clip_actions[padded] = 0.0
+        return frames[index], clip_actions, None if poses is None else poses[index]
 
     def sample_reversed_clips(self, batch_size: int, length: int, inverse_actions, window: int | None = None,
                               generator: torch.Generator | None = None):
@@ -113,7 +123,7 @@ class EpisodeMemory:
         if inverse.shape != (self.action_spec.dim,) or inverse.min() < 0 or inverse.max() >= self.action_spec.dim:
             raise ValueError(f"inverse_actions must map each of the {self.action_spec.dim} actions to an action index, "
                              f"got {list(inverse_actions)}")
-        frames, actions, poses = self.sample_clips(batch_size, length + 1, window, generator)
+        frames, actions, poses = self.sample_clips(batch_size, length + 1, window, generator, pad_start=False)
         # Reversed clip g_j = f_{L-j}; the action from g_{j-1} = f_{L-j+1} to g_j is inverse(a_{L-j+1}).
         frames = frames.flip(1)[:, 1:]
         original = actions.argmax(-1).flip(1)[:, :-1]  # a_{L}, a_{L-1}, ..., a_1 for g_1 .. g_L
