@@ -177,14 +177,24 @@ def test_wilson_interval_matches_known_values():
 def test_a_tiny_model_memorizes_a_tile_seen_once_and_recalls_it_when_uncovered_again():
     """Covered start: the cursor uncovers tile (1, 1) once, covers it, walks away and back. A small untrained U-Net
     that memorizes the episode (full fine-tuning by the training loss) must imagine that tile's object on the second
-    uncover, nearest to the true object among the 8 templates; without memorization it must not."""
+    uncover, nearest to the true object among the 8 templates (in at least 4 of 6 samples); without memorization it
+    must not (at most 2 of 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same float rounding, so the same training run, on any machine
+    try:
+        _tiny_model_recall()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_model_recall():
     torch.manual_seed(0)
     env = MemoryCardsEnv()
     frame, info = env.reset(seed=11, options={"initial_cover": "covered", "cursor": (1, 1)})
     config = dict(frame_size=48, unshuffle=3, action_dim=5, context_frames=3, widths=[32, 48, 64], cond_dim=32)
     expert = DiffusionExpert(VideoUNet(UNetConfig(**config)), CosineSchedule(), target="full")
     wm = WorldModel(expert, env.action_spec, 48, composition=CompositionConfig(experts=["base", "ltm"], alphas={"ltm": 2.0}),
-                    sampler=SamplerConfig(steps=8), memorize_config=MemorizeConfig(method="full", steps=1, batch_size=16,
+                    sampler=SamplerConfig(steps=8), memorize_config=MemorizeConfig(method="full", steps=1, batch_size=32,
                                                                                    lr=2e-3, noise_low=0.0))
     wm.reset()
     wm.observe(frame)
@@ -202,11 +212,11 @@ def test_a_tiny_model_memorizes_a_tile_seen_once_and_recalls_it_when_uncovered_a
         tile = ((imagined.permute(1, 2, 0).numpy() + 1) / 2)[rs, cs][m:-m, m:-m]
         return int(np.argmin(((templates - tile) ** 2).mean(axis=(1, 2, 3)))) == obj
 
-    before = [recalled(s) for s in range(3)]
+    before = [recalled(s) for s in range(6)]
     wm.memorize(steps=300, generator=torch.Generator().manual_seed(0))
-    after = [recalled(s) for s in range(3)]
-    assert sum(after) == 3, (before, after)
-    assert sum(before) <= 1, before
+    after = [recalled(s) for s in range(6)]
+    assert sum(after) >= 4, (before, after)
+    assert sum(before) <= 2, before
 
 
 @pytest.mark.parametrize("bad, message", [
