@@ -250,10 +250,8 @@ def run_find_object(cfg: DictConfig) -> dict:
     memorize_steps = int(cfg.env.task.get("memorize_steps", 100))
     if memorize_steps < 0:
         raise ValueError(f"env.task.memorize_steps must be >= 0, got {memorize_steps}")
-    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
-        resolve_checkpoint(str(cfg.model.checkpoint))
     torch.set_num_threads(int(cfg.run.threads))
-    world_model = build_world_model(cfg.model)
+    world_model = build_world_model(cfg.model)  # resolves the checkpoint, with a clear error when it is missing
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
     agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts)
