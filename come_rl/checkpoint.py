@@ -3,13 +3,22 @@
 A checkpoint directory holds ``<name>.safetensors`` + ``<name>.json``. The JSON says which backbone to build and how
 (``backbone``, ``backbone_kwargs``), the schedule, the expert's role and the action space, so a checkpoint is
 self-describing and a mismatch (a base checkpoint loaded as an STM, a wrong action space) is caught with a clear error.
+
+The JSON also records the SHA-256 of the weight file (``"sha256"``). Safetensors only checks its header, so a file
+damaged in its tensor bytes (a bad copy, a flipped bit, a stray edit) would otherwise load and quietly predict garbage;
+the sum turns that into an error at load. Checkpoints written before sums were recorded carry none and still load;
+``python -m come_rl.checkpoint sign DIR`` adds them. Every load also refuses NaN/inf weights, which the sum cannot catch
+(a diverged run is saved, and summed, faithfully).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from come_rl.diffusion import build_schedule
 from come_rl.experts.expert import DiffusionExpert
+from come_rl.io_utils import atomic_write_text, sha256_file
 from come_rl.nets.backbone import VideoBackbone
 from come_rl.nets.unet import UNetConfig, VideoUNet
 
 FORMAT_VERSION = 1
+SHA256_KEY = "sha256"
+_SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def build_backbone_from_spec(name: str, kwargs: dict[str, Any]) -> VideoBackbone:
@@ -69,9 +81,74 @@ def save_expert(directory: str | Path, expert: DiffusionExpert, spec: dict, stat
     state = state_dict if state_dict is not None else expert.backbone.state_dict()
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
     role = spec["role"]
-    _atomic(directory / f"{role}.safetensors", lambda tmp: save_file(tensors, tmp))
-    _atomic(directory / f"{role}.json", lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2)))
-    return directory / f"{role}.safetensors"
+    weights = directory / f"{role}.safetensors"
+    _atomic(weights, lambda tmp: save_file(tensors, tmp))
+    # The sum of the file as written (a spec copied from a loaded expert carries the old file's sum: replace it).
+    atomic_write_text(directory / f"{role}.json", _recipe_text(_with_sha256(spec, sha256_file(weights))))
+    return weights
+
+
+def _recipe_text(spec: dict) -> str:
+    """A recipe's JSON text: one format for ``save_expert`` and ``sign_checkpoint``, so signing rewrites no line."""
+    return json.dumps(spec, indent=2)
+
+
+def _with_sha256(spec: dict, digest: str) -> dict:
+    """``spec`` with ``"sha256": digest`` right after ``format_version`` (first if there is none).
+
+    A fixed place near the top, rather than the end, makes signing an old checkpoint add exactly one line to its JSON:
+    appending would also put a comma on the line before, and a reviewer should see only the sum change.
+    """
+    signed: dict = {} if "format_version" in spec else {SHA256_KEY: digest}
+    for key, value in spec.items():
+        if key == SHA256_KEY:
+            continue
+        signed[key] = value
+        if key == "format_version":
+            signed[SHA256_KEY] = digest
+    return signed
+
+
+def verify_sha256(weights: Path, recipe: Path, spec: dict) -> None:
+    """Raise ValueError if ``recipe`` records a SHA-256 that ``weights`` does not have; no entry means nothing to check.
+
+    Checked before the file is parsed: damage in the tensor bytes parses fine, and a damaged header should be reported
+    as the same thing (the file is not the one that was saved), with the same fixes.
+    """
+    recorded = spec.get(SHA256_KEY)
+    if recorded is None:  # written before sums were recorded, or the entry was deleted to accept the file as it is
+        return
+    if not isinstance(recorded, str) or not _SHA256_PATTERN.fullmatch(recorded):
+        raise ValueError(f'{recipe} has a malformed "{SHA256_KEY}" entry {recorded!r} (expected 64 hex digits); '
+                         f"re-copy the checkpoint, or delete the entry to load {weights.name} unchecked")
+    actual = sha256_file(weights)
+    if actual != recorded.lower():
+        raise ValueError(
+            f"{weights} does not match its recorded SHA-256 (recorded in {recipe.name}: {recorded.lower()}, file: "
+            f"{actual}): the weights are corrupt or were modified after they were saved. Re-copy the checkpoint "
+            f"directory (or retrain the expert); if the file was changed on purpose and you trust it, delete the "
+            f'"{SHA256_KEY}" entry from {recipe} (or run `python -m come_rl.checkpoint sign {weights.parent} --force` '
+            f"to record the new sum)")
+
+
+def check_finite(weights: Path, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming ``weights`` and its tensors that hold NaN or inf.
+
+    Such weights load without complaint and make every prediction NaN, which surfaces far away (a planner's scores, an
+    image metric); the cause is in the file: a diverged run, or float32 values beyond float16's range saved as half.
+    """
+    bad = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad[name] = (count, tensor.numel())
+    if bad:
+        shown = ", ".join(f"{name!r} ({count} of {numel})" for name, (count, numel) in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+        raise ValueError(f"{weights} has NaN or inf weights in tensor {shown}{more}; the checkpoint is unusable (the "
+                         f"training diverged, or float32 values overflowed a float16 save): retrain, or use an earlier "
+                         f"checkpoint of the run")
 
 
 def load_expert(directory: str | Path, role: str = "base", expect: dict | None = None) -> tuple[DiffusionExpert, dict]:
@@ -96,10 +173,12 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
         if spec.get(key) != value:
             raise ValueError(f"checkpoint {recipe} has {key}={spec.get(key)!r} but {value!r} was requested; "
                              f"pick a checkpoint trained for it")
+    verify_sha256(weights, recipe, spec)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"cannot read {weights} ({error}); the file is corrupt or truncated, retrain or re-copy it") from error
+    check_finite(weights, state)
     backbone = build_backbone_from_spec(spec["backbone"], spec["backbone_kwargs"])
     reference = backbone.state_dict()
     missing, unexpected = set(reference) - set(state), set(state) - set(reference)
@@ -117,3 +196,80 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def _expert_recipes(directory: Path) -> list[tuple[Path, Path]]:
+    """``(<role>.json, <role>.safetensors)`` pairs in ``directory``; other JSON (world_model.json) has no weights."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    return [(recipe, recipe.with_suffix(".safetensors")) for recipe in sorted(directory.glob("*.json"))
+            if recipe.with_suffix(".safetensors").is_file()]
+
+
+def sign_checkpoint(directory: str | Path, force: bool = False) -> list[Path]:
+    """Record the SHA-256 of every ``<role>.safetensors`` in ``directory`` in its ``<role>.json``; returns the JSON
+    files rewritten.
+
+    For checkpoints saved before sums were recorded. Only the ``"sha256"`` entry changes (the rest of the JSON is
+    rewritten in the format ``save_expert`` writes, atomically); a file that already carries the right sum is left
+    alone. The weights must parse and be finite: signing vouches for them. A recorded sum that differs is refused
+    unless ``force`` (the file changed since it was signed, which is what the sum is there to catch).
+    """
+    directory = Path(directory)
+    rewritten = []
+    for recipe, weights in _expert_recipes(directory):
+        text = recipe.read_text()
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{recipe} is not valid JSON ({error}); re-copy the checkpoint before "
+                             "signing it") from error
+        if not isinstance(spec, dict):
+            raise ValueError(f"{recipe} holds {type(spec).__name__}, not an expert recipe (a JSON object)")
+        digest = sha256_file(weights)
+        recorded = spec.get(SHA256_KEY)
+        if recorded == digest:
+            continue
+        if recorded is not None and not force:
+            raise ValueError(f"{recipe} records SHA-256 {recorded} but {weights} has {digest}: the weights changed "
+                             f"since they were signed. Re-copy the checkpoint, or pass --force to record the new sum")
+        try:
+            check_finite(weights, load_file(str(weights)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read {weights} ({error}); the file is corrupt or truncated, "
+                             "not signing it") from error
+        new_text = _recipe_text(_with_sha256(spec, digest)) + ("\n" if text.endswith("\n") else "")
+        unchanged = {key: value for key, value in json.loads(new_text).items() if key != SHA256_KEY}
+        if unchanged != {key: value for key, value in spec.items() if key != SHA256_KEY}:  # pragma: no cover - a bug
+            raise AssertionError(f"signing {recipe} would change more than its {SHA256_KEY!r} entry")
+        atomic_write_text(recipe, new_text)
+        rewritten.append(recipe)
+    return rewritten
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m come_rl.checkpoint sign DIR... [--force]`` records weight sums; ``verify DIR...`` loads every expert
+    in each directory (sum, format and finiteness checks) and exits non-zero on the first failure."""
+    parser = argparse.ArgumentParser(prog="python -m come_rl.checkpoint", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sign = commands.add_parser("sign", help="record the SHA-256 of each weight file in its JSON")
+    sign.add_argument("directories", nargs="+", type=Path)
+    sign.add_argument("--force", action="store_true", help="replace a recorded sum that no longer matches")
+    verify = commands.add_parser("verify", help="load every expert of each checkpoint directory")
+    verify.add_argument("directories", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    for directory in args.directories:
+        if args.command == "sign":
+            rewritten = sign_checkpoint(directory, force=args.force)
+            print(f"{directory}: signed {[p.name for p in rewritten] or 'nothing (all sums recorded)'}")
+        else:
+            roles = [recipe.stem for recipe, _ in _expert_recipes(directory)]
+            for role in roles:
+                _, spec = load_expert(directory, role)
+                print(f"{directory}/{role}: ok ({'sha256 verified' if SHA256_KEY in spec else 'no sha256 recorded'})")
+            if not roles:
+                raise SystemExit(f"{directory} holds no <role>.json + <role>.safetensors pair")
+
+
+if __name__ == "__main__":
+    main()

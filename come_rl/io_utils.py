@@ -114,6 +114,14 @@ def _is_allowed_numpy_dtype_class(module: str, name: str) -> bool:
     return module == "numpy.dtypes" and name.endswith("DType") and name.isidentifier()
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle refused because loading it would call something other than numpy's reconstruction helpers.
+
+    A subclass so that callers can tell a refused (possibly malicious) file from a damaged one, which they may want to
+    report with a different fix; both remain `pickle.UnpicklingError`s.
+    """
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler whose `find_class` admits only the numpy reconstruction helpers listed above."""
 
@@ -124,7 +132,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_PICKLE_GLOBALS or _is_allowed_numpy_dtype_class(module, name):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"refusing to load {self._source_name}: it references {module}.{name}, but only numpy arrays, "
             "numpy scalars and plain containers (dict, list, tuple, str, int, float, bool, None) are "
             "allowed, because unpickling anything else can run arbitrary code. If you trust this file and "
@@ -132,15 +140,16 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load {self._source_name}: it uses persistent ids "
-                                     "(e.g. a torch.save file); only plain numpy pickles are allowed")
+        raise UnsafePickleError(f"refusing to load {self._source_name}: it uses persistent ids "
+                                "(e.g. a torch.save file); only plain numpy pickles are allowed")
 
 
 def safe_pickle_load(path_or_file: PathLike | IO[bytes]) -> Any:
     """Load a pickle that may contain only numpy arrays/dtypes/scalars and plain containers.
 
-    Anything else (classes, functions, `os.system`, torch storages) raises `pickle.UnpicklingError`
-    naming the file and the refused global, before any of it is executed.
+    Anything else (classes, functions, `os.system`, torch storages) raises `UnsafePickleError` (a
+    `pickle.UnpicklingError`) naming the file and the refused global, before any of it is executed. A truncated or
+    damaged file raises a plain `pickle.UnpicklingError` naming the file.
 
     Args:
         path_or_file: a path, or a binary file object opened for reading.
@@ -160,8 +169,10 @@ def safe_pickle_load(path_or_file: PathLike | IO[bytes]) -> Any:
 def _load_checked(handle: IO[bytes], source_name: str) -> Any:
     try:
         return _NumpyOnlyUnpickler(handle, source_name).load()
-    except pickle.UnpicklingError:
+    except UnsafePickleError:
         raise
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except Exception as error:
+        # A damaged pickle fails inside pickle or numpy with almost any exception type, and pickle's own errors
+        # ("pickle data was truncated") do not say which file; every one of them means the same thing here.
         raise pickle.UnpicklingError(f"could not read {source_name} as a numpy pickle ({type(error).__name__}: "
-                                     f"{error}); the file is truncated or not a pickle") from error
+                                     f"{error}); the file is truncated, corrupt or not a pickle") from error

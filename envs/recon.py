@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from come_rl.io_utils import atomic_write_bytes, safe_pickle_load
+from come_rl.io_utils import UnsafePickleError, atomic_write_bytes, safe_pickle_load
 from envs.poses import from_local_frame, to_local_frame, wrap_angle
 
 WAYPOINT_SPACING_METRES = 0.25
@@ -113,7 +113,15 @@ def load_recon_trajectory(root: str | os.PathLike, traj_name: str) -> ReconTraje
     if not pickle_path.is_file():
         raise FileNotFoundError(f"{pickle_path} is missing; every RECON trajectory needs traj_data.pkl with "
                                 "'position' (T, 2) and 'yaw' (T,); re-extract or re-convert this trajectory")
-    data = safe_pickle_load(pickle_path)
+    try:
+        data = safe_pickle_load(pickle_path)
+    except UnsafePickleError:
+        raise  # a refused global: its own message says why, and re-extracting is not the fix
+    except pickle.UnpicklingError as error:
+        # convert_recon_directory skips a trajectory whose traj_data.pkl exists, so re-converting means deleting it.
+        raise ValueError(f"{pickle_path} is truncated or corrupt ({error.__cause__ or error}); re-copy this trajectory "
+                         f"from the processed RECON data set, or delete {pickle_path.name} and re-convert the "
+                         f"trajectory from its raw hdf5 file (envs.recon.convert_recon_directory)") from error
     if not isinstance(data, dict) or "position" not in data or "yaw" not in data:
         raise ValueError(f"{pickle_path} must hold a dict with 'position' and 'yaw', got "
                          f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")

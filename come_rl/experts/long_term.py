@@ -52,6 +52,10 @@ class MemorizeConfig:
         revisit_fraction: share of each batch drawn as pose-keyed revisit clips (needs poses and a pose model).
         drop_context_fraction: share of rows trained in the unconditional mode (the context dropped): the memory
             of the episode's views without their context.
+        short_context_fraction: share of rows memorized as if the episode had begun at the clip's newest context
+            frame (older context frames replaced by it, their actions zeroed, as ``imagine`` pads an episode's start):
+            the memory is keyed on the current view, not on what happened to precede it in this episode (in a
+            zig-zag, the neighbour tile just seen open), which a later query does not repeat.
         weight_decay: AdamW weight decay.
     """
 
@@ -77,6 +81,7 @@ class MemorizeConfig:
     revisit_fraction: float = 0.0
     revisit_tolerance: float = 0.25
     drop_context_fraction: float = 0.0
+    short_context_fraction: float = 0.0
     weight_decay: float = 0.0
     full_parameters: str = ""
     """regex over parameter names of the backbone that memorization trains in full beside the adapters (e.g.
@@ -101,7 +106,7 @@ class MemorizeConfig:
         if self.window is not None and self.window < 2:
             raise ValueError(f"memorize window must be None or >= 2 frames, got {self.window}")
         for name in ("reverse_fraction", "revisit_fraction", "drop_context_fraction", "uniform_fraction",
-                     "change_weighting"):
+                     "change_weighting", "short_context_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"memorize {name} must lie in [0, 1], got {value}")
@@ -274,6 +279,14 @@ class LongTermMemoryExpert(DiffusionExpert):
         actions = torch.cat([p[1] for p in parts])
         has_poses = all(p[2] is not None for p in parts)
         poses = torch.cat([p[2] for p in parts]) if has_poses else None
+        n_short = int(round(config.short_context_fraction * config.batch_size))
+        if n_short and clip_length > 2:
+            rows = torch.randperm(frames.shape[0], generator=generator)[:n_short]
+            newest = clip_length - 2  # the newest context frame; the last frame of a clip is the target
+            frames[rows, :newest] = frames[rows, newest:newest + 1]
+            actions[rows, :newest] = 0.0
+            if poses is not None:
+                poses[rows, :newest] = poses[rows, newest:newest + 1]
         return frames, actions, poses
 
 
