@@ -166,6 +166,35 @@ def test_revisit_clips_pair_a_context_with_another_time_at_the_reached_pose():
                for clip, acts in zip(frames, actions))
 
 
+def test_short_context_rows_look_like_an_episode_that_began_at_their_newest_context_frame():
+    env = MemoryCardsEnv()
+    frame, info = env.reset(seed=5, options={"initial_cover": "covered", "cursor": (0, 0)})
+    memory = EpisodeMemory((3, 48, 48), env.action_spec)
+    memory.append(torch.from_numpy(frame).float(), torch.zeros(5), torch.from_numpy(info["pose"]))
+    for action in (TOGGLE, TOGGLE, RIGHT, TOGGLE, TOGGLE, DOWN, TOGGLE):
+        frame, *_, info = env.step(action)
+        memory.append(torch.from_numpy(frame).float(), torch.from_numpy(env.action_spec.encode(action)),
+                      torch.from_numpy(info["pose"]))
+    from come_rl.experts.long_term import LongTermMemoryExpert
+
+    def batch(fraction):
+        config = MemorizeConfig(batch_size=32, short_context_fraction=fraction)
+        return LongTermMemoryExpert._memorization_batch(memory, config, 4, None, torch.Generator().manual_seed(2))
+
+    plain, short = batch(0.0), batch(0.5)
+    frames, actions, poses = short
+    is_short = [bool((frames[i, :2] == frames[i, 2:3]).all() and (actions[i, :2] == 0).all()) for i in range(32)]
+    # Exactly the share asked for is rewritten (plain clips rarely repeat a frame with zero actions: only at the start)
+    plain_short = sum(bool((plain[0][i, :2] == plain[0][i, 2:3]).all() and (plain[1][i, :2] == 0).all())
+                      for i in range(32))
+    assert sum(is_short) >= 16 > plain_short
+    # The newest context frame, the action into it, the target and its action are kept; poses follow the frames
+    assert torch.equal(frames[:, 2:], plain[0][:, 2:]) and torch.equal(actions[:, 2:], plain[1][:, 2:])
+    assert torch.equal(poses[:, 2:], plain[2][:, 2:])
+    with pytest.raises(ValueError, match="short_context_fraction"):
+        MemorizeConfig(short_context_fraction=1.5)
+
+
 def test_wilson_interval_matches_known_values():
     low, high = wilson_interval(8, 10)
     assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3

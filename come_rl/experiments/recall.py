@@ -58,6 +58,9 @@ COMPOSITIONS = {
     # The LTM only at the noise levels it memorized (t >= 0.9): it sets the content, the base draws the details.
     "LTM alone, gated t>=0.9": _poce(1.0, active_from={"ltm": 0.9}),
     "PoCE w=2.5, gated t>=0.9": _poce(2.5, active_from={"ltm": 0.9}),
+    "PoCE w=4, gated t>=0.9": _poce(4.0, active_from={"ltm": 0.9}),
+    "PoCE w=2.5, gated t>=0.8": _poce(2.5, active_from={"ltm": 0.8}),
+    "PoCE w=4, gated t>=0.8": _poce(4.0, active_from={"ltm": 0.8}),
     # The full composition: the LTM's contrastive term beside the STM's and SLTM's (alpha 2 against their own
     # unconditional modes), all normalised; and the same without the LTM (what the short-term experts recall alone).
     "base+STM+SLTM (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
