@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from agents.mpc import MPCAgent
+from come_rl.seeding import EpisodeSeeds, torch_generator
 
 # policy(info, rng) -> env action
 ReferencePolicy = Callable[[dict, np.random.Generator], Any]
@@ -74,11 +75,14 @@ def _frame(observation: Any, frame_key: str | None) -> np.ndarray:
 
 def record_reference_task(env: gym.Env, seed: int, goal_offset: int, policy: ReferencePolicy | None = None,
                           reset_options: dict | None = None, frame_key: str | None = None,
-                          pose_key: str = "pose", min_goal_distance: float = 0.0, max_attempts: int = 20) -> GoalTask:
+                          pose_key: str = "pose", min_goal_distance: float = 0.0, max_attempts: int = 20,
+                          policy_seed: int | None = None) -> GoalTask:
     """Record ``goal_offset`` steps of ``policy`` from ``env.reset(seed=seed)``; the last frame is the goal.
 
     Use the raw env (not the memory wrapper), so that recording does not feed the world model.
-    ``policy(info, rng)`` gets a numpy generator seeded with ``seed``; default: uniform random.
+    ``policy(info, rng)`` gets a numpy generator seeded with ``policy_seed`` (default ``seed``; ``come_rl.run`` passes
+    the episode's own ``policy`` stream, so that the policy's draws are not the env's: gymnasium seeds the env's
+    ``np_random`` with the same PCG64 stream ``default_rng(seed)`` gives); default policy: uniform random.
     ``min_goal_distance``: a recording whose goal lies closer than this (in pose units) to the start is redrawn with
     the next policy seed (same start state), up to ``max_attempts`` times, so that a goal is never trivially "stay
     here" (a random policy often turns in place).
@@ -90,7 +94,8 @@ def record_reference_task(env: gym.Env, seed: int, goal_offset: int, policy: Ref
     for attempt in range(max(1, int(max_attempts))):
         if hasattr(policy, "reset"):
             policy.reset()
-        rng = np.random.default_rng(seed if attempt == 0 else (seed, attempt))
+        policy_root = seed if policy_seed is None else policy_seed
+        rng = np.random.default_rng(policy_root if attempt == 0 else (policy_root, attempt))
         observation, info = env.reset(seed=seed, options=reset_options)
         frames, poses, actions = [_frame(observation, frame_key)], [_pose(info, pose_key)], []
         for _ in range(int(goal_offset)):
@@ -146,7 +151,7 @@ def _model_frame_to_uint8(frame: torch.Tensor) -> np.ndarray:
 def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: int, success_threshold: float,
                      episode_index: int = 0, lpips: Callable | None = None, record_frames: bool = True,
                      frame_key: str | None = None, pose_key: str = "pose", preload_memory: bool = False,
-                     memorize_steps: int = 25) -> EpisodeResult:
+                     memorize_steps: int = 25, seeds: EpisodeSeeds | None = None) -> EpisodeResult:
     """Run one goal-reaching episode with the MPC agent; ``env`` is the memory-wrapped env.
 
     ``preload_memory`` ("explore, then return"): before the agent starts, the world model lives through the
@@ -157,9 +162,19 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
 
     Imagined frames for the GIF come from one extra ``imagine`` of the plan at batch 1 per replan
     (before the env moves, while the world model's state matches the plan's start).
+
+    ``seeds`` (``come_rl.seeding.episode_seeds``): every random source of the episode is seeded from it before the
+    episode starts (torch's global generator, memorization, planner, the objective's and the GIF's imagination), so
+    the episode's numbers depend on the run seed and the episode index only. None: sources keep their own state.
     """
     if int(max_steps) < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    gif_generator = None
+    if seeds is not None:
+        torch.manual_seed(seeds.torch_global)  # before preload: WorldModel.reset re-draws LoRA adapters from it
+        if callable(getattr(env, "set_memorize_seed", None)):
+            env.set_memorize_seed(seeds.memorize)
+        gif_generator = torch_generator(seeds.rollout_gif)
     preload_row: dict = {}
     if preload_memory:
         if not callable(getattr(env, "preload", None)):
@@ -177,7 +192,10 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
                                "deterministic for a seed, so the preloaded memory would describe another place")
     else:
         observation, info = env.reset(seed=task.seed, options=task.reset_options)
-    agent.reset(goal_frame=task.goal_frame)
+    if seeds is None:
+        agent.reset(goal_frame=task.goal_frame)
+    else:
+        agent.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
     poses = [_pose(info, pose_key)]
     real_frames = [_frame(observation, frame_key)]
     imagined_frames = [real_frames[0]]
@@ -188,7 +206,7 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
         action = agent.act(observation, info)
         if record_frames and agent.replanned:
             with torch.no_grad():
-                imagined_plan = agent.world_model.imagine(agent.last_plan.unsqueeze(0))[0]
+                imagined_plan = agent.world_model.imagine(agent.last_plan.unsqueeze(0), generator=gif_generator)[0]
             plan_step = 0
         observation, reward, terminated, truncated, info = env.step(action)
         pose = _pose(info, pose_key)

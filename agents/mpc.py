@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from come_rl.interfaces import Objective, Planner, WorldModelProtocol
+from come_rl.seeding import accepts_keyword, torch_generator
 
 # objective_factory(world_model=..., goal_frame=...) -> objective
 ObjectiveFactory = Callable[..., Objective]
@@ -55,17 +56,31 @@ class MPCAgent:
         self.replanned = False
         self._queue: list[torch.Tensor] = []
 
-    def set_goal(self, goal_frame: Any) -> None:
-        """Build the objective for a new goal (uint8 (H, W, 3) frame, or whatever the factory takes)."""
-        self.objective = self.objective_factory(world_model=self.world_model, goal_frame=goal_frame)
+    def set_goal(self, goal_frame: Any, imagine_seed: int | None = None) -> None:
+        """Build the objective for a new goal (uint8 (H, W, 3) frame, or whatever the factory takes).
 
-    def reset(self, goal_frame: Any = None) -> None:
-        """Start an episode: forget the planner's warm start and the queued actions; set the goal if given."""
-        self.planner.reset()
+        ``imagine_seed``: the objective imagines from a generator with this seed (where the factory takes
+        ``generator=``, as the goal objectives do); without it, imagination draws from torch's global generator.
+        """
+        kwargs = {}
+        if imagine_seed is not None and accepts_keyword(self.objective_factory, "generator"):
+            kwargs["generator"] = torch_generator(imagine_seed)
+        self.objective = self.objective_factory(world_model=self.world_model, goal_frame=goal_frame, **kwargs)
+
+    def reset(self, goal_frame: Any = None, planner_seed: int | None = None, imagine_seed: int | None = None) -> None:
+        """Start an episode: forget the planner's warm start and the queued actions; set the goal if given.
+
+        ``planner_seed`` / ``imagine_seed`` (``come_rl.seeding.EpisodeSeeds``) re-seed the planner (if its ``reset``
+        takes ``seed=``) and the objective's imagination, so the episode's decisions depend on the run seed only.
+        """
+        if planner_seed is not None and accepts_keyword(self.planner.reset, "seed"):
+            self.planner.reset(seed=planner_seed)
+        else:
+            self.planner.reset()
         self._queue = []
         self.last_plan = None
         if goal_frame is not None:
-            self.set_goal(goal_frame)
+            self.set_goal(goal_frame, imagine_seed=imagine_seed)
 
     def act(self, observation: Any = None, info: dict | None = None) -> int | Any:
         """Return the next env action (an int for discrete spaces, a clipped vector otherwise).

@@ -22,6 +22,7 @@ from agents.goal_tasks import EpisodeResult, GoalTask, run_goal_episode
 from agents.mpc import MPCAgent
 from come_rl.io_utils import atomic_write_bytes
 from come_rl.results import append_rows, write_markdown_table
+from come_rl.seeding import EpisodeSeeds
 
 
 def summarize(episode_rows: Sequence[dict]) -> dict:
@@ -47,12 +48,15 @@ def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], 
                       success_threshold: float, out_dir: str | Path, lpips: Callable | None = None,
                       gif_episodes: int = 1, frame_key: str | None = None, pose_key: str = "pose",
                       run_info: dict | None = None, progress: bool = True, preload_memory: bool = False,
-                      memorize_steps: int = 25) -> list[EpisodeResult]:
+                      memorize_steps: int = 25, seeds: Sequence[EpisodeSeeds] | None = None) -> list[EpisodeResult]:
     """Run one episode per task and write the tables, the plot and the GIF under ``out_dir``.
 
     ``run_info`` (agent/env/model names ...) is prepended to the summary row. ``preload_memory`` /
-    ``memorize_steps``: see :func:`agents.goal_tasks.run_goal_episode` ("explore, then return").
+    ``memorize_steps``: see :func:`agents.goal_tasks.run_goal_episode` ("explore, then return"). ``seeds``: one
+    :class:`come_rl.seeding.EpisodeSeeds` per task (``come_rl.run`` derives them from ``run.seed``).
     """
+    if seeds is not None and len(seeds) != len(tasks):
+        raise ValueError(f"got {len(seeds)} episode seeds for {len(tasks)} tasks; give one per task or none")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("steps.csv", "episodes.csv", "summary.csv"):
@@ -62,7 +66,8 @@ def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], 
     for index, task in enumerate(bar):
         result = run_goal_episode(env, agent, task, max_steps, success_threshold, episode_index=index, lpips=lpips,
                                   record_frames=index < gif_episodes, frame_key=frame_key, pose_key=pose_key,
-                                  preload_memory=preload_memory, memorize_steps=memorize_steps)
+                                  preload_memory=preload_memory, memorize_steps=memorize_steps,
+                                  seeds=None if seeds is None else seeds[index])
         results.append(result)
         append_rows(out_dir / "steps.csv", result.step_rows)
         append_rows(out_dir / "episodes.csv", [result.episode_row])

@@ -96,7 +96,8 @@ class Planner(Protocol):
         ...
 
     def reset(self) -> None:
-        """Forget warm-start state between episodes."""
+        """Forget warm-start state between episodes. A planner that draws random numbers may also take
+        ``reset(seed=...)``: ``MPCAgent`` then hands it each episode's seed (see ``come_rl.seeding``)."""
         ...
 
 

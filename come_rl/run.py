@@ -10,7 +10,9 @@ Steps: check the configuration (planner, agent, env settings) before any work; b
 ``env._target_``; load the world model (``model._target_``, or ``model.loader(model.checkpoint)``);
 wrap the env with the memory wrapper (observe every frame, memorize on schedule); record one
 reference trajectory per episode (the goal image and the reference path); run the MPC agent; write
-``results/<run.name>/`` (see ``agents.runner``).
+``results/<run.name>/`` (see ``agents.runner``). Every random source (env, reference policy, planner, imagination,
+memorization, torch's global generator) is seeded from ``run.seed`` by ``come_rl.seeding``: one command, one machine,
+one thread count -> the same CSVs (outside timing columns).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.goal_tasks import record_reference_task
 from agents.mpc import MPCAgent
 from agents.runner import run_goal_episodes
+from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
 log = logging.getLogger("come_rl.run")
@@ -173,6 +176,7 @@ def check_run_config(cfg: DictConfig) -> None:
     for key in ("episodes", "threads"):
         if int(cfg.run[key]) < 1:
             raise ValueError(f"run.{key} must be >= 1, got {cfg.run[key]}")
+    check_seed(cfg.run.seed)
     task = cfg.env.get("task")
     if task is None:
         raise ValueError("the env config needs a task section (goal_offset, max_steps, success_threshold)")
@@ -265,8 +269,19 @@ def run_find_object(cfg: DictConfig) -> dict:
     return {"run": cfg.run.name, **_choices(), **summary}
 
 
+def seed_global_generators(seed: int) -> None:
+    """Seed torch's global generator from ``run.seed`` before anything is built.
+
+    torch seeds it from OS entropy in every new process; whatever still draws from it without a generator (a
+    library, the find-the-object and RECON paths) would make two runs of one command differ. The goal-reaching
+    episodes re-seed it per episode (``come_rl.seeding``).
+    """
+    torch.manual_seed(derive_seed(seed, "torch_global"))
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
+    seed_global_generators(cfg.run.seed)
     if cfg.env.get("protocol") == "recon":
         return run_recon(cfg)
     if cfg.env.get("task", {}).get("kind") == "find_object":
@@ -288,10 +303,11 @@ def run(cfg: DictConfig) -> dict:
                                       memorize_steps=cfg.memory.memorize_steps, frame_key=frame_key, pose_key=pose_key)
     task_cfg = cfg.env.task
     policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
-    tasks = [record_reference_task(env, seed=int(cfg.run.seed) + index, goal_offset=int(task_cfg.goal_offset),
-                                   policy=policy, frame_key=frame_key, pose_key=pose_key,
-                                   min_goal_distance=float(task_cfg.get("min_goal_distance", 0.0)))
-             for index in range(int(cfg.run.episodes))]
+    seeds = [episode_seeds(int(cfg.run.seed), index) for index in range(int(cfg.run.episodes))]
+    tasks = [record_reference_task(env, seed=episode.env, policy_seed=episode.policy,
+                                   goal_offset=int(task_cfg.goal_offset), policy=policy, frame_key=frame_key,
+                                   pose_key=pose_key, min_goal_distance=float(task_cfg.get("min_goal_distance", 0.0)))
+             for episode in seeds]
     lpips = None
     if cfg.run.lpips_metric:
         from come_rl.metrics.lpips_metric import get_lpips
@@ -306,7 +322,7 @@ def run(cfg: DictConfig) -> dict:
                                 gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
                                 run_info=run_info, progress=bool(cfg.run.progress),
                                 preload_memory=bool(task_cfg.get("preload_memory", False)),
-                                memorize_steps=int(task_cfg.get("memorize_steps", 25)))
+                                memorize_steps=int(task_cfg.get("memorize_steps", 25)), seeds=seeds)
     env.close()
     from agents.runner import summarize
 

@@ -35,7 +35,11 @@ EGL is missing. It cannot be changed once MuJoCo has been imported in the proces
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
 from typing import Any
 
 import gymnasium as gym
@@ -57,8 +61,6 @@ def _ensure_mujoco_gl(mujoco_gl: str | None) -> None:
         if mujoco_gl not in ("egl", "osmesa", "glfw"):
             raise ValueError(f"mujoco_gl must be 'egl', 'osmesa' or 'glfw', got {mujoco_gl!r}")
         current = os.environ.get("MUJOCO_GL")
-        import sys
-
         if "mujoco" in sys.modules and current is not None and current != mujoco_gl:
             raise RuntimeError(f"MuJoCo is already imported with MUJOCO_GL={current!r}; start a new process with "
                                f"MUJOCO_GL={mujoco_gl} set in the environment to switch backends")
@@ -79,9 +81,58 @@ def _load_triton_before_mujoco() -> None:
         import triton  # noqa: F401
 
 
+# dm_control's walker initializer sets a zero velocity at every episode start; memory-maze's walker (a rolling ball)
+# moves on slide and hinge joints, not a free joint, so dm_control logs this through absl on every reset (14 lines in
+# the default run). The velocity it cannot set is zero: nothing is wrong and nothing is for a user to do.
+NO_FREE_JOINT_MESSAGE = "Cannot set velocity on Entity with no free joint."
+
+
+class _NoFreeJointVelocityFilter(logging.Filter):
+    """Drops exactly dm_control's no-free-joint velocity message from the ``absl`` logger; every other absl record
+    passes (absl's record names absl's own module, not dm_control's, so the text is what identifies it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != NO_FREE_JOINT_MESSAGE
+
+
+def _quiet_dependency_logs() -> None:
+    """Install the filter above once per process (idempotent), before the first task is built and reset."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(existing, _NoFreeJointVelocityFilter) for existing in absl_logger.filters):
+        absl_logger.addFilter(_NoFreeJointVelocityFilter())
+
+
+def _import_gym_without_its_notice() -> None:
+    """Import gym (memory-maze's ``__init__`` imports it to register its old-gym envs) with its banner held back.
+
+    gym 0.26.2 prints the ``gym_notices`` deprecation banner for its version to stderr on import ("Gym has been
+    unmaintained since 2022 ..."). come_rl never uses gym (the env is built on memory-maze's dm_env task, served
+    through gymnasium), so the banner addresses nobody. gym has no switch for it; only that exact text is dropped, and
+    anything else printed during the import (a warning, a different notice) still reaches stderr.
+    """
+    if "gym" in sys.modules:
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            import gym
+    except ImportError:  # memory-maze's own import reports a missing gym
+        sys.stderr.write(captured.getvalue())
+        return
+    text = captured.getvalue()
+    notices = getattr(sys.modules.get("gym_notices.notices"), "notices", None) or {}
+    notice = notices.get(getattr(gym, "__version__", None))
+    if notice:
+        text = text.replace(notice + "\n", "", 1)
+    if text:
+        sys.stderr.write(text)
+
+
 def _build_task(maze_size: int, seed: int, image_size: int):
     """The dm_env task of memory-maze with global observables (poses, targets, layout)."""
     _load_triton_before_mujoco()
+    _quiet_dependency_logs()
+    _import_gym_without_its_notice()
     try:
         from memory_maze import tasks
     except ImportError as error:  # pragma: no cover - depends on the installation

@@ -10,6 +10,10 @@ schedule, "memorize the last 50 frames for 25 steps, then predict":
     step(a)  -> world_model.observe(frame, action_spec.encode(a), pose)
                 every ``memorize_every`` steps: world_model.memorize(steps=memorize_steps)
 
+Memorization draws clips, noise levels and noise from ``memorize_generator`` (set by :meth:`set_memorize_seed`,
+once per episode by the runner), passed to ``world_model.memorize(generator=...)`` where the model takes it; without a
+seed it draws from torch's global generator, which torch seeds from OS entropy in every process.
+
 The step's ``info`` carries ``memory/observed_frames``, ``memory/memorized`` (True on the steps that
 memorized) and, on those steps, ``memory/seconds`` and the stats the world model returned, prefixed
 with ``memory/`` (``memory/loss`` ...).
@@ -22,8 +26,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from come_rl.interfaces import WorldModelProtocol
+from come_rl.seeding import accepts_keyword, torch_generator
 
 
 def begin_segment(world_model: WorldModelProtocol) -> None:
@@ -80,6 +86,22 @@ class WorldModelMemoryWrapper(gym.Wrapper):
         self.pose_key = pose_key
         self.episode_steps = 0
         self.memorize_calls = 0
+        self.memorize_generator: torch.Generator | None = None
+        self._memorize_takes_generator = accepts_keyword(world_model.memorize, "generator")
+
+    def set_memorize_seed(self, seed: int | None) -> None:
+        """Draw every following memorization (preload and stream) from a generator seeded with ``seed``.
+
+        Call it before an episode's :meth:`preload` / :meth:`reset` (``come_rl.run`` does, with the episode's
+        ``memorize`` stream of ``come_rl.seeding``); the generator then runs through the episode's memorizations.
+        None: torch's global generator (different in every process unless seeded).
+        """
+        self.memorize_generator = None if seed is None else torch_generator(seed)
+
+    def _memorize(self, steps: int) -> dict:
+        if self.memorize_generator is not None and self._memorize_takes_generator:
+            return self.world_model.memorize(steps=steps, generator=self.memorize_generator) or {}
+        return self.world_model.memorize(steps=steps) or {}
 
     def extract_frame(self, observation: Any) -> np.ndarray:
         """The uint8 (H, W, 3) frame of an observation."""
@@ -158,7 +180,7 @@ class WorldModelMemoryWrapper(gym.Wrapper):
             action = None if index == 0 else spec.encode(actions[index - 1])
             pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
             self.world_model.observe(self.extract_frame(frame), action, pose)
-        stats = (self.world_model.memorize(steps=steps) or {}) if steps > 0 else {"steps": 0}
+        stats = self._memorize(steps) if steps > 0 else {"steps": 0}
         row = {f"preload/{key}": value for key, value in stats.items() if np.isscalar(value)}
         row.update({"preload/frames": len(frames), "preload/seconds": time.perf_counter() - start})
         return row
@@ -172,7 +194,7 @@ class WorldModelMemoryWrapper(gym.Wrapper):
         info.update({"memory/observed_frames": self.episode_steps + 1, "memory/memorized": False})
         if self.memorize_every and self.episode_steps % self.memorize_every == 0:
             start = time.perf_counter()
-            stats = self.world_model.memorize(steps=self.memorize_steps) or {}
+            stats = self._memorize(self.memorize_steps)
             self.memorize_calls += 1
             info["memory/memorized"] = True
             info["memory/seconds"] = time.perf_counter() - start

@@ -137,9 +137,17 @@ class SamplingPlanner:
         self.generator = torch.Generator().manual_seed(self.seed)
         self._previous: torch.Tensor | None = None  # last distribution parameter (mean or probs)
 
-    def reset(self) -> None:
-        """Forget the warm start between episodes (the generator keeps running, so episodes differ)."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forget the warm start between episodes; ``seed`` re-seeds the generator.
+
+        Without a seed the generator keeps running, so episodes differ but episode k's candidates depend on every
+        episode before it; ``come_rl.run`` passes each episode its own seed (``come_rl.seeding``), so an episode
+        draws the same candidates whether it runs first, last or alone (a resumed evaluation).
+        """
         self._previous = None
+        if seed is not None:
+            self.seed = int(seed)
+            self.generator = torch.Generator().manual_seed(self.seed)
 
     def _warm_start(self, initial: torch.Tensor) -> torch.Tensor:
         """The previous mean/probs shifted by ``warm_start_shift`` steps, the tail from ``initial``.
