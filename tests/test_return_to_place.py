@@ -1,0 +1,121 @@
+"""Memory Maze, return to a seen place: the task is seeded, its goal is out of view, the oracle reaches it, and bad
+settings fail before any episode. One env for the module (a maze build costs 1-4 s); world-model budgets are tiny."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("memory_maze")
+
+from agents.return_to_place import (
+    OracleAgent,
+    RandomAgent,
+    ReturnConfig,
+    evaluate,
+    explore,
+    goal_in_view,
+    grid_path,
+    line_of_sight,
+    main,
+    run_episode,
+)
+from come_rl.seeding import episode_seeds
+from envs.memory_maze import MemoryMazeEnv
+
+CONFIG = ReturnConfig(lpips_metric=False, gifs=False)
+
+
+@pytest.fixture(scope="module")
+def maze_env():
+    env = MemoryMazeEnv(maze_size=9)
+    yield env
+    env.close()
+
+
+def test_the_view_and_path_geometry_on_a_toy_layout():
+    layout = np.ones((3, 5), np.uint8)
+    layout[0:2, 2] = 0  # a wall at x in [2, 3), y in [0, 2)
+    facing_east = np.array([0.5, 0.5, 0.0])
+    assert goal_in_view(layout, facing_east, np.array([1.5, 0.5]))
+    assert not goal_in_view(layout, facing_east, np.array([3.5, 0.5]))  # behind the wall
+    assert not goal_in_view(layout, np.array([1.5, 0.5, np.pi]), np.array([1.5, 2.5]))  # behind the camera (90 deg)
+    assert line_of_sight(layout, [0.5, 2.5], [4.5, 2.5]) and not line_of_sight(layout, [0.5, 0.5], [4.5, 0.5])
+    assert grid_path(layout, [0.5, 0.5], [3.5, 0.5]) == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (2, 3), (1, 3), (0, 3)]
+
+
+# episodes whose first exploration already leaves a goal (no redraw: each redraw rebuilds the maze, 1-5 s)
+EPISODES = [episode_seeds(123, 2), episode_seeds(123, 3)]
+
+
+@pytest.fixture(scope="module")
+def explored(maze_env):
+    """(task, last observation, last info) of each of EPISODES."""
+    return [explore(maze_env, seeds.env, seeds.policy, CONFIG.explore_steps, CONFIG.min_goal_distance)
+            for seeds in EPISODES]
+
+
+def test_the_task_is_deterministic_per_seed(maze_env, explored):
+    first = explored[0][0]
+    again, _, info = explore(maze_env, EPISODES[0].env, EPISODES[0].policy, CONFIG.explore_steps,
+                             CONFIG.min_goal_distance)
+    np.testing.assert_allclose(info["pose"], again.start_pose, atol=1e-6)  # the env is left where exploration ended
+    assert np.array_equal(first.frames, again.frames) and np.array_equal(first.poses, again.poses)
+    assert (first.goal_index, first.actions, first.attempt) == (again.goal_index, again.actions, again.attempt)
+    assert not np.array_equal(first.frames[0], explored[1][0].frames[0])
+
+
+def test_the_goal_is_far_and_out_of_view_when_planning_starts(explored):
+    for task, observation, _ in explored:
+        assert np.linalg.norm(task.goal_pose[:2] - task.start_pose[:2]) >= CONFIG.min_goal_distance
+        assert not goal_in_view(task.layout, task.start_pose, task.goal_pose)
+        assert not np.array_equal(observation, task.goal_frame)
+        # the latest such frame: every later one is near the end or in view
+        for later in range(task.goal_index + 1, len(task.poses) - 1):
+            assert (np.linalg.norm(task.poses[later, :2] - task.start_pose[:2]) < CONFIG.min_goal_distance
+                    or goal_in_view(task.layout, task.start_pose, task.poses[later]))
+        assert task.return_reference.shape == (len(task.poses) - task.goal_index, 3)
+
+
+def test_the_oracle_returns_and_random_is_seeded(maze_env):
+    rows = [run_episode(maze_env, OracleAgent(), seeds, CONFIG)[0] for seeds in EPISODES + [episode_seeds(9000, 0)]]
+    assert all(row["success"] for row in rows), rows
+    assert all(row["final_distance"] < CONFIG.success_distance <= row["start_distance"] for row in rows)
+    draws = []
+    for _ in range(2):
+        agent = RandomAgent()
+        agent.begin(None, EPISODES[0])
+        draws.append([agent.act(None, {}) for _ in range(20)])
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_the_world_model_agent_and_the_outputs(tmp_path):
+    config = ReturnConfig(agents="base", episodes=1, decisions=1, horizon=1, replan_every=1, population=2,
+                          elites=1, sampler_steps=1, memorize_steps=0, threads=1, out_dir=str(tmp_path))
+    rows = {row["agent"]: row for row in evaluate(config, progress=False)}
+    assert rows["base"]["experts"] == "base" and rows["base"]["seconds_per_decision"] > 0
+    assert np.isfinite(rows["base"]["lpips_imagined_real"]) and np.isfinite(rows["base"]["lpips_to_goal"])
+    assert rows["base"]["ci95_low"] <= rows["base"]["success_rate"] <= rows["base"]["ci95_high"]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"summary.csv", "summary.md", "episodes.csv", "episodes.md", "success.png", "base_failure.gif"} <= names
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(episodes=0), "episodes must be an integer >= 1"),
+    (dict(episodes=-3), "episodes must be an integer >= 1"),
+    (dict(agents="random,psychic"), "unknown agents"),
+    (dict(agents=""), "unknown agents"),
+    (dict(success_distance=3.0), "success_distance <= min_goal_distance"),
+    (dict(replan_every=5), "replan_every <= horizon"),
+])
+def test_bad_settings_fail_before_any_episode(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(ReturnConfig(out_dir=str(tmp_path), **overrides))
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_command_line_reports_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="episodes must be an integer >= 1"):
+        main(["episodes=0", f"out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown agents"):
+        main(["agents=oracle,teleport", f"out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown key"):
+        main(["episode=3"])
