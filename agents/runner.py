@@ -6,13 +6,25 @@
     summary.csv, summary.md    the means over episodes
     distance.png               distance to the goal over steps, and executed vs reference paths
     rollout.gif                real | imagined | goal frames of the first episode(s)
+    episode_records/           one ``episode_<index>.npz`` per finished episode: its rows, path and GIF frames
+    run_config.json            the configuration the episodes were run with
+
+Crash safety: an episode is finished when its record is (written atomically, in one file: a kill leaves the whole
+record or none). The tables, the plot and the GIF are rebuilt from the records, never appended to, so a killed run
+leaves no torn or duplicated row, and running the same command into the same directory again skips the episodes whose
+record exists (each episode has its own seeds, so it does not need the ones before it: ``come_rl.seeding``) and
+finishes with the tables an uninterrupted run writes. A rerun whose configuration differs from ``run_config.json`` is
+refused, since its episodes would not belong in one table.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -20,8 +32,8 @@ from tqdm import tqdm
 
 from agents.goal_tasks import EpisodeResult, GoalTask, run_goal_episode
 from agents.mpc import MPCAgent
-from come_rl.io_utils import atomic_write_bytes
-from come_rl.results import append_rows, write_markdown_table
+from come_rl.io_utils import atomic_save_npz, atomic_write_bytes, atomic_write_text
+from come_rl.results import write_table
 from come_rl.seeding import EpisodeSeeds
 
 
@@ -44,43 +56,198 @@ def summarize(episode_rows: Sequence[dict]) -> dict:
     }
 
 
+RUN_CONFIG_NAME = "run_config.json"
+RECORDS_DIR_NAME = "episode_records"
+TABLE_NAMES = ("steps", "episodes", "summary")
+# what a run writes directly in its directory (their temporary files are removed before a rerun)
+OUTPUT_NAMES = (*(f"{name}.{suffix}" for name in TABLE_NAMES for suffix in ("csv", "md")), "distance.png",
+                "rollout.gif", RUN_CONFIG_NAME)
+_RECORD_PATTERN = re.compile(r"episode_(\d+)\.npz")
+
+
+def record_path(out_dir: Path, index: int) -> Path:
+    return out_dir / RECORDS_DIR_NAME / f"episode_{index:06d}.npz"
+
+
+def _plain(value: Any) -> Any:
+    """A numpy or torch scalar as the Python scalar it holds (what JSON stores and the CSV writer prints alike)."""
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return value.item()
+    return float(value) if isinstance(value, float) else value
+
+
+def save_episode_record(out_dir: Path, result: EpisodeResult) -> EpisodeResult:
+    """Write the episode's record atomically and return the result as the record holds it.
+
+    Rows go through JSON (exact for Python floats, NaN included), so the tables of an uninterrupted run and of a
+    resumed one, which reads earlier episodes back from their records, are written from the same values.
+    """
+    rows = {"episode_row": {key: _plain(value) for key, value in result.episode_row.items()},
+            "step_rows": [{key: _plain(value) for key, value in row.items()} for row in result.step_rows]}
+    text = json.dumps(rows, allow_nan=True)
+    atomic_save_npz(record_path(out_dir, int(result.episode_row["episode"])), rows_json=np.array(text),
+                    executed_poses=np.asarray(result.executed_poses, dtype=np.float64),
+                    real_frames=np.stack(result.real_frames), imagined_frames=np.stack(result.imagined_frames))
+    rows = json.loads(text)
+    return EpisodeResult(rows["step_rows"], rows["episode_row"], list(result.real_frames),
+                         list(result.imagined_frames), np.asarray(result.executed_poses, dtype=np.float64))
+
+
+def load_episode_record(path: Path) -> EpisodeResult:
+    """An :class:`EpisodeResult` from its record (``np.load`` without pickle: the rows are a JSON string)."""
+    with np.load(path) as record:
+        rows = json.loads(str(record["rows_json"]))
+        return EpisodeResult(rows["step_rows"], rows["episode_row"], list(record["real_frames"]),
+                             list(record["imagined_frames"]), record["executed_poses"])
+
+
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in settings.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): settings}
+
+
+def _differences(recorded: Any, wanted: Any, limit: int = 6) -> str:
+    old, new = _flatten(recorded), _flatten(wanted)
+    keys = [key for key in sorted(set(old) | set(new)) if old.get(key, "<unset>") != new.get(key, "<unset>")]
+    text = ", ".join(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _remove_stray_files(out_dir: Path) -> None:
+    """Temporary files of writes a kill interrupted: an atomic write's ``.<name>.<random>.tmp``, a table's staging
+    copy ``.<name>.staging`` and its own temporary file, the plot's ``distance.png.tmp.png``. Only names this runner
+    writes, so a shared directory keeps the rest."""
+    for name in OUTPUT_NAMES:
+        for pattern in (f".{name}.*.tmp", f".{name}.staging", f"..{name}.staging.*.tmp"):
+            for stray in out_dir.glob(pattern):
+                stray.unlink(missing_ok=True)
+    (out_dir / "distance.png.tmp.png").unlink(missing_ok=True)
+    for stray in (out_dir / RECORDS_DIR_NAME).glob(".episode_*.tmp"):
+        stray.unlink(missing_ok=True)
+
+
+def check_run_directory(out_dir: str | Path, run_config: Mapping | None) -> bool:
+    """Whether a run with ``run_config`` resumes in ``out_dir`` (it holds a ``run_config.json`` equal to it).
+
+    Raises ValueError, naming the differences and the fix, when the directory holds episodes of another configuration.
+    Changes nothing, so ``come_rl.run`` calls it before any work (and :func:`open_run_directory` again).
+    """
+    config_path = Path(out_dir) / RUN_CONFIG_NAME
+    if run_config is None or not config_path.is_file():
+        return False
+    try:
+        recorded = json.loads(config_path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path} is not a run configuration this runner wrote ({error}); use another "
+                         f"run.out_dir, or delete {out_dir} to start over") from error
+    wanted = json.loads(json.dumps(run_config, allow_nan=True))  # compared as stored: tuples become lists
+    if recorded != wanted:
+        raise ValueError(f"{out_dir} holds episodes of another configuration ({_differences(recorded, wanted)}); "
+                         f"use another run.out_dir, or delete {out_dir} to start this one over")
+    return True
+
+
+def open_run_directory(out_dir: Path, run_config: Mapping | None, episodes: int) -> dict[int, EpisodeResult]:
+    """Prepare ``out_dir`` for a run of ``episodes`` episodes; return the finished episodes found there by index.
+
+    ``run_config``: what the episodes' numbers depend on (``come_rl.run`` passes the resolved configuration). When
+    ``out_dir`` holds a ``run_config.json`` equal to it, the run resumes: its episode records are kept. Another
+    configuration is refused (:func:`check_run_directory`). No ``run_config.json`` (a fresh directory, or an older
+    runner's tables), or ``run_config=None`` (a caller that cannot say what its numbers depend on): the directory's
+    tables and records are deleted and the run starts over.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stray_files(out_dir)
+    records_dir = out_dir / RECORDS_DIR_NAME
+    if not check_run_directory(out_dir, run_config):  # start over: nothing in the directory belongs to this run
+        for name in OUTPUT_NAMES:
+            (out_dir / name).unlink(missing_ok=True)
+        for path in records_dir.glob("episode_*.npz"):
+            path.unlink()
+        if run_config is not None:
+            text = json.dumps({"format": 1, "config": run_config}, indent=1, allow_nan=True)
+            atomic_write_text(out_dir / RUN_CONFIG_NAME, text + "\n")
+        return {}
+    finished: dict[int, EpisodeResult] = {}
+    for path in sorted(records_dir.glob("episode_*.npz")):
+        match = _RECORD_PATTERN.fullmatch(path.name)
+        if match is None:
+            continue
+        index = int(match.group(1))
+        if index >= episodes:
+            raise ValueError(f"{out_dir} holds episode {index} of a run of more episodes; pass "
+                             f"run.episodes={index + 1} or more to resume it, or use another run.out_dir")
+        try:
+            finished[index] = load_episode_record(path)
+        except Exception as error:  # a record is written atomically: this one was damaged later; run it again
+            print(f"{path} cannot be read ({type(error).__name__}: {error}); episode {index} is run again")
+            path.unlink()
+    return finished
+
+
+def _write_tables(out_dir: Path, results: Sequence[EpisodeResult], summary: dict | None = None) -> None:
+    """steps.csv and episodes.csv (+ .md) of ``results`` in episode order, and summary.csv when given; each table
+    replaced as a whole (``results.write_table``), so it never holds a torn or repeated row."""
+    tables = {"steps": [row for result in results for row in result.step_rows],
+              "episodes": [result.episode_row for result in results]}
+    if summary is not None:
+        tables["summary"] = [summary]
+    for name, rows in tables.items():
+        write_table(out_dir / f"{name}.csv", rows, title=f"{out_dir.name}: {name}")
+
+
 def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], max_steps: int,
                       success_threshold: float, out_dir: str | Path, lpips: Callable | None = None,
                       gif_episodes: int = 1, frame_key: str | None = None, pose_key: str = "pose",
                       run_info: dict | None = None, progress: bool = True, preload_memory: bool = False,
-                      memorize_steps: int = 25, seeds: Sequence[EpisodeSeeds] | None = None) -> list[EpisodeResult]:
+                      memorize_steps: int = 25, seeds: Sequence[EpisodeSeeds] | None = None,
+                      run_config: Mapping | None = None) -> list[EpisodeResult]:
     """Run one episode per task and write the tables, the plot and the GIF under ``out_dir``.
 
     ``run_info`` (agent/env/model names ...) is prepended to the summary row. ``preload_memory`` /
     ``memorize_steps``: see :func:`agents.goal_tasks.run_goal_episode` ("explore, then return"). ``seeds``: one
     :class:`come_rl.seeding.EpisodeSeeds` per task (``come_rl.run`` derives them from ``run.seed``).
+    ``run_config``: the configuration the episodes' numbers depend on; given, a rerun into ``out_dir`` resumes after
+    the episodes already finished there (see the module docstring and :func:`open_run_directory`); None starts over.
     """
     if seeds is not None and len(seeds) != len(tasks):
         raise ValueError(f"got {len(seeds)} episode seeds for {len(tasks)} tasks; give one per task or none")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("steps.csv", "episodes.csv", "summary.csv"):
-        (out_dir / name).unlink(missing_ok=True)  # a run directory holds one run's rows
-    results = []
-    bar = tqdm(tasks, desc="episodes", unit="ep", disable=not progress)
-    for index, task in enumerate(bar):
-        result = run_goal_episode(env, agent, task, max_steps, success_threshold, episode_index=index, lpips=lpips,
-                                  record_frames=index < gif_episodes, frame_key=frame_key, pose_key=pose_key,
-                                  preload_memory=preload_memory, memorize_steps=memorize_steps,
+    resuming = check_run_directory(out_dir, run_config)
+    results = open_run_directory(out_dir, run_config, len(tasks))
+    for index, result in results.items():
+        recorded_seed = result.episode_row.get("seed")
+        if recorded_seed != _plain(tasks[index].seed):
+            raise ValueError(f"{record_path(out_dir, index)} was run from env seed {recorded_seed}, this run's episode "
+                             f"{index} starts from {tasks[index].seed}; use another run.out_dir, or delete {out_dir}")
+    todo = [index for index in range(len(tasks)) if index not in results]
+    if resuming:
+        first = todo[0] if todo else len(tasks)
+        print(f"resumed {out_dir} from episode {first}: {len(results)} of {len(tasks)} episodes already finished"
+              + ("" if todo else "; rebuilding the tables"), flush=True)
+    bar = tqdm(total=len(tasks), initial=len(results), desc="episodes", unit="ep", disable=not progress)
+    for index in todo:
+        result = run_goal_episode(env, agent, tasks[index], max_steps, success_threshold, episode_index=index,
+                                  lpips=lpips, record_frames=index < gif_episodes, frame_key=frame_key,
+                                  pose_key=pose_key, preload_memory=preload_memory, memorize_steps=memorize_steps,
                                   seeds=None if seeds is None else seeds[index])
-        results.append(result)
-        append_rows(out_dir / "steps.csv", result.step_rows)
-        append_rows(out_dir / "episodes.csv", [result.episode_row])
+        results[index] = save_episode_record(out_dir, result)  # the episode counts as finished from here on
+        _write_tables(out_dir, [results[i] for i in sorted(results)])  # the rows so far, for a reader to watch
+        bar.update(1)
         bar.set_postfix(success=result.episode_row["success"], dist=f"{result.episode_row['final_distance']:.3f}")
-    summary = {**(run_info or {}), **summarize([r.episode_row for r in results])}
-    append_rows(out_dir / "summary.csv", [summary])
-    for name in ("steps", "episodes", "summary"):
-        write_markdown_table(out_dir / f"{name}.csv", out_dir / f"{name}.md", title=f"{out_dir.name}: {name}")
-    write_plot(results, tasks, out_dir / "distance.png")
-    gif_results = [r for r in results[:gif_episodes] if len(r.imagined_frames) > 1]
+    bar.close()
+    ordered = [results[index] for index in range(len(tasks))]
+    summary = {**(run_info or {}), **summarize([r.episode_row for r in ordered])}
+    _write_tables(out_dir, ordered, summary)
+    write_plot(ordered, tasks, out_dir / "distance.png")
+    gif_results = [r for r in ordered[:gif_episodes] if len(r.imagined_frames) > 1]
     if gif_results:
         write_gif(gif_results, tasks, out_dir / "rollout.gif")
-    return results
+    return ordered
 
 
 def write_plot(results: Sequence[EpisodeResult], tasks: Sequence[GoalTask], path: Path) -> Path:

@@ -174,8 +174,8 @@ def collect(config: dict[str, Any]) -> dict[str, Any]:
                              "resume or extend it")
     else:
         manifest = {"identity": identity, "shards": []}
-    # A killed atomic write leaves only a hidden temp file: remove those.
-    for stray in out.glob(".shard_*.tmp"):
+    # A killed atomic write leaves only a hidden temp file (of a shard or of the manifest): remove those.
+    for stray in (*out.glob(".shard_*.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp")):
         stray.unlink()
 
     plan = plan_shards(config["episodes"], config["episodes_per_shard"])

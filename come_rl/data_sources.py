@@ -35,11 +35,31 @@ class OnlineEpisodePool:
         self.frames = np.empty((episodes, steps + 1, self.frame_size, self.frame_size, 3), np.uint8)
         self.actions = np.empty((episodes, steps, self.action_spec.dim), np.float32)
         self.poses = np.empty((episodes, steps + 1, 3), np.float32)
+        self.slot_rng_states: list[dict] = [{} for _ in range(episodes)]  # self.rng's state when each slot was filled
         for i in tqdm(range(episodes), desc="generating memory_cards episodes", leave=False):
             self._fill(i)
         self._next = 0
 
+    def state_dict(self) -> dict:
+        """What the pool's future clips depend on, small enough for a training checkpoint: the generator's state, the
+        next slot to refresh and, instead of the frames, the generator's state at each slot's fill (an episode is a
+        function of it). A resumed training run that loads it samples the clips an uninterrupted run samples."""
+        return {"rng": self.rng.bit_generator.state, "next": self._next, "slot_rng_states": list(self.slot_rng_states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: regenerate the slots filled since the pool started, then the generator."""
+        if len(state["slot_rng_states"]) != len(self.frames):
+            raise ValueError(f"the saved pool has {len(state['slot_rng_states'])} episodes, this one "
+                             f"{len(self.frames)}; resume with the same online_episodes")
+        changed = [i for i, slot in enumerate(state["slot_rng_states"]) if slot != self.slot_rng_states[i]]
+        for index in tqdm(changed, desc="regenerating memory_cards episodes", leave=False):
+            self.rng.bit_generator.state = state["slot_rng_states"][index]
+            self._fill(index)
+        self.rng.bit_generator.state = state["rng"]
+        self._next = int(state["next"])
+
     def _fill(self, index: int) -> None:
+        self.slot_rng_states[index] = self.rng.bit_generator.state
         frame, info = self.env.reset(seed=int(self.rng.integers(2**31)))
         self.frames[index, 0], self.poses[index, 0] = frame, info["pose"]
         for t in range(self.steps):

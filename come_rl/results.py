@@ -32,7 +32,9 @@ def _cell_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return repr(value)  # round-trips exactly; Markdown rendering does the rounding
+        # round-trips exactly; Markdown rendering does the rounding. float(): numpy's float64 is a float whose repr
+        # under numpy 2 is "np.float64(0.5)", which no CSV reader parses as a number
+        return repr(float(value))
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return _cell_text(value.item())
     return str(value)

@@ -10,13 +10,15 @@ Steps: check the configuration (planner, agent, env settings) before any work; b
 ``env._target_``; load the world model (``model._target_``, or ``model.loader(model.checkpoint)``);
 wrap the env with the memory wrapper (observe every frame, memorize on schedule); record one
 reference trajectory per episode (the goal image and the reference path); run the MPC agent; write
-``results/<run.name>/`` (see ``agents.runner``). Every random source (env, reference policy, planner, imagination,
+``results/<run.name>/`` (see ``agents.runner``): one record per finished episode, so that the same command after a kill
+resumes at the first unfinished episode. Every random source (env, reference policy, planner, imagination,
 memorization, torch's global generator) is seeded from ``run.seed`` by ``come_rl.seeding``: one command, one machine,
 one thread count -> the same CSVs (outside timing columns).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.goal_tasks import record_reference_task
 from agents.mpc import MPCAgent
-from agents.runner import run_goal_episodes
+from agents.runner import check_run_directory, run_goal_episodes
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
@@ -269,6 +271,40 @@ def run_find_object(cfg: DictConfig) -> dict:
     return {"run": cfg.run.name, **_choices(), **summary}
 
 
+# run.* keys that change no episode's numbers: a rerun into the same run.out_dir may change them and still resume
+# (run.episodes raised extends the run; the directory itself says where the run is)
+RESUME_FREE_RUN_KEYS = ("name", "out_dir", "episodes", "progress")
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint directory's JSON files (names and bytes).
+
+    They hold the SHA-256 of every weight file (``come_rl.checkpoint``), so a retrained or re-copied world model gets
+    another fingerprint even where its path stays the same.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.glob("*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def resume_config(cfg: DictConfig) -> dict:
+    """What the episodes of a goal-reaching run depend on: the resolved configuration without
+    ``RESUME_FREE_RUN_KEYS``, and the world model's checkpoint fingerprint.
+
+    ``agents.runner`` stores it in the run directory; a rerun into that directory resumes only when it is equal, so
+    that one table never mixes episodes of two configurations. ``run.threads`` stays in: other thread counts give
+    other numbers (README, Reproducibility).
+    """
+    settings = OmegaConf.to_container(cfg, resolve=False)
+    for key in RESUME_FREE_RUN_KEYS:  # run.name may use Hydra's resolvers: drop it before resolving the rest
+        settings["run"].pop(key, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(settings), resolve=True)
+    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+        resolved["checkpoint_sha256"] = checkpoint_fingerprint(resolve_checkpoint(str(cfg.model.checkpoint)))
+    return resolved
+
+
 def seed_global_generators(seed: int) -> None:
     """Seed torch's global generator from ``run.seed`` before anything is built.
 
@@ -287,6 +323,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.env.get("task", {}).get("kind") == "find_object":
         return run_find_object(cfg)
     check_run_config(cfg)
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    run_config = resume_config(cfg)
+    check_run_directory(out_dir, run_config)  # a rerun into a directory of another configuration fails before any work
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)
     horizon, replan_every = cfg.agent.horizon, cfg.agent.replan_every
@@ -313,7 +352,6 @@ def run(cfg: DictConfig) -> dict:
         from come_rl.metrics.lpips_metric import get_lpips
 
         lpips = get_lpips()
-    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     choices = _choices()
     run_info = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_,
                 "horizon": horizon, "replan_every": replan_every}
@@ -322,7 +360,8 @@ def run(cfg: DictConfig) -> dict:
                                 gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
                                 run_info=run_info, progress=bool(cfg.run.progress),
                                 preload_memory=bool(task_cfg.get("preload_memory", False)),
-                                memorize_steps=int(task_cfg.get("memorize_steps", 25)), seeds=seeds)
+                                memorize_steps=int(task_cfg.get("memorize_steps", 25)), seeds=seeds,
+                                run_config=run_config)
     env.close()
     from agents.runner import summarize
 

@@ -5,9 +5,11 @@ Usage:
     python -m come_rl.train model=unet_maze data=/path/to/collected/memory_maze out=runs/maze_base minutes=60
 
 Every ``key=value`` sets a field of :class:`TrainConfig`. Training shows a tqdm bar, writes atomic checkpoints every
-``checkpoint_seconds`` (weights + EMA + optimiser + data RNG), and resumes from ``out`` when it is run again with the
-same ``out`` -- kill it at any time. At the end it writes a GIF of samples vs ground truth and the held-out evaluation
-(``come_rl.evaluate``) next to the checkpoint.
+``checkpoint_seconds`` (weights + EMA + optimiser + data RNG + the online episode pool's state), and resumes from
+``out`` when it is run again with the same ``out`` -- kill it at any time: the resumed run trains the weights an
+uninterrupted one does, and ``train_log.csv`` (one row per ``log_every`` steps) loses the rows of the steps it trains
+again. At the end it writes a GIF of samples vs ground truth and the held-out evaluation (``come_rl.evaluate``) next
+to the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from come_rl.checkpoint import build_backbone_from_spec, expert_spec, save_exper
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.diffusion import build_schedule
 from come_rl.experts.expert import DiffusionExpert
+from come_rl.io_utils import atomic_write_text
 
 # Backbone recipes by preset name: (registry name, kwargs). CPU sizes train in minutes on 2 cores.
 MODEL_PRESETS: dict[str, tuple[str, dict]] = {
@@ -75,6 +78,8 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     checkpoint_seconds: float = 120.0
+    log_every: int = 50
+    """steps per row of train_log.csv (step, seconds, mean loss over those steps)."""
     pose_features: bool = False
     """condition on absolute pose features (SLTM)."""
     backbone_overrides: dict = field(default_factory=dict)
@@ -112,16 +117,54 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     return expert, name, kwargs
 
 
+TRAIN_LOG_HEADER = "step,seconds,loss"
+
+
+def trim_train_log(path: Path, step: int) -> None:
+    """Keep the rows of ``train_log.csv`` up to ``step`` (the step training resumes from), rewritten atomically.
+
+    Rows are appended between checkpoints, so after a kill the log holds rows of steps the resumed run trains again
+    (they would be written twice) and maybe a torn last line; a fresh start (step 0) keeps the header only.
+    """
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines(keepends=True):
+            fields = line.rstrip("\n").split(",")
+            if not line.endswith("\n") or len(fields) != 3:
+                continue  # the header, or a row a kill cut short
+            try:
+                logged_step = int(fields[0])
+                float(fields[1]), float(fields[2])
+            except ValueError:
+                continue
+            if logged_step <= step:
+                rows.append(line)
+    atomic_write_text(path, TRAIN_LOG_HEADER + "\n" + "".join(rows))
+
+
+def remove_stray_files(out: Path, role: str) -> None:
+    """Temporary files of atomic writes that a kill interrupted (``.<name>.<random>.tmp``) of this role's files."""
+    for name in (f"{role}_train_state.pt", f"{role}.safetensors", f"{role}.json", "train_log.csv"):
+        for stray in out.glob(f".{name}.*.tmp"):
+            stray.unlink(missing_ok=True)
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
 def train(config: TrainConfig) -> Path:
+    if config.log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {config.log_every}")
     torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stray_files(out, config.role)
     source = open_data_source(config.data, seed=config.seed, online_episodes=config.online_episodes)
     frame_size = source.frame_size
+    # The initial weights come from torch's global generator, which torch seeds from OS entropy in every process: seed
+    # it, so that one command trains the same weights (a resumed run loads them; an uninterrupted one must match it).
+    torch.manual_seed(config.seed)
     expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
     k = expert.context_frames
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
@@ -133,6 +176,7 @@ def train(config: TrainConfig) -> Path:
     state_path = out / f"{config.role}_train_state.pt"
     step, elapsed, rng = 0, 0.0, np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []  # since the last row of train_log.csv
     if state_path.exists():
         try:
             state = torch.load(state_path, weights_only=False)
@@ -147,13 +191,19 @@ def train(config: TrainConfig) -> Path:
         step, elapsed = state["step"], state["elapsed"]
         rng.bit_generator.state = state["rng"]
         generator.set_state(state["generator"])
+        losses = list(state.get("losses", []))
+        if callable(getattr(source, "load_state_dict", None)):
+            if "data" in state:
+                source.load_state_dict(state["data"])
+            else:  # a checkpoint of an older version: training goes on, on another sequence of clips
+                print(f"{state_path} does not hold the online episode pool's state; the pool restarts from seed "
+                      f"{config.seed}")
         print(f"resumed {config.role} from step {step} ({elapsed / 60:.1f} min trained)")
     n_params = sum(p.numel() for p in expert.backbone.parameters())
-    (out / "train_log.csv").touch()
+    trim_train_log(out / "train_log.csv", step)
     budget = config.minutes * 60.0
     bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), unit="s", desc=f"train {config.role} {config.model}")
     last_ckpt = time.time()
-    losses: list[float] = []
     expert.train()
 
     def save() -> None:
@@ -161,7 +211,9 @@ def train(config: TrainConfig) -> Path:
                     half=config.half_weights)
         torch_save_atomic({"model": expert.backbone.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
                            "step": step, "elapsed": elapsed, "rng": rng.bit_generator.state,
-                           "generator": generator.get_state(), "spec": spec}, state_path)
+                           "generator": generator.get_state(), "spec": spec, "losses": losses,
+                           **({"data": source.state_dict()} if callable(getattr(source, "state_dict", None)) else {})},
+                          state_path)
 
     while elapsed < budget and step < config.steps:
         t0 = time.time()
@@ -188,10 +240,11 @@ def train(config: TrainConfig) -> Path:
         dt = time.time() - t0
         elapsed += dt
         bar.update(int(elapsed) - bar.n)
-        if step % 50 == 0:
-            bar.set_postfix(step=step, loss=f"{np.mean(losses[-50:]):.4f}", clips_s=f"{config.batch_size / dt:.0f}")
+        if step % config.log_every == 0:
+            bar.set_postfix(step=step, loss=f"{np.mean(losses):.4f}", clips_s=f"{config.batch_size / dt:.0f}")
             with open(out / "train_log.csv", "a") as log:
-                log.write(f"{step},{elapsed:.1f},{np.mean(losses[-50:]):.6f}\n")
+                log.write(f"{step},{elapsed:.1f},{np.mean(losses):.6f}\n")
+            losses = []
         if time.time() - last_ckpt > config.checkpoint_seconds:
             save()
             last_ckpt = time.time()
