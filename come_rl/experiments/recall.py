@@ -55,7 +55,8 @@ COMPOSITIONS = {
     "PoCE w=2": _poce(2.0),
     "PoCE w=2.5": _poce(2.5),
     "PoCE w=3": _poce(3.0),
-    # The LTM only at the noise levels it memorized (t >= 0.9): it sets the content, the base draws the details.
+    # The LTM only at high noise levels: it sets the content (which object), the base draws the details. The shipped
+    # default gates at t >= 0.8 (memorized at t in [0.5, 1]); t >= 0.9 went with the earlier U[0.95, 1] memorization.
     "LTM alone, gated t>=0.9": _poce(1.0, active_from={"ltm": 0.9}),
     "PoCE w=2.5, gated t>=0.9": _poce(2.5, active_from={"ltm": 0.9}),
     "PoCE w=4, gated t>=0.9": _poce(4.0, active_from={"ltm": 0.9}),
@@ -65,16 +66,17 @@ COMPOSITIONS = {
     # unconditional modes), all normalised; and the same without the LTM (what the short-term experts recall alone).
     "base+STM+SLTM (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
                                    normalize=True),
-    "CoME (PoCE w=2.5 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
-                                            alphas={"stm": 2.0, "sltm": 2.0}),
+    "CoME (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
+                                                          alphas={"stm": 2.0, "sltm": 2.0}, active_from={"ltm": 0.8}),
 }
 COMPOSITION_SETS = {
-    "sweep": ["no memory (base)", "LTM alone", "PoCE w=2.5", "LTM alone, gated t>=0.9", "PoCE w=2.5, gated t>=0.9"],
+    "sweep": ["no memory (base)", "LTM alone", "PoCE w=1.5", "PoCE w=2.5, gated t>=0.9", "PoCE w=2.5, gated t>=0.8"],
     "ltm": [name for name in COMPOSITIONS if "STM" not in name],
-    "all": list(COMPOSITIONS),
+    # what the issue asks for: no memory, LTM, PoE, PoCE w = 1.5..3, the shipped gated PoCE, and with the STM + SLTM
+    "all": [name for name in COMPOSITIONS if "t>=0.9" not in name and "w=4" not in name],
 }
 NO_MEMORY = "no memory (base)"
-SHIPPED_DEFAULT = "PoCE w=2.5, gated t>=0.9"  # the composition in come_rl/checkpoints/memory_cards/world_model.json
+SHIPPED_DEFAULT = "PoCE w=2.5, gated t>=0.8"  # the composition in come_rl/checkpoints/memory_cards/world_model.json
 NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)"}
 
 
