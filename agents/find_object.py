@@ -244,15 +244,9 @@ def _plot(summaries: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.train import parse_overrides
+    from come_rl.cli_args import run_evaluation_cli
 
-    config = parse_overrides(sys.argv[1:] if argv is None else argv, FindConfig)
-    try:
-        summaries = evaluate(config)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from error
-    for row in summaries:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    run_evaluation_cli(sys.argv[1:] if argv is None else argv, FindConfig, evaluate)
 
 
 if __name__ == "__main__":

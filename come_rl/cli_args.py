@@ -58,3 +58,18 @@ def parse_dataclass(argv: Sequence[str], config_cls: type) -> Any:
         else:
             defaults[field.name] = None
     return config_cls(**parse_key_values(argv, defaults))
+
+
+def run_evaluation_cli(argv: Sequence[str], config_cls: type, evaluate: Callable[[Any], list[dict]]) -> Any:
+    """The shared ``main`` of the agent evaluations (find the object, return to a seen place): parse ``key=value``
+    into ``config_cls``, run ``evaluate``, turn bad settings into one ``error:`` line, print each summary row."""
+    from come_rl.train import parse_overrides
+
+    config = parse_overrides(list(argv), config_cls)
+    try:
+        summaries = evaluate(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
+    for row in summaries:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    return config
