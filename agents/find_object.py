@@ -7,11 +7,13 @@
 
 The world-model agent watches the exploration (observe every frame, action and cursor pose), memorizes it
 (``memorize_steps`` of the world model's memorization), then imagines, in one batch, walking to each of the 16 tiles
-and uncovering it; it uncovers the tile whose imagined content is nearest (pixel MSE of the tile's inside) to the goal
-image. Pixels, not LPIPS: the goal is a 12x12-pixel tile, below the size at which AlexNet's features (stride 4, an
+and uncovering it (``samples`` times per tile); it uncovers the tile whose imagined content is nearest (pixel MSE of the
+tile's inside, averaged over its samples) to the goal image. Pixels, not LPIPS: the goal is a 12x12-pixel tile, below the size at which AlexNet's features (stride 4, an
 11x11 first kernel) mean anything. Without memory the base can only guess what a covered tile hides; with it, the
-world model should know. Baselines: ``random`` (a uniformly random tile: 2 of 16 hide the object) and ``oracle`` (the
-layout is known: the ceiling).
+world model should know. Baselines: ``random`` (a uniformly random tile: 2 of 16 hide the object), ``oracle`` (the
+layout is known: the ceiling) and ``exact`` (this agent's own procedure with ``envs.memory_cards.MemoryCardsWorldModel``,
+an exact world model that remembers every tile it saw: the ceiling of the procedure, so that a lower number with the
+learned model is the model's).
 
 Writes ``results/find_object/``: ``episodes.csv`` (one row per agent and episode), ``summary.csv``/``.md`` (success rate
 with a 95 % Wilson interval, the final distance in tiles from the uncovered tile to the nearest tile hiding the goal,
@@ -36,7 +38,7 @@ from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv
 
 AGENT_EXPERTS = {"base": ["base"], "ltm": ["base", "ltm"], "come": ["base", "ltm", "stm", "sltm"]}
-AGENTS = ("random", "base", "ltm", "come", "oracle")
+AGENTS = ("random", "base", "ltm", "come", "exact", "oracle")
 
 
 class RandomTileAgent:
@@ -69,48 +71,76 @@ class OracleAgent(RandomTileAgent):
 
 
 class WorldModelFindAgent:
-    """See the module docstring. ``world_model``: a come_rl ``WorldModel`` for Memory Cards."""
+    """See the module docstring. ``world_model``: a come_rl ``WorldModel`` for Memory Cards (or any model with its
+    ``reset/observe/memorize/imagine`` interface, e.g. the exact :class:`envs.memory_cards.MemoryCardsWorldModel`).
 
-    def __init__(self, world_model, memorize_steps: int = 100, seed: int = 0, name: str = "world_model"):
+    ``samples``: imagined samples per tile; a tile's score is the mean over its samples of the pixel MSE between the
+    imagined inside of the uncovered tile and the goal (the diffusion model's samples differ; averaging them scores
+    what the model believes rather than one draw of it)."""
+
+    def __init__(self, world_model, memorize_steps: int = 100, seed: int = 0, name: str = "world_model",
+                 samples: int = 1):
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
+        if isinstance(samples, bool) or int(samples) < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
         self.world_model, self.memorize_steps, self.seed, self.name = world_model, int(memorize_steps), seed, name
+        self.samples = int(samples)
 
-    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+    def watch(self, env: MemoryCardsFindEnv, info: dict) -> float:
+        """Observe the exploration and memorize it; return the memorization seconds."""
         wm, exploration = self.world_model, info["exploration"]
-        goal = np.asarray(info["goal_image"])
-        tile_px = env.cards.tile
-        if goal.dtype != np.uint8 or goal.shape != (tile_px, tile_px, 3):
-            raise ValueError(f"the goal image must be a uint8 ({tile_px}, {tile_px}, 3) tile, got {goal.dtype} {goal.shape}")
         spec = wm.action_spec
         wm.reset()
         wm.observe(exploration["frames"][0], None, exploration["poses"][0])
         for frame, action, pose in zip(exploration["frames"][1:], exploration["actions"], exploration["poses"][1:]):
             wm.observe(frame, spec.encode(action), pose)
-        memorize_seconds = 0.0
-        if self.memorize_steps and "ltm" in wm.composition.experts:
-            memorize_seconds = wm.memorize(steps=self.memorize_steps,
-                                           generator=torch.Generator().manual_seed(self.seed))["seconds"]
-        start = time.perf_counter()
+        if not self.memorize_steps:
+            return 0.0
+        stats = wm.memorize(steps=self.memorize_steps, generator=torch.Generator().manual_seed(self.seed))
+        return float(stats.get("seconds", 0.0))
+
+    def tile_distances(self, env: MemoryCardsFindEnv, goal: np.ndarray, samples: int | None = None):
+        """Imagine walking to each tile and uncovering it, ``samples`` times per tile, in one batch.
+
+        Returns (distances (16, samples): pixel MSE of the imagined tile inside to the goal's, imagined uncovered
+        frames (16, samples, H, W, 3) uint8, the paths)."""
+        samples = self.samples if samples is None else int(samples)
+        wm, spec = self.world_model, self.world_model.action_spec
         tiles = [divmod(i, GRID) for i in range(GRID * GRID)]
         paths = [env.path_to(tile) for tile in tiles]
         horizon = max(len(p) for p in paths)
         actions = torch.from_numpy(np.stack([np.stack([spec.encode(a) for a in p + [TOGGLE] * (horizon - len(p))])
                                              for p in paths])).float()
-        imagined = wm.imagine(actions, seed=self.seed)  # (16, horizon, 3, H, W)
-        uncovered = imagined[torch.arange(len(paths)), torch.tensor([len(p) - 1 for p in paths])]
+        imagined = wm.imagine(actions.repeat_interleave(samples, dim=0), seed=self.seed)  # (16 * samples, T, 3, H, W)
+        last = torch.tensor([len(p) - 1 for p in paths]).repeat_interleave(samples)
+        uncovered = imagined[torch.arange(len(last)), last]
         frames = ((uncovered.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        frames = frames.reshape(len(tiles), samples, *frames.shape[1:])
         m = env.cards.margin
         target = goal[m:-m, m:-m].astype(np.float32) / 255
-        distances = []
-        for (r, c), frame in zip(tiles, frames):
+        distances = np.zeros((len(tiles), samples))
+        for i, (r, c) in enumerate(tiles):
             rows, cols = env.cards.tile_slice(r, c)
-            inside = frame[rows, cols][m:-m, m:-m].astype(np.float32) / 255
-            distances.append(float(((inside - target) ** 2).mean()))
-        choice = int(np.argmin(distances))
+            inside = frames[i][:, rows, cols][:, m:-m, m:-m].astype(np.float32) / 255
+            distances[i] = ((inside - target) ** 2).mean(axis=(1, 2, 3))
+        return distances, frames, paths
+
+    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+        goal = np.asarray(info["goal_image"])
+        tile_px = env.cards.tile
+        if goal.dtype != np.uint8 or goal.shape != (tile_px, tile_px, 3):
+            raise ValueError(f"the goal image must be a uint8 ({tile_px}, {tile_px}, 3) tile, got {goal.dtype} {goal.shape}")
+        memorize_seconds = self.watch(env, info)
+        start = time.perf_counter()
+        distances, frames, paths = self.tile_distances(env, goal)
+        scores = distances.mean(axis=1)
+        choice = int(np.argmin(scores))
+        best_sample = int(np.argmin(distances[choice]))
         self.queue = list(paths[choice])
-        return {"tile": tiles[choice], "plan_seconds": time.perf_counter() - start, "memorize_seconds": memorize_seconds,
-                "imagined": frames[choice], "distance": distances[choice]}
+        return {"tile": divmod(choice, GRID), "plan_seconds": time.perf_counter() - start,
+                "memorize_seconds": memorize_seconds, "imagined": frames[choice, best_sample],
+                "distance": float(scores[choice])}
 
     def act(self, observation, info) -> int:
         return self.queue.pop(0)
@@ -154,6 +184,8 @@ class FindConfig:
     seed: int = 7000
     """episodes use seeds seed .. seed + episodes - 1 (7000+: never used for tuning)."""
     memorize_steps: int = 100
+    samples: int = 1
+    """imagined samples per tile (the tile's score is their mean pixel MSE to the goal)."""
     sampler_steps: int = 10
     threads: int = 2
     out_dir: str = "results/find_object"
@@ -164,6 +196,10 @@ def build_agent(name: str, config: FindConfig):
         return RandomTileAgent(config.seed)
     if name == "oracle":
         return OracleAgent(config.seed)
+    if name == "exact":  # the agent's own procedure with an exact world model that remembers perfectly
+        from envs.memory_cards import MemoryCardsWorldModel
+
+        return WorldModelFindAgent(MemoryCardsWorldModel(), 0, config.seed, name="exact")
     if name not in AGENT_EXPERTS:
         raise ValueError(f"unknown agent {name!r}; choose from {AGENTS}")
     from come_rl.world_model import WorldModel
@@ -171,7 +207,8 @@ def build_agent(name: str, config: FindConfig):
 
     wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name], sampler={"steps": config.sampler_steps},
                          pose_model=cursor_pose_model)
-    return WorldModelFindAgent(wm, config.memorize_steps if name != "base" else 0, config.seed, name=name)
+    return WorldModelFindAgent(wm, config.memorize_steps if name != "base" else 0, config.seed, name=name,
+                               samples=config.samples)
 
 
 def evaluate(config: FindConfig) -> list[dict]:
@@ -184,8 +221,8 @@ def evaluate(config: FindConfig) -> list[dict]:
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     title = (f"Memory Cards, find the object ({config.episodes} episodes per agent, seeds {config.seed}+; chance 2/16; "
-             f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization "
-             f"steps): `{command}`")
+             f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps, "
+             f"{config.samples} imagined samples per tile): `{command}`")
     return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed,
                            Path(config.out_dir), title)
 

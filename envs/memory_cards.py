@@ -214,3 +214,83 @@ def cursor_pose_model(poses, actions):
     index = actions.argmax(dim=-1)
     delta = torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     return (poses + delta[index]).clamp(0.0, GRID - 1.0) * torch.tensor([1.0, 1.0, 0.0])
+
+
+class MemoryCardsWorldModel:
+    """An exact world model of Memory Cards with perfect memory (implements ``WorldModelProtocol``).
+
+    It reads every observed frame: the cursor (from the pose, else from the frame's cursor ring), which tiles are
+    covered, and the object of every tile it has seen uncovered (exact template match of the tile's inside). It imagines
+    by running the env's own rules and renderer on that state; a tile never seen uncovered is imagined covered-grey when
+    uncovered (it knows it does not know). With this model a planner's failures are the planner's, not the model's:
+    the find-the-object agent must reach (nearly) 100 % with it.
+    """
+
+    def __init__(self, size: int = 48) -> None:
+        self._renderer = MemoryCardsEnv(size=size, max_steps=10**9)
+        self.action_spec = self._renderer.action_spec
+        self.frame_shape = (3, size, size)
+        self._templates = self._renderer.tile_templates()[:, self._renderer.margin:-self._renderer.margin,
+                                                          self._renderer.margin:-self._renderer.margin]
+        self.reset()
+
+    def reset(self) -> None:
+        self.known = np.full((GRID, GRID), -1, np.int64)
+        self.covered = np.ones((GRID, GRID), bool)
+        self.cursor: np.ndarray | None = None
+
+    def observe(self, frame: np.ndarray, action=None, pose=None) -> None:
+        frame = np.asarray(frame)
+        if frame.shape != self._renderer.observation_space.shape or frame.dtype != np.uint8:
+            raise ValueError(f"observe expects a uint8 {self._renderer.observation_space.shape} frame, "
+                             f"got {frame.dtype} {frame.shape}")
+        r = self._renderer
+        m = r.margin
+        for row in range(GRID):
+            for col in range(GRID):
+                rows, cols = r.tile_slice(row, col)
+                inside = frame[rows, cols][m:-m, m:-m]
+                match = [k for k, t in enumerate(self._templates) if np.array_equal(inside, t)]
+                if not match:
+                    raise ValueError(f"tile ({row}, {col}) of the observed frame is not a Memory Cards tile")
+                self.covered[row, col] = match[0] == NUM_OBJECTS
+                if match[0] < NUM_OBJECTS:
+                    self.known[row, col] = match[0]
+        if pose is not None:
+            self.cursor = np.asarray(pose, dtype=np.float64).reshape(-1)[:2].round().astype(np.int64)
+        else:
+            ring = [(row, col) for row in range(GRID) for col in range(GRID)
+                    if (frame[r.tile_slice(row, col)][0] == _CURSOR).all()]
+            self.cursor = np.array(ring[0], np.int64)
+
+    def memorize(self, steps: int | None = None, generator=None) -> dict:
+        """Nothing to learn: observing already remembers exactly."""
+        return {"steps": 0, "seconds": 0.0}
+
+    def imagine(self, actions, generator=None, seed: int | None = None):
+        """actions: (batch, horizon, 5) one-hot -> frames (batch, horizon, 3, size, size) in [-1, 1]."""
+        import torch
+
+        if self.cursor is None:
+            raise RuntimeError("imagine needs a current state: call reset() and observe(frame) first")
+        actions = torch.as_tensor(actions, dtype=torch.float32)
+        if actions.ndim != 3 or actions.shape[-1] != self.action_spec.dim:
+            raise ValueError(f"actions must have shape (batch, horizon, {self.action_spec.dim}), got {tuple(actions.shape)}")
+        r = self._renderer
+        out = np.empty((actions.shape[0], actions.shape[1], *r.observation_space.shape), np.uint8)
+        for b, row in enumerate(actions.argmax(-1).numpy()):
+            r.layout = np.where(self.known >= 0, self.known, 0)
+            r.covered, r.cursor = self.covered.copy(), self.cursor.copy()
+            for t, action in enumerate(row):
+                r.step(int(action))
+                out[b, t] = r.render_frame()
+                unknown = (self.known < 0) & ~r.covered
+                for row_, col_ in zip(*np.nonzero(unknown)):  # uncovered but never seen: imagined grey
+                    out[b, t][r.tile_slice(row_, col_)][_inside(r)] = _COVER
+        return torch.from_numpy(out).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+
+
+def _inside(renderer: MemoryCardsEnv) -> tuple[slice, slice]:
+    """The inside of a tile (within its margin)."""
+    m = renderer.margin
+    return slice(m, -m), slice(m, -m)
