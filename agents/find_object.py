@@ -42,15 +42,15 @@ AGENTS = ("random", "base", "ltm", "come", "exact", "oracle")
 
 
 class RandomTileAgent:
-    """Uncovers a uniformly random tile (seeded): succeeds 2 times in 16."""
+    """Uncovers a uniformly random tile (drawn from (seed, episode seed)): succeeds 2 times in 16."""
 
     name = "random"
 
     def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
-        tile = divmod(int(self.rng.integers(GRID * GRID)), GRID)
+    def begin(self, env: MemoryCardsFindEnv, info: dict, episode_seed: int = 0) -> dict:
+        tile = divmod(int(np.random.default_rng((self.seed, episode_seed)).integers(GRID * GRID)), GRID)
         self.queue = env.path_to(tile)
         return {"tile": tile}
 
@@ -63,7 +63,7 @@ class OracleAgent(RandomTileAgent):
 
     name = "oracle"
 
-    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+    def begin(self, env: MemoryCardsFindEnv, info: dict, episode_seed: int = 0) -> dict:
         cursor = np.asarray(info["cursor"])
         tile = min(env.goal_tiles(), key=lambda t: (abs(t[0] - cursor[0]) + abs(t[1] - cursor[1]), t))
         self.queue = env.path_to(tile)
@@ -126,7 +126,7 @@ class WorldModelFindAgent:
             distances[i] = ((inside - target) ** 2).mean(axis=(1, 2, 3))
         return distances, frames, paths
 
-    def begin(self, env: MemoryCardsFindEnv, info: dict) -> dict:
+    def begin(self, env: MemoryCardsFindEnv, info: dict, episode_seed: int = 0) -> dict:
         goal = np.asarray(info["goal_image"])
         tile_px = env.cards.tile
         if goal.dtype != np.uint8 or goal.shape != (tile_px, tile_px, 3):
@@ -148,7 +148,8 @@ class WorldModelFindAgent:
 
 def run_episode(env: MemoryCardsFindEnv, agent, seed: int) -> tuple[dict, list]:
     observation, info = env.reset(seed=seed)
-    plan = agent.begin(env, info)
+    torch.manual_seed(seed)  # anything drawn from torch's global generator (LoRA init) depends on this episode only
+    plan = agent.begin(env, info, episode_seed=seed)
     frames, success, steps = [observation], False, 0
     while True:
         observation, reward, terminated, truncated, info = env.step(agent.act(observation, info))
@@ -188,6 +189,11 @@ class FindConfig:
     """imagined samples per tile (the tile's score is their mean pixel MSE to the goal)."""
     sampler_steps: int = 10
     threads: int = 2
+    """torch threads (per Ray worker with backend=ray)."""
+    backend: str = "local"
+    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
+    workers: int = 2
+    """Ray actors with backend=ray (each loads the world model once)."""
     out_dir: str = "results/find_object"
 
 
@@ -211,46 +217,74 @@ def build_agent(name: str, config: FindConfig):
                                samples=config.samples)
 
 
+class FindWorker:
+    """One agent and its env, built once per process (a Ray actor with backend=ray); ``run(seed)`` plays one episode."""
+
+    def __init__(self, name: str, config: FindConfig):
+        self.agent, self.env = build_agent(name, config), MemoryCardsFindEnv()
+
+    def run(self, seed: int) -> tuple[dict, list]:
+        return run_episode(self.env, self.agent, seed)
+
+
 def evaluate(config: FindConfig) -> list[dict]:
+    from come_rl.fanout import check_backend, run_tasks
+
     names = [n.strip() for n in config.agents.split(",") if n.strip()]
     unknown = [n for n in names if n not in AGENTS]
     if unknown or not names:
         raise ValueError(f"unknown agents {unknown}; choose from {AGENTS}")
     if config.episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {config.episodes}")
+    check_backend(config.backend, config.workers)
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     title = (f"Memory Cards, find the object ({config.episodes} episodes per agent, seeds {config.seed}+; chance 2/16; "
              f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps, "
              f"{config.samples} imagined samples per tile): `{command}`")
-    return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed,
-                           Path(config.out_dir), title)
+    out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
+    if config.backend == "local":
+        return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed, out, title)
+    results = {name: run_tasks(FindWorker, (name, config), seeds, backend=config.backend, workers=config.workers,
+                               threads=config.threads, desc=f"find the object: {name}") for name in names}
+    return write_results(results, out, title)
 
 
 def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: str, progress: bool = True,
                     make_env=MemoryCardsFindEnv) -> list[dict]:
-    """Run ``episodes`` episodes (seeds seed, seed + 1, ...) per agent; write episodes/summary tables, the bar plot and
-    one success and one failure GIF per agent into ``out``; return the summary rows."""
+    """Run ``episodes`` episodes (seeds seed, seed + 1, ...) per agent in this process; write episodes/summary tables,
+    the bar plot and one success and one failure GIF per agent into ``out``; return the summary rows."""
+    results = {}
+    for agent in agents:
+        env = make_env()
+        results[agent.name] = [run_episode(env, agent, seed + episode)
+                               for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}",
+                                                   disable=not progress)]
+    return write_results(results, out, title)
+
+
+def write_results(results: dict[str, list[tuple[dict, list]]], out: Path, title: str) -> list[dict]:
+    """{agent name: [(episode row, GIF frames) per episode]} -> tables, bar plot, GIFs; the summary rows."""
     from come_rl.visualize import save_rollout_gif
 
     rows, summaries = [], []
-    for agent in agents:
-        env = make_env()
-        agent_rows, gifs = [], {}
-        for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}", disable=not progress):
-            row, gif = run_episode(env, agent, seed + episode)
-            agent_rows.append(row)
+    for name, episodes in results.items():
+        agent_rows = [row for row, _ in episodes]
+        gifs = {}
+        for row, gif in episodes:
             gifs.setdefault(row["success"], gif)
         rows += agent_rows
         hits = sum(r["success"] for r in agent_rows)
         low, high = wilson_interval(hits, len(agent_rows))
-        summaries.append({"agent": agent.name, "episodes": len(agent_rows), "successes": hits,
+        summaries.append({"agent": name, "episodes": len(agent_rows), "successes": hits,
                           "success_rate": hits / len(agent_rows), "ci95_low": low, "ci95_high": high,
                           "tile_distance_to_goal": float(np.mean([r["tile_distance_to_goal"] for r in agent_rows])),
                           "seconds_per_decision": float(np.mean([r["seconds_per_decision"] for r in agent_rows])),
                           "memorize_seconds": float(np.mean([r["memorize_seconds"] for r in agent_rows]))})
+        for stale in ("success", "failure"):  # a GIF of an earlier run would pass for this run's
+            (out / f"{name}_{stale}.gif").unlink(missing_ok=True)
         for success, gif in gifs.items():
-            save_rollout_gif(out / f"{agent.name}_{'success' if success else 'failure'}.gif", [np.stack(gif)])
+            save_rollout_gif(out / f"{name}_{'success' if success else 'failure'}.gif", [np.stack(gif)])
     write_table(out / "episodes.csv", rows, md_path=out / "episodes.md", title=title + " (per episode)")
     write_table(out / "summary.csv", summaries, md_path=out / "summary.md", title=title)
     _plot(summaries, out / "success.png")

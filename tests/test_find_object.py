@@ -110,3 +110,31 @@ def test_agent_with_an_exact_world_model_finds_the_object():
     rows = [run_episode(env, agent, seed)[0] for seed in range(7000, 7032)]
     assert np.mean([r["success"] for r in rows]) >= 0.9
     assert {r["initial_cover"] for r in rows} == {"covered", "uncovered"}
+
+
+def test_ray_backend_gives_the_local_tables(tmp_path):
+    """Episodes fanned out over 2 Ray actors (a local cluster of 2 CPUs) give the same rows as the local run."""
+    pytest.importorskip("ray")
+    import ray
+
+    common = dict(agents="random,base", episodes=3, seed=40, sampler_steps=1, threads=1)
+    local = evaluate(FindConfig(**common, out_dir=str(tmp_path / "local")))
+    try:
+        fanned = evaluate(FindConfig(**common, backend="ray", workers=2, out_dir=str(tmp_path / "ray")))
+    finally:
+        ray.shutdown()
+    strip = [{k: v for k, v in row.items() if k != "seconds_per_decision"} for row in local]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds_per_decision"} for row in fanned]
+    from come_rl.results import read_rows
+
+    local_rows, ray_rows = (read_rows(tmp_path / name / "episodes.csv")[1] for name in ("local", "ray"))
+    for row in local_rows + ray_rows:
+        row.pop("seconds_per_decision")
+    assert len(local_rows) == 6 and local_rows == ray_rows
+
+
+def test_bad_backend_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate(FindConfig(agents="random", backend="slurm", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="workers must be an integer"):
+        evaluate(FindConfig(agents="random", backend="ray", workers=0, out_dir=str(tmp_path)))

@@ -1,0 +1,81 @@
+"""Fan evaluation episodes out: in this process (the default) or over Ray actors (a machine or a cluster).
+
+    rows = run_tasks(FindWorker, (agent_name, config), seeds, backend="ray", workers=4)
+
+A *worker* is a class built once per process from picklable arguments (it loads its world model once) with a
+``run(task)`` method; ``run_tasks`` returns ``[worker.run(task) for task in tasks]`` in task order whatever the
+backend, so the tables written from it are the same for the same seeds. ``backend="ray"`` starts ``workers`` Ray
+actors (one CPU each, ``threads`` torch threads each, a GPU each with ``gpus_per_worker``) and hands tasks to whichever
+is free; ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` when it is set, else starts a local one. Each result
+must not depend on which worker ran it or on what ran before on that worker: episodes seed everything they draw.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+BACKENDS = ("local", "ray")
+
+
+def check_backend(backend: str, workers: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+
+
+class _ThreadedWorker:
+    """Runs inside a Ray actor: sets torch's thread count, then builds the user's worker."""
+
+    def __init__(self, factory: Callable[..., Any], args: tuple, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.worker = factory(*args)
+
+    def run(self, task: Any) -> Any:
+        return self.worker.run(task)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """``ray.init`` once: the cluster at ``RAY_ADDRESS`` if set, else a local one (``num_cpus`` CPUs)."""
+    try:
+        import ray
+    except ImportError as error:  # pragma: no cover - ray is a dependency
+        raise ImportError("backend=ray needs the ray package: pip install ray") from error
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def run_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], backend: str = "local",
+              workers: int = 1, threads: int = 1, gpus_per_worker: float = 0.0, desc: str | None = None,
+              progress: bool = True) -> list[Any]:
+    """``[factory(*args).run(task) for task in tasks]``, in order, locally or on ``workers`` Ray actors."""
+    check_backend(backend, workers)
+    tasks = list(tasks)
+    if backend == "local":
+        worker = factory(*args)
+        return [worker.run(task) for task in tqdm(tasks, desc=desc, disable=not progress)]
+    import ray
+    from ray.util import ActorPool
+
+    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(workers, 1))
+    actor_class = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_ThreadedWorker)
+    actors = [actor_class.remote(factory, args, threads) for _ in range(min(workers, max(len(tasks), 1)))]
+    try:
+        pool = ActorPool(actors)
+        results = pool.map(lambda actor, task: actor.run.remote(task), tasks)  # in task order
+        return list(tqdm(results, total=len(tasks), desc=f"{desc} (ray x{len(actors)})" if desc else None,
+                         disable=not progress))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
