@@ -426,6 +426,11 @@ class ReturnConfig:
     lpips_metric: bool = True
     gifs: bool = True
     threads: int = 2
+    """torch threads (per Ray worker with backend=ray)."""
+    backend: str = "local"
+    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
+    workers: int = 2
+    """Ray actors with backend=ray (each builds its env, world model and LPIPS once)."""
     out_dir: str = "results/return_to_place"
 
 
@@ -461,6 +466,9 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
         raise ValueError(f"seed must be >= 0 (env seeds are seed + episode), got {config.seed}")
     if config.memorize_steps < 0:
         raise ValueError(f"memorize_steps must be >= 0, got {config.memorize_steps}")
+    from come_rl.fanout import check_backend
+
+    check_backend(config.backend, config.workers)
     if not 0 < config.success_distance <= config.min_goal_distance:
         raise ValueError(f"need 0 < success_distance <= min_goal_distance (a goal inside the success radius at the "
                          f"start is no task), got {config.success_distance} and {config.min_goal_distance}")
@@ -487,18 +495,37 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig):
                                  config.iterations, config.memorize_steps if "ltm" in experts else 0)
 
 
+class ReturnWorker:
+    """One agent with its Memory Maze env (and LPIPS), built once per process (a Ray actor with backend=ray);
+    ``run(episode)`` plays episode ``episode`` (seeds from ``come_rl.seeding.episode_seeds(config.seed, episode)``)."""
+
+    def __init__(self, name: str, experts: list[str] | None, config: ReturnConfig):
+        from envs.memory_maze import MemoryMazeEnv
+
+        self.agent, self.config = build_agent(name, experts, config), config
+        self.env = MemoryMazeEnv(maze_size=9)
+        self.lpips = None
+        if config.lpips_metric:
+            from come_rl.metrics.lpips_metric import get_lpips
+
+            self.lpips = get_lpips()
+
+    def run(self, episode: int) -> tuple[dict, list]:
+        row, gif = run_episode(self.env, self.agent, episode_seeds(self.config.seed, episode), self.config, self.lpips)
+        return {"episode": episode, **row}, gif
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
     """Check the config, build every agent (checkpoints load before any episode), run, write; the summary rows."""
+    from come_rl.fanout import run_tasks
+
     names, experts, notes = check_config(config)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     torch.set_num_threads(config.threads)
-    agents = [build_agent(name, experts.get(name), config) for name in names]
-    lpips = None
-    if config.lpips_metric:
-        from come_rl.metrics.lpips_metric import get_lpips
-
-        lpips = get_lpips()
     command = "python -m agents.return_to_place " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     title = (f"Memory Maze 9x9, return to a seen place ({config.episodes} episodes per agent, "
              f"env seeds {config.seed}+; "
@@ -507,34 +534,42 @@ def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
              f"{config.decisions} decisions x {config.replan_every} steps; CEM {config.population}x{config.horizon}, "
              f"{config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps"
              + "".join(f"; {note}" for note in notes) + f"): `{command}`")
-    return evaluate_agents(agents, config, Path(config.out_dir), title, lpips=lpips, progress=progress)
+    if config.backend == "local":
+        workers = [ReturnWorker(name, experts.get(name), config) for name in names]  # every checkpoint loads first
+        results = {}
+        try:
+            for worker in workers:
+                results[worker.agent.name] = [worker.run(episode) for episode in
+                                              tqdm(range(config.episodes), desc=f"return to a seen place: "
+                                                   f"{worker.agent.name}", disable=not progress)]
+        finally:
+            for worker in workers:
+                worker.close()
+    else:
+        results = {name: run_tasks(ReturnWorker, (name, experts.get(name), config), range(config.episodes),
+                                   backend=config.backend, workers=config.workers, threads=config.threads,
+                                   desc=f"return to a seen place: {name}", progress=progress) for name in names}
+    return write_results(results, config, Path(config.out_dir), title)
 
 
-def evaluate_agents(agents: list, config: ReturnConfig, out: Path, title: str, lpips=None,
-                    progress: bool = True) -> list[dict]:
-    """Run ``config.episodes`` episodes per agent; write the tables, the bar plot and GIFs into ``out``."""
+def write_results(results: dict[str, list[tuple[dict, list]]], config: ReturnConfig, out: Path,
+                  title: str) -> list[dict]:
+    """{agent name: [(episode row, GIF sequences) per episode]} -> tables, bar plot, GIFs; the summary rows."""
     from come_rl.visualize import save_rollout_gif
-    from envs.memory_maze import MemoryMazeEnv
 
-    env = MemoryMazeEnv(maze_size=9)
     rows, summaries = [], []
-    try:
-        for agent in agents:
-            agent_rows, gifs = [], {}
-            for episode in tqdm(range(config.episodes), desc=f"return to a seen place: {agent.name}",
-                                disable=not progress):
-                row, gif = run_episode(env, agent, episode_seeds(config.seed, episode), config, lpips)
-                agent_rows.append({"episode": episode, **row})
+    for name, episodes in results.items():
+        agent_rows = [row for row, _ in episodes]
+        rows += agent_rows
+        summaries.append(summarize(agent_rows))
+        if config.gifs:
+            gifs = {}
+            for row, gif in episodes:
                 gifs.setdefault(row["success"], gif)
-            rows += agent_rows
-            summaries.append(summarize(agent_rows))
-            if config.gifs:
-                for stale in ("success", "failure"):  # a GIF of an earlier run would pass for this run's
-                    (out / f"{agent.name}_{stale}.gif").unlink(missing_ok=True)
-                for success, gif in gifs.items():
-                    save_rollout_gif(out / f"{agent.name}_{'success' if success else 'failure'}.gif", gif)
-    finally:
-        env.close()
+            for stale in ("success", "failure"):  # a GIF of an earlier run would pass for this run's
+                (out / f"{name}_{stale}.gif").unlink(missing_ok=True)
+            for success, gif in gifs.items():
+                save_rollout_gif(out / f"{name}_{'success' if success else 'failure'}.gif", gif)
     write_table(out / "episodes.csv", rows, md_path=out / "episodes.md", title=title + " (per episode)")
     write_table(out / "summary.csv", summaries, md_path=out / "summary.md", title=title)
     plot(summaries, out / "success.png", config)

@@ -119,3 +119,31 @@ def test_the_command_line_reports_bad_input(tmp_path):
         main(["agents=oracle,teleport", f"out_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="unknown key"):
         main(["episode=3"])
+
+
+def test_ray_backend_gives_the_local_rows(tmp_path):
+    """Episodes fanned out over 2 Ray actors (a local 2-CPU cluster) give the same rows as the local run."""
+    pytest.importorskip("ray")
+    import ray
+
+    common = dict(agents="random,base", episodes=2, decisions=1, horizon=1, replan_every=1, population=2, elites=1,
+                  sampler_steps=1, memorize_steps=0, threads=1, lpips_metric=False, gifs=False)
+    local = evaluate(ReturnConfig(**common, out_dir=str(tmp_path / "local")), progress=False)
+    try:
+        fanned = evaluate(ReturnConfig(**common, backend="ray", workers=2, out_dir=str(tmp_path / "ray")),
+                          progress=False)
+    finally:
+        ray.shutdown()
+    from come_rl.results import read_rows
+
+    local_rows, ray_rows = (read_rows(tmp_path / name / "episodes.csv")[1] for name in ("local", "ray"))
+    for row in local_rows + ray_rows:
+        row.pop("seconds_per_decision")
+    assert len(local_rows) == 4 and local_rows == ray_rows
+    assert [r["success_rate"] for r in local] == [r["success_rate"] for r in fanned]
+
+
+def test_bad_backend_fails_before_any_episode(tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate(ReturnConfig(backend="dask", out_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
