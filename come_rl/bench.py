@@ -2,12 +2,15 @@
 
 Usage:
     python -m come_rl.bench world_model [checkpoint=come_rl/checkpoints/memory_cards batch=32 horizon=2 steps=10]
-    python -m come_rl.bench planners
+    python -m come_rl.bench world_model device=cuda [precision=bf16 compile=true]
+    python -m come_rl.bench planners [--device auto]
 
 ``world_model`` writes ``results/bench/world_model.csv`` + ``.md``: imagined frames per second for the base alone and
 for every composition (base + LTM; base + LTM + STM + SLTM), the cost ratio to the base, network calls per denoising
 step, achieved GFLOP/s of ``imagine`` (FLOPs counted by torch's FlopCounterMode) against the fp32 matmul peak measured
-in the same run, memorization time per step for LoRA ranks 8/16/32/64 against one sampling step, and peak memory.
+in the same run, memorization time per step for LoRA ranks 8/16/32/64 against one sampling step, and peak memory
+(host RSS, and the GPU's peak allocation on CUDA). ``device`` / ``precision`` / ``compile`` are those of
+``WorldModel.load`` (``come_rl.devices``); GPU timings wait for the GPU (``torch.cuda.synchronize``).
 All ratios come from one run (these machines are noisy). The STM and SLTM are untrained transformer experts here
 (their cost does not depend on their weights) unless the checkpoint holds trained ones.
 """
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from come_rl import devices
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.train import parse_overrides
@@ -41,14 +45,29 @@ class WorldModelBenchConfig:
     threads: int = 2
     memorize_steps: int = 5
     out_dir: str = "results/bench"
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda | cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
+    compile: bool = False
+    """torch.compile the denoising networks (the warm-up call pays the compilation)."""
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock timing covers it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -74,10 +93,11 @@ def _checkpoint_expert(checkpoint: str, role: str) -> DiffusionExpert | None:
 def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, sltm=None) -> WorldModel:
     from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
 
-    wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.steps})
+    wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.steps}, device=config.device)
     model = WorldModel(wm.base, wm.action_spec, wm.frame_shape[-1], stm=stm, sltm=sltm,
                        composition=CompositionConfig(experts=experts), sampler=wm.sampler,
-                       memorize_config=wm.memorize_config, pose_model=cursor_pose_model)
+                       memorize_config=wm.memorize_config, pose_model=cursor_pose_model, device=wm.device,
+                       precision=config.precision, compile=config.compile)
     env = MemoryCardsEnv(size=wm.frame_shape[-1])
     frame, info = env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -94,8 +114,12 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     from come_rl.results import write_table
 
     torch.set_num_threads(config.threads)
-    peak = matmul_peak_gflops()
-    probe = WorldModel.load(config.checkpoint, experts=["base"])
+    device = devices.resolve_device(config.device)
+    precision = devices.resolve_precision(config.precision, device)
+    peak = matmul_peak_gflops(device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    probe = WorldModel.load(config.checkpoint, experts=["base"], device=device)
     size, action_dim = probe.frame_shape[-1], probe.action_spec.dim
     # The checkpoint's trained STM / SLTM when it ships them (their cost is the point here, not their quality);
     # otherwise untrained experts of the training presets (stm_cards, sltm_cards).
@@ -108,7 +132,7 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         "base+stm": (["base", "stm"], stm, None),
         "base+ltm+stm+sltm (CoME)": (["base", "ltm", "stm", "sltm"], stm, sltm),
     }
-    actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon)),
+    actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon), device="cpu"),
                                           action_dim).float()
     rows = []
     base_seconds = None
@@ -119,8 +143,9 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         model.imagine(actions[:, :1], seed=0)  # warm-up
         times = []
         for r in range(config.repeats):
+            synchronize(device)
             start = time.perf_counter()
-            model.imagine(actions, seed=r)
+            model.imagine(actions, seed=r)  # returns on the CPU: the copy waits for the GPU
             times.append(time.perf_counter() - start)
         seconds = min(times)
         calls_per_step = model.last_network_calls / (config.horizon * config.steps)
@@ -137,10 +162,13 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
             "gflop_per_frame": flops_per_frame / 1e9,
             "achieved_gflops": flops_per_frame * frames_per_second / 1e9, "matmul_peak_gflops": peak,
             "parameters_M": sum(params.values()) / 1e6, "batch": config.batch, "denoising_steps": config.steps,
-            "threads": config.threads, "resolution": size,
+            "threads": config.threads, "resolution": size, "device": str(device), "precision": precision,
+            "compile": config.compile,
         })
     # Memorization cost per gradient step against one sampling (denoising) step of base + LTM.
     model = _filled_model(config, ["base", "ltm"])
+    model.imagine(actions[:, :1], seed=0)  # warm-up (and compilation, with compile=true)
+    synchronize(device)
     start = time.perf_counter()
     model.imagine(actions[:, :1], seed=0)
     sampling_step = (time.perf_counter() - start) / config.steps
@@ -158,16 +186,19 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
             f"sampling_step_ms (batch {config.batch}, base+ltm)": 1000 * sampling_step,
             "memorize_step_over_sampling_step": per_step / sampling_step,
             "lora_parameters_M": sum(p.numel() for p in model.ltm.adapter_parameters) / 1e6,
-            "threads": config.threads,
+            "threads": config.threads, "device": str(device), "precision": precision,
         })
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for row in rows:
         row["peak_rss_MB"] = round(peak_rss_mb, 1)
+        if device.type == "cuda":
+            row["peak_gpu_MB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     out = Path(config.out_dir)
     csv = out / "world_model.csv"
     write_table(csv, rows, md_path=out / "world_model.md",
                          title=f"World-model benchmark ({Path(config.checkpoint).name}, {size}x{size}, batch "
-                               f"{config.batch}, {config.steps} DDIM steps, {config.threads} threads, CPU; "
+                               f"{config.batch}, {config.steps} DDIM steps, {config.threads} threads, {device} "
+                               f"{precision}{' compiled' if config.compile else ''}; "
                                f"`python -m come_rl.bench world_model`)")
     return rows
 

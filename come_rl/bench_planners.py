@@ -1,6 +1,6 @@
 """Benchmark: planning time per decision and the share of it spent outside the world model.
 
-    python -m come_rl.bench_planners [--decisions 3] [--out results/bench/planners.csv]
+    python -m come_rl.bench_planners [--decisions 3] [--out results/bench/planners.csv] [--device auto]
 
 Every planner runs at its default settings (``come_rl/conf/planner/*.yaml``, horizon 8) with the
 LPIPS-to-goal objective on the exact point-mass world model at 64x64 frames (the Memory Maze frame
@@ -44,10 +44,10 @@ def build(settings: dict):
     return target(**settings)
 
 
-def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: bool) -> list[dict]:
+def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: bool, device: str = "cpu") -> list[dict]:
     from come_rl.metrics.lpips_metric import get_lpips
 
-    lpips = get_lpips()
+    lpips = get_lpips(device=device)  # the point mass imagines on the CPU; LPIPS runs where asked
     env = PointMassEnv(size=64, discrete=discrete)
     world_model = PointMassWorldModel(size=64, discrete=discrete)
     rows = []
@@ -100,15 +100,22 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=8)
     parser.add_argument("--ms-per-frame", type=float, nargs="+", default=[15.0, 60.0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="where LPIPS runs: auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--out", default="results/bench/planners.csv")
     args = parser.parse_args()
     if args.decisions < 1 or args.horizon < 1:
         parser.error("--decisions and --horizon must be >= 1")
     torch.set_num_threads(args.threads)
+    from come_rl.devices import resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(args.out)
     out.unlink(missing_ok=True)
-    rows = bench(args.decisions, args.horizon, args.ms_per_frame, discrete=True)
-    rows += bench(args.decisions, args.horizon, args.ms_per_frame, discrete=False)
+    rows = bench(args.decisions, args.horizon, args.ms_per_frame, discrete=True, device=device)
+    rows += bench(args.decisions, args.horizon, args.ms_per_frame, discrete=False, device=device)
     append_rows(out, rows)
     markdown = write_markdown_table(out, out.with_suffix(".md"), title="Planning time per decision (default settings)")
     print(markdown.read_text())

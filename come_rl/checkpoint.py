@@ -79,7 +79,8 @@ def save_expert(directory: str | Path, expert: DiffusionExpert, spec: dict, stat
     """Write ``<directory>/<role>.safetensors`` and ``.json`` atomically; ``state_dict`` overrides the weights (EMA)."""
     directory = Path(directory)
     state = state_dict if state_dict is not None else expert.backbone.state_dict()
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().to("cpu").contiguous().clone()
+               for k, v in state.items()}
     role = spec["role"]
     weights = directory / f"{role}.safetensors"
     _atomic(weights, lambda tmp: save_file(tensors, tmp))

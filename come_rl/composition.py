@@ -151,9 +151,10 @@ class Composer:
                 # Conditional rows first, unconditional rows second: one batched call per step for both.
                 context, actions = torch.cat([context, context]), torch.cat([actions, actions])
                 poses = None if poses is None else torch.cat([poses, poses])
-                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+                drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=context.device),
+                                  torch.ones(b, dtype=torch.bool, device=context.device)])
             else:
-                drop = torch.zeros(b, dtype=torch.bool)
+                drop = torch.zeros(b, dtype=torch.bool, device=context.device)
             self._states[term.name] = term.expert.prepare(context, actions, poses, drop)
             self._paired[term.name] = paired
 

@@ -117,8 +117,12 @@ def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
 
 
 def pose_features(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(..., 3) poses (x, y, yaw) -> (..., 4) features (x, y, sin yaw, cos yaw), as the authors feed the SLTM."""
-    poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32)
+    """(..., 3) poses (x, y, yaw) -> (..., 4) features (x, y, sin yaw, cos yaw), as the authors feed the SLTM; a
+    tensor keeps its device, anything else becomes a CPU tensor."""
+    if isinstance(poses, torch.Tensor):
+        poses = poses.float()
+    else:
+        poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32, device="cpu")
     return torch.cat([poses[..., :2], torch.sin(poses[..., 2:3]), torch.cos(poses[..., 2:3])], dim=-1)
 
 

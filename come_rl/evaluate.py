@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl import devices
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.train import parse_overrides
 from come_rl.world_model import WorldModel
@@ -40,6 +41,10 @@ class EvaluateConfig:
     name: str = ""
     """results file stem (default: the checkpoint folder name)."""
     out_dir: str = "results/world_model"
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda | cuda:N (come_rl.devices)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
 
 
 def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
@@ -70,7 +75,8 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     torch.set_num_threads(config.threads)
     if config.expert not in ("base", "stm", "sltm"):
         raise ValueError(f"expert must be base, stm or sltm, got {config.expert!r}")
-    wm = WorldModel.load(config.checkpoint, experts=sorted({"base", config.expert}), sampler={"steps": config.sampler_steps})
+    wm = WorldModel.load(config.checkpoint, experts=sorted({"base", config.expert}), sampler={"steps": config.sampler_steps},
+                         device=config.device, precision=config.precision)
     expert = getattr(wm, config.expert)
     source = open_data_source(config.data, seed=config.seed)
     k = expert.context_frames
@@ -81,16 +87,17 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     generator = torch.Generator().manual_seed(config.seed)
     for start in range(0, config.clips, config.batch_size):
         sl = slice(start, start + config.batch_size)
-        with torch.no_grad():
+        with torch.no_grad(), devices.autocast(wm.device, wm.precision):
             state = expert.prepare(frames[sl, :k], actions[sl], None if poses is None else poses[sl])
             from come_rl.diffusion import sample
 
             predicted = sample(lambda x, t, state=state: expert.predict_eps(state, x, t),
-                               (frames[sl].shape[0], *wm.frame_shape), expert.schedule, wm.sampler, generator)
-        predictions.append(predicted.clamp(-1, 1))
+                               (frames[sl].shape[0], *wm.frame_shape), expert.schedule, wm.sampler, generator,
+                               device=wm.device)
+        predictions.append(predicted.clamp(-1, 1).cpu())
     predicted = torch.cat(predictions)
     target, last = frames[:, k], frames[:, k - 1]
-    lpips = get_lpips()
+    lpips = get_lpips(device=wm.device)
     # MSE on [0, 1] images (the paper's scale).
     mse_model = ((predicted - target) / 2).pow(2).flatten(1).mean(1).numpy()
     mse_copy = ((last - target) / 2).pow(2).flatten(1).mean(1).numpy()

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.goal_tasks import record_reference_task
 from agents.mpc import MPCAgent
 from agents.runner import check_run_directory, run_goal_episodes
+from come_rl.devices import resolve_device, resolve_precision
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
@@ -129,11 +130,23 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 MODEL_LOAD_KEYS = ("experts", "composition", "memorize")
 
 
-def build_world_model(model_cfg: DictConfig) -> Any:
+def device_settings(cfg: DictConfig) -> dict:
+    """The run's top-level ``device`` / ``precision`` / ``compile``, checked (a clear error for a bad device, or CUDA
+    asked without it) and resolved: ``{"device": torch.device, "precision": "fp32" | "bf16", "compile": bool}``."""
+    device = resolve_device(cfg.get("device", "auto"))
+    compile_value = cfg.get("compile", False)
+    if not isinstance(compile_value, bool):
+        raise ValueError(f"compile must be true or false, got {compile_value!r}")
+    return {"device": device, "precision": resolve_precision(cfg.get("precision", "auto"), device),
+            "compile": compile_value}
+
+
+def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> Any:
     """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint, experts=..., sampler=...)``.
 
     ``model.experts`` picks the composition (``[base]`` is the no-memory ablation, ``[base, ltm]`` CoME's
-    default); ``model.sampler_steps`` the denoising steps per imagined frame.
+    default); ``model.sampler_steps`` the denoising steps per imagined frame. ``placement`` (:func:`device_settings`)
+    go to a loader that takes ``device`` (``WorldModel.load``); a ``_target_`` model runs where it runs.
     """
     if "_target_" in model_cfg:
         target = _import_target(model_cfg._target_, "model")
@@ -151,7 +164,17 @@ def build_world_model(model_cfg: DictConfig) -> Any:
         sampler["steps"] = int(settings["sampler_steps"])
     if sampler:
         kwargs["sampler"] = sampler
+    if placement is not None and _takes(loader, "device"):
+        kwargs.update(placement)
     return loader(str(checkpoint), **kwargs)
+
+
+def _takes(function: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def check_compatible(env: gym.Env, world_model: Any) -> None:
@@ -228,7 +251,7 @@ def run_recon(cfg: DictConfig) -> dict:
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)
     objective_factory: Callable = instantiate(cfg.agent.objective)
-    world_model = build_world_model(cfg.model)
+    world_model = build_world_model(cfg.model, device_settings(cfg))
     rows = evaluate_recon(world_model, planner, root, specs, objective_factory, memorize_steps=memorize_steps,
                           max_cases=None if max_cases is None else int(max_cases), progress=bool(cfg.run.progress))
     choices = _choices()
@@ -257,7 +280,8 @@ def run_find_object(cfg: DictConfig) -> dict:
     if memorize_steps < 0:
         raise ValueError(f"env.task.memorize_steps must be >= 0, got {memorize_steps}")
     torch.set_num_threads(int(cfg.run.threads))
-    world_model = build_world_model(cfg.model)  # resolves the checkpoint, with a clear error when it is missing
+    # resolves the checkpoint, with a clear error when it is missing
+    world_model = build_world_model(cfg.model, device_settings(cfg))
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
     agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts)
@@ -294,12 +318,20 @@ def resume_config(cfg: DictConfig) -> dict:
 
     ``agents.runner`` stores it in the run directory; a rerun into that directory resumes only when it is equal, so
     that one table never mixes episodes of two configurations. ``run.threads`` stays in: other thread counts give
-    other numbers (README, Reproducibility).
+    other numbers (README, Reproducibility). So do other devices and precisions: the resolved ones are kept
+    (``device=auto`` means another device on another machine), except the CPU in float32 without compilation, which
+    is recorded as nothing, as before devices were a setting (run directories of then resume).
     """
     settings = OmegaConf.to_container(cfg, resolve=False)
     for key in RESUME_FREE_RUN_KEYS:  # run.name may use Hydra's resolvers: drop it before resolving the rest
         settings["run"].pop(key, None)
+    for key in ("device", "precision", "compile"):
+        settings.pop(key, None)
     resolved = OmegaConf.to_container(OmegaConf.create(settings), resolve=True)
+    where = device_settings(cfg)
+    if (where["device"].type, where["precision"], where["compile"]) != ("cpu", "fp32", False):
+        resolved["device"] = {"device": str(where["device"]), "precision": where["precision"],
+                              "compile": where["compile"]}
     if "_target_" not in cfg.model and "checkpoint" in cfg.model:
         resolved["checkpoint_sha256"] = checkpoint_fingerprint(resolve_checkpoint(str(cfg.model.checkpoint)))
     return resolved
@@ -317,6 +349,7 @@ def seed_global_generators(seed: int) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
+    settings = device_settings(cfg)  # a bad device= fails before any work
     seed_global_generators(cfg.run.seed)
     if cfg.env.get("protocol") == "recon":
         return run_recon(cfg)
@@ -333,7 +366,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"agent.horizon must be >= 1 and 1 <= agent.replan_every <= horizon, got {horizon}, {replan_every}")
     objective_factory: Callable = instantiate(cfg.agent.objective)
     env = build_env(cfg.env)
-    world_model = build_world_model(cfg.model)
+    world_model = build_world_model(cfg.model, settings)
     check_compatible(env, world_model)
     agent = MPCAgent(world_model, planner, objective_factory, horizon=horizon, replan_every=replan_every)
     observation_cfg = cfg.env.get("observation", {})
@@ -351,7 +384,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.run.lpips_metric:
         from come_rl.metrics.lpips_metric import get_lpips
 
-        lpips = get_lpips()
+        lpips = get_lpips(device=getattr(world_model, "device", settings["device"]))
     choices = _choices()
     run_info = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_,
                 "horizon": horizon, "replan_every": replan_every}

@@ -4,17 +4,34 @@ Usage:
     python -m come_rl.train model=unet_cards data=online:memory_cards out=runs/cards_base minutes=30
     python -m come_rl.train model=unet_maze data=/path/to/collected/memory_maze out=runs/maze_base minutes=60
 
+    torchrun --nproc_per_node=8 -m come_rl.train model=dit_b_maze data=/path/to/memory_maze batch_size=256 device=cuda
+
 Every ``key=value`` sets a field of :class:`TrainConfig`. Training shows a tqdm bar, writes atomic checkpoints every
 ``checkpoint_seconds`` (weights + EMA + optimiser + data RNG + the online episode pool's state), and resumes from
 ``out`` when it is run again with the same ``out`` -- kill it at any time: the resumed run trains the weights an
 uninterrupted one does, and ``train_log.csv`` (one row per ``log_every`` steps) loses the rows of the steps it trains
 again. At the end it writes a GIF of samples vs ground truth and the held-out evaluation (``come_rl.evaluate``) next
 to the checkpoint.
+
+Devices (``come_rl.devices``): ``device=auto|cpu|cuda|cuda:N`` (auto: CUDA when present), ``precision=auto|fp32|bf16``
+(auto: bf16 autocast on CUDA, fp32 on the CPU), ``compile=true`` for torch.compile.
+
+Distributed training: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins a process group (gloo on the CPU, NCCL
+on CUDA, each rank on ``cuda:LOCAL_RANK``) and trains the network wrapped in DistributedDataParallel. ``batch_size`` is
+the global batch of one optimizer step: every rank draws the same global batch of clips and noise from the same seeded
+generators (so the generators, the online pool and the checkpoint are identical on every rank) and trains on its own
+rows, ``batch_size / (world size x grad_accum_steps)`` clips per micro-batch; DDP averages the gradients. N processes
+therefore train the weights one process does (to float rounding), a killed run resumes with the same world size or
+another, and changing the number of GPUs needs no new learning rate. Rank 0 alone reads the resume state (and sends
+it to the others), writes checkpoints and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,12 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from come_rl import devices
 from come_rl.cli_args import parse_dataclass
 from come_rl.checkpoint import build_backbone_from_spec, expert_spec, save_expert, torch_save_atomic
 from come_rl.data_sources import clips_to_tensors, open_data_source
-from come_rl.diffusion import build_schedule
+from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text
 
@@ -44,10 +64,21 @@ MODEL_PRESETS: dict[str, tuple[str, dict]] = {
     # Spatial expert for Memory Cards: conditioned on the absolute cursor pose (x, y, sin, cos), 3 context frames.
     "sltm_cards": ("sltm_cpu", dict(frame_size=48, patch_size=8, context_frames=3, predicted_frames=1, action_dim=5,
                                     pose_dim=4)),
-    # The paper's Memory Cards U-Net size (for GPU users; encoder channels 64/128/256/512, 8 resnets per level).
+    # ---- The paper's expert sizes (paper E.1 / DESIGN.md), for GPU users; the same command trains them. ----
+    # The paper's Memory Cards U-Net size (paper Table 7: encoder channels 64/128/256/512, 8 resnets per level), 48x48.
     "unet_paper": ("unet", dict(frame_size=48, unshuffle=1, action_dim=5, context_frames=3,
                                 widths=[64, 128, 256, 512], blocks_per_level=8)),
+    # Memory Maze base image-to-video model: DiT-B (hidden 768, 12 blocks, 12 heads), 3 context -> 17 frames; patch 4
+    # on 64x64 pixels gives the 16x16 tokens per frame of the paper's 32x32 VAE latents with patch 2. ~130M parameters.
+    "dit_b_maze": ("dit_b", dict(frame_size=64, action_dim=6)),
+    # Memory Maze STM: DiT-S, sliding window of 20 frames with full attention in blocks 2 and 6, 33 -> 17 frames.
+    "stm_paper_maze": ("stm_paper", dict(frame_size=64, action_dim=6)),
+    # Memory Maze SLTM: DiT-B with the patch doubled (8 on pixels = 4 on latents) and absolute poses (x, y, sin, cos);
+    # train it with role=sltm pose_features=true.
+    "sltm_paper_maze": ("sltm_paper", dict(frame_size=64, action_dim=6)),
 }
+PAPER_PRESETS = ("unet_paper", "dit_b_maze", "stm_paper_maze", "sltm_paper_maze")
+"""the presets of the paper's expert sizes (too large to train on these CPUs; tests run one step of each)."""
 
 
 @dataclass
@@ -87,6 +118,14 @@ class TrainConfig:
     """size of the episode pool for online:<env> data."""
     half_weights: bool = False
     """store the shipped weights in float16 (halves the file)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun every rank uses cuda:LOCAL_RANK."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CUDA only)."""
+    compile: bool = False
+    """torch.compile the backbone (opt-in: the first steps pay the compilation)."""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step; each holds batch_size / (world size x grad_accum_steps) clips per rank."""
 
 
 def parse_overrides(argv: list[str], config_cls=TrainConfig):
@@ -112,9 +151,151 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     if config.pose_features:
         kwargs["pose_dim"] = 4
     backbone = build_backbone_from_spec(name, kwargs)
+    if getattr(backbone, "pose_dim", 0) and not config.pose_features:
+        raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
+                         f"false: it would train without its poses; add pose_features=true (and role=sltm)")
     expert = DiffusionExpert(backbone, build_schedule(config.schedule), name=config.role, uses_poses=config.pose_features,
                              target=config.target)
     return expert, name, kwargs
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a torchrun job; a plain process is rank 0 of 1."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context(environ: dict | None = None) -> DistributedContext:
+    """Read torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` (absent: a single process)."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local_rank = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as error:
+        raise ValueError(f"bad torchrun environment (WORLD_SIZE={environ.get('WORLD_SIZE')!r}, "
+                         f"RANK={environ.get('RANK')!r}, LOCAL_RANK={environ.get('LOCAL_RANK')!r}): {error}") from error
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"bad torchrun environment: RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world}")
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world)
+
+
+def training_device(device: str, context: DistributedContext) -> torch.device:
+    """The device this rank trains on: ``come_rl.devices.resolve_device``, and ``cuda:LOCAL_RANK`` under torchrun."""
+    text = str(device).strip().lower()
+    if context.world_size > 1 and text.startswith("cuda:"):
+        raise ValueError(f"device={text} under torchrun: every rank trains on cuda:LOCAL_RANK; pass device=cuda (or "
+                         f"auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if context.world_size > 1 and text in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if context.local_rank >= count:
+            raise ValueError(f"LOCAL_RANK={context.local_rank} but only {count} CUDA device(s) are visible; run "
+                             f"torchrun with --nproc_per_node <= {count}")
+        return torch.device("cuda", context.local_rank)
+    return devices.resolve_device(text)
+
+
+def micro_batch_size(config: TrainConfig, world_size: int) -> int:
+    """Clips per rank and micro-batch: batch_size / (world size x grad_accum_steps), which must divide evenly."""
+    if isinstance(config.grad_accum_steps, bool) or not isinstance(config.grad_accum_steps, int) \
+            or config.grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {config.grad_accum_steps!r}")
+    shards = world_size * config.grad_accum_steps
+    if config.batch_size < 1 or config.batch_size % shards:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by world size {world_size} x "
+                         f"grad_accum_steps {config.grad_accum_steps} = {shards}: batch_size is the global batch of "
+                         f"one optimizer step, split evenly over ranks and micro-batches; pick a multiple of {shards}")
+    return config.batch_size // shards
+
+
+def shard_rows(micro_step: int, context: DistributedContext, micro_batch: int) -> slice:
+    """This rank's rows of the global batch in micro-step ``micro_step``: micro-batch-major, then rank."""
+    start = (micro_step * context.world_size + context.rank) * micro_batch
+    return slice(start, start + micro_batch)
+
+
+def draw_training_noise(batch_size: int, frame_shape: tuple[int, ...], drop_prob: float,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Noise levels t, noise eps and the condition-dropped rows of a global batch, drawn (on the CPU) in the order
+    ``DiffusionExpert.loss`` draws them: a single process trains exactly what it trained before ranks existed."""
+    t = sample_noise_levels(batch_size, generator=generator)
+    eps = devices.randn((batch_size, *frame_shape), generator)
+    drop = devices.rand((batch_size,), generator) < drop_prob if drop_prob > 0 else None
+    return t, eps, drop
+
+
+def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  batch: tuple, noise: tuple, config: TrainConfig, context: DistributedContext, micro_batch: int,
+                  device: torch.device, precision: str, step: int) -> float:
+    """One optimizer step on the global ``batch`` (frames, actions, poses) with its ``noise`` (t, eps, drop).
+
+    This rank runs its rows of each of the ``grad_accum_steps`` micro-batches (gradients of loss / accumulation summed
+    locally; DistributedDataParallel averages them over ranks at the last one), clips the gradient norm to 1 and steps
+    the optimizer. Returns the global batch's mean loss, the same number on every rank; a non-finite loss raises on
+    every rank, before the weights change.
+    """
+    frames, actions, poses = batch
+    t, eps, drop = noise
+    accumulation = config.grad_accum_steps
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for micro_step in range(accumulation):
+        rows = shard_rows(micro_step, context, micro_batch)
+        no_sync = isinstance(network, DistributedDataParallel) and micro_step < accumulation - 1
+        with network.no_sync() if no_sync else contextlib.nullcontext():
+            with devices.autocast(device, precision):
+                loss = expert.loss(frames[rows], actions[rows], None if poses is None else poses[rows], t=t[rows],
+                                   eps=eps[rows], drop=None if drop is None else drop[rows], network=network)
+            (loss / accumulation).backward()
+        total += loss.detach().float() / accumulation
+    if context.world_size > 1:
+        dist.all_reduce(total)
+        total /= context.world_size
+    value = total.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value} at step {step}; lower lr= and resume")
+    torch.nn.utils.clip_grad_norm_(expert.backbone.parameters(), 1.0)
+    optimizer.step()
+    return value
+
+
+def _max_over_ranks(value: float, context: DistributedContext, device: torch.device) -> float:
+    """The largest ``value`` of all ranks (ranks decide together when the time budget is spent)."""
+    if context.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def _load_resume_state(state_path: Path, context: DistributedContext, device: torch.device) -> dict | None:
+    """Rank 0 reads the training state (None: a fresh start) and sends it to every rank, so that all ranks resume
+    from one file even without a shared file system; a file that cannot be read fails on every rank, no hang."""
+    payload: dict = {"state": None}
+    if context.is_main and state_path.exists():
+        try:
+            payload = {"state": torch.load(state_path, map_location="cpu", weights_only=False)}
+        except Exception as error:  # a corrupt file must not silently restart training from scratch
+            payload = {"error": f"cannot resume from {state_path} ({error}); delete it to start over"}
+    if context.world_size > 1:
+        box = [payload]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        payload = box[0]
+    if "error" in payload:
+        raise RuntimeError(payload["error"])
+    return payload["state"]
+
+
+def _cpu_state(state: dict) -> dict:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
 
 
 TRAIN_LOG_HEADER = "step,seconds,loss"
@@ -153,41 +334,85 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
+@dataclass
+class TrainResult:
+    """What :func:`train_expert` leaves: the checkpoint directory and this rank's trained expert."""
+
+    out: Path
+    expert: DiffusionExpert
+    step: int
+    context: DistributedContext
+
+
 def train(config: TrainConfig) -> Path:
+    """Train (or resume) the expert of ``config``; returns the checkpoint directory."""
+    return train_expert(config).out
+
+
+def train_expert(config: TrainConfig) -> TrainResult:
+    """:func:`train`, returning this rank's expert as well (the distributed tests compare the ranks' weights)."""
     if config.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
-    torch.set_num_threads(config.threads)
+    context = distributed_context()
+    micro_batch = micro_batch_size(config, context.world_size)
+    device = training_device(config.device, context)
+    precision = devices.resolve_precision(config.precision, device)
+    joined = context.world_size > 1 and not dist.is_initialized()
+    if joined:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    finished = False
+    try:
+        result = _train(config, context, micro_batch, device, precision)
+        finished = True
+        return result
+    finally:
+        if joined:
+            if finished:  # the other ranks wait for rank 0's checkpoint and GIF: no rank leaves while gloo talks
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, device: torch.device,
+           precision: str) -> TrainResult:
+    main = context.is_main
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stray_files(out, config.role)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stray_files(out, config.role)
     source = open_data_source(config.data, seed=config.seed, online_episodes=config.online_episodes)
+    # Set once the input is known good: a refused call leaves the process's thread count alone (a test session that
+    # checks bad input and then runs at 1 thread on a loaded 2-core machine was 100x slower after a stray threads=2).
+    torch.set_num_threads(config.threads)
     frame_size = source.frame_size
     # The initial weights come from torch's global generator, which torch seeds from OS entropy in every process: seed
-    # it, so that one command trains the same weights (a resumed run loads them; an uninterrupted one must match it).
+    # it, so that one command trains the same weights (a resumed run loads them; an uninterrupted one must match it),
+    # and every rank starts from the same weights.
     torch.manual_seed(config.seed)
     expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
+    expert.to(device)
     k = expert.context_frames
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={
         "action_spec": dataclasses.asdict(source.action_spec), "frame_size": frame_size,
         "data": config.data, "train_config": dataclasses.asdict(config),
+        "distributed": {"world_size": context.world_size, "grad_accum_steps": config.grad_accum_steps,
+                        "micro_batch": micro_batch, "device": device.type, "precision": precision},
     })
     state_path = out / f"{config.role}_train_state.pt"
     step, elapsed, rng = 0, 0.0, np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []  # since the last row of train_log.csv
-    if state_path.exists():
-        try:
-            state = torch.load(state_path, weights_only=False)
-        except Exception as error:  # a corrupt file must not silently restart training from scratch
-            raise RuntimeError(f"cannot resume from {state_path} ({error}); delete it to start over") from error
+    state = _load_resume_state(state_path, context, device)
+    if state is not None:
         if state["spec"]["backbone_kwargs"] != backbone_kwargs:
             raise ValueError(f"{state_path} was trained with a different model ({state['spec']['backbone_kwargs']}); "
                              f"use another out= directory")
         expert.backbone.load_state_dict(state["model"])
-        ema = state["ema"]
-        optimizer.load_state_dict(state["optimizer"])
+        ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         step, elapsed = state["step"], state["elapsed"]
         rng.bit_generator.state = state["rng"]
         generator.set_state(state["generator"])
@@ -195,39 +420,53 @@ def train(config: TrainConfig) -> Path:
         if callable(getattr(source, "load_state_dict", None)):
             if "data" in state:
                 source.load_state_dict(state["data"])
-            else:  # a checkpoint of an older version: training goes on, on another sequence of clips
+            elif main:  # a checkpoint of an older version: training goes on, on another sequence of clips
                 print(f"{state_path} does not hold the online episode pool's state; the pool restarts from seed "
                       f"{config.seed}")
-        print(f"resumed {config.role} from step {step} ({elapsed / 60:.1f} min trained)")
+        if main:
+            print(f"resumed {config.role} from step {step} ({elapsed / 60:.1f} min trained)")
+        del state
     n_params = sum(p.numel() for p in expert.backbone.parameters())
-    trim_train_log(out / "train_log.csv", step)
+    if config.compile:
+        devices.compile_module(expert.backbone)
+    network: torch.nn.Module = expert.backbone
+    if context.world_size > 1:
+        # find_unused_parameters: a micro-batch whose rows all drop their context (or carry no poses) leaves some
+        # parameters without a gradient in that step.
+        network = DistributedDataParallel(expert.backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
+    if main:
+        trim_train_log(out / "train_log.csv", step)
+        print(f"training {config.role} {config.model} ({n_params / 1e6:.2f}M parameters) on {device} ({precision}"
+              f"{', compiled' if config.compile else ''}): effective batch {config.batch_size} = {micro_batch} clips "
+              f"per micro-batch x {context.world_size} rank(s) x {config.grad_accum_steps} accumulation step(s)")
     budget = config.minutes * 60.0
-    bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), unit="s", desc=f"train {config.role} {config.model}")
+    bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), unit="s", desc=f"train {config.role} {config.model}",
+               disable=not main)
     last_ckpt = time.time()
     expert.train()
 
     def save() -> None:
-        save_expert(out, expert, dict(spec, step=step, minutes=elapsed / 60, parameters=n_params), state_dict=ema,
+        ema_cpu = _cpu_state(ema)
+        save_expert(out, expert, dict(spec, step=step, minutes=elapsed / 60, parameters=n_params), state_dict=ema_cpu,
                     half=config.half_weights)
-        torch_save_atomic({"model": expert.backbone.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
-                           "step": step, "elapsed": elapsed, "rng": rng.bit_generator.state,
-                           "generator": generator.get_state(), "spec": spec, "losses": losses,
+        torch_save_atomic({"model": _cpu_state(expert.backbone.state_dict()), "ema": ema_cpu,
+                           "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+                           "rng": rng.bit_generator.state, "generator": generator.get_state(), "spec": spec,
+                           "losses": losses,
                            **({"data": source.state_dict()} if callable(getattr(source, "state_dict", None)) else {})},
                           state_path)
 
     while elapsed < budget and step < config.steps:
         t0 = time.time()
+        # Every rank draws the same global batch and noise (same seeds, same order) and trains on its own rows.
         clips = source.sample_clips(config.batch_size, k + 2, rng)
-        frames, actions, poses = clips_to_tensors(clips, pose_features=config.pose_features)
+        batch = clips_to_tensors(clips, pose_features=config.pose_features)
+        noise = draw_training_noise(config.batch_size, tuple(batch[0].shape[2:]), config.drop_prob, generator)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = expert.loss(frames, actions, poses, drop_prob=config.drop_prob, generator=generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr= and resume")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(expert.backbone.parameters(), 1.0)
-        optimizer.step()
+        loss = training_step(expert, network, optimizer, batch, noise, config, context, micro_batch, device,
+                             precision, step)
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for name, p in expert.backbone.state_dict().items():
@@ -236,32 +475,34 @@ def train(config: TrainConfig) -> Path:
                 else:
                     ema[name].copy_(p)
         step += 1
-        losses.append(loss.item())
-        dt = time.time() - t0
+        losses.append(loss)
+        dt = _max_over_ranks(time.time() - t0, context, device)  # every rank stops at the same step
         elapsed += dt
         bar.update(int(elapsed) - bar.n)
         if step % config.log_every == 0:
             bar.set_postfix(step=step, loss=f"{np.mean(losses):.4f}", clips_s=f"{config.batch_size / dt:.0f}")
-            with open(out / "train_log.csv", "a") as log:
-                log.write(f"{step},{elapsed:.1f},{np.mean(losses):.6f}\n")
+            if main:
+                with open(out / "train_log.csv", "a") as log:
+                    log.write(f"{step},{elapsed:.1f},{np.mean(losses):.6f}\n")
             losses = []
-        if time.time() - last_ckpt > config.checkpoint_seconds:
+        if main and time.time() - last_ckpt > config.checkpoint_seconds:
             save()
             last_ckpt = time.time()
     bar.close()
-    save()
-    print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min, {n_params / 1e6:.2f}M parameters")
-    if config.role == "base":
-        _rollout_video(out, source, config)
-    return out
+    if main:
+        save()
+        print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min, {n_params / 1e6:.2f}M parameters")
+        if config.role == "base":
+            _rollout_video(out, source, config, device)
+    return TrainResult(out=out, expert=expert, step=step, context=context)
 
 
-def _rollout_video(out: Path, source, config: TrainConfig) -> None:
+def _rollout_video(out: Path, source, config: TrainConfig, device: torch.device) -> None:
     """Samples vs ground truth at the end of training: 16 imagined frames (EMA weights) beside the real ones."""
     from come_rl.visualize import rollout_comparison, save_rollout_gif
     from come_rl.world_model import WorldModel
 
-    wm = WorldModel.load(out, experts=["base"])
+    wm = WorldModel.load(out, experts=["base"], device=device, precision=config.precision)
     clip = source.sample_clips(1, wm.base.context_frames + 16, np.random.default_rng(config.seed + 7))
     real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=wm.base.context_frames)
     path = save_rollout_gif(out / "rollout_real_vs_imagined.gif", [real, imagined])

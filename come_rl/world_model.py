@@ -9,6 +9,12 @@
 One imagined step samples the next frame (in frame space, whatever each expert's target) with the composition of the enabled experts
 (``come_rl.composition``), then appends it to a per-candidate rolling context; horizons longer than one frame roll out
 autoregressively. ``imagine`` runs without gradients and leaves the episode memory and the adapters untouched.
+
+Devices: ``WorldModel.load(..., device="auto")`` puts every expert on the GPU when torch sees one (``cpu``, ``cuda``,
+``cuda:N`` pick one; ``come_rl.devices``). The episode memory stays on the CPU (it is the episode's record, read by
+agents and experiments); experts move what they are given to their own device, and ``imagine`` returns its frames on
+the CPU, so callers are the same for every device. ``precision="auto"`` samples and memorizes under bf16 autocast on
+CUDA and in float32 on the CPU; ``compile=True`` runs the denoising networks through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl import devices
 from come_rl.checkpoint import load_expert
 from come_rl.composition import Composer, ExpertTerm
 from come_rl.diffusion import SamplerConfig, sample
@@ -87,8 +94,18 @@ class WorldModel:
         memorize_config: MemorizeConfig | None = None,
         pose_model: PoseModel | None = None,
         pose_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        compile: bool = False,
     ):
+        if device is not None:  # None: the experts stay where they are (all on one device)
+            target = devices.resolve_device(device)
+            for expert in (base, stm, sltm):
+                if expert is not None:
+                    expert.to(target)
         self.base, self.stm, self.sltm = base, stm, sltm
+        self._check_one_device()
+        self.precision = devices.resolve_precision(precision, self.device)
         self.action_spec, self.frame_shape = action_spec, (3, frame_size, frame_size)
         self.composition = composition or CompositionConfig()
         self.sampler = sampler or SamplerConfig()
@@ -108,6 +125,21 @@ class WorldModel:
             self.sltm = LongTermMemoryExpert(self.sltm, self.memorize_config, name="sltm")
         self.memory = EpisodeMemory(self.frame_shape, action_spec)
         self.last_network_calls = 0
+        self.compile = bool(compile)
+        for expert in (self.base, self.ltm, self.stm, self.sltm):
+            if expert is not None:
+                expert.compiled = self.compile
+
+    @property
+    def device(self) -> torch.device:
+        """Where the experts run (see the module docstring)."""
+        return self.base.device
+
+    def _check_one_device(self) -> None:
+        where = {role: getattr(self, role).device for role in ("base", "stm", "sltm") if getattr(self, role) is not None}
+        if len(set(where.values())) > 1:
+            raise ValueError(f"the experts are on different devices ({ {k: str(v) for k, v in where.items()} }); "
+                             f"pass device= to put them on one")
 
     # ------------------------------------------------------------------------------------------------ memory
     @property
@@ -134,7 +166,7 @@ class WorldModel:
             if len(self.memory):
                 raise ValueError("only the first frame of an episode may come without an action; pass the action "
                                  "that led to this frame (a vector of size action_spec.dim)")
-            action_t = torch.zeros(self.action_spec.dim)
+            action_t = torch.zeros(self.action_spec.dim, device="cpu")  # the episode memory lives on the CPU
         else:
             action_t = self._validate_actions(torch.as_tensor(np.asarray(action), dtype=torch.float32)[None, None])[0, 0]
         pose_t = None
@@ -159,16 +191,19 @@ class WorldModel:
                 expert.check_memorize(self.memory, steps, self.pose_model, **overrides)
         stats = {}
         if self.ltm is not None:
-            stats = self.ltm.memorize(self.memory, steps, generator=generator, pose_model=self.pose_model, **overrides)
+            stats = self.ltm.memorize(self.memory, steps, generator=generator, pose_model=self.pose_model,
+                                      precision=self.precision, **overrides)
         if memorizing_sltm:
             stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator,
-                                                        pose_model=self.pose_model, **overrides))
+                                                        pose_model=self.pose_model, precision=self.precision,
+                                                        **overrides))
         return stats
 
     # ------------------------------------------------------------------------------------------------ imagine
     def _validate_actions(self, actions) -> torch.Tensor:
         if not isinstance(actions, torch.Tensor):
-            actions = torch.as_tensor(np.asarray(actions, dtype=np.float32))
+            actions = torch.as_tensor(np.asarray(actions, dtype=np.float32), device="cpu")
+        actions = actions.detach().cpu()  # actions are bookkeeping (and the pose model's input): CPU; experts move them
         if actions.dim() != 3 or actions.shape[-1] != self.action_spec.dim:
             raise ValueError(f"actions must have shape (batch, horizon, {self.action_spec.dim}), got "
                              f"{tuple(actions.shape)}" + (" (encode discrete actions one-hot with action_spec.encode)"
@@ -183,7 +218,7 @@ class WorldModel:
                 raise ValueError("discrete actions are one-hot vectors (one entry 1, the others 0); encode action "
                                  "indices with action_spec.encode")
         else:
-            low, high = torch.tensor(self.action_spec.low), torch.tensor(self.action_spec.high)
+            low, high = torch.tensor(self.action_spec.low, device="cpu"), torch.tensor(self.action_spec.high, device="cpu")
             if (actions < low - 1e-6).any() or (actions > high + 1e-6).any():
                 raise ValueError(f"continuous actions must lie in [{self.action_spec.low}, {self.action_spec.high}]")
         return actions
@@ -214,11 +249,16 @@ class WorldModel:
                 stays in use): (frames (batch, L, 3, H, W) in [-1, 1], actions (batch, L, A), poses (batch, L, 3) or
                 None) with L >= ``context_length``; e.g. one past per queried place, imagined in one batch.
         Returns:
-            frames: (batch, horizon, 3, height, width) in [-1, 1].
+            frames: (batch, horizon, 3, height, width) in [-1, 1], on the CPU whatever the model's device.
         """
         actions = self._validate_actions(actions)
         if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same noise on every device
+        with devices.autocast(self.device, self.precision):
+            return self._imagine(actions, generator, history).cpu()
+
+    def _imagine(self, actions: torch.Tensor, generator: torch.Generator | None, history: tuple | None) -> torch.Tensor:
+        device = self.device
         batch, horizon = actions.shape[:2]
         experts = self.experts
         longest = self.context_length
@@ -228,7 +268,7 @@ class WorldModel:
             if len(self.memory) == 0:
                 raise RuntimeError("imagine() needs at least one observed frame: call reset() and observe(frame) first")
             frames, past_actions, poses = self.memory.last(longest)
-            frames = frames[None].expand(batch, *frames.shape).clone()          # (B, L, C, H, W)
+            frames = frames[None].expand(batch, *frames.shape).to(device, copy=True)  # (B, L, C, H, W)
             past_actions = past_actions[None].expand(batch, *past_actions.shape).clone()  # (B, L, A)
             poses = None if poses is None else poses[None].expand(batch, *poses.shape).clone()
         needs_poses = any(expert.uses_poses for expert in experts.values())
@@ -254,7 +294,7 @@ class WorldModel:
             composer.prepare(conditions)
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer, (batch, *self.frame_shape), self.base.schedule, self.sampler,
-                                generator).clamp(-1.0, 1.0)
+                                generator, device=device).clamp(-1.0, 1.0)
             outputs.append(next_frame)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
@@ -267,7 +307,8 @@ class WorldModel:
         if not isinstance(history, (tuple, list)) or len(history) != 3:
             raise ValueError("history must be a tuple (frames, actions, poses or None)")
         frames, past_actions, poses = history
-        frames, past_actions = torch.as_tensor(frames).float(), torch.as_tensor(past_actions).float()
+        frames = torch.as_tensor(frames).float().to(self.device)
+        past_actions = torch.as_tensor(past_actions).float().cpu()
         if frames.dim() != 5 or tuple(frames.shape[2:]) != self.frame_shape or frames.shape[0] != batch:
             raise ValueError(f"history frames must have shape ({batch}, L, {', '.join(map(str, self.frame_shape))}), "
                              f"got {tuple(frames.shape)}")
@@ -279,7 +320,7 @@ class WorldModel:
         if not (torch.isfinite(frames).all() and torch.isfinite(past_actions).all()):
             raise ValueError("history contains NaN or inf")
         if poses is not None:
-            poses = torch.as_tensor(poses).float()
+            poses = torch.as_tensor(poses).float().cpu()
             if poses.shape != (batch, frames.shape[1], 3):
                 raise ValueError(f"history poses must have shape ({batch}, {frames.shape[1]}, 3), got {tuple(poses.shape)}")
             poses = poses[:, -longest:].clone()
@@ -313,10 +354,16 @@ class WorldModel:
     @classmethod
     def load(cls, directory: str | Path, experts: list[str] | None = None, sampler: dict | None = None,
              composition: dict | None = None, memorize: dict | None = None,
-             pose_model: PoseModel | None = None) -> WorldModel:
+             pose_model: PoseModel | None = None, device: str | torch.device = "auto", precision: str = "auto",
+             compile: bool = False) -> WorldModel:
         """Load a world model from a checkpoint directory (``base.safetensors`` + ``base.json``, optionally stm/sltm,
         and ``world_model.json`` with default settings); keyword dicts override those settings. A bare name that is
-        not a directory here (``"memory_cards"``) is a checkpoint shipped in the package (come_rl/checkpoints/)."""
+        not a directory here (``"memory_cards"``) is a checkpoint shipped in the package (come_rl/checkpoints/).
+
+        ``device``: auto (CUDA when present) | cpu | cuda | cuda:N; ``precision``: auto (bf16 autocast on CUDA, fp32
+        on CPU) | fp32 | bf16; ``compile``: torch.compile the denoising networks (see ``come_rl.devices``)."""
+        target_device = devices.resolve_device(device)  # a bad device fails before anything is read
+        devices.resolve_precision(precision, target_device)
         directory = Path(directory)
         if not directory.exists() and len(directory.parts) == 1:
             packaged = Path(__file__).resolve().parent / "checkpoints" / directory.name
@@ -344,7 +391,7 @@ class WorldModel:
             composition=comp_cfg,
             sampler=SamplerConfig(**dict(settings.get("sampler", {}), **(sampler or {}))),
             memorize_config=MemorizeConfig(**dict(settings.get("memorize", {}), **(memorize or {}))),
-            pose_model=pose_model, **optional,
+            pose_model=pose_model, device=target_device, precision=precision, compile=compile, **optional,
         )
         model.checkpoint_dir = directory
         model.base_spec = spec

@@ -99,7 +99,8 @@ class LPIPSGoalObjective(_GoalObjective):
         goal_frame: uint8 (H, W, 3) env frame or float (3, H, W) in [-1, 1].
         repeats: rollouts per candidate (one batch of repeats x batch).
         lpips: an LPIPS metric callable on (N, 3, H, W) in [-1, 1] -> (N,); default
-            ``come_rl.metrics.lpips_metric.get_lpips()`` (AlexNet, offline weights).
+            ``come_rl.metrics.lpips_metric.get_lpips()`` (AlexNet, offline weights) on the world model's device
+            (the CPU for a world model without one).
         generator: torch generator passed to ``imagine`` (reproducible rollouts).
         frames: ``"last"`` scores the last imagined frame (NWM); ``"all"`` the mean over the horizon,
             which rewards reaching the goal early and staying there (steadier under MPC replanning;
@@ -113,7 +114,7 @@ class LPIPSGoalObjective(_GoalObjective):
         if lpips is None:
             from come_rl.metrics.lpips_metric import get_lpips
 
-            lpips = get_lpips()
+            lpips = get_lpips(device=getattr(world_model, "device", "cpu"))
         self.lpips = lpips
 
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,31 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_device_settings_are_checked_before_any_work(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from come_rl.run import device_settings, resume_config, run
+
+    cfg = compose_config(TINY)
+    assert (cfg.device, cfg.precision, cfg.compile) == ("auto", "auto", False)
+    assert device_settings(compose_config([*TINY, "device=cpu"])) == {"device": torch.device("cpu"),
+                                                                      "precision": "fp32", "compile": False}
+    # the CPU in fp32 is recorded as nothing (run directories of before devices resume); anything else is recorded
+    assert "device" not in resume_config(compose_config([*TINY, "device=cpu"]))
+    assert resume_config(compose_config([*TINY, "device=cpu", "compile=true"]))["device"] == {
+        "device": "cpu", "precision": "fp32", "compile": True}
+    cases = [("device=tpu", "unknown device 'tpu'"), ("precision=fp16", "unknown precision 'fp16'"),
+             ("compile=maybe", "compile must be true or false")]
+    if not torch.cuda.is_available():
+        cases += [("device=cuda", r"device='cuda' but torch.cuda.is_available\(\) is False; use device=cpu or auto"),
+                  ("precision=bf16", "precision=bf16 autocasts on CUDA only")]
+    for override, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(compose_config([*TINY, override, f"run.out_dir={tmp_path / 'never'}"]))
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_help_lists_groups(tmp_path: Path) -> None:
     result = run_cli(["--help"], tmp_path)
     assert result.returncode == 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from come_rl.train import TrainConfig, parse_overrides, train
+from come_rl.train import MODEL_PRESETS, PAPER_PRESETS, TrainConfig, parse_overrides, train
 
 TINY = '{"widths": [16, 32, 32], "cond_dim": 32}'
 
@@ -53,3 +53,47 @@ def test_an_stm_trains_beside_the_base_and_evaluates_alone(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     with pytest.raises(ValueError, match="expert must be"):
         evaluate(EvaluateConfig(checkpoint=str(tmp_path), expert="ltm"))
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_size_presets_take_one_training_step(preset):
+    """The paper's expert sizes build through the train command's own path and take one optimizer step on the CPU,
+    on one clip at the smallest frame size the preset allows (one patch per frame; one U-Net bottleneck cell)."""
+    import numpy as np
+    import torch
+
+    from come_rl.nets.registry import DIT_CONFIGS
+    from come_rl.train import DistributedContext, build_expert, draw_training_noise, training_step
+
+    name, kwargs = MODEL_PRESETS[preset]
+    if name == "unet":
+        size = kwargs["unshuffle"] * 2 ** (len(kwargs["widths"]) - 1)
+        poses = False
+    else:
+        size, poses = kwargs.get("patch_size", DIT_CONFIGS[name].patch_size), DIT_CONFIGS[name].pose_dim > 0
+    config = TrainConfig(model=preset, role="sltm" if poses else "base", pose_features=poses, batch_size=1,
+                         backbone_overrides={"frame_size": size})
+    torch.manual_seed(0)
+    expert, backbone_name, built = build_expert(config, kwargs["action_dim"], size)
+    assert backbone_name == name and built["frame_size"] == size
+    n_params = sum(p.numel() for p in expert.backbone.parameters())
+    assert n_params > 10e6, f"{preset} has {n_params / 1e6:.1f}M parameters: not the paper's size"
+    before = {key: value.clone() for key, value in expert.backbone.state_dict().items()}
+    k, action_dim = expert.context_frames, kwargs["action_dim"]
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.rand(1, k + 1, 3, size, size, generator=generator) * 2 - 1
+    actions = torch.eye(action_dim)[torch.randint(0, action_dim, (1, k + 1), generator=generator)]
+    pose_features = torch.rand(1, k + 1, 4, generator=generator) if poses else None
+    optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr)
+    expert.train()
+    loss = training_step(expert, expert.backbone, optimizer, (frames, actions, pose_features),
+                         draw_training_noise(1, (3, size, size), config.drop_prob, generator), config,
+                         DistributedContext(), 1, torch.device("cpu"), "fp32", step=0)
+    assert np.isfinite(loss) and loss > 0
+    after = expert.backbone.state_dict()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert changed, f"one step of {preset} changed no weight"
+    assert all(torch.isfinite(value).all() for value in after.values())
+    if poses:
+        with pytest.raises(ValueError, match="is pose-conditioned .* add pose_features=true"):
+            build_expert(TrainConfig(model=preset, backbone_overrides={"frame_size": size}), action_dim, size)

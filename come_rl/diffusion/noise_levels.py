@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from come_rl import devices
+
 
 def sample_noise_levels(
     batch_size: int, low: float = 0.0, high: float = 1.0, uniform_fraction: float = 0.0,
@@ -23,6 +25,7 @@ def sample_noise_levels(
         raise ValueError(f"noise levels need 0 <= low < high <= 1, got low={low}, high={high}")
     if not 0.0 <= uniform_fraction <= 1.0:
         raise ValueError(f"uniform_fraction must be in [0, 1], got {uniform_fraction}")
-    t = low + (high - low) * torch.rand(batch_size, generator=generator)
-    uniform_rows = torch.rand(batch_size, generator=generator) < uniform_fraction
-    return torch.where(uniform_rows, torch.rand(batch_size, generator=generator), t)
+    # Drawn on the generator's device (the CPU for torch.Generator()); callers move t to their model's device.
+    t = low + (high - low) * devices.rand((batch_size,), generator)
+    uniform_rows = devices.rand((batch_size,), generator) < uniform_fraction
+    return torch.where(uniform_rows, devices.rand((batch_size,), generator), t)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from come_rl import devices
 from come_rl.diffusion.parametrization import _bcast, eps_to_x0
 from come_rl.diffusion.schedule import NoiseSchedule
 
@@ -48,6 +49,7 @@ def sample(
     config: SamplerConfig | None = None,
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Draw one batch of samples of ``shape`` (batch first) by integrating the reverse diffusion.
 
@@ -58,11 +60,16 @@ def sample(
         config: steps, eta (DDIM 0 / DDPM 1), x_0 clipping, Langevin corrector.
         generator: makes the initial noise and every stochastic step reproducible.
         x_init: start from this pure-noise sample instead of drawing one.
+        device: where the sample lives (the denoiser's device; default: x_init's, else the CPU). Noise is drawn on
+            the generator's device and copied there, so a seed gives the same noise on every device.
     """
     config = config or SamplerConfig()
-    x = torch.randn(shape, generator=generator) if x_init is None else x_init.clone()
+    if device is None:
+        device = x_init.device if x_init is not None else torch.device("cpu")
+    device = torch.device(device)
+    x = devices.randn(shape, generator, device) if x_init is None else x_init.to(device).clone()
     batch = shape[0]
-    times = torch.linspace(1.0, 0.0, config.steps + 1)
+    times = torch.linspace(1.0, 0.0, config.steps + 1, device=device)
     for i in range(config.steps):
         t, s = times[i].expand(batch), times[i + 1].expand(batch)
         alpha_t, sigma_t = schedule.alpha_sigma(t)
@@ -83,10 +90,10 @@ def sample(
         direction = (sigma_s**2 - noise_std**2).clamp_min(0).sqrt()
         x = _bcast(alpha_s, x) * x0 + _bcast(direction, x) * eps
         if config.eta > 0:
-            x = x + _bcast(noise_std, x) * torch.randn(shape, generator=generator)
+            x = x + _bcast(noise_std, x) * devices.randn(shape, generator, device)
         for _ in range(config.langevin_steps):
             # Unadjusted Langevin on log p_s: score = -eps / sigma_s, step delta = c * sigma_s^2.
             delta = config.langevin_step_size * sigma_s**2
             score = -denoiser(x, s) / _bcast(sigma_s, x)
-            x = x + _bcast(delta, x) * score + _bcast((2 * delta).sqrt(), x) * torch.randn(shape, generator=generator)
+            x = x + _bcast(delta, x) * score + _bcast((2 * delta).sqrt(), x) * devices.randn(shape, generator, device)
     return x

@@ -1,7 +1,8 @@
 """The episode store: every frame, action and pose the world model has observed in the current episode.
 
 It is the short-term context (its last frames) and the long-term memory's training set (clips drawn from it are what
-``memorize`` fine-tunes the LoRA adapters on).
+``memorize`` fine-tunes the LoRA adapters on). It lives on the CPU whatever the model's device (agents and experiments
+read it; an episode's frames are small): the experts move the clips and contexts they are given to their own device.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 
 from come_rl.interfaces import ActionSpec
+
+CPU = torch.device("cpu")
 
 
 class EpisodeMemory:
@@ -61,7 +64,7 @@ class EpisodeMemory:
         missing = count - frames.shape[0]
         if missing > 0:
             frames = torch.cat([frames[:1].expand(missing, *frames.shape[1:]), frames])
-            actions = torch.cat([torch.zeros(missing, actions.shape[1]), actions])
+            actions = torch.cat([torch.zeros(missing, actions.shape[1], device=actions.device), actions])
             if poses is not None:
                 poses = torch.cat([poses[:1].expand(missing, *poses.shape[1:]), poses])
         return frames, actions, poses
@@ -91,17 +94,17 @@ class EpisodeMemory:
         # every frame but the first is a target, as every frame is a prediction of imagine from the episode's start.
         earliest = -(length - 2) if pad_start else 0
         first = earliest if window is None else max(earliest, total - window)
-        starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator)
+        starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator, device=CPU)
         frames, actions, poses = self.frames, self.actions, self.poses
         weighted = int(round(change_weighting * batch_size))
         if weighted:
-            candidates = torch.arange(first, total - length + 1)
+            candidates = torch.arange(first, total - length + 1, device=CPU)
             last = (candidates + length - 1).clamp_min(1)
             change = (frames[last] - frames[last - 1]).abs().mean(dim=(1, 2, 3))
             if change.sum() > 0:
                 picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
                 starts[:weighted] = candidates[picks]
-        index = starts[:, None] + torch.arange(length)
+        index = starts[:, None] + torch.arange(length, device=CPU)
         padded = index < 0
         index = index.clamp_min(0)
         clip_actions = actions[index]
@@ -119,7 +122,7 @@ class EpisodeMemory:
         """
         if self.action_spec.kind != "discrete":
             raise ValueError("time-reversed clips need a discrete action space with declared inverse actions")
-        inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long)
+        inverse = torch.as_tensor(list(inverse_actions), dtype=torch.long, device=CPU)
         if inverse.shape != (self.action_spec.dim,) or inverse.min() < 0 or inverse.max() >= self.action_spec.dim:
             raise ValueError(f"inverse_actions must map each of the {self.action_spec.dim} actions to an action index, "
                              f"got {list(inverse_actions)}")
@@ -147,10 +150,10 @@ class EpisodeMemory:
         if total < length:
             raise ValueError(f"the episode memory holds {total} frames, fewer than the {length} a clip needs")
         if self.action_spec.kind == "discrete":
-            candidates = torch.eye(self.action_spec.dim)
+            candidates = torch.eye(self.action_spec.dim, device=CPU)
         else:
             candidates = torch.unique(self.actions[1:], dim=0)
-        ends = torch.arange(k - 1, total)  # the context's last frame
+        ends = torch.arange(k - 1, total, device=CPU)  # the context's last frame
         n_end, n_act = len(ends), len(candidates)
         with torch.no_grad():
             next_poses = pose_model(poses[ends].repeat_interleave(n_act, 0), candidates.repeat(n_end, 1)).float()
@@ -158,15 +161,15 @@ class EpisodeMemory:
         yaw = torch.remainder(next_poses[:, 2:3] - poses[None, :, 2] + torch.pi, 2 * torch.pi) - torch.pi
         match = (position <= tolerance) & (yaw.abs() <= yaw_tolerance)
         end_index = ends.repeat_interleave(n_act)
-        frame_index = torch.arange(total)[None]
+        frame_index = torch.arange(total, device=CPU)[None]
         match &= (frame_index != end_index[:, None]) & (frame_index != end_index[:, None] + 1)
         pairs = match.nonzero()
         if len(pairs) == 0:
             return None
-        picks = pairs[torch.randint(0, len(pairs), (batch_size,), generator=generator)]
+        picks = pairs[torch.randint(0, len(pairs), (batch_size,), generator=generator, device=CPU)]
         row, target = picks[:, 0], picks[:, 1]
         end, action = end_index[row], candidates[row % n_act]
-        context = end[:, None] - torch.arange(k - 1, -1, -1)[None]  # (B, k) frame indices, oldest first
+        context = end[:, None] - torch.arange(k - 1, -1, -1, device=CPU)[None]  # (B, k) frame indices, oldest first
         frames, actions = self.frames, self.actions
         clip_frames = torch.cat([frames[context], frames[target][:, None]], dim=1)
         clip_actions = torch.cat([actions[context], action[:, None]], dim=1)
@@ -186,7 +189,7 @@ def to_frame_tensor(frame, frame_shape: tuple[int, int, int]) -> torch.Tensor:
     if isinstance(frame, torch.Tensor):
         if tuple(frame.shape) != tuple(frame_shape):
             raise ValueError(f"frame tensor has shape {tuple(frame.shape)}, expected {tuple(frame_shape)} (C, H, W)")
-        frame = frame.float()
+        frame = frame.detach().float().cpu()  # the episode memory lives on the CPU
         if not torch.isfinite(frame).all():
             raise ValueError("frame contains NaN or inf")
         if frame.min() < -1.001 or frame.max() > 1.001:

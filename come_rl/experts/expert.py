@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from come_rl import devices
 from come_rl.diffusion import NoiseSchedule, add_noise, sample_noise_levels, v_target, v_to_eps
 from come_rl.diffusion.parametrization import _bcast
 from come_rl.nets.backbone import VideoBackbone
@@ -58,10 +59,17 @@ class DiffusionExpert(nn.Module):
         self.backbone, self.schedule, self.name, self.uses_poses = backbone, schedule, name, uses_poses
         self.target = target
         self.spec: dict | None = None  # the recipe it was loaded from (come_rl.checkpoint), needed to save it
+        self.compiled = False
+        """run the denoising network through torch.compile (``WorldModel(compile=True)``)."""
 
     @property
     def context_frames(self) -> int:
         return self.backbone.context_frames
+
+    @property
+    def device(self) -> torch.device:
+        """Where the expert's weights are; its inputs are moved there (callers may keep theirs on the CPU)."""
+        return devices.module_device(self.backbone)
 
     def prepare(self, context: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None = None,
                 drop_context: torch.Tensor | None = None):
@@ -70,7 +78,11 @@ class DiffusionExpert(nn.Module):
         context: (B, K, C, H, W) in [-1, 1]; actions: (B, K + 1, A), the action that led to each frame, the last row
         being the action taken from the last context frame; poses: (B, K + 1, P) or None; drop_context: (B,) bool.
         """
-        state = self.inference_backbone().prepare(context, actions, poses if self.uses_poses else None, drop_context)
+        device = self.device
+        context, actions = devices.to_device(context, device), devices.to_device(actions, device)
+        poses = devices.to_device(poses, device) if self.uses_poses else None
+        drop_context = devices.to_device(drop_context, device)
+        state = self.inference_backbone().prepare(context, actions, poses, drop_context)
         return PreparedContext(state, context[:, -1].float() if self.target == "residual" else None)
 
     def inference_backbone(self):
@@ -82,7 +94,11 @@ class DiffusionExpert(nn.Module):
         alpha, sigma = self.schedule.alpha_sigma(t)
         if prepared.anchor is not None:  # residual target: z_residual = z_frame - alpha * x_last, the same eps
             x_t = x_t - _bcast(alpha, x_t) * prepared.anchor
-        v = self.inference_backbone().denoise(prepared.state, x_t[:, None], t)[:, 0]
+        backbone = self.inference_backbone()
+        denoise = type(backbone).denoise
+        if self.compiled:
+            denoise = devices.compiled_function(denoise, devices.COMPILE_BACKEND)
+        v = denoise(backbone, prepared.state, x_t[:, None], t)[:, 0]
         return v_to_eps(v.float(), x_t, alpha, sigma)
 
     def clean_target(self, frames: torch.Tensor) -> torch.Tensor:
@@ -92,20 +108,33 @@ class DiffusionExpert(nn.Module):
 
     def loss(self, frames: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None = None,
              drop_prob: float = 0.0, t: torch.Tensor | None = None, noise_low: float = 0.0,
-             uniform_fraction: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+             uniform_fraction: float = 0.0, generator: torch.Generator | None = None,
+             eps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+             network: nn.Module | None = None) -> torch.Tensor:
         """The diffusion loss (paper eq. 1, in v-form) of predicting the last frame of each clip.
 
-        frames: (B, K + 1, C, H, W) in [-1, 1]; actions: (B, K + 1, A); poses: (B, K + 1, P) or None.
+        frames: (B, K + 1, C, H, W) in [-1, 1]; actions: (B, K + 1, A); poses: (B, K + 1, P) or None (any device:
+        they are moved to the expert's).
         drop_prob: probability of training a row in the unconditional mode (condition dropout).
         t / noise_low / uniform_fraction: the noise levels (see ``sample_noise_levels``).
+        eps (B, C, H, W) / drop (B,) bool: given noise and dropped rows instead of drawing them (``t``, ``eps`` and
+        ``drop`` are drawn in this order from ``generator`` otherwise; distributed training draws them for the global
+        batch and hands each rank its rows).
+        network: the module to run instead of ``self.backbone`` (its DistributedDataParallel wrapper).
         """
+        device = self.device
         b = frames.shape[0]
+        frames, actions = devices.to_device(frames, device), devices.to_device(actions, device)
+        poses = devices.to_device(poses, device) if self.uses_poses else None
         context, x0 = frames[:, :-1], self.clean_target(frames)
         if t is None:
             t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
+        if eps is None:
+            eps = devices.randn(x0.shape, generator=generator)
+        if drop is None and drop_prob > 0:
+            drop = devices.rand((b,), generator=generator) < drop_prob
+        t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
-        drop = torch.rand(b, generator=generator) < drop_prob if drop_prob > 0 else None
-        v = self.backbone(x_t[:, None], t, context, actions, poses if self.uses_poses else None, drop)[:, 0]
+        v = (network or self.backbone)(x_t[:, None], t, context, actions, poses, drop)[:, 0]
         return F.mse_loss(v.float(), v_target(x0, eps, alpha, sigma))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from come_rl import devices
 from come_rl.experts.episode_memory import EpisodeMemory
 from come_rl.experts.expert import DiffusionExpert
 
@@ -166,7 +167,9 @@ class LongTermMemoryExpert(DiffusionExpert):
     def _merged_backbone(self) -> nn.Module:
         if self._merged_version != self.memorized_steps:
             merged_state = {}
-            with torch.no_grad():
+            device_type = devices.module_device(self._merged).type
+            # W + B A in float32 even when sampling runs under bf16 autocast: the merged weights are the model's.
+            with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
                 for name, module in self.backbone.named_modules():
                     if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                         delta = sum(module.get_delta_weight(adapter) for adapter in module.lora_A.keys())
@@ -222,11 +225,12 @@ class LongTermMemoryExpert(DiffusionExpert):
         return config, steps
 
     def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
-                 pose_model=None, **overrides) -> dict:
+                 pose_model=None, precision: str = "fp32", **overrides) -> dict:
         """Fine-tune on clips of ``memory`` for ``steps`` gradient steps of the training loss; returns loss statistics.
 
         ``overrides`` may set any :class:`MemorizeConfig` field for this call (batch_size, lr, noise_low, ...).
-        ``pose_model`` (poses, actions) -> next poses is needed for revisit clips.
+        ``pose_model`` (poses, actions) -> next poses is needed for revisit clips. ``precision``: "fp32", or "bf16"
+        (autocast of the forward pass, on CUDA; ``come_rl.devices``).
         """
         config, steps = self.check_memorize(memory, steps, pose_model, **overrides)
         clip_length = self.context_frames + 1
@@ -243,8 +247,10 @@ class LongTermMemoryExpert(DiffusionExpert):
                 from come_rl.data_sources import pose_features
 
                 pose_input = pose_features(poses)
-            loss = self.loss(frames, actions, pose_input, drop_prob=config.drop_context_fraction,
-                             noise_low=config.noise_low, uniform_fraction=config.uniform_fraction, generator=generator)
+            with devices.autocast(self.device, precision):
+                loss = self.loss(frames, actions, pose_input, drop_prob=config.drop_context_fraction,
+                                 noise_low=config.noise_low, uniform_fraction=config.uniform_fraction,
+                                 generator=generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"memorization loss became {loss.item()}; lower lr (now {config.lr})")
             self._optimizer.zero_grad(set_to_none=True)
@@ -284,7 +290,7 @@ class LongTermMemoryExpert(DiffusionExpert):
         poses = torch.cat([p[2] for p in parts]) if has_poses else None
         n_short = int(round(config.short_context_fraction * config.batch_size))
         if n_short and clip_length > 2:
-            rows = torch.randperm(frames.shape[0], generator=generator)[:n_short]
+            rows = torch.randperm(frames.shape[0], generator=generator, device=frames.device)[:n_short]
             newest = clip_length - 2  # the newest context frame; the last frame of a clip is the target
             frames[rows, :newest] = frames[rows, newest:newest + 1]
             actions[rows, :newest] = 0.0

@@ -286,12 +286,13 @@ def to_lpips_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 class LPIPSMetric:
     """Learned perceptual distance between image batches (lower = more similar; 0 for identical images).
 
-    Call with two float tensors `(N, 3, H, W)` in [-1, 1] (use `to_lpips_tensor` for uint8 `(N, H, W, 3)`);
-    returns `(N,)` float32 distances. Runs batched, without gradient unless `requires_grad=True`.
+    Call with two float tensors `(N, 3, H, W)` in [-1, 1] on any device (use `to_lpips_tensor` for uint8
+    `(N, H, W, 3)`); returns `(N,)` float32 distances on the CPU. Runs batched, without gradient unless
+    `requires_grad=True`.
 
     Args:
         net: 'alex' (the paper's and NWM's choice) or 'vgg'.
-        device: where the network runs ('cpu' by default).
+        device: where the network runs: 'auto' (CUDA when present, else CPU; the default), 'cpu', 'cuda', 'cuda:N'.
         batch_size: images per forward pass; bounds memory for long clips.
         cache_dir: where converted weights are cached (default `$COME_RL_CACHE` or `~/.cache/come_rl`).
     """
@@ -299,13 +300,15 @@ class LPIPSMetric:
     # Inputs slightly outside [-1, 1] (interpolation, float error) are accepted; more is a caller bug.
     range_tolerance = 1e-3
 
-    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", batch_size: int = 64,
+    def __init__(self, net: str = "alex", device: str | torch.device = "auto", batch_size: int = 64,
                  cache_dir: Path | None = None) -> None:
+        from come_rl.devices import resolve_device
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net = net
         self.spec = _backbone_spec(net)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = build_lpips_model(net, cache_dir).to(self.device)
 
@@ -336,7 +339,7 @@ class LPIPSMetric:
                              "map [0, 1] images with x * 2 - 1 and uint8 images with to_lpips_tensor")
 
     def __call__(self, images_a: torch.Tensor, images_b: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
-        """Distances between `images_a[i]` and `images_b[i]`: (N, 3, H, W) x 2 -> (N,)."""
+        """Distances between `images_a[i]` and `images_b[i]`: (N, 3, H, W) x 2 -> (N,) on the CPU."""
         self._validate(images_a, "images_a")
         self._validate(images_b, "images_b")
         if images_a.shape != images_b.shape:
@@ -349,17 +352,22 @@ class LPIPSMetric:
                 chunk_b = images_b[start:start + self.batch_size].to(self.device, torch.float32)
                 distances.append(self.model(chunk_a, chunk_b).reshape(-1))
         if not distances:
-            return torch.zeros(0, dtype=torch.float32, device=self.device)
-        return torch.cat(distances)
+            return torch.zeros(0, dtype=torch.float32, device="cpu")
+        return torch.cat(distances).cpu()
 
 
 _shared_metrics: dict[tuple[str, str], LPIPSMetric] = {}
 _shared_metrics_lock = threading.Lock()
 
 
-def get_lpips(net: str = "alex", device: str | torch.device = "cpu") -> LPIPSMetric:
-    """One shared `LPIPSMetric` per (net, device), built on first use (loading weights takes ~1 s)."""
-    key = (net, str(torch.device(device)))
+def get_lpips(net: str = "alex", device: str | torch.device = "auto") -> LPIPSMetric:
+    """One shared `LPIPSMetric` per (net, device), built on first use (loading weights takes ~1 s).
+
+    ``device``: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' (see `come_rl.devices`)."""
+    from come_rl.devices import resolve_device
+
+    device = resolve_device(device)
+    key = (net, str(device))
     with _shared_metrics_lock:
         if key not in _shared_metrics:
             _shared_metrics[key] = LPIPSMetric(net=net, device=device)

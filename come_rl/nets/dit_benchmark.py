@@ -2,7 +2,7 @@
 
 Usage:
     OMP_NUM_THREADS=1 python -m come_rl.nets.dit_benchmark --names dit_cpu stm_cpu --batch-sizes 1 32 \
-        [--threads 1] [--repeats 3] [--output results/bench/dit_backbone.csv]
+        [--threads 1] [--repeats 3] [--output results/bench/dit_backbone.csv] [--device auto]
 
 "cached" is ``denoise(state, ...)`` with the state prepared once per planning call; "recomputed"
 is ``prepare + denoise`` in every call, what a model without the cache (the authors' code, NWM)
@@ -41,27 +41,36 @@ def _flops(function) -> int:
     return counter.get_total_flops()
 
 
-def _seconds(function, repeats: int) -> float:
+def _seconds(function, repeats: int, device: torch.device | None = None) -> float:
+    def synchronize() -> None:  # a GPU call returns before its kernels finish
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     function()  # warm-up (allocator, kernels)
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         function()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def measure(name: str, batch_size: int, repeats: int = 3, **overrides) -> dict:
+def measure(name: str, batch_size: int, repeats: int = 3, device: str | torch.device = "cpu", **overrides) -> dict:
     """Time and count one denoising call of backbone ``name`` at ``batch_size`` (full context and targets)."""
+    from come_rl.devices import resolve_device
+
+    device = resolve_device(device)
     torch.manual_seed(0)
-    model = build_backbone(name, **overrides).eval()
+    model = build_backbone(name, **overrides).eval().to(device)
     config = model.config
     size, frames_in, frames_out = config.frame_size, config.context_frames, config.predicted_frames
-    context = torch.rand(batch_size, frames_in, config.channels, size, size) * 2 - 1
-    actions = torch.zeros(batch_size, frames_in + frames_out, config.action_dim)
-    poses = torch.zeros(batch_size, frames_in + frames_out, config.pose_dim) if config.pose_dim else None
-    noisy = torch.randn(batch_size, frames_out, config.channels, size, size)
-    t = torch.full((batch_size,), 0.5)
+    context = torch.rand(batch_size, frames_in, config.channels, size, size, device=device) * 2 - 1
+    actions = torch.zeros(batch_size, frames_in + frames_out, config.action_dim, device=device)
+    poses = torch.zeros(batch_size, frames_in + frames_out, config.pose_dim, device=device) if config.pose_dim else None
+    noisy = torch.randn(batch_size, frames_out, config.channels, size, size, device=device)
+    t = torch.full((batch_size,), 0.5, device=device)
     with torch.no_grad():
         state = model.prepare(context, actions, poses)
 
@@ -77,8 +86,9 @@ def measure(name: str, batch_size: int, repeats: int = 3, **overrides) -> dict:
             "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "tokens_per_frame": config.tokens_per_frame,
             "frames": f"{frames_in}->{frames_out}",
-            "cached_ms": 1e3 * _seconds(cached, repeats),
-            "recomputed_ms": 1e3 * _seconds(recomputed, repeats),
+            "device": str(device),
+            "cached_ms": 1e3 * _seconds(cached, repeats, device),
+            "recomputed_ms": 1e3 * _seconds(recomputed, repeats, device),
             "cached_GFLOP": _flops(cached) / 1e9,
             "recomputed_GFLOP": _flops(recomputed) / 1e9,
         }
@@ -88,10 +98,10 @@ def measure(name: str, batch_size: int, repeats: int = 3, **overrides) -> dict:
     return row
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10, device: torch.device | None = None) -> float:
     """fp32 matmul rate of this machine now (the yardstick for the achieved GFLOP/s above)."""
-    a = torch.randn(size, size)
-    seconds = _seconds(lambda: [a @ a for _ in range(repeats)], 2)
+    a = torch.randn(size, size, device=device)
+    seconds = _seconds(lambda: [a @ a for _ in range(repeats)], 2, device)
     return 2 * size**3 * repeats / seconds / 1e9
 
 
@@ -114,14 +124,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frame-size", type=int, default=None, help="override the configs' frame size")
     parser.add_argument("--output", default=None, help="CSV path (written atomically)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     args = parser.parse_args()
+    from come_rl.devices import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     overrides = {} if args.frame_size is None else {"frame_size": args.frame_size}
     rows = []
-    print(f"fp32 matmul peak now: {matmul_peak_gflops():.1f} GFLOP/s on {args.threads} thread(s)", flush=True)
+    print(f"fp32 matmul peak now: {matmul_peak_gflops(device=device):.1f} GFLOP/s on {device} "
+          f"({args.threads} thread(s))", flush=True)
     for name in args.names:
         for batch_size in args.batch_sizes:
-            rows.append(measure(name, batch_size, args.repeats, **overrides))
+            rows.append(measure(name, batch_size, args.repeats, device=device, **overrides))
             print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
                   flush=True)
     columns = list(rows[0])

@@ -65,7 +65,7 @@ class UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like discrete DDPM steps). (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -167,7 +167,7 @@ class VideoUNet(VideoBackbone):
             raise ValueError(f"actions must have shape ({b}, {k + 1}, {cfg.action_dim}) (context + 1 target), "
                              f"got {tuple(actions.shape)}")
         if drop_context is None:
-            drop_context = torch.zeros(b, dtype=torch.bool)
+            drop_context = torch.zeros(b, dtype=torch.bool, device=context.device)
         keep = (~drop_context).to(context.dtype)
         packed = F.pixel_unshuffle(context.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
         context_features = self.in_context(packed * keep[:, None, None, None])

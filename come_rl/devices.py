@@ -1,0 +1,128 @@
+"""Where the networks run and in which precision: one small helper that every entry point uses.
+
+    device = resolve_device("auto")              # cuda:<current> when torch sees a GPU, else cpu
+    precision = resolve_precision("auto", device)  # "bf16" on CUDA (when the GPU supports it), "fp32" on CPU
+    with autocast(device, precision): loss = expert.loss(...)
+
+Settings, the same everywhere (``WorldModel.load``, ``come_rl.train``, ``come_rl.run``, the benchmarks, LPIPS):
+
+* ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a ``torch.device``).
+* ``precision``: ``auto`` | ``fp32`` | ``bf16``. bf16 is autocast (weights stay float32, matmuls and convolutions run
+  in bfloat16) and only on CUDA; on CPU the sampler's float64 steps and the small networks gain little from it.
+* ``compile``: ``torch.compile`` the networks' hot paths, off by default (the first calls pay the compilation).
+
+Random numbers follow one rule (:func:`randn`, :func:`rand`): they are drawn on the generator's own device (CPU for
+``torch.Generator()``) and then copied to where the model is, so a seeded run draws the same noise on every device and
+the code has one path for CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_BACKEND = "inductor"
+"""the torch.compile backend of ``compile=true`` (tests set "eager" to check the plumbing without a C compiler)."""
+
+_CUDA_PATTERN = re.compile(r"cuda(?::(\d+))?")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a concrete ``torch.device`` (CUDA devices always with an index).
+
+    Raises ValueError for an unknown string, for CUDA asked on a machine without it, and for a GPU index that is not
+    there; each message names the fix.
+    """
+    if device is None:
+        device = "auto"
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = _CUDA_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICE_CHOICES)} (e.g. device=cuda:0)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={text!r} but torch.cuda.is_available() is False; use device=cpu or auto")
+    index = torch.cuda.current_device() if match.group(1) is None else int(match.group(1))
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device={text!r} but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1}); "
+                         f"pick one of them or device=cuda")
+    return torch.device("cuda", index)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``auto`` | ``fp32`` | ``bf16`` -> ``"fp32"`` or ``"bf16"`` for ``device``; bf16 autocast runs on CUDA only."""
+    text = "auto" if precision is None else str(precision).strip().lower()
+    if text not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if text == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if text == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision=bf16 autocasts on CUDA only and the device is {device}; use precision=fp32 or "
+                         "auto on CPU (or device=cuda)")
+    return text
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for ``precision="bf16"``; a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (CPU for a module without any)."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _draw(kind: str, shape: Sequence[int], generator: torch.Generator | None, device: torch.device | None,
+          dtype: torch.dtype | None) -> torch.Tensor:
+    source = generator.device if generator is not None else (device or torch.device("cpu"))
+    draw = torch.randn if kind == "randn" else torch.rand
+    values = draw(tuple(shape), generator=generator, device=source, dtype=dtype)
+    return values if device is None else values.to(device)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | None = None,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise on ``device``, drawn from ``generator`` on the generator's device (then copied)."""
+    return _draw("randn", shape, generator, device, dtype)
+
+
+def rand(shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | None = None,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uniform [0, 1) numbers on ``device``, drawn from ``generator`` on the generator's device (then copied)."""
+    return _draw("rand", shape, generator, device, dtype)
+
+
+def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``tensor`` on ``device`` (None stays None); CPU tensors bound for CUDA go through pinned memory."""
+    if tensor is None or tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@functools.cache
+def compiled_function(function: Callable[..., Any], backend: str) -> Callable[..., Any]:
+    """``torch.compile(function)``, built once per (function, backend); pass modules as arguments, not closures."""
+    return torch.compile(function, backend=backend)
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Compile ``module``'s forward in place (its parameters, names and state_dict stay as they are)."""
+    module.compile(backend=COMPILE_BACKEND)
+    return module

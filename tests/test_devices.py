@@ -1,0 +1,245 @@
+"""Devices: one code path for CPU and GPU, proved on the CPU.
+
+No GPU is needed here: the device strings and their errors, a recorder that fails when come_rl creates a tensor without
+saying where (imagine, memorize and a training step: every factory call inside come_rl names its device, so on a GPU
+every tensor of a step is where the model is), torch.compile's plumbing (eager backend) and the CPU results of the
+``device=`` options. The tests at the end run only where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from come_rl import devices
+from come_rl.diffusion import CosineSchedule, SamplerConfig
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.experts.long_term import MemorizeConfig
+from come_rl.world_model import CompositionConfig, WorldModel
+from envs.memory_cards import INVERSE_ACTIONS, MemoryCardsEnv, cursor_pose_model
+from test_world_model import filled_world_model, one_hot_actions, tiny_expert
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.linspace, torch.randn, torch.rand,
+             torch.randint, torch.randperm, torch.eye, torch.tensor, torch.as_tensor, torch.zeros_like}
+FOLLOW_INPUT = {torch.zeros_like, torch.as_tensor, torch.tensor}  # device of a tensor argument when given one
+
+
+class DevicelessFactoryRecorder(TorchFunctionMode):
+    """Records every tensor factory that come_rl's own code calls without ``device=`` (the CPU default, which on a
+    GPU would put that tensor on the wrong device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        follows_input = func in FOLLOW_INPUT and args and isinstance(args[0], torch.Tensor)
+        if func in FACTORIES and "device" not in kwargs and not follows_input:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and "/come_rl/" in frame.f_code.co_filename:
+                self.calls.append(f"{func.__name__} at {frame.f_code.co_filename}:{frame.f_lineno}")
+        return func(*args, **kwargs)
+
+
+def four_expert_model(**memorize) -> WorldModel:
+    from come_rl.nets.registry import build_backbone
+
+    torch.manual_seed(0)
+    small = dict(frame_size=48, action_dim=5, predicted_frames=1, patch_size=8, hidden_size=32, num_heads=2)
+    stm = DiffusionExpert(build_backbone("stm_cpu", **small, context_frames=8, depth=2, full_attention_layers=(1,)),
+                          CosineSchedule(), name="stm").eval()
+    sltm = DiffusionExpert(build_backbone("sltm_cpu", **small, depth=2), CosineSchedule(), name="sltm",
+                           uses_poses=True).eval()
+    env = MemoryCardsEnv()
+    wm = WorldModel(tiny_expert(), env.action_spec, 48, stm=stm, sltm=sltm,
+                    composition=CompositionConfig(experts=["base", "ltm", "stm", "sltm"], sltm_memorizes=True),
+                    sampler=SamplerConfig(steps=2, eta=0.5, langevin_steps=1),
+                    memorize_config=MemorizeConfig(steps=2, batch_size=8, **memorize), pose_model=cursor_pose_model,
+                    device="cpu")
+    frame, info = env.reset(seed=0)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    rng = np.random.default_rng(0)
+    for _ in range(16):
+        action = env.random_policy_action(rng)
+        frame, *_, info = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action), info["pose"])
+    return wm
+
+
+def test_device_strings_resolve_or_fail_with_the_fix() -> None:
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device(" CPU ") == torch.device("cpu")
+    assert devices.resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    assert devices.resolve_device(None) == devices.resolve_device("auto")
+    for bad in ("gpu", "cuda:x", "cuda0", "", "tpu"):
+        with pytest.raises(ValueError, match="unknown device .*use one of auto, cpu, cuda, cuda:N"):
+            devices.resolve_device(bad)
+    if not CUDA:
+        for text in ("cuda", "cuda:0", "cuda:3"):
+            with pytest.raises(ValueError, match=rf"device='{text}' but torch.cuda.is_available\(\) is False; use "
+                                                 r"device=cpu or auto"):
+                devices.resolve_device(text)
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            devices.resolve_device(f"cuda:{torch.cuda.device_count()}")
+    cpu = torch.device("cpu")
+    assert devices.resolve_precision("auto", cpu) == "fp32" and devices.resolve_precision("FP32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="precision=bf16 autocasts on CUDA only .* use precision=fp32 or auto"):
+        devices.resolve_precision("bf16", cpu)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        devices.resolve_precision("fp16", cpu)
+    assert isinstance(devices.autocast(cpu, "fp32"), type(devices.autocast(cpu, "fp32")))
+
+
+def test_the_recorder_sees_a_factory_without_a_device() -> None:
+    """The check below can fail: a come_rl file that calls torch.zeros(3) is caught, one that names the device not."""
+    namespace = {"torch": torch}
+    code = "def bad():\n    return torch.zeros(3)\ndef good():\n    return torch.zeros(3, device='cpu')\n"
+    exec(compile(code, "/somewhere/come_rl/fake.py", "exec"), namespace)
+    with DevicelessFactoryRecorder() as recorder:
+        namespace["good"]()
+    assert recorder.calls == []
+    with DevicelessFactoryRecorder() as recorder:
+        namespace["bad"]()
+    assert recorder.calls == ["zeros at /somewhere/come_rl/fake.py:2"]
+
+
+def test_imagine_memorize_and_training_create_every_tensor_on_a_named_device(tmp_path) -> None:
+    from come_rl.train import DistributedContext, TrainConfig, build_expert, draw_training_noise, training_step
+
+    wm = four_expert_model(reverse_fraction=0.25, inverse_actions=list(INVERSE_ACTIONS), revisit_fraction=0.25,
+                           short_context_fraction=0.25, change_weighting=0.5, uniform_fraction=0.5)
+    actions = one_hot_actions(2, 2)
+    with DevicelessFactoryRecorder() as recorder:
+        stats = wm.memorize(steps=2, generator=torch.Generator().manual_seed(0))
+        frames = wm.imagine(actions, seed=1)
+        history = (torch.zeros(2, 8, 3, 48, 48), torch.zeros(2, 8, 5), torch.zeros(2, 8, 3))
+        wm.imagine(actions, seed=1, history=history)
+    assert stats["steps"] == 2 and stats["sltm"]["steps"] == 2
+    assert frames.shape == (2, 2, 3, 48, 48) and frames.device.type == "cpu"
+    config = TrainConfig(model="unet_cards", batch_size=4, grad_accum_steps=2,
+                         backbone_overrides={"widths": [16, 32, 32], "cond_dim": 32})
+    expert = build_expert(config, 5, 48)[0]
+    optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.rand(4, 4, 3, 48, 48) * 2 - 1, torch.eye(5)[torch.randint(0, 5, (4, 4))], None)
+    with DevicelessFactoryRecorder() as train_recorder:
+        noise = draw_training_noise(4, (3, 48, 48), 0.1, generator)
+        loss = training_step(expert, expert.backbone, optimizer, batch, noise, config, DistributedContext(), 2,
+                             torch.device("cpu"), "fp32", step=0)
+    assert np.isfinite(loss)
+    assert recorder.calls + train_recorder.calls == [], "\n".join(recorder.calls + train_recorder.calls)
+
+
+def test_world_model_devices_precision_and_outputs(tmp_path) -> None:
+    from come_rl.checkpoint import save_expert
+
+    expert = tiny_expert()
+    save_expert(tmp_path, expert, expert.spec)
+    wm = WorldModel.load(tmp_path, experts=["base", "ltm"], sampler={"steps": 2}, device="cpu")
+    assert wm.device == torch.device("cpu") and wm.precision == "fp32" and wm.ltm.device == wm.device
+    assert WorldModel.load(tmp_path, experts=["base"], device="auto").device == devices.resolve_device("auto")
+    if not CUDA:  # a bad device fails before the checkpoint is read (the directory does not even exist)
+        with pytest.raises(ValueError, match="use device=cpu or auto"):
+            WorldModel.load(tmp_path / "missing", device="cuda")
+        with pytest.raises(ValueError, match="autocasts on CUDA only"):
+            WorldModel.load(tmp_path, precision="bf16", device="cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        WorldModel.load(tmp_path, device="gpu0")
+    # experts on two devices are refused (meta stands in for a second device)
+    meta = tiny_expert().to("meta")
+    with pytest.raises(ValueError, match="different devices"):
+        WorldModel(tiny_expert(), wm.action_spec, 48, stm=meta, composition=CompositionConfig(experts=["base"]))
+    # inputs on any device, frames returned on the CPU; float tensor frames are kept on the CPU in the memory
+    wm.reset()
+    wm.observe(torch.zeros(3, 48, 48))
+    wm.observe(torch.zeros(3, 48, 48), torch.eye(5)[1])
+    assert wm.memory.frames.device.type == "cpu"
+    assert wm.imagine(one_hot_actions(2, 1)).device.type == "cpu"
+
+
+def test_compile_runs_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True routes denoising through torch.compile (the eager backend here: no C compiler, same numbers)."""
+    monkeypatch.setattr(devices, "COMPILE_BACKEND", "eager")
+    plain = filled_world_model()
+    compiled = filled_world_model()
+    compiled.compile = True
+    for expert in (compiled.base, compiled.ltm):
+        expert.compiled = True
+    calls = []
+    original = devices.compiled_function
+    monkeypatch.setattr(devices, "compiled_function", lambda fn, backend: calls.append(backend) or original(fn, backend))
+    actions = one_hot_actions(2, 2)
+    assert torch.allclose(compiled.imagine(actions, seed=3), plain.imagine(actions, seed=3), atol=1e-6)
+    assert calls and set(calls) == {"eager"}
+
+
+def test_training_with_compile_true_takes_a_step(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from come_rl.train import parse_overrides, train_expert
+
+    monkeypatch.setattr(devices, "COMPILE_BACKEND", "eager")
+    args = ["model=unet_cards", "threads=1", "batch_size=2", "online_episodes=4", "steps=1", "device=cpu",
+            'backbone_overrides={"widths": [16, 32, 32], "cond_dim": 32}', "log_every=1"]
+    compiled = train_expert(parse_overrides([*args, f"out={tmp_path / 'c'}", "compile=true"]))
+    assert compiled.expert.backbone._compiled_call_impl is not None  # nn.Module.compile's in-place wrapper
+    plain = train_expert(parse_overrides([*args, f"out={tmp_path / 'p'}"]))
+    assert plain.expert.backbone._compiled_call_impl is None
+    for name, tensor in plain.expert.backbone.state_dict().items():
+        assert torch.allclose(compiled.expert.backbone.state_dict()[name], tensor, atol=1e-6), name
+
+
+def test_lpips_takes_a_device_and_answers_on_the_cpu() -> None:
+    from come_rl.metrics.lpips_metric import get_lpips
+
+    with pytest.raises(ValueError, match="unknown device"):
+        get_lpips(device="gpu")
+    metric = get_lpips(device="cpu")
+    assert get_lpips(device="auto") is get_lpips(device=devices.resolve_device("auto"))
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    distances = metric(images, images.flip(0))
+    assert distances.shape == (2,) and distances.device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ CUDA only
+@needs_cuda
+def test_cuda_imagine_and_memorize_match_the_cpu_in_fp32() -> None:
+    cpu = filled_world_model()
+    gpu = filled_world_model()
+    gpu_model = WorldModel(gpu.base, gpu.action_spec, 48, composition=gpu.composition, sampler=gpu.sampler,
+                           memorize_config=gpu.memorize_config, device="cuda", precision="fp32")
+    gpu_model.memory = gpu.memory
+    assert gpu_model.base.device.type == "cuda" and gpu_model.ltm.device.type == "cuda"
+    actions = one_hot_actions(4, 2)
+    a, b = cpu.imagine(actions, seed=5), gpu_model.imagine(actions, seed=5)
+    assert b.device.type == "cpu" and (a - b).abs().max() < 1e-3
+    stats = gpu_model.memorize(steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(stats["loss_last"])
+    bf16 = WorldModel(gpu.base, gpu.action_spec, 48, composition=gpu.composition, sampler=gpu.sampler,
+                      device="cuda", precision="auto")
+    bf16.memory = gpu.memory
+    assert bf16.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert torch.isfinite(bf16.imagine(actions, seed=5)).all()
+
+
+@needs_cuda
+def test_cuda_training_writes_a_checkpoint_the_cpu_loads(tmp_path) -> None:
+    from come_rl.train import parse_overrides, train_expert
+
+    args = ["model=unet_cards", f"out={tmp_path}", "threads=1", "batch_size=4", "online_episodes=4", "steps=2",
+            "device=cuda", 'backbone_overrides={"widths": [16, 32, 32], "cond_dim": 32}']
+    result = train_expert(parse_overrides(args))
+    assert result.expert.device.type == "cuda"
+    wm = WorldModel.load(tmp_path, experts=["base"], device="cpu")
+    assert wm.device.type == "cpu"
+    assert train_expert(parse_overrides([*args[:-2], "steps=3", "device=cpu", args[-1]])).step == 3  # resumes on CPU
