@@ -279,15 +279,19 @@ def run_find_object(cfg: DictConfig) -> dict:
     memorize_steps = int(cfg.env.task.get("memorize_steps", 100))
     if memorize_steps < 0:
         raise ValueError(f"env.task.memorize_steps must be >= 0, got {memorize_steps}")
+    samples = cfg.env.task.get("samples", 1)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"env.task.samples (imagined samples per tile) must be an integer >= 1, got {samples!r}")
     torch.set_num_threads(int(cfg.run.threads))
     # resolves the checkpoint, with a clear error when it is missing
     world_model = build_world_model(cfg.model, device_settings(cfg))
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
-    agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts)
+    agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts, samples=samples)
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     title = (f"Memory Cards, find the object: world model {cfg.model.checkpoint} ({experts}), {memorize_steps} "
-             f"memorization steps, {cfg.run.episodes} episodes from seed {cfg.run.seed}; chance 2/16")
+             f"memorization steps, {samples} imagined samples per tile, {cfg.run.episodes} episodes from seed "
+             f"{cfg.run.seed}; chance 2/16")
     summary = evaluate_agents([agent], int(cfg.run.episodes), int(cfg.run.seed), out_dir, title,
                               progress=bool(cfg.run.progress), make_env=lambda: build_env(cfg.env))[0]
     print(f"results written to {out_dir}")

@@ -158,3 +158,15 @@ def test_memory_cards_with_a_come_model_preloads_memory(tmp_path: Path) -> None:
     assert math.isfinite(float(come["preload/loss_last"]))
     # without the LTM nothing is memorized (the world model says so), the reference is still observed
     assert int(ablation["preload/steps"]) == 0 and int(ablation["preload/frames"]) == 7
+
+
+def test_find_the_object_through_the_run_command(tmp_path: Path) -> None:
+    out_dir = tmp_path / "find"
+    common = ["env=memory_cards_find", "model=memory_cards", "run.episodes=1", "run.threads=1", "run.progress=false",
+              "model.sampler_steps=1", "env.task.memorize_steps=1", f"run.out_dir={out_dir}"]
+    result = run_cli([*common, "env.task.samples=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (out_dir / "summary.md").read_text()
+    assert "2 imagined samples per tile" in summary and "1 memorization steps" in summary
+    bad = run_cli([*common, "env.task.samples=0"], tmp_path)
+    assert bad.returncode != 0 and "env.task.samples" in bad.stderr + bad.stdout
