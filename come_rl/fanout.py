@@ -41,6 +41,26 @@ class _ThreadedWorker:
         return self.worker.run(task)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when a ``host:port`` (or ``ray://host:port``) Ray address does not answer: ``ray.init`` would retry
+    for minutes. ``auto``/``local`` are left to Ray."""
+    import socket
+
+    target = address.strip()
+    if target in ("auto", "local", ""):
+        return
+    hostport = target.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RAY_ADDRESS={address!r} is not host:port or ray://host:port (or auto); fix it, or unset "
+                         "RAY_ADDRESS to start Ray on this machine")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(f"the Ray cluster at RAY_ADDRESS={address!r} cannot be reached ({error}); start it "
+                              "(ray start --head) or unset RAY_ADDRESS to start Ray on this machine") from error
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """``ray.init`` once: the cluster at ``RAY_ADDRESS`` if set, else a local one (``num_cpus`` CPUs)."""
     try:
@@ -51,6 +71,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
