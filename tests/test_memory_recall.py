@@ -276,3 +276,23 @@ def test_recall_runs_end_to_end_on_the_shipped_model(tmp_path):
         assert (row["memorize_seconds_per_episode"] > 0) == (row["memorize_steps"] > 0)
     assert {p.name for p in tmp_path.iterdir()} >= {"memory_cards_recall.csv", "memory_cards_recall.md",
                                                     "memory_cards_recall.png", "memory_cards_recall_examples.png"}
+
+
+def test_recall_on_ray_gives_the_local_table(tmp_path):
+    """Episodes fanned out over 2 Ray actors (a local 2-CPU cluster) give the local run's recall rows."""
+    pytest.importorskip("ray")
+    import ray
+
+    from come_rl.experiments.recall import RecallConfig, run
+
+    common = dict(episodes_per_start=1, steps_list="0,2", compositions="no memory (base);LTM alone", sampler_steps=1,
+                  threads=1, seed=78)
+    local = run(RecallConfig(**common, out_dir=str(tmp_path / "local")))
+    try:
+        fanned = run(RecallConfig(**common, backend="ray", workers=2, out_dir=str(tmp_path / "ray")))
+    finally:
+        ray.shutdown()
+    drop = "memorize_seconds_per_episode"
+    assert [{k: v for k, v in r.items() if k != drop} for r in local] == \
+        [{k: v for k, v in r.items() if k != drop} for r in fanned]
+    assert len(local) == 4

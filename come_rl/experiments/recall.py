@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from come_rl.data_sources import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
@@ -96,6 +95,11 @@ class RecallConfig:
     sampler_steps: int = 10
     seed: int = 5000
     threads: int = 2
+    """torch threads (per Ray worker with backend=ray)."""
+    backend: str = "local"
+    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
+    workers: int = 2
+    """Ray actors with backend=ray (each loads the world model once)."""
     out_dir: str = "results/recall"
     suffix: str = ""
     """appended to the result file names (keeps several settings side by side)."""
@@ -148,25 +152,28 @@ def validate(config: RecallConfig) -> tuple[list[int], list[str], list[str]]:
     return steps_list, starts, resolve_compositions(config.compositions)
 
 
-def run(config: RecallConfig) -> list[dict]:
-    steps_list, starts, names = validate(config)
-    torch.set_num_threads(config.threads)
-    roles = sorted({role for name in names for role in COMPOSITIONS[name]["experts"]} | {"base", "ltm"},
-                   key=["base", "ltm", "stm", "sltm"].index)
-    wm = WorldModel.load(config.checkpoint, experts=roles, sampler={"steps": config.sampler_steps},
-                         memorize=config.memorize, pose_model=cursor_pose_model)
-    memorize_settings = dataclasses.asdict(wm.memorize_config)
-    env = MemoryCardsEnv(max_steps=10**6)
-    scores: dict[tuple[str, int, str], list[tuple[float, bool]]] = {}
-    seconds: dict[tuple[int, str], float] = {}
-    examples: list = []
-    jobs = [(start, i) for start in starts for i in range(config.episodes_per_start)]
-    # The examples image: the shipped default composition where it is evaluated, after 100 steps where there are.
-    example_name = SHIPPED_DEFAULT if SHIPPED_DEFAULT in names else names[-1]
-    example_steps = max([s for s in steps_list if s <= 100] or steps_list)
-    if example_name in NEEDS_NO_MEMORIZATION:
-        example_steps = 0
-    for job, (start, i) in enumerate(tqdm(jobs, desc="recall episodes")):
+class RecallWorker:
+    """The world model and env, built once per process (a Ray actor with backend=ray); ``run((job, start, i))``
+    plays one zig-zag episode and returns its per-tile scores, memorization seconds and (for jobs 0 and
+    ``episodes_per_start``) the example strip."""
+
+    def __init__(self, config: RecallConfig):
+        self.config = config
+        self.steps_list, _, self.names = validate(config)
+        roles = sorted({role for name in self.names for role in COMPOSITIONS[name]["experts"]} | {"base", "ltm"},
+                       key=["base", "ltm", "stm", "sltm"].index)
+        self.wm = WorldModel.load(config.checkpoint, experts=roles, sampler={"steps": config.sampler_steps},
+                                  memorize=config.memorize, pose_model=cursor_pose_model)
+        self.env = MemoryCardsEnv(max_steps=10**6)
+        # The examples image: the shipped default composition where it is evaluated, after 100 steps where there are.
+        self.example_name = SHIPPED_DEFAULT if SHIPPED_DEFAULT in self.names else self.names[-1]
+        self.example_steps = max([s for s in self.steps_list if s <= 100] or self.steps_list)
+        if self.example_name in NEEDS_NO_MEMORIZATION:
+            self.example_steps = 0
+
+    def run(self, task: tuple[int, str, int]) -> dict:
+        job, start, i = task
+        config, wm, env = self.config, self.wm, self.env
         seed = config.seed + i + (0 if start == "covered" else 50_000)
         frame, info = env.reset(seed=seed, options={"initial_cover": start, "cursor": (0, 0)})
         torch.manual_seed(seed)  # LoRA's re-initialised A matrices come from the global RNG
@@ -180,13 +187,15 @@ def run(config: RecallConfig) -> list[dict]:
         layout = info["layout"]
         generator = torch.Generator().manual_seed(seed)
         done, spent = 0, 0.0
-        for steps in steps_list:
+        scores: dict[tuple[str, int, str], list[tuple[float, bool]]] = {}
+        seconds: dict[tuple[int, str], float] = {}
+        example = None
+        for steps in self.steps_list:
             if steps > done:
                 spent += wm.memorize(steps=steps - done, generator=generator)["seconds"]
                 done = steps
-            # the episode's memorization time so far (cumulative over the steps list)
-            seconds[(steps, start)] = seconds.get((steps, start), 0.0) + spent
-            for name in names:
+            seconds[(steps, start)] = spent  # the episode's memorization time so far (cumulative over the steps list)
+            for name in self.names:
                 if (steps == 0) != (name in NEEDS_NO_MEMORIZATION):
                     continue  # before memorization every LTM composition is the base; after it, these do not change
                 wm.composition = CompositionConfig(**COMPOSITIONS[name])
@@ -196,9 +205,35 @@ def run(config: RecallConfig) -> list[dict]:
                     row, col = divmod(tile, GRID)
                     scores.setdefault((name, steps, start), []).append(
                         tile_errors(imagined[tile], truths[tile], env, row, col, int(layout[row, col])))
-                if job in (0, config.episodes_per_start) and steps == example_steps and name == example_name:
-                    examples.append(np.concatenate([np.concatenate(list(truths[:8]), axis=1),
-                                                    np.concatenate(list(imagined[:8]), axis=1)], axis=0))
+                if job in (0, config.episodes_per_start) and steps == self.example_steps and name == self.example_name:
+                    example = np.concatenate([np.concatenate(list(truths[:8]), axis=1),
+                                              np.concatenate(list(imagined[:8]), axis=1)], axis=0)
+        return {"scores": scores, "seconds": seconds, "example": example,
+                "memorize_settings": dataclasses.asdict(wm.memorize_config), "base_spec": wm.base_spec,
+                "base_target": wm.base.target}
+
+
+def run(config: RecallConfig) -> list[dict]:
+    from come_rl.fanout import check_backend, run_tasks
+
+    steps_list, starts, names = validate(config)
+    check_backend(config.backend, config.workers)
+    torch.set_num_threads(config.threads)
+    jobs = [(start, i) for start in starts for i in range(config.episodes_per_start)]
+    tasks = [(job, start, i) for job, (start, i) in enumerate(jobs)]
+    results = run_tasks(RecallWorker, (config,), tasks, backend=config.backend, workers=config.workers,
+                        threads=config.threads, desc="recall episodes")
+    scores: dict[tuple[str, int, str], list[tuple[float, bool]]] = {}
+    seconds: dict[tuple[int, str], float] = {}
+    examples: list = []
+    for result in results:  # in episode order, as the local loop always was
+        for key, tile_scores in result["scores"].items():
+            scores.setdefault(key, []).extend(tile_scores)
+        for key, spent in result["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + spent
+        if result["example"] is not None:
+            examples.append(result["example"])
+    memorize_settings, base_spec = results[0]["memorize_settings"], results[0]["base_spec"]
     rows = []
     for (name, steps, start), tile_scores in sorted(scores.items(), key=lambda item: (item[0][2], item[0][1])):
         mses = np.array([s[0] for s in tile_scores])
@@ -224,8 +259,8 @@ def run(config: RecallConfig) -> list[dict]:
         for k, v in shown.items() if v != getattr(RecallConfig(), k, None) or k in ("seed", "memorize"))
     write_table(out / f"memory_cards_recall{config.suffix}.csv", rows, md_path=out / f"memory_cards_recall{config.suffix}.md",
                 title=f"Memory Cards recall: {config.episodes_per_start} zig-zag episodes per start x 16 tiles, seeds "
-                      f"from {config.seed}; chance 12.5 %; base {wm.base_spec.get('parameters', 0) / 1e6:.2f}M-parameter "
-                      f"{wm.base_spec['backbone']} ({wm.base.target} target, {wm.base_spec.get('minutes', 0):.0f} min "
+                      f"from {config.seed}; chance 12.5 %; base {base_spec.get('parameters', 0) / 1e6:.2f}M-parameter "
+                      f"{base_spec['backbone']} ({results[0]['base_target']} target, {base_spec.get('minutes', 0):.0f} min "
                       f"CPU training), 48x48, {config.sampler_steps}-step DDIM. Memorization: {json.dumps(settings)}. "
                       f"Command: `{command}`")
     if examples:
