@@ -218,14 +218,63 @@ def build_agent(name: str, config: FindConfig):
                                samples=config.samples)
 
 
-class FindWorker:
-    """One agent and its env, built once per process (a Ray actor with backend=ray); ``run(seed)`` plays one episode."""
+RECORDS_DIR = "episode_records"
+# settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
+RESUME_FREE_KEYS = ("agents", "episodes", "threads", "backend", "workers", "out_dir")
 
-    def __init__(self, name: str, config: FindConfig):
+
+def check_records(out: Path, config) -> None:
+    """Crash safety: every finished episode leaves one atomic record in ``out/episode_records``; a rerun of the same
+    command skips those episodes. A rerun whose settings differ (outside ``RESUME_FREE_KEYS``) is refused."""
+    import json
+
+    from come_rl.io_utils import atomic_write_text
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_KEYS}
+    path = out / RECORDS_DIR / "run_config.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is corrupt ({error}); delete {out / RECORDS_DIR} to start over") from error
+        if saved != settings:
+            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds episodes run with other settings ({changed}); use another out_dir or "
+                             f"delete {out / RECORDS_DIR} to start over")
+    else:
+        atomic_write_text(path, json.dumps(settings, sort_keys=True, indent=1))
+
+
+def recorded_episode(out: Path | None, name: str, seed: int, play) -> tuple[dict, list]:
+    """``play()`` -> (row, GIF frames), or the episode's record in ``out`` if a previous run finished it."""
+    import json
+
+    from come_rl.io_utils import atomic_save_npz
+
+    if out is None:
+        return play()
+    path = out / RECORDS_DIR / f"{name}_{seed}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as saved:
+                return json.loads(str(saved["row"])), list(saved["gif"])
+        except Exception as error:  # a record is written atomically; a damaged one is someone else's file
+            raise ValueError(f"episode record {path} is unreadable ({error}); delete it to rerun the episode") from error
+    row, gif = play()
+    atomic_save_npz(path, row=np.array(json.dumps(row)), gif=np.stack(gif))
+    return row, gif
+
+
+class FindWorker:
+    """One agent and its env, built once per process (a Ray actor with backend=ray); ``run(seed)`` plays one episode
+    (or reads its record back when ``records`` names the run's directory)."""
+
+    def __init__(self, name: str, config: FindConfig, records: str | None = None):
+        self.name, self.records = name, None if records is None else Path(records)
         self.agent, self.env = build_agent(name, config), MemoryCardsFindEnv()
 
     def run(self, seed: int) -> tuple[dict, list]:
-        return run_episode(self.env, self.agent, seed)
+        return recorded_episode(self.records, self.name, seed, lambda: run_episode(self.env, self.agent, seed))
 
 
 def evaluate(config: FindConfig) -> list[dict]:
@@ -244,23 +293,28 @@ def evaluate(config: FindConfig) -> list[dict]:
              f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps, "
              f"{config.samples} imagined samples per tile): `{command}`")
     out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
+    check_records(out, config)
     if config.backend == "local":
-        return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed, out, title)
-    results = {name: run_tasks(FindWorker, (name, config), seeds, backend=config.backend, workers=config.workers,
-                               threads=config.threads, desc=f"find the object: {name}") for name in names}
+        return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed, out, title,
+                               records=out)
+    results = {name: run_tasks(FindWorker, (name, config, str(out)), seeds, backend=config.backend,
+                               workers=config.workers, threads=config.threads, desc=f"find the object: {name}")
+               for name in names}
     return write_results(results, out, title)
 
 
 def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: str, progress: bool = True,
-                    make_env=MemoryCardsFindEnv) -> list[dict]:
+                    make_env=MemoryCardsFindEnv, records: Path | None = None) -> list[dict]:
     """Run ``episodes`` episodes (seeds seed, seed + 1, ...) per agent in this process; write episodes/summary tables,
-    the bar plot and one success and one failure GIF per agent into ``out``; return the summary rows."""
+    the bar plot and one success and one failure GIF per agent into ``out``; return the summary rows. With
+    ``records`` (checked by ``check_records``), finished episodes are recorded there and not played again."""
     results = {}
     for agent in agents:
         env = make_env()
-        results[agent.name] = [run_episode(env, agent, seed + episode)
-                               for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}",
-                                                   disable=not progress)]
+        results[agent.name] = [
+            recorded_episode(records, agent.name, seed + episode,
+                             lambda episode=episode: run_episode(env, agent, seed + episode))  # noqa: B023
+            for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}", disable=not progress)]
     return write_results(results, out, title)
 
 

@@ -138,3 +138,23 @@ def test_bad_backend_is_a_clear_error(tmp_path):
         evaluate(FindConfig(agents="random", backend="slurm", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="workers must be an integer"):
         evaluate(FindConfig(agents="random", backend="ray", workers=0, out_dir=str(tmp_path)))
+
+
+def test_an_interrupted_evaluation_resumes_from_its_episode_records(tmp_path):
+    config = FindConfig(agents="random,base", episodes=2, sampler_steps=1, samples=1, threads=1, out_dir=str(tmp_path))
+    first = evaluate(config)
+    records = tmp_path / "episode_records"
+    kept = records / "base_7000.npz"
+    before = kept.stat().st_mtime_ns
+    (records / "base_7001.npz").unlink()  # as if killed before the last episode finished
+    (tmp_path / "summary.csv").unlink()
+    timing = ("seconds_per_decision",)
+    again = evaluate(config)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in again] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in first]  # the kept episode was read back, not replayed
+    assert kept.stat().st_mtime_ns == before and (records / "base_7001.npz").exists()
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(FindConfig(agents="random", episodes=2, sampler_steps=2, out_dir=str(tmp_path)))
+    kept.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="unreadable"):
+        evaluate(config)
