@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from come_rl.episode_records import check_records, recorded_episode
 from come_rl.results import wilson_interval, write_table
 from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv
@@ -218,51 +219,8 @@ def build_agent(name: str, config: FindConfig):
                                samples=config.samples)
 
 
-RECORDS_DIR = "episode_records"
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
 RESUME_FREE_KEYS = ("agents", "episodes", "threads", "backend", "workers", "out_dir")
-
-
-def check_records(out: Path, config) -> None:
-    """Crash safety: every finished episode leaves one atomic record in ``out/episode_records``; a rerun of the same
-    command skips those episodes. A rerun whose settings differ (outside ``RESUME_FREE_KEYS``) is refused."""
-    import json
-
-    from come_rl.io_utils import atomic_write_text
-
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE_KEYS}
-    path = out / RECORDS_DIR / "run_config.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is corrupt ({error}); delete {out / RECORDS_DIR} to start over") from error
-        if saved != settings:
-            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds episodes run with other settings ({changed}); use another out_dir or "
-                             f"delete {out / RECORDS_DIR} to start over")
-    else:
-        atomic_write_text(path, json.dumps(settings, sort_keys=True, indent=1))
-
-
-def recorded_episode(out: Path | None, name: str, seed: int, play) -> tuple[dict, list]:
-    """``play()`` -> (row, GIF frames), or the episode's record in ``out`` if a previous run finished it."""
-    import json
-
-    from come_rl.io_utils import atomic_save_npz
-
-    if out is None:
-        return play()
-    path = out / RECORDS_DIR / f"{name}_{seed}.npz"
-    if path.exists():
-        try:
-            with np.load(path) as saved:
-                return json.loads(str(saved["row"])), list(saved["gif"])
-        except Exception as error:  # a record is written atomically; a damaged one is someone else's file
-            raise ValueError(f"episode record {path} is unreadable ({error}); delete it to rerun the episode") from error
-    row, gif = play()
-    atomic_save_npz(path, row=np.array(json.dumps(row)), gif=np.stack(gif))
-    return row, gif
 
 
 class FindWorker:
@@ -274,7 +232,7 @@ class FindWorker:
         self.agent, self.env = build_agent(name, config), MemoryCardsFindEnv()
 
     def run(self, seed: int) -> tuple[dict, list]:
-        return recorded_episode(self.records, self.name, seed, lambda: run_episode(self.env, self.agent, seed))
+        return recorded_episode(self.records, f"{self.name}_{seed}", lambda: run_episode(self.env, self.agent, seed))
 
 
 def evaluate(config: FindConfig) -> list[dict]:
@@ -293,7 +251,7 @@ def evaluate(config: FindConfig) -> list[dict]:
              f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps, "
              f"{config.samples} imagined samples per tile): `{command}`")
     out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
-    check_records(out, config)
+    check_records(out, config, RESUME_FREE_KEYS)
     if config.backend == "local":
         return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed, out, title,
                                records=out)
@@ -312,7 +270,7 @@ def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: st
     for agent in agents:
         env = make_env()
         results[agent.name] = [
-            recorded_episode(records, agent.name, seed + episode,
+            recorded_episode(records, f"{agent.name}_{seed + episode}",
                              lambda episode=episode: run_episode(env, agent, seed + episode))  # noqa: B023
             for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}", disable=not progress)]
     return write_results(results, out, title)

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from come_rl.episode_records import check_records, recorded_episode
 from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from envs.poses import wrap_angle
@@ -495,14 +496,19 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig):
                                  config.iterations, config.memorize_steps if "ltm" in experts else 0)
 
 
+# settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
+RESUME_FREE_KEYS = ("agents", "episodes", "threads", "backend", "workers", "out_dir", "gifs")
+
+
 class ReturnWorker:
     """One agent with its Memory Maze env (and LPIPS), built once per process (a Ray actor with backend=ray);
     ``run(episode)`` plays episode ``episode`` (seeds from ``come_rl.seeding.episode_seeds(config.seed, episode)``)."""
 
-    def __init__(self, name: str, experts: list[str] | None, config: ReturnConfig):
+    def __init__(self, name: str, experts: list[str] | None, config: ReturnConfig, records: str | None = None):
         from envs.memory_maze import MemoryMazeEnv
 
         self.agent, self.config = build_agent(name, experts, config), config
+        self.records = None if records is None else Path(records)
         self.env = MemoryMazeEnv(maze_size=9)
         self.lpips = None
         if config.lpips_metric:
@@ -511,8 +517,13 @@ class ReturnWorker:
             self.lpips = get_lpips()
 
     def run(self, episode: int) -> tuple[dict, list]:
-        row, gif = run_episode(self.env, self.agent, episode_seeds(self.config.seed, episode), self.config, self.lpips)
-        return {"episode": episode, **row}, gif
+        """One episode, or its record when an earlier run into ``records`` finished it (``come_rl.episode_records``)."""
+        def play():
+            row, gif = run_episode(self.env, self.agent, episode_seeds(self.config.seed, episode), self.config,
+                                   self.lpips)
+            return {"episode": episode, **row}, gif
+
+        return recorded_episode(self.records, f"{self.agent.name}_{episode:06d}", play)
 
     def close(self) -> None:
         self.env.close()
@@ -534,8 +545,11 @@ def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
              f"{config.decisions} decisions x {config.replan_every} steps; CEM {config.population}x{config.horizon}, "
              f"{config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps"
              + "".join(f"; {note}" for note in notes) + f"): `{command}`")
+    out = Path(config.out_dir)
+    check_records(out, config, RESUME_FREE_KEYS)
     if config.backend == "local":
-        workers = [ReturnWorker(name, experts.get(name), config) for name in names]  # every checkpoint loads first
+        workers = [ReturnWorker(name, experts.get(name), config, str(out))
+                   for name in names]  # every checkpoint loads first
         results = {}
         try:
             for worker in workers:
@@ -546,10 +560,10 @@ def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
             for worker in workers:
                 worker.close()
     else:
-        results = {name: run_tasks(ReturnWorker, (name, experts.get(name), config), range(config.episodes),
+        results = {name: run_tasks(ReturnWorker, (name, experts.get(name), config, str(out)), range(config.episodes),
                                    backend=config.backend, workers=config.workers, threads=config.threads,
                                    desc=f"return to a seen place: {name}", progress=progress) for name in names}
-    return write_results(results, config, Path(config.out_dir), title)
+    return write_results(results, config, out, title)
 
 
 def write_results(results: dict[str, list[tuple[dict, list]]], config: ReturnConfig, out: Path,

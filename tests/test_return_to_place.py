@@ -147,3 +147,18 @@ def test_bad_backend_fails_before_any_episode(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of"):
         evaluate(ReturnConfig(backend="dask", out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_evaluation_resumes_from_its_episode_records(tmp_path):
+    config = ReturnConfig(agents="random", episodes=2, decisions=2, lpips_metric=False, gifs=False, threads=1,
+                          out_dir=str(tmp_path))
+    first = evaluate(config, progress=False)
+    records = tmp_path / "episode_records"
+    kept, lost = records / "random_000000.npz", records / "random_000001.npz"
+    before = kept.stat().st_mtime_ns
+    lost.unlink()
+    assert evaluate(config, progress=False) == first
+    assert kept.stat().st_mtime_ns == before and lost.exists()
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(ReturnConfig(agents="random", episodes=2, decisions=3, lpips_metric=False, gifs=False,
+                              out_dir=str(tmp_path)), progress=False)

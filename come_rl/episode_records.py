@@ -1,0 +1,56 @@
+"""Crash-safe evaluations: one atomic record per finished episode; a rerun of the same command skips them.
+
+Used by the agent evaluations (``agents.find_object``, ``agents.return_to_place``): ``check_records(out, config,
+resume_free_keys)`` once before any episode, then ``recorded_episode(out, key, play)`` per episode. A kill leaves whole
+records or none (``atomic_save_npz``); tables, plots and GIFs are rebuilt from all episodes at the end, so a resumed run
+writes what an uninterrupted one writes (timing columns aside). Records hold the row as JSON and the GIF frames as
+uint8, nothing that needs pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from come_rl.io_utils import atomic_save_npz, atomic_write_text
+
+RECORDS_DIR = "episode_records"
+
+
+def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
+    """Write the run's settings (outside ``resume_free_keys``: those that change no episode) beside the records, or
+    refuse a rerun whose settings differ from those the recorded episodes were run with."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in resume_free_keys}
+    path = Path(out) / RECORDS_DIR / "run_config.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is corrupt ({error}); delete {path.parent} to start over") from error
+        if saved != settings:
+            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds episodes run with other settings ({changed}); use another out_dir or "
+                             f"delete {path.parent} to start over")
+    else:
+        atomic_write_text(path, json.dumps(settings, sort_keys=True, indent=1))
+
+
+def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, list]]) -> tuple[dict, list]:
+    """``play()`` -> (row, GIF frames or sequences), or the episode's record ``key`` in ``out`` if a previous run
+    finished it (``out=None``: always play, record nothing)."""
+    if out is None:
+        return play()
+    path = Path(out) / RECORDS_DIR / f"{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as saved:
+                return json.loads(str(saved["row"])), list(saved["gif"])
+        except Exception as error:  # records are written atomically: a damaged one was changed by someone else
+            raise ValueError(f"episode record {path} is unreadable ({error}); delete it to rerun the episode") from error
+    row, gif = play()
+    atomic_save_npz(path, row=np.array(json.dumps(row)), gif=np.stack(gif))
+    return row, gif
