@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
+from come_rl.frames import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv
@@ -116,7 +117,7 @@ class WorldModelFindAgent:
         imagined = wm.imagine(actions.repeat_interleave(samples, dim=0), seed=self.seed)  # (16 * samples, T, 3, H, W)
         last = torch.tensor([len(p) - 1 for p in paths]).repeat_interleave(samples)
         uncovered = imagined[torch.arange(len(last)), last]
-        frames = ((uncovered.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        frames = tensor_to_frames(uncovered)
         frames = frames.reshape(len(tiles), samples, *frames.shape[1:])
         m = env.cards.margin
         target = goal[m:-m, m:-m].astype(np.float32) / 255

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from agents.mpc import MPCAgent
+from come_rl.frames import frames_to_tensor, tensor_to_frames
 from come_rl.seeding import EpisodeSeeds, torch_generator
 
 # policy(info, rng) -> env action
@@ -129,8 +130,8 @@ def path_errors(executed_poses: np.ndarray, reference_poses: np.ndarray) -> tupl
 
 
 def frames_to_model_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.asarray(frames, dtype=np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (``come_rl.frames``)."""
+    return frames_to_tensor(np.asarray(frames))
 
 
 @dataclass
@@ -145,7 +146,7 @@ class EpisodeResult:
 
 
 def _model_frame_to_uint8(frame: torch.Tensor) -> np.ndarray:
-    return ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return tensor_to_frames(frame)
 
 
 def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: int, success_threshold: float,

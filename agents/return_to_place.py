@@ -61,6 +61,7 @@ import torch
 from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
+from come_rl.frames import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from envs.poses import wrap_angle
@@ -325,8 +326,7 @@ class WorldModelReturnAgent:
         if self.replanned:
             with torch.no_grad():
                 plan = self.world_model.imagine(self.mpc.last_plan.unsqueeze(0), generator=self.gif_generator)[0]
-            self._plan_frames = list(((plan.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                                     .permute(0, 2, 3, 1).numpy())
+            self._plan_frames = list(tensor_to_frames(plan))
         return action
 
     def observe(self, observation: np.ndarray, action: int, info: dict) -> None:

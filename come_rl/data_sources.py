@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from come_rl.frames import frames_to_tensor, tensor_to_frames  # noqa: F401  (re-exported: the frame convention)
 from come_rl.interfaces import ActionSpec
 
 
@@ -101,19 +102,6 @@ def open_data_source(spec: str, seed: int = 0, online_episodes: int = 1024):
     if spec.startswith("online:"):
         return OnlineEpisodePool(spec.split(":", 1)[1], episodes=online_episodes, seed=seed)
     return DatasetSource(spec)
-
-
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 in [0, 255], got {frames.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
-    return tensor.movedim(-1, -3)
-
-
-def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
-    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
-    return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
 
 
 def pose_features(poses: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -271,6 +271,8 @@ class MemoryCardsWorldModel:
         """actions: (batch, horizon, 5) one-hot -> frames (batch, horizon, 3, size, size) in [-1, 1]."""
         import torch
 
+        from come_rl.frames import frames_to_tensor
+
         if self.cursor is None:
             raise RuntimeError("imagine needs a current state: call reset() and observe(frame) first")
         actions = torch.as_tensor(actions, dtype=torch.float32)
@@ -287,7 +289,7 @@ class MemoryCardsWorldModel:
                 unknown = (self.known < 0) & ~r.covered
                 for row_, col_ in zip(*np.nonzero(unknown)):  # uncovered but never seen: imagined grey
                     out[b, t][r.tile_slice(row_, col_)][_inside(r)] = _COVER
-        return torch.from_numpy(out).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        return frames_to_tensor(out)
 
 
 def _inside(renderer: MemoryCardsEnv) -> tuple[slice, slice]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from come_rl.frames import frames_to_tensor
 from come_rl.interfaces import WorldModelProtocol
 
 
@@ -38,7 +39,7 @@ def frame_to_tensor(frame: Any) -> torch.Tensor:
         raise ValueError(
             f"a goal frame must be uint8 (H, W, 3) or float (3, H, W) in [-1, 1], got {array.dtype} {array.shape}"
         )
-    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return frames_to_tensor(array)
 
 
 class _GoalObjective:

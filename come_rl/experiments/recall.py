@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from come_rl.data_sources import frames_to_tensor, tensor_to_frames
+from come_rl.frames import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.train import parse_overrides
 from come_rl.world_model import CompositionConfig, WorldModel

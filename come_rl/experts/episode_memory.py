@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from come_rl.frames import frames_to_tensor
 from come_rl.interfaces import ActionSpec
 
 CPU = torch.device("cpu")
@@ -185,7 +186,7 @@ def to_frame_tensor(frame, frame_shape: tuple[int, int, int]) -> torch.Tensor:
         if frame.shape != (frame_shape[1], frame_shape[2], frame_shape[0]):
             raise ValueError(f"frame has shape {frame.shape}, this world model takes "
                              f"{(frame_shape[1], frame_shape[2], frame_shape[0])}; resize it or load a model for it")
-        return torch.from_numpy(frame).float().div(127.5).sub(1.0).permute(2, 0, 1).contiguous()
+        return frames_to_tensor(frame).contiguous()
     if isinstance(frame, torch.Tensor):
         if tuple(frame.shape) != tuple(frame_shape):
             raise ValueError(f"frame tensor has shape {tuple(frame.shape)}, expected {tuple(frame_shape)} (C, H, W)")
