@@ -117,13 +117,19 @@ class LPIPSGoalObjective(_GoalObjective):
 
             lpips = get_lpips(device=getattr(world_model, "device", "cpu"))
         self.lpips = lpips
+        # the goal's LPIPS features once per goal, not once per candidate (an LPIPSMetric offers it; any other
+        # callable is called on pairs)
+        self._to_goal = lpips.target(self.goal) if callable(getattr(lpips, "target", None)) else None
 
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:
         """actions: (batch, horizon, action_dim) -> scores (batch,) = -mean LPIPS to the goal."""
         last = self.scored_frames(actions)
         start = time.perf_counter()
         with torch.no_grad():
-            distances = self.lpips(last, self.goal.unsqueeze(0).expand_as(last))
+            if self._to_goal is not None:
+                distances = self._to_goal(last)
+            else:
+                distances = self.lpips(last, self.goal.unsqueeze(0).expand_as(last))
         self.timings["score_s"] += time.perf_counter() - start
         return self._average_repeats(torch.as_tensor(distances, dtype=torch.float32).reshape(-1), actions.shape[0])
 

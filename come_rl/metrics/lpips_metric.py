@@ -356,6 +356,56 @@ class LPIPSMetric:
         return torch.cat(distances).cpu()
 
 
+    # ------------------------------------------------------------------ a fixed target (a planner's goal)
+    def _normalized_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """lpips' own steps before the comparison: scaling layer (v0.1), trunk, unit-normalised channels."""
+        import lpips
+
+        model = self.model
+        images = model.scaling_layer(images) if model.version == "0.1" else images
+        return [lpips.normalize_tensor(out) for out in model.net.forward(images)]
+
+    def target(self, image: torch.Tensor) -> LPIPSTarget:
+        """Distances of many images to ONE image whose features are computed once (here) instead of once per
+        compared image: what a planner scoring candidates against a goal needs. ``image``: (3, H, W) or
+        (1, 3, H, W) in [-1, 1]. Equal to ``self(images, image.expand_as(images))`` to float precision."""
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        self._validate(image, "target")
+        if image.shape[0] != 1:
+            raise ValueError(f"LPIPS target: one image (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
+        with torch.no_grad():
+            features = self._normalized_features(image.to(self.device, torch.float32))
+        return LPIPSTarget(self, tuple(image.shape[1:]), features)
+
+
+class LPIPSTarget:
+    """``target(images (N, 3, H, W) in [-1, 1]) -> (N,)`` LPIPS distances to a fixed image; see
+    :meth:`LPIPSMetric.target`."""
+
+    def __init__(self, metric: LPIPSMetric, shape: tuple[int, ...], features: list[torch.Tensor]):
+        self.metric, self.shape, self.features = metric, shape, features
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import lpips
+
+        metric, model = self.metric, self.metric.model
+        metric._validate(images, "images")
+        if tuple(images.shape[1:]) != self.shape:
+            raise ValueError(f"LPIPS: images {tuple(images.shape)} and the target {self.shape} differ in shape")
+        distances = []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], metric.batch_size):
+                chunk = images[start:start + metric.batch_size].to(metric.device, torch.float32)
+                features = metric._normalized_features(chunk)
+                total = 0
+                for layer, (mine, goal) in enumerate(zip(features, self.features)):
+                    total = total + lpips.spatial_average(model.lins[layer]((mine - goal) ** 2), keepdim=True)
+                distances.append(total.reshape(-1))
+        if not distances:
+            return torch.zeros(0, dtype=torch.float32, device="cpu")
+        return torch.cat(distances).cpu()
+
+
 _shared_metrics: dict[tuple[str, str], LPIPSMetric] = {}
 _shared_metrics_lock = threading.Lock()
 
