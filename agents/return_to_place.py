@@ -437,11 +437,9 @@ class ReturnConfig:
 
 def checkpoint_experts(checkpoint: str) -> list[str]:
     """Every expert the checkpoint can compose: base + ltm (the LTM is the base's LoRA copy), stm/sltm if trained."""
-    import come_rl
+    from come_rl.checkpoint import resolve_checkpoint
 
-    directory = Path(checkpoint)
-    if not directory.exists() and len(directory.parts) == 1:
-        directory = Path(come_rl.__file__).resolve().parent / "checkpoints" / checkpoint  # as WorldModel.load
+    directory = resolve_checkpoint(checkpoint)
     if not (directory / "base.safetensors").exists():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} has no base.safetensors (looked in {directory})")
     return ["base", "ltm"] + [role for role in ("stm", "sltm") if (directory / f"{role}.safetensors").exists()]

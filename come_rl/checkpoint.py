@@ -37,6 +37,33 @@ SHA256_KEY = "sha256"
 _SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 
 
+def packaged_checkpoints_dir() -> Path:
+    """``come_rl/checkpoints``: where the trained CPU-size world models ship inside the package."""
+    return Path(__file__).resolve().parent / "checkpoints"
+
+
+def resolve_checkpoint(checkpoint: str | Path, what: str = "checkpoint", packaged_dir: Path | None = None,
+                       hint: str = "train a world model first (see README) and pass its directory") -> Path:
+    """The one rule for naming a checkpoint: an existing path is used as it is; a bare name (``memory_maze``) is a
+    checkpoint shipped in the package (``packaged_dir``, default :func:`packaged_checkpoints_dir`). Otherwise a
+    FileNotFoundError names both places looked at, the shipped checkpoints and ``hint``."""
+    text = str(checkpoint)
+    packaged_dir = packaged_checkpoints_dir() if packaged_dir is None else Path(packaged_dir)
+    as_path = Path(text).expanduser()
+    if as_path.exists():
+        return as_path
+    if "/" not in text and "\\" not in text:
+        packaged = packaged_dir / text
+        if packaged.exists():
+            return packaged
+        where = f"{str(as_path.absolute())!r} nor {str(packaged)!r}"
+    else:
+        where = repr(str(as_path.absolute()))
+    available = sorted(p.name for p in packaged_dir.iterdir()) if packaged_dir.is_dir() else []
+    raise FileNotFoundError(f"{what}={text!r} does not exist (looked at {where}); packaged checkpoints: "
+                            f"{available or 'none'}. {hint[:1].upper() + hint[1:]}")
+
+
 def build_backbone_from_spec(name: str, kwargs: dict[str, Any]) -> VideoBackbone:
     """Build a backbone by registry name: "unet" here, transformer backbones from ``come_rl.nets.registry``."""
     if name == "unet":

@@ -34,6 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from agents.goal_tasks import record_reference_task
 from agents.mpc import MPCAgent
 from agents.runner import check_run_directory, run_goal_episodes
+from come_rl.checkpoint import packaged_checkpoints_dir
+from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
@@ -95,35 +97,14 @@ def build_env(env_cfg: DictConfig) -> gym.Env:
     return _call_target(target, settings)
 
 
-def packaged_checkpoints_dir() -> Path:
-    """``come_rl/checkpoints``: where the trained CPU-size world models ship inside the package."""
-    import come_rl
-
-    return Path(come_rl.__file__).resolve().parent / "checkpoints"
-
-
 def resolve_checkpoint(checkpoint: str) -> Path:
-    """An existing path is used as it is; a bare name (``memory_maze``) means ``come_rl/checkpoints/<name>``.
-
-    Raises FileNotFoundError naming both places looked at and the fix.
-    """
+    """``come_rl.checkpoint.resolve_checkpoint`` for ``model.checkpoint`` (paths relative to where the command ran)."""
     text = str(checkpoint)
-    as_path = Path(to_absolute_path(text))
-    if as_path.exists():
-        return as_path
-    if "/" not in text and "\\" not in text:
-        packaged = packaged_checkpoints_dir() / text
-        if packaged.exists():
-            return packaged
-        where = f"{str(as_path)!r} nor {str(packaged)!r}"
-    else:
-        where = repr(str(as_path))
-    available = sorted(p.name for p in packaged_checkpoints_dir().iterdir()) if packaged_checkpoints_dir().is_dir() else []
-    raise FileNotFoundError(
-        f"model.checkpoint={text!r} does not exist (looked at {where}); packaged checkpoints: {available or 'none'}. "
-        "Train a world model first (see README) and pass model.checkpoint=PATH, or try the loop with "
-        "env=point_mass model=point_mass"
-    )
+    absolute = Path(to_absolute_path(text))
+    return resolve_checkpoint_in(str(absolute) if absolute.exists() else text, what="model.checkpoint",
+                                 packaged_dir=packaged_checkpoints_dir(),
+                                 hint="train a world model first (see README) and pass model.checkpoint=PATH, or "
+                                      "try the loop with env=point_mass model=point_mass")
 
 
 # keys of a checkpoint model config that are WorldModel.load keyword arguments (None = the checkpoint's default)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from come_rl import devices
-from come_rl.checkpoint import load_expert
+from come_rl.checkpoint import load_expert, resolve_checkpoint
 from come_rl.composition import Composer, ExpertTerm
 from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
@@ -364,11 +364,7 @@ class WorldModel:
         on CPU) | fp32 | bf16; ``compile``: torch.compile the denoising networks (see ``come_rl.devices``)."""
         target_device = devices.resolve_device(device)  # a bad device fails before anything is read
         devices.resolve_precision(precision, target_device)
-        directory = Path(directory)
-        if not directory.exists() and len(directory.parts) == 1:
-            packaged = Path(__file__).resolve().parent / "checkpoints" / directory.name
-            if packaged.is_dir():
-                directory = packaged
+        directory = resolve_checkpoint(directory)  # a path, or the name of a checkpoint shipped in the package
         base, spec = load_expert(directory, "base")
         settings_path = directory / "world_model.json"
         try:
