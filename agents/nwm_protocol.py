@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_arguments(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(config["threads"])
     from come_rl.data import EpisodeDataset
-    from come_rl.run import resolve_checkpoint
+    from come_rl.checkpoint import resolve_checkpoint
     from come_rl.world_model import WorldModel
 
     checkpoint = resolve_checkpoint(config["checkpoint"])
