@@ -28,6 +28,8 @@ it to the others), writes checkpoints and logs.
 
 from __future__ import annotations
 
+import gc
+
 import contextlib
 import dataclasses
 import math
@@ -369,6 +371,10 @@ def train_expert(config: TrainConfig) -> TrainResult:
         return result
     finally:
         if joined:
+            # DDP's reducer (kept alive by reference cycles) must go while its process group still exists: freed at
+            # interpreter exit instead, its gloo threads abort the process ("terminate called without an active
+            # exception", seen on a loaded 2-core machine)
+            gc.collect()
             if finished:  # the other ranks wait for rank 0's checkpoint and GIF: no rank leaves while gloo talks
                 dist.barrier()
             dist.destroy_process_group()
@@ -516,3 +522,10 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose work is done (checkpoint written atomically, process group destroyed) leaves
+        # without the interpreter's teardown, in which gloo's C++ threads can still abort the process on a busy
+        # machine and turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
