@@ -387,7 +387,21 @@ def run(cfg: DictConfig) -> dict:
     log.info("results in %s: %s", out_dir, {k: summary[k] for k in ("success_rate", "final_distance", "ate", "rpe")})
     print(f"results written to {out_dir}")
     print((out_dir / "summary.md").read_text())
+    print(reached_sentence(summary, float(task_cfg.success_threshold), list(cfg.model.get("experts") or [])))
     return summary
+
+
+def reached_sentence(summary: dict, threshold: float, experts: list[str]) -> str:
+    """One line for a person: what the agent reached, and where memory's effect is measured."""
+    episodes = int(summary["episodes"])
+    hits = round(float(summary["success_rate"]) * episodes)
+    line = (f"reached the goal (within {threshold:g}) in {hits}/{episodes} episodes; mean distance to the goal "
+            f"{float(summary['start_distance']):.2f} at the start -> {float(summary['final_distance']):.2f} at the end")
+    if experts:
+        ablation = "[base]" if "ltm" in experts else "[base,ltm]"
+        line += (f" (experts {'+'.join(experts)}; the same run without memory: model.experts={ablation}). "
+                 "Where memory decides, over 32 episodes: python -m agents.find_object")
+    return line
 
 
 def _choices() -> dict:

@@ -26,6 +26,7 @@ def test_cli_point_mass_writes_results(tmp_path: Path) -> None:
     out_dir = tmp_path / "results" / "smoke"
     result = run_cli([*TINY, f"run.out_dir={out_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "reached the goal (within 0.1) in " in result.stdout and "/2 episodes" in result.stdout
     for name in ("steps.csv", "steps.md", "episodes.csv", "episodes.md", "summary.csv", "summary.md",
                  "distance.png", "rollout.gif"):
         assert (out_dir / name).is_file() and (out_dir / name).stat().st_size > 0, name
