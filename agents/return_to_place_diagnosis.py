@@ -20,6 +20,11 @@ measurements, one per suspected failure mode:
    (lowest) LPIPS among the planner's candidates at each decision (what the planner believed it could reach at the
    horizon) against ``real_after_plan``, the real LPIPS ``horizon`` steps later (or at the episode end).
 
+Also, on the oracle's return frames only: the AUC of LPIPS to the goal image (``return_auc_goal_image``) against the
+AUC of the lowest LPIPS to the goal *place* as the episode memory holds it (``return_auc_place_set``: every exploration
+frame within ``PLACE_RADIUS`` of the goal's pose, whatever its heading): does scoring by place instead of by one view
+tell near from far?
+
 Writes ``diagnosis.csv``/``.md`` (one row per agent, means over episodes) and ``diagnosis_episodes.csv`` into
 ``out_dir``, and ``diagnosis.png`` (LPIPS to the goal against distance to the goal place, real frames).
 """
@@ -39,6 +44,10 @@ from agents.return_to_place import (OracleAgent, ReturnConfig, WorldModelReturnA
                                     explore)
 from come_rl.results import write_table
 from come_rl.seeding import episode_seeds
+
+
+PLACE_RADIUS = 0.5
+"""maze cells: exploration frames this close to the goal's pose form the goal place's view set."""
 
 
 @dataclass
@@ -103,7 +112,8 @@ def run_agent_episode(env, agent, seeds, config: ReturnConfig, lpips) -> dict:
             break
     goal = task.goal_frame
     real_lpips = _lpips_to(lpips, np.stack(real), goal)
-    record = {"task": task, "real_lpips": real_lpips, "poses": np.stack(poses), "plan_steps": plan_steps}
+    record = {"task": task, "real_lpips": real_lpips, "poses": np.stack(poses), "plan_steps": plan_steps,
+              "real": np.stack(real)}
     if recorder is not None:
         pairs = [(i, frame) for i, frame in enumerate(imagined) if frame is not None]
         index = [i for i, _ in pairs]
@@ -140,13 +150,22 @@ def diagnose(config: DiagnosisConfig) -> list[dict]:
             reach = np.nonzero(np.linalg.norm(record["poses"][1:, :2] - task.goal_pose[:2], axis=1)
                                < config.success_distance)[0]
             scatter.append((distance, scores))
+            # the same on the oracle's return frames only, for the goal image and for the goal PLACE as the memory
+            # knows it: every exploration frame within PLACE_RADIUS of the goal's pose, any heading (score = the
+            # lowest LPIPS to one of them)
+            back = np.linalg.norm(record["poses"][1:, :2] - task.goal_pose[:2], axis=1) < config.success_distance
+            members = np.nonzero(np.linalg.norm(task.poses[:, :2] - task.goal_pose[:2], axis=1) < PLACE_RADIUS)[0]
+            place_scores = np.min([_lpips_to(lpips, record["real"], task.frames[m]) for m in members], axis=0)
             oracle_records.append({"episode": episode, "agent": "oracle", "seed": task.seed,
                                    "scoring_auc": auc(-scores[near], -scores[~near]),
                                    "near_best": int(near[int(np.argmin(scores))]),
                                    "near_frames": int(near.sum()), "frames": len(near),
                                    "lpips_start": float(_lpips_to(lpips, task.frames[-1:], task.goal_frame)[0]),
                                    "lpips_end": float(record["real_lpips"][-1]),
-                                   "steps_to_reach": int(reach[0]) + 1 if len(reach) else -1})
+                                   "steps_to_reach": int(reach[0]) + 1 if len(reach) else -1,
+                                   "return_auc_goal_image": auc(-record["real_lpips"][back], -record["real_lpips"][~back]),
+                                   "return_auc_place_set": auc(-place_scores[back], -place_scores[~back]),
+                                   "place_set_frames": len(members)})
         episode_rows += oracle_records
         reached = [r["steps_to_reach"] for r in oracle_records if r["steps_to_reach"] > 0]
         summaries.append({"agent": "oracle (real frames)", "episodes": len(oracle_records),
@@ -155,6 +174,8 @@ def diagnose(config: DiagnosisConfig) -> list[dict]:
                           "lpips_start": float(np.mean([r["lpips_start"] for r in oracle_records])),
                           "lpips_end": float(np.mean([r["lpips_end"] for r in oracle_records])),
                           "steps_to_reach_median": float(np.median(reached)) if reached else float("nan"),
+                          **{k: float(np.nanmean([r[k] for r in oracle_records])) for k in
+                             ("return_auc_goal_image", "return_auc_place_set", "place_set_frames")},
                           "horizon": config.horizon})
         for name in names:
             agent = build_agent(name, experts[name], config)
