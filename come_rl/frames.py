@@ -12,7 +12,10 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 in [0, 255], got {frames.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
+    frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:  # torch.from_numpy warns on read-only memory (a loaded record, a broadcast view)
+        frames = frames.copy()
+    tensor = torch.from_numpy(frames).float().div_(127.5).sub_(1.0)
     return tensor.movedim(-1, -3)
 
 
