@@ -26,6 +26,7 @@ CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner 
 from __future__ import annotations
 
 from come_rl.cli_args import parse_key_values
+from come_rl.seeding import derive_seed
 
 import csv
 import io
@@ -215,6 +216,9 @@ def run_protocol(world_models: dict[str, Any], planners: dict[str, Callable[[], 
     total = len(cases) * len(world_models) * len(planners)
     bar = tqdm(total=total, desc="nwm protocol", unit="plan", disable=not progress)
     for case_index, case in enumerate(cases):
+        # everything a case draws from torch's global generator (imagination, memorization) depends on the case only,
+        # so cases run in any order or process (backend=ray) give the same rows
+        torch.manual_seed(derive_seed(case.seed, "nwm_case", case.start))
         for model_label, world_model in world_models.items():
             spec = world_model.action_spec
             start = time.perf_counter()
@@ -399,10 +403,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": None, "data": None, "cases": 4, "planners": "cem,random_shooting,mppi,nwm", "experts": "base|base,ltm",
     "horizon": 8, "goal_offset": 8, "context": 4, "memory_frames": 4, "max_start": 40, "population": 24, "elites": 4,
     "iterations": 1, "sampler_steps": 4, "memorize_steps": 10, "seed": 0, "threads": 1,
-    "out": "results/nwm_protocol", "name": None, "progress": True,
+    "out": "results/nwm_protocol", "name": None, "progress": True, "backend": "local", "workers": 2,
 }
 INT_KEYS = ("cases", "horizon", "goal_offset", "context", "memory_frames", "max_start", "population", "elites",
-            "iterations", "sampler_steps", "memorize_steps", "seed", "threads")
+            "iterations", "sampler_steps", "memorize_steps", "seed", "threads", "workers")
 
 
 def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
@@ -421,7 +425,33 @@ def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
     config["experts"] = [[e.strip() for e in group.split(",") if e.strip()] for group in str(config["experts"]).split("|")]
     if config["elites"] > config["population"]:
         raise ValueError(f"elites ({config['elites']}) must not exceed population ({config['population']})")
+    from come_rl.fanout import check_backend
+
+    check_backend(config["backend"], config["workers"])
     return config
+
+
+class ProtocolWorker:
+    """The world models, planners and env of one protocol run, built once per process (a Ray actor with
+    backend=ray); ``run((index, case))`` returns that case's rows (every world model x planner)."""
+
+    def __init__(self, config: dict[str, Any], checkpoint: str, meta: dict):
+        from come_rl.world_model import WorldModel
+
+        self.config = config
+        self.world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
+                                                                sampler={"steps": config["sampler_steps"]})
+                             for experts in config["experts"]}
+        self.planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
+                                                                config["iterations"], config["seed"]))
+                         for name in config["planners"]}
+        self.env_factory = env_factory_for(meta)
+
+    def run(self, task: tuple[int, TrajectoryCase]) -> list[dict]:
+        index, case = task
+        rows = run_protocol(self.world_models, self.planners, [case], self.env_factory, horizon=self.config["horizon"],
+                            memorize_steps=self.config["memorize_steps"], progress=False)
+        return [dict(row, case=index) for row in rows]
 
 
 def env_factory_for(meta: dict) -> Callable[[], Any]:
@@ -450,14 +480,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = EpisodeDataset(config["data"])
     cases = make_cases(dataset, config["cases"], config["context"], config["goal_offset"], config["horizon"],
                        config["memory_frames"], config["max_start"], config["seed"])
-    world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
-                                                       sampler={"steps": config["sampler_steps"]})
-                    for experts in config["experts"]}
-    planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
-                                                       config["iterations"], config["seed"]))
-                for name in config["planners"]}
-    rows = run_protocol(world_models, planners, cases, env_factory_for(dataset.meta), horizon=config["horizon"],
-                        memorize_steps=config["memorize_steps"], progress=config["progress"])
+    if config["backend"] == "local":
+        world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
+                                                           sampler={"steps": config["sampler_steps"]})
+                        for experts in config["experts"]}
+        planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
+                                                           config["iterations"], config["seed"]))
+                    for name in config["planners"]}
+        rows = run_protocol(world_models, planners, cases, env_factory_for(dataset.meta), horizon=config["horizon"],
+                            memorize_steps=config["memorize_steps"], progress=config["progress"])
+    else:
+        from come_rl.fanout import run_tasks
+
+        per_case = run_tasks(ProtocolWorker, (config, str(checkpoint), dict(dataset.meta)), list(enumerate(cases)),
+                             backend=config["backend"], workers=config["workers"], threads=config["threads"],
+                             desc="nwm protocol cases", progress=config["progress"])
+        rows = [row for case_rows in per_case for row in case_rows]
     name = config["name"] or f"{checkpoint.name}_{len(cases)}cases_h{config['horizon']}"
     csv_path, md_path = write_results(rows, config["out"], name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
                                       "maze cells" if dataset.meta.get("env") == "memory_maze" else "grid cells")

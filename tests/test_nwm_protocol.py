@@ -147,3 +147,29 @@ def test_bad_arguments() -> None:
         parse_arguments(["checkpoint=x", "data=y", "planners=cem,foo"])
     with pytest.raises(ValueError, match="unknown key"):
         parse_arguments(["checkpoint=x", "data=y", "horizn=3"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        parse_arguments(["checkpoint=x", "data=y", "backend=slurm"])
+
+
+def test_cases_on_ray_give_the_local_rows(cards_data: Path, tmp_path: Path) -> None:
+    """Cases fanned out over 2 Ray actors (a local 2-CPU cluster) give the rows of the local run, timing aside."""
+    pytest.importorskip("ray")
+    import ray
+
+    from agents.nwm_protocol import main
+
+    checkpoint = save_tiny_world_model(tmp_path / "wm", TINY_CARDS, {"kind": "discrete", "dim": 5})
+    common = [f"checkpoint={checkpoint}", f"data={cards_data}", "cases=2", "planners=cem,random_shooting",
+              "experts=base|base,ltm", "population=4", "elites=2", "sampler_steps=1", "memorize_steps=1",
+              "horizon=4", "goal_offset=4", "name=tiny", "progress=false"]
+    assert main([*common, f"out={tmp_path / 'local'}"]) == 0
+    try:
+        assert main([*common, f"out={tmp_path / 'ray'}", "backend=ray", "workers=2"]) == 0
+    finally:
+        ray.shutdown()
+    timing = ("plan_seconds", "memorize_seconds")
+    tables = []
+    for name in ("local", "ray"):
+        with open(tmp_path / name / "tiny.csv") as handle:
+            tables.append([{k: v for k, v in row.items() if k not in timing} for row in csv.DictReader(handle)])
+    assert len(tables[0]) == 8 and tables[0] == tables[1]
