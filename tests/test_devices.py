@@ -21,7 +21,7 @@ from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import MemorizeConfig
 from come_rl.world_model import CompositionConfig, WorldModel
 from envs.memory_cards import INVERSE_ACTIONS, MemoryCardsEnv, cursor_pose_model
-from test_world_model import filled_world_model, one_hot_actions, tiny_expert
+from test_world_model import filled_world_model, observe_random_walk, one_hot_actions, tiny_expert
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -66,15 +66,7 @@ def four_expert_model(**memorize) -> WorldModel:
                     sampler=SamplerConfig(steps=2, eta=0.5, langevin_steps=1),
                     memorize_config=MemorizeConfig(steps=2, batch_size=8, **memorize), pose_model=cursor_pose_model,
                     device="cpu")
-    frame, info = env.reset(seed=0)
-    wm.reset()
-    wm.observe(frame, None, info["pose"])
-    rng = np.random.default_rng(0)
-    for _ in range(16):
-        action = env.random_policy_action(rng)
-        frame, *_, info = env.step(action)
-        wm.observe(frame, env.action_spec.encode(action), info["pose"])
-    return wm
+    return observe_random_walk(wm, 16)
 
 
 def test_device_strings_resolve_or_fail_with_the_fix() -> None:

@@ -38,6 +38,20 @@ def episode(steps: int = 40, seed: int = 0):
     return env, frames, actions
 
 
+def observe_random_walk(wm: WorldModel, steps: int, seed: int = 0) -> WorldModel:
+    """Reset ``wm`` and let it observe a seeded random-policy Memory Cards walk, frames with actions and poses."""
+    env = MemoryCardsEnv()
+    frame, info = env.reset(seed=seed)
+    wm.reset()
+    wm.observe(frame, None, info["pose"])
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        action = env.random_policy_action(rng)
+        frame, *_, info = env.step(action)
+        wm.observe(frame, env.action_spec.encode(action), info["pose"])
+    return wm
+
+
 def filled_world_model(experts=("base", "ltm"), steps: int = 40) -> WorldModel:
     env, frames, actions = episode(steps)
     wm = WorldModel(tiny_expert(), env.action_spec, 48, composition=CompositionConfig(experts=list(experts)),
@@ -187,15 +201,7 @@ def test_all_four_experts_compose_with_one_call_per_expert_and_step():
                                                   alphas={"base": 1.0, "ltm": 3.0, "stm": 2.0, "sltm": 2.0}),
                     sampler=SamplerConfig(steps=2), memorize_config=MemorizeConfig(steps=2, batch_size=2),
                     pose_model=cursor_pose_model)
-    env2 = MemoryCardsEnv()
-    frame, info = env2.reset(seed=0)
-    wm.reset()
-    wm.observe(frame, None, info["pose"])
-    rng = np.random.default_rng(0)
-    for _ in range(12):
-        action = env2.random_policy_action(rng)
-        frame, *_, info = env2.step(action)
-        wm.observe(frame, env2.action_spec.encode(action), info["pose"])
+    observe_random_walk(wm, 12)
     wm.memorize(steps=2)
     acts = one_hot_actions(2, 3)
     a, b = wm.imagine(acts, seed=1), wm.imagine(acts, seed=1)
@@ -205,7 +211,7 @@ def test_all_four_experts_compose_with_one_call_per_expert_and_step():
     # call; the LTM's baseline is the base's pass): 3 frames x 2 steps x 4.
     assert wm.last_network_calls == 3 * 2 * 4
     with pytest.raises(ValueError, match="pose"):
-        wm.observe(frame, env2.action_spec.encode(0), np.array([np.nan, 0, 0]))
+        wm.observe(frames[-1], env.action_spec.encode(0), np.array([np.nan, 0, 0]))
 
 
 def test_full_parameter_memorization_is_undone_by_reset():
