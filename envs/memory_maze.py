@@ -87,12 +87,23 @@ def _load_triton_before_mujoco() -> None:
 NO_FREE_JOINT_MESSAGE = "Cannot set velocity on Entity with no free joint."
 
 
+# dm_control's INFO lines on import: which OpenGL backend it tries and MuJoCo's version. An entry point that logs INFO
+# (Hydra's ``come_rl.run`` does) printed them at the top of every Memory Maze run; they say nothing a user acts on.
+DM_CONTROL_INFO_PREFIXES = ("MUJOCO_GL=", "MuJoCo library version is:")
+# PyOpenGL logs at INFO that its optional C accelerator is absent; that logger carries nothing else.
+QUIET_INFO_LOGGERS = ("OpenGL.acceleratesupport",)
+
+
 class _NoFreeJointVelocityFilter(logging.Filter):
-    """Drops exactly dm_control's no-free-joint velocity message from the ``absl`` logger; every other absl record
-    passes (absl's record names absl's own module, not dm_control's, so the text is what identifies it)."""
+    """Drops exactly dm_control's no-free-joint velocity message, and its two INFO lines on import (below WARNING only),
+    from the ``absl`` logger; every other absl record passes (absl's record names absl's own module, not dm_control's,
+    so the text is what identifies it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != NO_FREE_JOINT_MESSAGE
+        message = record.getMessage()
+        if record.levelno < logging.WARNING and message.startswith(DM_CONTROL_INFO_PREFIXES):
+            return False
+        return message != NO_FREE_JOINT_MESSAGE
 
 
 def _quiet_dependency_logs() -> None:
@@ -100,6 +111,10 @@ def _quiet_dependency_logs() -> None:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(existing, _NoFreeJointVelocityFilter) for existing in absl_logger.filters):
         absl_logger.addFilter(_NoFreeJointVelocityFilter())
+    for name in QUIET_INFO_LOGGERS:
+        quiet = logging.getLogger(name)
+        if quiet.level == logging.NOTSET:  # a user who set this logger's level keeps it
+            quiet.setLevel(logging.WARNING)
 
 
 def _import_gym_without_its_notice() -> None:

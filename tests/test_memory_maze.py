@@ -135,6 +135,7 @@ import logging
 import warnings
 
 warnings.simplefilter("default")  # every warnings-module warning shows, as with python -W default
+logging.basicConfig(level=logging.INFO)  # as Hydra configures logging for come_rl.run
 from envs.memory_maze import MemoryMazeEnv
 
 env = MemoryMazeEnv(maze_size=9, max_episode_steps=10)
@@ -145,13 +146,14 @@ for seed in (0, 1):
 env.reset()
 env.close()
 logging.getLogger("absl").warning("come_rl test: other absl warnings still show")
+logging.getLogger("absl").info("come_rl test: other absl info still shows")
 print("built, reset and stepped")
 """
 
 
 def test_building_resetting_and_stepping_prints_no_dependency_noise():
-    """dm_control's no-free-joint velocity warning (one per reset) and gym's deprecation banner (on import) are
-    filtered at their source; other absl warnings still reach the user. A fresh process: gym prints its banner once
+    """dm_control's no-free-joint velocity warning (one per reset), its and PyOpenGL's INFO lines on import and gym's
+    deprecation banner (on import) are filtered at their source; other absl warnings still reach the user. A fresh process: gym prints its banner once
     per process, on first import, and another test may have imported it already."""
     import os
     import subprocess
@@ -167,3 +169,7 @@ def test_building_resetting_and_stepping_prints_no_dependency_noise():
     assert "Gym has been unmaintained" not in result.stderr and "import gymnasium as gym" not in result.stderr, \
         result.stderr
     assert "come_rl test: other absl warnings still show" in result.stderr, "the absl filter must stay narrow"
+    assert "come_rl test: other absl info still shows" in result.stderr, "the absl filter must stay narrow"
+    # dm_control's and PyOpenGL's INFO lines on import (shown by an entry point logging INFO, as Hydra's does)
+    for noise in ("MUJOCO_GL=", "MuJoCo library version", "OpenGL_accelerate"):
+        assert noise not in result.stderr, result.stderr
