@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from come_rl import devices
 from come_rl.cli_args import parse_dataclass
-from come_rl.checkpoint import build_backbone_from_spec, expert_spec, save_expert, torch_save_atomic
+from come_rl.checkpoint import build_backbone_from_spec, expert_spec, load_expert, save_expert, torch_save_atomic
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.experts.expert import DiffusionExpert
@@ -120,6 +120,9 @@ class TrainConfig:
     """size of the episode pool for online:<env> data."""
     half_weights: bool = False
     """store the shipped weights in float16 (halves the file)."""
+    init_from: str = ""
+    """warm start: an expert checkpoint (directory, or directory/role, e.g. come_rl/checkpoints/memory_cards/base)
+    whose weights start this expert, so that it begins as that expert (see :func:`warm_start`)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun every rank uses cuda:LOCAL_RANK."""
     precision: str = "auto"
@@ -332,6 +335,53 @@ def remove_stray_files(out: Path, role: str) -> None:
             stray.unlink(missing_ok=True)
 
 
+def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
+    """Start ``expert`` from the weights of the expert checkpoint ``source``, so that it predicts what that one predicts.
+
+    Every tensor whose name and shape match is copied. The one that grows with the context (a U-Net's ``in_context``,
+    whose input channels are the context frames, oldest first) takes the source's weights on its newest frames and
+    zeros on the older ones; a layer the source lacks (e.g. the pose embedding of a spatial expert) is zeroed. The
+    warm-started expert therefore begins as exactly the source expert (tested) and training teaches it only what its
+    longer context or its poses add: the inductive bias a CPU budget needs, since the base took the longest to train.
+    ``source`` is an expert checkpoint directory (its base) or ``directory/role``.
+    """
+    path = Path(source)
+    directory, role = (path, "base") if path.is_dir() else (path.parent, path.name)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"init_from={source}: no checkpoint directory {directory}; pass a directory such as "
+                                f"come_rl/checkpoints/memory_cards/base")
+    donor, spec = load_expert(directory, role)
+    if donor.target != expert.target:
+        raise ValueError(f"init_from={source} predicts the {donor.target} target but this expert is trained on the "
+                         f"{expert.target} target; pass target={donor.target} or another checkpoint")
+    mine, theirs = expert.backbone.state_dict(), donor.backbone.state_dict()
+    copied, widened, zeroed, kept = 0, [], [], []
+    with torch.no_grad():
+        for name, tensor in mine.items():
+            if name in theirs and theirs[name].shape == tensor.shape:
+                tensor.copy_(theirs[name].to(tensor.dtype))
+                copied += 1
+            elif (name in theirs and tensor.dim() == 4 and theirs[name].dim() == 4
+                  and theirs[name].shape[0] == tensor.shape[0] and theirs[name].shape[2:] == tensor.shape[2:]
+                  and tensor.shape[1] > theirs[name].shape[1]
+                  and tensor.shape[1] % expert.context_frames == 0
+                  and theirs[name].shape[1] % donor.context_frames == 0
+                  and tensor.shape[1] // expert.context_frames == theirs[name].shape[1] // donor.context_frames):
+                tensor.zero_()
+                tensor[:, -theirs[name].shape[1]:] = theirs[name].to(tensor.dtype)  # the newest frames
+                widened.append(name)
+            elif name not in theirs and tensor.is_floating_point():
+                tensor.zero_()
+                zeroed.append(name)
+            else:
+                kept.append(name)
+    if kept:
+        raise ValueError(f"init_from={source}: {len(kept)} tensors of this {spec['backbone']} expert cannot take the "
+                         f"source's weights (e.g. {kept[:3]}); warm start needs the same backbone with the same widths")
+    return (f"{copied} tensors copied, {len(widened)} widened to {expert.context_frames} context frames "
+            f"({', '.join(widened) or 'none'}), {len(zeroed)} new tensors zeroed ({', '.join(zeroed) or 'none'})")
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
@@ -408,6 +458,11 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
                         "micro_batch": micro_batch, "device": device.type, "precision": precision},
     })
     state_path = out / f"{config.role}_train_state.pt"
+    if config.init_from and not state_path.is_file():  # a resumed run holds its own weights
+        copied = warm_start(expert, config.init_from)
+        ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
+        if main:
+            print(f"warm start from {config.init_from}: {copied}")
     step, elapsed, rng = 0, 0.0, np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []  # since the last row of train_log.csv

@@ -97,3 +97,48 @@ def test_paper_size_presets_take_one_training_step(preset):
     if poses:
         with pytest.raises(ValueError, match="is pose-conditioned .* add pose_features=true"):
             build_expert(TrainConfig(model=preset, backbone_overrides={"frame_size": size}), action_dim, size)
+
+
+def test_a_warm_started_expert_begins_as_its_source(tmp_path):
+    """init_from: a U-Net STM over 8 context frames and a pose-conditioned U-Net SLTM, warm-started from a trained
+    3-frame base, predict exactly what the base predicts from the newest 3 frames (whatever the older frames and the
+    poses hold); training then moves them away from it."""
+    import torch
+
+    from come_rl.checkpoint import load_expert
+    from come_rl.train import warm_start
+
+    common = ["data=online:memory_cards", "threads=1", "batch_size=4", "online_episodes=16", "steps=2",
+              f"backbone_overrides={TINY}"]
+    train(parse_overrides(["model=unet_cards", f"out={tmp_path / 'base'}", *common]))
+    base, _ = load_expert(tmp_path / "base", "base")
+    wide = '{"widths": [16, 32, 32], "cond_dim": 32, "context_frames": 8}'
+    config = parse_overrides(["model=unet_cards", "role=stm", f"out={tmp_path / 'stm'}", *common[:-1],
+                              f"backbone_overrides={wide}", f"init_from={tmp_path / 'base'}", "steps=0"])
+    from come_rl.train import build_expert
+
+    stm, _, _ = build_expert(config, 5, 48)
+    sltm, _, _ = build_expert(TrainConfig(model="unet_cards", role="sltm", pose_features=True,
+                                          backbone_overrides={"widths": [16, 32, 32], "cond_dim": 32}), 5, 48)
+    assert "widened to 8 context frames (in_context.weight)" in warm_start(stm, tmp_path / "base")
+    assert "pose_embed.weight" in warm_start(sltm, tmp_path / "base" / "base")
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 9, 3, 48, 48, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 9), generator=g), 5).float()
+    x_t, t = torch.randn(2, 3, 48, 48, generator=g), torch.full((2,), 0.7)
+    with torch.no_grad():
+        want = base.predict_eps(base.prepare(frames[:, 5:8], actions[:, 5:]), x_t, t)
+        got = stm.predict_eps(stm.prepare(frames[:, :8], actions), x_t, t)
+        poses = torch.randn(2, 4, 4, generator=g)
+        spatial = sltm.predict_eps(sltm.prepare(frames[:, 5:8], actions[:, 5:], poses=poses), x_t, t)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(spatial, want, atol=1e-5)
+    assert want.abs().mean() > 0.1  # a real prediction, not zeros
+    # a different-width source cannot start this expert
+    with pytest.raises(ValueError, match="cannot take the source's weights"):
+        warm_start(build_expert(TrainConfig(model="unet_cards"), 5, 48)[0], tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        warm_start(stm, tmp_path / "nowhere" / "base")
+    # through the command: the warm-started STM trains and its first loss is the base's level, not a fresh net's
+    train(parse_overrides(["model=unet_cards", "role=stm", f"out={tmp_path / 'stm'}", *common[:-1],
+                           f"backbone_overrides={wide}", f"init_from={tmp_path / 'base'}", "steps=2"]))
+    assert json.loads((tmp_path / "stm" / "stm.json").read_text())["train_config"]["init_from"] == str(tmp_path / "base")
