@@ -4,6 +4,7 @@ Usage:
     python -m come_rl.bench world_model [checkpoint=come_rl/checkpoints/memory_cards batch=32 horizon=2 steps=10]
     python -m come_rl.bench world_model device=cuda [precision=bf16 compile=true]
     python -m come_rl.bench planners [--device auto]
+    python -m come_rl.bench threads [checkpoint=memory_maze threads=[1,2] busy=[0,1] repeats=5]
 
 ``world_model`` writes ``results/bench/world_model.csv`` + ``.md``: imagined frames per second for the base alone and
 for every composition (base + LTM; base + LTM + STM + SLTM), the cost ratio to the base, network calls per denoising
@@ -11,6 +12,10 @@ step, achieved GFLOP/s of ``imagine`` (FLOPs counted by torch's FlopCounterMode)
 in the same run, memorization time per step for LoRA ranks 8/16/32/64 against one sampling step, and peak memory
 (host RSS, and the GPU's peak allocation on CUDA). ``device`` / ``precision`` / ``compile`` are those of
 ``WorldModel.load`` (``come_rl.devices``); GPU timings wait for the GPU (``torch.cuda.synchronize``).
+``threads`` writes ``results/bench/threads.csv`` + ``.md``: one ``imagine`` of the default CEM decision (population 24,
+horizon 4, 4 DDIM steps, base + LTM after memorization) at each torch thread count, on a quiet machine and beside
+``busy`` other processes that each keep one core busy with 1-thread matmuls (a busy laptop, or a second experiment),
+alternating the settings in one run; it chooses ``run.threads`` (issue 14, finding 7).
 All ratios come from one run (these machines are noisy). The STM and SLTM are untrained transformer experts here
 (their cost does not depend on their weights) unless the checkpoint holds trained ones.
 """
@@ -20,12 +25,13 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from come_rl import devices
 from come_rl.diffusion import CosineSchedule
@@ -203,10 +209,101 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     return rows
 
 
+@dataclass
+class ThreadsBenchConfig:
+    checkpoint: str = "memory_maze"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    batch: int = 24
+    """imagined candidates per call (the default CEM population)."""
+    horizon: int = 4
+    steps: int = 4
+    """denoising steps per imagined frame (the default run's sampler_steps)."""
+    threads: list = field(default_factory=lambda: [1, 2])
+    busy: list = field(default_factory=lambda: [0, 1])
+    """how many other processes keep a core busy (1-thread matmul loops) while a setting is timed."""
+    repeats: int = 5
+    """timed imagine calls per setting (rounds alternate the settings)."""
+    out_dir: str = "results/bench"
+
+
+_BUSY_LOOP = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
+              "while True:\n    a = torch.tanh(a @ a) \n")
+
+
+def bench_threads(config: ThreadsBenchConfig) -> list[dict]:
+    """Seconds per ``imagine`` of one CEM decision at each thread count, quiet and beside busy processes."""
+    import os
+    import subprocess
+
+    from come_rl.checkpoint import resolve_checkpoint
+    from come_rl.results import write_table
+    from envs.memory_maze import MemoryMazeEnv
+
+    if not config.threads or any(int(t) < 1 for t in config.threads):
+        raise ValueError(f"threads must list thread counts >= 1, got {config.threads}")
+    if not config.busy or any(int(b) < 0 for b in config.busy) or config.repeats < 1:
+        raise ValueError(f"busy must list counts >= 0 and repeats be >= 1, got {config.busy}, {config.repeats}")
+    directory = resolve_checkpoint(config.checkpoint)
+    torch.set_num_threads(1)
+    model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": config.steps}, device="cpu")
+    env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
+    frame, info = env.reset(seed=0)
+    model.reset()
+    model.observe(frame, None, info.get("pose"))
+    rng = np.random.default_rng(0)
+    for _ in range(16):
+        action = int(rng.integers(env.action_space.n))
+        frame, *_, info = env.step(action)
+        model.observe(frame, model.action_spec.encode(action), info.get("pose"))
+    env.close()
+    model.memorize(steps=2)  # adapters in place, as in the default run after its first memorization
+    dim = model.action_spec.dim
+    actions = torch.nn.functional.one_hot(torch.randint(0, dim, (config.batch, config.horizon),
+                                                        generator=torch.Generator().manual_seed(0)), dim).float()
+    settings = [(int(b), int(t)) for b in config.busy for t in config.threads]
+    times: dict[tuple[int, int], list[float]] = {setting: [] for setting in settings}
+    cores = os.cpu_count() or 1
+    for round_ in tqdm(range(config.repeats), desc="threads benchmark rounds"):
+        for busy, threads in settings:
+            loops = [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                     for _ in range(busy)]
+            try:
+                if busy:
+                    time.sleep(1.0)  # the loops are running
+                torch.set_num_threads(threads)
+                model.imagine(actions[:, :1], seed=0)  # warm-up at this thread count
+                start = time.perf_counter()
+                model.imagine(actions, seed=round_)
+                times[(busy, threads)].append(time.perf_counter() - start)
+            finally:
+                for loop in loops:
+                    loop.kill()
+                    loop.wait()
+    rows = []
+    for busy, threads in settings:
+        values = np.array(times[(busy, threads)])
+        reference = np.median(times[(busy, int(config.threads[0]))])
+        rows.append({"other_busy_processes": busy, "torch_threads": threads, "cores": cores,
+                     "median_s_per_decision_imagine": float(np.median(values)), "min_s": float(values.min()),
+                     "max_s": float(values.max()), f"median_over_{config.threads[0]}_thread": float(np.median(values) / reference),
+                     "calls": len(values), "batch": config.batch, "horizon": config.horizon,
+                     "denoising_steps": config.steps})
+    out = Path(config.out_dir)
+    write_table(out / "threads.csv", rows, md_path=out / "threads.md",
+                title=f"imagine() of one CEM decision by torch thread count ({directory.name}, base + LTM, batch "
+                      f"{config.batch} x horizon {config.horizon}, {config.steps} DDIM steps, {cores} cores; busy "
+                      f"processes each run a 1-thread matmul loop; `python -m come_rl.bench threads`)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("world_model", "planners"):
-        raise SystemExit("usage: python -m come_rl.bench world_model|planners [key=value ...]")
+    if not argv or argv[0] not in ("world_model", "planners", "threads"):
+        raise SystemExit("usage: python -m come_rl.bench world_model|planners|threads [key=value ...]")
+    if argv[0] == "threads":
+        for row in bench_threads(parse_overrides(argv[1:], ThreadsBenchConfig)):
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+        return
     if argv[0] == "planners":
         from come_rl.bench_planners import main as planners_main
 
