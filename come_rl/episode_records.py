@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,10 @@ RECORDS_DIR = "episode_records"
 
 def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
     """Write the run's settings (outside ``resume_free_keys``: those that change no episode) beside the records, or
-    refuse a rerun whose settings differ from those the recorded episodes were run with."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in resume_free_keys}
+    refuse a rerun whose settings differ from those the recorded episodes were run with. ``config``: a dataclass, or a
+    JSON-able mapping (``come_rl.run`` passes its resolved configuration)."""
+    items = config.items() if isinstance(config, Mapping) else dataclasses.asdict(config).items()
+    settings = json.loads(json.dumps({k: v for k, v in items if k not in resume_free_keys}, allow_nan=True))
     path = Path(out) / RECORDS_DIR / "run_config.json"
     if path.exists():
         try:
@@ -40,8 +42,8 @@ def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
 
 
 def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, list]]) -> tuple[dict, list]:
-    """``play()`` -> (row, GIF frames or sequences), or the episode's record ``key`` in ``out`` if a previous run
-    finished it (``out=None``: always play, record nothing)."""
+    """``play()`` -> (row, GIF frames or sequences; may be empty), or the episode's record ``key`` in ``out`` if a
+    previous run finished it (``out=None``: always play, record nothing)."""
     if out is None:
         return play()
     path = Path(out) / RECORDS_DIR / f"{key}.npz"
@@ -52,5 +54,6 @@ def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, 
         except Exception as error:  # records are written atomically: a damaged one was changed by someone else
             raise ValueError(f"episode record {path} is unreadable ({error}); delete it to rerun the episode") from error
     row, gif = play()
-    atomic_save_npz(path, row=np.array(json.dumps(row)), gif=np.stack(gif))
+    atomic_save_npz(path, row=np.array(json.dumps(row, allow_nan=True)),
+                    gif=np.stack(gif) if len(gif) else np.zeros((0,), np.uint8))
     return row, gif

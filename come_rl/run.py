@@ -37,6 +37,7 @@ from agents.runner import check_run_directory, run_goal_episodes
 from come_rl.checkpoint import packaged_checkpoints_dir
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision
+from come_rl.episode_records import check_records
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
@@ -232,15 +233,21 @@ def run_recon(cfg: DictConfig) -> dict:
     torch.set_num_threads(int(cfg.run.threads))
     planner = build_planner(cfg.planner)
     objective_factory: Callable = instantiate(cfg.agent.objective)
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    # finished cases are recorded under out_dir/episode_records: a rerun of the command skips them (a kill loses at
+    # most the case in progress); env.max_cases may grow between runs, any other change is refused
+    settings = resume_config(cfg)
+    settings["env"].pop("max_cases", None)
+    check_records(out_dir, settings, ())
     world_model = build_world_model(cfg.model, device_settings(cfg))
     rows = evaluate_recon(world_model, planner, root, specs, objective_factory, memorize_steps=memorize_steps,
-                          max_cases=None if max_cases is None else int(max_cases), progress=bool(cfg.run.progress))
+                          max_cases=None if max_cases is None else int(max_cases), progress=bool(cfg.run.progress),
+                          records=out_dir, seed=int(cfg.run.seed))
     choices = _choices()
     experts = getattr(getattr(world_model, "composition", None), "experts", None)
     model_label = "+".join(experts) if experts else str(choices.get("model") or type(world_model).__name__)
     planner_label = str(choices.get("planner") or str(cfg.planner._target_).rsplit(".", 1)[-1])
     rows = [{"planner": planner_label, "world_model": model_label, **row} for row in rows]
-    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     csv_path, md_path = write_results(rows, out_dir, "recon_cases", f"RECON goal reaching (NWM protocol): {cfg.run.name}",
                                       "NWM units: waypoint spacings of 0.25 m")
     summary = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_, **summarize_rows(rows)[0]}
@@ -263,18 +270,23 @@ def run_find_object(cfg: DictConfig) -> dict:
     samples = cfg.env.task.get("samples", 1)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"env.task.samples (imagined samples per tile) must be an integer >= 1, got {samples!r}")
+    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
+    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+        resolve_checkpoint(str(cfg.model.checkpoint))  # a missing checkpoint: its clear error before anything is written
+    # finished episodes are recorded under out_dir/episode_records: a rerun of the command skips them; run.episodes may
+    # grow between runs, any other change is refused
+    check_records(out_dir, resume_config(cfg), ())
     torch.set_num_threads(int(cfg.run.threads))
-    # resolves the checkpoint, with a clear error when it is missing
     world_model = build_world_model(cfg.model, device_settings(cfg))
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
     agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts, samples=samples)
-    out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     title = (f"Memory Cards, find the object: world model {cfg.model.checkpoint} ({experts}), {memorize_steps} "
              f"memorization steps, {samples} imagined samples per tile, {cfg.run.episodes} episodes from seed "
              f"{cfg.run.seed}; chance 2/16")
     summary = evaluate_agents([agent], int(cfg.run.episodes), int(cfg.run.seed), out_dir, title,
-                              progress=bool(cfg.run.progress), make_env=lambda: build_env(cfg.env))[0]
+                              progress=bool(cfg.run.progress), make_env=lambda: build_env(cfg.env),
+                              records=out_dir)[0]
     print(f"results written to {out_dir}")
     print((out_dir / "summary.md").read_text())
     return {"run": cfg.run.name, **_choices(), **summary}

@@ -169,5 +169,15 @@ def test_find_the_object_through_the_run_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = (out_dir / "summary.md").read_text()
     assert "2 imagined samples per tile" in summary and "1 memorization steps" in summary
+    # every finished episode is recorded: the same command with one episode more plays only that one
+    record = out_dir / "episode_records" / "base+ltm_0.npz"
+    assert record.is_file()
+    first = record.stat().st_mtime_ns
+    more = run_cli([*common[:2], "run.episodes=2", *common[3:], "env.task.samples=2"], tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert record.stat().st_mtime_ns == first and (out_dir / "episode_records" / "base+ltm_1.npz").is_file()
+    assert "| base+ltm | 2 |" in (out_dir / "summary.md").read_text()
+    other = run_cli([*common, "env.task.samples=3"], tmp_path)  # another setting into the same directory: refused
+    assert other.returncode != 0 and "other settings" in other.stderr + other.stdout
     bad = run_cli([*common, "env.task.samples=0"], tmp_path)
     assert bad.returncode != 0 and "env.task.samples" in bad.stderr + bad.stdout

@@ -139,3 +139,40 @@ def test_missing_recon_folder_fails_before_work(tmp_path: Path) -> None:
         run(missing)
     with pytest.raises(ValueError, match="pass data_dir=PATH"):
         run(unset)
+
+
+def test_an_interrupted_recon_evaluation_resumes_from_its_case_records(tmp_path: Path) -> None:
+    """Each finished case is recorded; a rerun of the same command plays only the missing ones and writes the table an
+    uninterrupted run writes (plan seconds aside); another configuration is refused; max_cases may grow."""
+    from hydra import compose, initialize_config_dir
+
+    import come_rl.run
+    from come_rl.run import run
+
+    _, csv_path = write_fixture(tmp_path / "recon")
+    checkpoint, _ = tiny_model(tmp_path)
+
+    def config(out: Path, *extra: str):
+        with initialize_config_dir(config_dir=str(Path(come_rl.run.__file__).parent / "conf"), version_base="1.3"):
+            return compose(config_name="config", overrides=[
+                "env=recon", "agent=cem", f"data_dir={tmp_path / 'recon'}", f"env.cases_csv={csv_path}",
+                f"model.checkpoint={checkpoint}", "model.sampler_steps=1", "planner.population=6",
+                "agent.objective._target_=planners.objectives.PixelGoalObjective",
+                "run.name=recon_resume", f"run.out_dir={out}", "run.progress=false", "run.threads=1", *extra])
+
+    def table(out: Path) -> list[dict]:
+        with open(out / "recon_cases.csv") as handle:
+            return [{k: v for k, v in row.items() if k != "plan_seconds"} for row in csv.DictReader(handle)]
+
+    run(config(tmp_path / "whole"))
+    run(config(tmp_path / "parts", "env.max_cases=2"))  # a run stopped after two cases ...
+    records = tmp_path / "parts" / "episode_records"
+    first = (records / "recon_case_0000.npz").stat().st_mtime_ns
+    (records / "recon_case_0001.npz").unlink()  # ... and killed while the second was being recorded
+    run(config(tmp_path / "parts"))  # the same command: cases 1 and 2 played, case 0 read back
+    assert (records / "recon_case_0000.npz").stat().st_mtime_ns == first
+    assert sorted(p.name for p in records.glob("recon_case_*.npz")) == [f"recon_case_000{i}.npz" for i in range(3)]
+    assert table(tmp_path / "parts") == table(tmp_path / "whole")
+    assert len(table(tmp_path / "whole")) == 3 and len({row["plan"] for row in table(tmp_path / "whole")}) > 1
+    with pytest.raises(ValueError, match="other settings"):
+        run(config(tmp_path / "parts", "planner.population=8"))
