@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +201,42 @@ def _write_tables(out_dir: Path, results: Sequence[EpisodeResult], summary: dict
         write_table(out_dir / f"{name}.csv", rows, title=f"{out_dir.name}: {name}")
 
 
-def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], max_steps: int,
+@dataclass
+class GoalEpisodePlayer:
+    """What one process needs to play episodes of a goal-reaching run: the memory-wrapped env, the agent and the
+    per-episode settings. :func:`run_goal_episodes` plays with one in this process; ``come_rl.run`` builds one in every
+    Ray worker (``run.backend=ray``), so both paths play an episode by the same call."""
+
+    env: gym.Env
+    agent: MPCAgent
+    max_steps: int
+    success_threshold: float
+    lpips: Callable | None = None
+    gif_episodes: int = 1
+    frame_key: str | None = None
+    pose_key: str = "pose"
+    preload_memory: bool = False
+    memorize_steps: int = 25
+
+    def play(self, index: int, task: GoalTask, seeds: EpisodeSeeds | None) -> EpisodeResult:
+        return run_goal_episode(self.env, self.agent, task, self.max_steps, self.success_threshold,
+                                episode_index=index, lpips=self.lpips, record_frames=index < self.gif_episodes,
+                                frame_key=self.frame_key, pose_key=self.pose_key, preload_memory=self.preload_memory,
+                                memorize_steps=self.memorize_steps, seeds=seeds)
+
+
+def run_goal_episodes(env: gym.Env | None, agent: MPCAgent | None, tasks: Sequence[GoalTask], max_steps: int,
                       success_threshold: float, out_dir: str | Path, lpips: Callable | None = None,
                       gif_episodes: int = 1, frame_key: str | None = None, pose_key: str = "pose",
                       run_info: dict | None = None, progress: bool = True, preload_memory: bool = False,
                       memorize_steps: int = 25, seeds: Sequence[EpisodeSeeds] | None = None,
-                      run_config: Mapping | None = None) -> list[EpisodeResult]:
+                      run_config: Mapping | None = None,
+                      play: Callable[[Sequence[int]], Iterable[EpisodeResult]] | None = None) -> list[EpisodeResult]:
     """Run one episode per task and write the tables, the plot and the GIF under ``out_dir``.
+
+    ``play(indices)``: yields the results of those episodes in order, played elsewhere (``come_rl.run``'s Ray
+    workers, each with its own :class:`GoalEpisodePlayer`); ``env`` and ``agent`` are then unused. Default: played
+    here, one after the other, by a :class:`GoalEpisodePlayer` of ``env`` and ``agent``.
 
     ``run_info`` (agent/env/model names ...) is prepended to the summary row. ``preload_memory`` /
     ``memorize_steps``: see :func:`agents.goal_tasks.run_goal_episode` ("explore, then return"). ``seeds``: one
@@ -229,12 +259,21 @@ def run_goal_episodes(env: gym.Env, agent: MPCAgent, tasks: Sequence[GoalTask], 
         first = todo[0] if todo else len(tasks)
         print(f"resumed {out_dir} from episode {first}: {len(results)} of {len(tasks)} episodes already finished"
               + ("" if todo else "; rebuilding the tables"), flush=True)
+    if play is None:
+        if env is None or agent is None:
+            raise ValueError("run_goal_episodes needs env and agent, or play= to play the episodes elsewhere")
+        player = GoalEpisodePlayer(env, agent, max_steps, success_threshold, lpips=lpips, gif_episodes=gif_episodes,
+                                   frame_key=frame_key, pose_key=pose_key, preload_memory=preload_memory,
+                                   memorize_steps=memorize_steps)
+
+        def play(indices: Sequence[int]) -> Iterable[EpisodeResult]:
+            for index in indices:
+                yield player.play(index, tasks[index], None if seeds is None else seeds[index])
+
     bar = tqdm(total=len(tasks), initial=len(results), desc="episodes", unit="ep", disable=not progress)
-    for index in todo:
-        result = run_goal_episode(env, agent, tasks[index], max_steps, success_threshold, episode_index=index,
-                                  lpips=lpips, record_frames=index < gif_episodes, frame_key=frame_key,
-                                  pose_key=pose_key, preload_memory=preload_memory, memorize_steps=memorize_steps,
-                                  seeds=None if seeds is None else seeds[index])
+    for index, result in zip(todo, play(todo), strict=True):
+        if int(result.episode_row["episode"]) != index:
+            raise RuntimeError(f"play() returned episode {result.episode_row['episode']} where episode {index} was due")
         results[index] = save_episode_record(out_dir, result)  # the episode counts as finished from here on
         _write_tables(out_dir, [results[i] for i in sorted(results)])  # the rows so far, for a reader to watch
         bar.update(1)

@@ -13,7 +13,7 @@ must not depend on which worker ran it or on what ran before on that worker: epi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -81,11 +81,25 @@ def run_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], ba
               workers: int = 1, threads: int = 1, gpus_per_worker: float = 0.0, desc: str | None = None,
               progress: bool = True) -> list[Any]:
     """``[factory(*args).run(task) for task in tasks]``, in order, locally or on ``workers`` Ray actors."""
+    return list(iter_tasks(factory, args, tasks, backend=backend, workers=workers, threads=threads,
+                           gpus_per_worker=gpus_per_worker, desc=desc, progress=progress))
+
+
+def iter_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], backend: str = "local",
+               workers: int = 1, threads: int = 1, gpus_per_worker: float = 0.0, desc: str | None = None,
+               progress: bool = True) -> Iterator[Any]:
+    """:func:`run_tasks` as a generator: each result is yielded, in task order, as soon as it and those before it are
+    done, so a caller records finished episodes while later ones still run (a kill loses only unfinished ones).
+    The Ray actors live until the generator is exhausted or closed."""
     check_backend(backend, workers)
     tasks = list(tasks)
+    if not tasks:  # nothing to play (a resumed run that had finished): start no worker
+        return
     if backend == "local":
         worker = factory(*args)
-        return [worker.run(task) for task in tqdm(tasks, desc=desc, disable=not progress)]
+        for task in tqdm(tasks, desc=desc, disable=not progress):
+            yield worker.run(task)
+        return
     import ray
     from ray.util import ActorPool
 
@@ -95,8 +109,8 @@ def run_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], ba
     try:
         pool = ActorPool(actors)
         results = pool.map(lambda actor, task: actor.run.remote(task), tasks)  # in task order
-        return list(tqdm(results, total=len(tasks), desc=f"{desc} (ray x{len(actors)})" if desc else None,
-                         disable=not progress))
+        yield from tqdm(results, total=len(tasks), desc=f"{desc} (ray x{len(actors)})" if desc else None,
+                        disable=not progress)
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -33,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.goal_tasks import record_reference_task
 from agents.mpc import MPCAgent
-from agents.runner import check_run_directory, run_goal_episodes
+from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
 from come_rl.checkpoint import packaged_checkpoints_dir
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision
 from come_rl.episode_records import check_records
+from come_rl.fanout import check_backend, iter_tasks
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
@@ -294,7 +295,7 @@ def run_find_object(cfg: DictConfig) -> dict:
 
 # run.* keys that change no episode's numbers: a rerun into the same run.out_dir may change them and still resume
 # (run.episodes raised extends the run; the directory itself says where the run is)
-RESUME_FREE_RUN_KEYS = ("name", "out_dir", "episodes", "progress")
+RESUME_FREE_RUN_KEYS = ("name", "out_dir", "episodes", "progress", "backend", "workers", "gpus_per_worker")
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
@@ -344,54 +345,111 @@ def seed_global_generators(seed: int) -> None:
     torch.manual_seed(derive_seed(seed, "torch_global"))
 
 
+def observation_keys(cfg: DictConfig) -> tuple[str | None, str]:
+    """The env's frame key (None: the observation is the frame) and pose key, from ``env.observation``."""
+    observation_cfg = cfg.env.get("observation", {})
+    return observation_cfg.get("frame_key"), observation_cfg.get("pose_key", "pose")
+
+
+def build_goal_player(cfg: DictConfig, settings: dict) -> tuple[GoalEpisodePlayer, gym.Env]:
+    """Everything that plays goal-reaching episodes of ``cfg`` in one process: planner, objective, env, world model,
+    agent, the memory wrapper, LPIPS. Returns the player and the bare env (to record the tasks, and to close)."""
+    torch.set_num_threads(int(cfg.run.threads))
+    planner = build_planner(cfg.planner)
+    objective_factory: Callable = instantiate(cfg.agent.objective)
+    env = build_env(cfg.env)
+    world_model = build_world_model(cfg.model, settings)
+    check_compatible(env, world_model)
+    agent = MPCAgent(world_model, planner, objective_factory, horizon=cfg.agent.horizon,
+                     replan_every=cfg.agent.replan_every)
+    frame_key, pose_key = observation_keys(cfg)
+    wrapped = WorldModelMemoryWrapper(env, world_model, memorize_every=cfg.memory.memorize_every,
+                                      memorize_steps=cfg.memory.memorize_steps, frame_key=frame_key, pose_key=pose_key)
+    lpips = None
+    if cfg.run.lpips_metric:
+        from come_rl.metrics.lpips_metric import get_lpips
+
+        lpips = get_lpips(device=getattr(world_model, "device", settings["device"]))
+    task_cfg = cfg.env.task
+    player = GoalEpisodePlayer(wrapped, agent, int(task_cfg.max_steps), float(task_cfg.success_threshold), lpips=lpips,
+                               gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
+                               preload_memory=bool(task_cfg.get("preload_memory", False)),
+                               memorize_steps=int(task_cfg.get("memorize_steps", 25)))
+    return player, env
+
+
+class GoalEpisodeWorker:
+    """A Ray worker of ``run.backend=ray``: builds its player from the resolved configuration once, then plays
+    ``(index, task, seeds)`` jobs. Every episode seeds all it draws (``come_rl.seeding``), so its row is the one the
+    local run writes, whichever worker plays it (tested)."""
+
+    def __init__(self, container: dict):
+        cfg = OmegaConf.create(container)
+        seed_global_generators(cfg.run.seed)
+        self.player, self.env = build_goal_player(cfg, device_settings(cfg))
+
+    def run(self, job: tuple) -> Any:
+        index, task, seeds = job
+        return self.player.play(index, task, seeds)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
     settings = device_settings(cfg)  # a bad device= fails before any work
     seed_global_generators(cfg.run.seed)
-    if cfg.env.get("protocol") == "recon":
+    special = ("recon" if cfg.env.get("protocol") == "recon"
+               else "find_object" if cfg.env.get("task", {}).get("kind") == "find_object" else None)
+    if special and str(cfg.run.get("backend", "local")) != "local":
+        fanned = {"recon": "python -m agents.nwm_protocol ... backend=ray workers=N",
+                  "find_object": "python -m agents.find_object ... backend=ray workers=N"}[special]
+        raise ValueError(f"run.backend={cfg.run.backend} fans out goal-reaching episodes only; this {special} run plays "
+                         f"here (run.backend=local). To fan it out over Ray: {fanned}")
+    if special == "recon":
         return run_recon(cfg)
-    if cfg.env.get("task", {}).get("kind") == "find_object":
+    if special == "find_object":
         return run_find_object(cfg)
     check_run_config(cfg)
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     run_config = resume_config(cfg)
     check_run_directory(out_dir, run_config)  # a rerun into a directory of another configuration fails before any work
-    torch.set_num_threads(int(cfg.run.threads))
-    planner = build_planner(cfg.planner)
     horizon, replan_every = cfg.agent.horizon, cfg.agent.replan_every
     if int(horizon) < 1 or not 1 <= int(replan_every) <= int(horizon):
         raise ValueError(f"agent.horizon must be >= 1 and 1 <= agent.replan_every <= horizon, got {horizon}, {replan_every}")
-    objective_factory: Callable = instantiate(cfg.agent.objective)
-    env = build_env(cfg.env)
-    world_model = build_world_model(cfg.model, settings)
-    check_compatible(env, world_model)
-    agent = MPCAgent(world_model, planner, objective_factory, horizon=horizon, replan_every=replan_every)
-    observation_cfg = cfg.env.get("observation", {})
-    frame_key, pose_key = observation_cfg.get("frame_key"), observation_cfg.get("pose_key", "pose")
-    wrapped = WorldModelMemoryWrapper(env, world_model, memorize_every=cfg.memory.memorize_every,
-                                      memorize_steps=cfg.memory.memorize_steps, frame_key=frame_key, pose_key=pose_key)
+    backend, workers = str(cfg.run.get("backend", "local")), cfg.run.get("workers", 1)
+    check_backend(backend, workers)
     task_cfg = cfg.env.task
+    frame_key, pose_key = observation_keys(cfg)
+    if backend == "local":
+        player, env = build_goal_player(cfg, settings)
+    else:  # the episodes play in Ray workers; this process records the tasks and writes the tables
+        torch.set_num_threads(int(cfg.run.threads))
+        env = build_env(cfg.env)
     policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
     seeds = [episode_seeds(int(cfg.run.seed), index) for index in range(int(cfg.run.episodes))]
     tasks = [record_reference_task(env, seed=episode.env, policy_seed=episode.policy,
                                    goal_offset=int(task_cfg.goal_offset), policy=policy, frame_key=frame_key,
                                    pose_key=pose_key, min_goal_distance=float(task_cfg.get("min_goal_distance", 0.0)))
              for episode in seeds]
-    lpips = None
-    if cfg.run.lpips_metric:
-        from come_rl.metrics.lpips_metric import get_lpips
+    if backend == "local":
+        def play(indices):
+            for index in indices:
+                yield player.play(index, tasks[index], seeds[index])
+    else:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        if "_target_" not in cfg.model and "checkpoint" in cfg.model:  # a worker's working directory may differ
+            container["model"]["checkpoint"] = str(resolve_checkpoint(str(cfg.model.checkpoint)))
 
-        lpips = get_lpips(device=getattr(world_model, "device", settings["device"]))
+        def play(indices):
+            return iter_tasks(GoalEpisodeWorker, (container,), [(i, tasks[i], seeds[i]) for i in indices],
+                              backend=backend, workers=int(workers), threads=int(cfg.run.threads),
+                              gpus_per_worker=float(cfg.run.get("gpus_per_worker", 0.0)), progress=False)
     choices = _choices()
     run_info = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_,
                 "horizon": horizon, "replan_every": replan_every}
-    results = run_goal_episodes(wrapped, agent, tasks, max_steps=int(task_cfg.max_steps),
-                                success_threshold=float(task_cfg.success_threshold), out_dir=out_dir, lpips=lpips,
-                                gif_episodes=int(cfg.run.gif_episodes), frame_key=frame_key, pose_key=pose_key,
-                                run_info=run_info, progress=bool(cfg.run.progress),
-                                preload_memory=bool(task_cfg.get("preload_memory", False)),
-                                memorize_steps=int(task_cfg.get("memorize_steps", 25)), seeds=seeds,
-                                run_config=run_config)
+    results = run_goal_episodes(None, None, tasks, max_steps=int(task_cfg.max_steps),
+                                success_threshold=float(task_cfg.success_threshold), out_dir=out_dir,
+                                gif_episodes=int(cfg.run.gif_episodes), run_info=run_info,
+                                progress=bool(cfg.run.progress), seeds=seeds, run_config=run_config, play=play)
     env.close()
     from agents.runner import summarize
 

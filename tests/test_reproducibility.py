@@ -36,9 +36,10 @@ TIMING_COLUMNS = {
 }
 
 
-def run_main(out_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_main(out_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", "come_rl.run", *TINY_MAIN, f"run.out_dir={out_dir}"], check=False,
+    return subprocess.run([sys.executable, "-m", "come_rl.run", *TINY_MAIN, f"run.out_dir={out_dir}", *extra],
+                          check=False,
                           cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -91,3 +92,20 @@ def test_derived_seeds_are_stable_named_and_independent() -> None:
     assert np.random.default_rng(seeds.policy).integers(1 << 30) != np.random.default_rng(seeds.memorize).integers(1 << 30)
     with pytest.raises(ValueError, match="run.seed"):
         derive_seed(-1, "planner")
+
+
+def test_the_main_command_on_ray_writes_the_local_tables(tmp_path: Path) -> None:
+    """run.backend=ray run.workers=2: the episodes play in two Ray actors (a local 2-CPU cluster) and the tables,
+    outside timing columns, and the GIF are those of the local run of the same command."""
+    pytest.importorskip("ray")
+    local, fanned = tmp_path / "local", tmp_path / "ray"
+    result = run_main(local, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_main(fanned, tmp_path, "run.backend=ray", "run.workers=2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in TIMING_COLUMNS:
+        assert read_without_timing(local / name) == read_without_timing(fanned / name), name
+    assert (local / "rollout.gif").read_bytes() == (fanned / "rollout.gif").read_bytes()
+    # the Ray run resumes like a local one: the same command again finds every episode recorded
+    again = run_main(fanned, tmp_path, "run.backend=ray", "run.workers=2")
+    assert again.returncode == 0 and "2 of 2 episodes already finished" in again.stdout, again.stderr[-3000:]
