@@ -128,3 +128,100 @@ def clips_to_tensors(clips: dict, pose_features: bool = False):
             raise ValueError("pose features requested but the data set has no poses")
         poses = globals()["pose_features"](clips["poses"][:, 1:])
     return frames, actions, poses
+
+
+class BatchStream:
+    """The training batches of one run, in order: clips from ``source``, their tensors and their noise, each batch
+    drawn from the run's generators (``rng`` for clips, ``generator`` for noise) after the one before.
+
+    ``workers=0``: a batch is made when asked for. ``workers=1``: a background thread makes up to ``prefetch``
+    batches ahead while the current step trains, in pinned memory when ``pin`` (bound for a GPU): the same batches in
+    the same order, so the weights do not depend on it (tested). Before a checkpoint reads the generators,
+    :meth:`sync` stops the thread and rewinds ``rng``, ``generator`` and the source to the first batch not yet handed
+    out (made ahead, not trained on), so that a resumed run trains on what an uninterrupted run does.
+    """
+
+    def __init__(self, source, rng: np.random.Generator, generator: torch.Generator, batch_size: int, length: int,
+                 pose_features: bool, draw_noise, workers: int = 0, pin: bool = False, prefetch: int = 2):
+        if workers not in (0, 1):
+            raise ValueError(f"data_workers must be 0 (batches made in the training loop) or 1 (a thread makes them "
+                             f"ahead); got {workers}. Batches are drawn in order from one generator, so more threads "
+                             "could not make them faster without changing them")
+        self.source, self.rng, self.generator = source, rng, generator
+        self.batch_size, self.length, self.pose_features, self.draw_noise = batch_size, length, pose_features, draw_noise
+        self.workers, self.pin, self.prefetch = workers, pin, max(1, prefetch)
+        self._thread = None
+
+    def _snapshot(self) -> dict:
+        state = getattr(self.source, "state_dict", None)
+        return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                "data": state() if callable(state) else None}
+
+    def _restore(self, snapshot: dict) -> None:
+        self.rng.bit_generator.state = snapshot["rng"]
+        self.generator.set_state(snapshot["generator"])
+        if snapshot["data"] is not None:
+            self.source.load_state_dict(snapshot["data"])
+
+    def _make(self) -> tuple[tuple, tuple]:
+        clips = self.source.sample_clips(self.batch_size, self.length, self.rng)
+        batch = clips_to_tensors(clips, pose_features=self.pose_features)
+        noise = self.draw_noise(self.batch_size, tuple(batch[0].shape[2:]))
+        if self.pin:
+            batch, noise = (tuple(None if x is None else x.pin_memory() for x in group) for group in (batch, noise))
+        return batch, noise
+
+    def next(self) -> tuple[tuple, tuple]:
+        """(frames, actions, poses), (t, eps, drop) of the next global batch."""
+        if self.workers == 0:
+            return self._make()
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.sync()
+            raise item
+        with self._lock:
+            self._unconsumed.popleft()
+        return item
+
+    def _start(self) -> None:
+        import collections
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._unconsumed: collections.deque = collections.deque()  # snapshots before each batch made, not handed out
+        self._lock, self._stop = threading.Lock(), threading.Event()
+
+        def work() -> None:
+            while not self._stop.is_set():
+                with self._lock:
+                    self._unconsumed.append(self._snapshot())
+                try:
+                    item = self._make()
+                except BaseException as error:  # handed to the training loop, which raises it
+                    item = error
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, BaseException):
+                    return
+
+        self._thread = threading.Thread(target=work, name="come_rl-batches", daemon=True)
+        self._thread.start()
+
+    def sync(self) -> None:
+        """Stop making batches ahead and rewind the generators to the first batch not handed out (a no-op with
+        ``workers=0``); the next :meth:`next` starts the thread again."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self._unconsumed:
+            self._restore(self._unconsumed[0])
+        self._unconsumed.clear()

@@ -142,3 +142,21 @@ def test_a_warm_started_expert_begins_as_its_source(tmp_path):
     train(parse_overrides(["model=unet_cards", "role=stm", f"out={tmp_path / 'stm'}", *common[:-1],
                            f"backbone_overrides={wide}", f"init_from={tmp_path / 'base'}", "steps=2"]))
     assert json.loads((tmp_path / "stm" / "stm.json").read_text())["train_config"]["init_from"] == str(tmp_path / "base")
+
+
+def test_batches_made_ahead_by_a_thread_train_the_same_weights_and_resume(tmp_path):
+    """data_workers=1 (a thread makes the next batches while a step trains) trains byte-identical weights to
+    data_workers=0, also when every step writes a checkpoint (the thread is stopped and the generators rewound to the
+    first batch made ahead) and the run is stopped and resumed halfway."""
+    from safetensors.torch import load_file
+
+    common = ["model=unet_cards", "threads=1", "batch_size=4", "online_episodes=16", f"backbone_overrides={TINY}"]
+    train(parse_overrides([*common, f"out={tmp_path / 'inline'}", "steps=6", "data_workers=0"]))
+    ahead = [*common, f"out={tmp_path / 'ahead'}", "data_workers=1", "checkpoint_seconds=0"]
+    train(parse_overrides([*ahead, "steps=3"]))
+    train(parse_overrides([*ahead, "steps=6"]))
+    inline, resumed = (load_file(str(tmp_path / name / "base.safetensors")) for name in ("inline", "ahead"))
+    assert inline.keys() == resumed.keys()
+    assert all(inline[key].equal(resumed[key]) for key in inline)
+    with pytest.raises(ValueError, match="data_workers must be 0"):
+        train(parse_overrides([*common, f"out={tmp_path / 'bad'}", "steps=1", "data_workers=2"]))
