@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.frames import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from envs.memory_cards import GRID, TOGGLE
@@ -180,7 +181,7 @@ def _pad_goal(goal: np.ndarray, shape) -> np.ndarray:
 
 
 @dataclass
-class FindConfig:
+class FindConfig(FanoutSettings):
     checkpoint: str = "memory_cards"
     agents: str = ",".join(AGENTS)
     episodes: int = 32
@@ -191,12 +192,6 @@ class FindConfig:
     """imagined samples per tile (the tile's score is their mean pixel MSE to the goal); 4: tuned on seeds 100-107
     (``python -m agents.find_object_tuning``: 1 sample 6/8, 2-4 samples 8/8)."""
     sampler_steps: int = 10
-    threads: int = 2
-    """torch threads (per Ray worker with backend=ray)."""
-    backend: str = "local"
-    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
-    workers: int = 2
-    """Ray actors with backend=ray (each loads the world model once)."""
     out_dir: str = "results/find_object"
 
 
@@ -221,7 +216,7 @@ def build_agent(name: str, config: FindConfig):
 
 
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
-RESUME_FREE_KEYS = ("agents", "episodes", "threads", "backend", "workers", "out_dir")
+RESUME_FREE_KEYS = ("agents", "episodes", *FANOUT_KEYS, "out_dir")
 
 
 class FindWorker:
@@ -237,7 +232,6 @@ class FindWorker:
 
 
 def evaluate(config: FindConfig) -> list[dict]:
-    from come_rl.fanout import check_backend, run_tasks
 
     names = [n.strip() for n in config.agents.split(",") if n.strip()]
     unknown = [n for n in names if n not in AGENTS]

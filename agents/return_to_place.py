@@ -61,6 +61,7 @@ import torch
 from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.frames import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
@@ -396,7 +397,7 @@ def _gif(task: ReturnTask, real: list[np.ndarray], imagined: list[np.ndarray | N
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 @dataclass
-class ReturnConfig:
+class ReturnConfig(FanoutSettings):
     """The evaluation's settings; every field is a ``key=value`` argument of ``python -m agents.return_to_place``.
 
     The planner settings are ``agent=cem``'s (``come_rl/conf/agent/cem.yaml``, ``planner/cem.yaml``) and the DDIM
@@ -426,12 +427,6 @@ class ReturnConfig:
     max_attempts: int = 20
     lpips_metric: bool = True
     gifs: bool = True
-    threads: int = 2
-    """torch threads (per Ray worker with backend=ray)."""
-    backend: str = "local"
-    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
-    workers: int = 2
-    """Ray actors with backend=ray (each builds its env, world model and LPIPS once)."""
     out_dir: str = "results/return_to_place"
 
 
@@ -465,7 +460,6 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
         raise ValueError(f"seed must be >= 0 (env seeds are seed + episode), got {config.seed}")
     if config.memorize_steps < 0:
         raise ValueError(f"memorize_steps must be >= 0, got {config.memorize_steps}")
-    from come_rl.fanout import check_backend
 
     check_backend(config.backend, config.workers)
     if not 0 < config.success_distance <= config.min_goal_distance:
@@ -495,7 +489,7 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig):
 
 
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
-RESUME_FREE_KEYS = ("agents", "episodes", "threads", "backend", "workers", "out_dir", "gifs")
+RESUME_FREE_KEYS = ("agents", "episodes", *FANOUT_KEYS, "out_dir", "gifs")
 
 
 class ReturnWorker:
@@ -529,7 +523,6 @@ class ReturnWorker:
 
 def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
     """Check the config, build every agent (checkpoints load before any episode), run, write; the summary rows."""
-    from come_rl.fanout import run_tasks
 
     names, experts, notes = check_config(config)
     for note in notes:

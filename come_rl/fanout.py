@@ -14,11 +14,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from tqdm import tqdm
 
 BACKENDS = ("local", "ray")
+
+
+@dataclass
+class FanoutSettings:
+    """Where an evaluation's episodes run: the fields its ``key=value`` config shares with every other evaluation
+    (``agents.find_object``, ``agents.return_to_place``, ``come_rl.experiments.recall`` derive their configs from it)."""
+
+    threads: int = 2
+    """torch threads (per Ray worker with backend=ray)."""
+    backend: str = "local"
+    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
+    workers: int = 2
+    """Ray actors with backend=ray (each builds its env and world model once)."""
+
+
+FANOUT_KEYS = tuple(field.name for field in fields(FanoutSettings))
+"""settings that change where episodes run, not their numbers (a rerun may change them and still resume)."""
 
 
 def check_backend(backend: str, workers: int) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl.fanout import FanoutSettings, check_backend, run_tasks
 from come_rl.frames import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.train import parse_overrides
@@ -67,6 +68,11 @@ COMPOSITIONS = {
                                    normalize=True),
     "CoME (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
                                                           alphas={"stm": 2.0, "sltm": 2.0}, active_from={"ltm": 0.8}),
+    # Normalised over 4 terms, an LTM alpha of 2 w gives the LTM's contrast only w / 2 (eps = eps_base + alpha / n
+    # (eps_ltm - eps_base) + ... when the STM and SLTM predict near the base); alpha = 4 w keeps the w of the 2-term rule.
+    "CoME, LTM contrast kept (alpha 4w, w=2.5, gated t>=0.8) + STM + SLTM": _poce(
+        2.5, experts=["base", "ltm", "stm", "sltm"], alphas={"ltm": 10.0, "stm": 2.0, "sltm": 2.0},
+        active_from={"ltm": 0.8}),
 }
 COMPOSITION_SETS = {
     "sweep": ["no memory (base)", "LTM alone", "PoCE w=1.5", "PoCE w=2.5, gated t>=0.9", "PoCE w=2.5, gated t>=0.8"],
@@ -80,7 +86,7 @@ NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)"}
 
 
 @dataclass
-class RecallConfig:
+class RecallConfig(FanoutSettings):
     checkpoint: str = "come_rl/checkpoints/memory_cards"
     episodes_per_start: int = 16
     starts: str = "covered,uncovered"
@@ -94,12 +100,6 @@ class RecallConfig:
     """a set name (sweep, ltm, all), a composition name, or names separated by ";" (see COMPOSITIONS)."""
     sampler_steps: int = 10
     seed: int = 5000
-    threads: int = 2
-    """torch threads (per Ray worker with backend=ray)."""
-    backend: str = "local"
-    """local (this process) | ray (episodes fanned out over Ray actors; RAY_ADDRESS names a cluster)."""
-    workers: int = 2
-    """Ray actors with backend=ray (each loads the world model once)."""
     out_dir: str = "results/recall"
     suffix: str = ""
     """appended to the result file names (keeps several settings side by side)."""
@@ -214,7 +214,6 @@ class RecallWorker:
 
 
 def run(config: RecallConfig) -> list[dict]:
-    from come_rl.fanout import check_backend, run_tasks
 
     steps_list, starts, names = validate(config)
     check_backend(config.backend, config.workers)
