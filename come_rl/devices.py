@@ -126,3 +126,47 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """Compile ``module``'s forward in place (its parameters, names and state_dict stay as they are)."""
     module.compile(backend=COMPILE_BACKEND)
     return module
+
+
+def idle_cores(interval: float = 0.25) -> float:
+    """How many cores were idle over the next ``interval`` seconds (Linux ``/proc/stat``; elsewhere the cores minus
+    the 1-minute load average)."""
+    import os
+    import time
+
+    cores = os.cpu_count() or 1
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return values[3] + (values[4] if len(values) > 4 else 0), sum(values)  # idle + iowait, total
+
+    try:
+        idle_a, total_a = read()
+        time.sleep(interval)
+        idle_b, total_b = read()
+    except (OSError, ValueError, IndexError):
+        return max(0.0, cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else float(cores)
+    if total_b <= total_a:
+        return float(cores)
+    return cores * (idle_b - idle_a) / (total_b - total_a)
+
+
+def resolve_threads(threads: int | str) -> int:
+    """torch's intra-op thread count for ``threads``: a count >= 1, or ``auto`` = the cores idle right now (at least
+    1). Threads beyond the idle cores oversubscribe them: measured on 2 cores (``python -m come_rl.bench threads``),
+    one CEM decision's imagine took 0.53 s at 2 threads and 0.95 s at 1 on a quiet machine, but 1.76 s at 2 threads
+    and 0.98 s at 1 beside one busy process. ``auto`` may resolve to another count on another run, and other thread
+    counts give other numbers (README, Reproducibility): pin a count for identical reruns."""
+    import os
+
+    text = str(threads).strip().lower()
+    if text == "auto":
+        return max(1, min(os.cpu_count() or 1, int(idle_cores() + 0.5)))
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1 or isinstance(threads, bool):
+        raise ValueError(f"threads must be a count >= 1 or auto (the idle cores), got {threads!r}")
+    return count

@@ -36,7 +36,7 @@ from agents.mpc import MPCAgent
 from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
 from come_rl.checkpoint import packaged_checkpoints_dir
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
-from come_rl.devices import resolve_device, resolve_precision
+from come_rl.devices import resolve_device, resolve_precision, resolve_threads
 from come_rl.episode_records import check_records
 from come_rl.fanout import check_backend, iter_tasks
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
@@ -231,7 +231,7 @@ def run_recon(cfg: DictConfig) -> dict:
         raise ValueError(f"env.memorize_steps must be >= 0, got {memorize_steps}")
     if "_target_" not in cfg.model and "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))
-    torch.set_num_threads(int(cfg.run.threads))
+    torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
     objective_factory: Callable = instantiate(cfg.agent.objective)
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
@@ -277,7 +277,7 @@ def run_find_object(cfg: DictConfig) -> dict:
     # finished episodes are recorded under out_dir/episode_records: a rerun of the command skips them; run.episodes may
     # grow between runs, any other change is refused
     check_records(out_dir, resume_config(cfg), ())
-    torch.set_num_threads(int(cfg.run.threads))
+    torch.set_num_threads(cfg.run.threads)
     world_model = build_world_model(cfg.model, device_settings(cfg))
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
@@ -354,7 +354,7 @@ def observation_keys(cfg: DictConfig) -> tuple[str | None, str]:
 def build_goal_player(cfg: DictConfig, settings: dict) -> tuple[GoalEpisodePlayer, gym.Env]:
     """Everything that plays goal-reaching episodes of ``cfg`` in one process: planner, objective, env, world model,
     agent, the memory wrapper, LPIPS. Returns the player and the bare env (to record the tasks, and to close)."""
-    torch.set_num_threads(int(cfg.run.threads))
+    torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
     objective_factory: Callable = instantiate(cfg.agent.objective)
     env = build_env(cfg.env)
@@ -396,6 +396,8 @@ class GoalEpisodeWorker:
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
     settings = device_settings(cfg)  # a bad device= fails before any work
+    # run.threads=auto becomes a count here, once: the tables and run_config.json record the count the run used
+    cfg.run.threads = resolve_threads(cfg.run.threads)
     seed_global_generators(cfg.run.seed)
     special = ("recon" if cfg.env.get("protocol") == "recon"
                else "find_object" if cfg.env.get("task", {}).get("kind") == "find_object" else None)
@@ -422,7 +424,7 @@ def run(cfg: DictConfig) -> dict:
     if backend == "local":
         player, env = build_goal_player(cfg, settings)
     else:  # the episodes play in Ray workers; this process records the tasks and writes the tables
-        torch.set_num_threads(int(cfg.run.threads))
+        torch.set_num_threads(cfg.run.threads)
         env = build_env(cfg.env)
     policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
     seeds = [episode_seeds(int(cfg.run.seed), index) for index in range(int(cfg.run.episodes))]
@@ -441,7 +443,7 @@ def run(cfg: DictConfig) -> dict:
 
         def play(indices):
             return iter_tasks(GoalEpisodeWorker, (container,), [(i, tasks[i], seeds[i]) for i in indices],
-                              backend=backend, workers=int(workers), threads=int(cfg.run.threads),
+                              backend=backend, workers=int(workers), threads=cfg.run.threads,
                               gpus_per_worker=float(cfg.run.get("gpus_per_worker", 0.0)), progress=False)
     choices = _choices()
     run_info = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_,

@@ -235,3 +235,49 @@ def test_cuda_training_writes_a_checkpoint_the_cpu_loads(tmp_path) -> None:
     wm = WorldModel.load(tmp_path, experts=["base"], device="cpu")
     assert wm.device.type == "cpu"
     assert train_expert(parse_overrides([*args[:-2], "steps=3", "device=cpu", args[-1]])).step == 3  # resumes on CPU
+
+
+def test_thread_counts_resolve_and_auto_takes_the_idle_cores(monkeypatch):
+    """run.threads: a count stays; auto = the cores idle now (finding 7: threads beyond them oversubscribe the cores;
+    measured by python -m come_rl.bench threads), at least 1 and at most the cores; bad values name the fix."""
+    import os
+
+    from come_rl import devices
+
+    assert devices.resolve_threads(3) == 3 and devices.resolve_threads("2") == 2
+    cores = os.cpu_count()
+    monkeypatch.setattr(devices, "idle_cores", lambda interval=0.25: 0.4)  # another process holds every core
+    assert devices.resolve_threads("auto") == 1
+    monkeypatch.setattr(devices, "idle_cores", lambda interval=0.25: cores - 0.8)  # one core busy
+    assert devices.resolve_threads("auto") == max(1, cores - 1)
+    monkeypatch.setattr(devices, "idle_cores", lambda interval=0.25: cores + 3.0)
+    assert devices.resolve_threads("AUTO") == cores
+    for bad in (0, -1, "many", True):
+        with pytest.raises(ValueError, match="threads must be a count >= 1 or auto"):
+            devices.resolve_threads(bad)
+    monkeypatch.undo()
+    assert 0.0 <= devices.idle_cores(0.05) <= cores + 1e-6  # the real measurement, from /proc/stat
+
+
+def test_the_planning_run_defaults_to_one_thread_and_resolves_auto(tmp_path, monkeypatch):
+    """The default run.threads is 1 (it measured well on a busy 2-core machine); run.threads=auto is resolved once,
+    before any work, and the run plays with that count."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    import come_rl.run
+    from come_rl import devices
+
+    with initialize_config_dir(config_dir=str(Path(come_rl.run.__file__).parent / "conf"), version_base="1.3"):
+        assert compose(config_name="config", overrides=["run.name=x"]).run.threads == 1
+        cfg = compose(config_name="config", overrides=["run.name=x", "run.threads=auto", "env=point_mass",
+                                                       "model=point_mass", "agent=mppi", "run.episodes=1",
+                                                       f"run.out_dir={tmp_path}", "run.progress=false",
+                                                       "run.lpips_metric=false", "run.gif_episodes=0"])
+    monkeypatch.setattr(devices, "idle_cores", lambda interval=0.25: 1.0)
+    monkeypatch.setattr(come_rl.run, "resolve_threads", devices.resolve_threads)
+    seen = []
+    monkeypatch.setattr(come_rl.run.torch, "set_num_threads", lambda n: seen.append(n))
+    come_rl.run.run(cfg)
+    assert seen and set(seen) == {1} and cfg.run.threads == 1
