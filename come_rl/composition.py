@@ -11,6 +11,15 @@ experts rather than a product, which keeps the composed score on the scale of a 
 
 The long-term memory's baseline p_psi(empty)(x | c) is the base model's own conditional prediction, so that forward
 pass is shared rather than repeated (``baseline="<other term's name>"``).
+
+``pairwise=True`` composes more than one memory expert without diluting any of them: each expert k adds to the
+base's prediction what its normalised composition with the base alone adds,
+
+    eps = eps_base + sum_k  w_k / (w_base + w_k) * ( term_k - eps_base ),
+
+a product p_base * prod_k (p_k' / p_base) of the pairwise compositions p_k'. With one expert it is the normalised rule;
+with several, each keeps the contrast it was tuned with (the normalised mean over 4 terms gives an LTM of alpha 2 w
+only w / 2: measured, it recalled less). It is a choice of weights, so the same network calls serve it.
 """
 
 from __future__ import annotations
@@ -93,7 +102,7 @@ class Composer:
     coefficient is zero is not run (see :meth:`conditional_coefficients`).
     """
 
-    def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False):
+    def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False, pairwise: bool = False):
         names = [term.name for term in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"expert term names must be unique, got {names}")
@@ -101,7 +110,10 @@ class Composer:
             if term.baseline != "unconditional" and term.baseline not in names:
                 raise ValueError(f"term {term.name!r} uses the baseline of {term.baseline!r}, which is not a term; "
                                  f"terms are {names}")
-        self.terms, self.normalize = list(terms), normalize
+        if pairwise and (terms[0].alpha != 1.0 or terms[0].baseline != "unconditional"):
+            raise ValueError(f"pairwise composition anchors on its first term, which must be a plain expert (alpha 1), "
+                             f"got {terms[0].name!r} with alpha {terms[0].alpha}")
+        self.terms, self.normalize, self.pairwise = list(terms), normalize and not pairwise, pairwise
         self.network_calls = 0
         self._states: dict[str, Any] = {}
         self._paired: dict[str, bool] = {}
@@ -125,8 +137,14 @@ class Composer:
         return coefficients
 
     def _weights(self, t: float | None) -> dict[str, float]:
-        """w_k at noise level t: 0 for a gated term below its active_from (t = None: every term active)."""
-        return {term.name: term.weight if t is None or t >= term.active_from else 0.0 for term in self.terms}
+        """w_k at noise level t: 0 for a gated term below its active_from (t = None: every term active). Pairwise: the
+        weights that give the rule in the module docstring without normalising (the anchor gets 1 - sum of the rest)."""
+        weights = {term.name: term.weight if t is None or t >= term.active_from else 0.0 for term in self.terms}
+        if not self.pairwise:
+            return weights
+        anchor = self.terms[0].name
+        shares = {name: w / (weights[anchor] + w) if w else 0.0 for name, w in weights.items() if name != anchor}
+        return {anchor: 1.0 - sum(shares.values()), **shares}
 
     def prepare(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> None:
         """conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A), poses=(B,K+1,P) or None) per term."""

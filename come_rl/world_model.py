@@ -66,6 +66,9 @@ class CompositionConfig:
     active_from: dict[str, float] = field(default_factory=dict)
     """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
     memorized); absent = always."""
+    pairwise: bool = False
+    """each memory expert adds to the base what its normalised composition with the base alone adds
+    (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
 
     def __post_init__(self) -> None:
         unknown = set(self.experts) - set(EXPERT_ROLES)
@@ -226,11 +229,11 @@ class WorldModel:
     def _composer(self) -> Composer:
         cfg = self.composition
         terms = []
-        for role in cfg.experts:
+        for role in ["base", *(r for r in cfg.experts if r != "base")]:  # the base first: the pairwise anchor
             baseline = cfg.ltm_baseline if role == "ltm" else "unconditional"
             terms.append(ExpertTerm(role, self.experts[role], cfg.alphas.get(role, 1.0), cfg.weights.get(role, 1.0),
                                     baseline, cfg.active_from.get(role, 0.0)))
-        return Composer(terms, normalize=cfg.normalize)
+        return Composer(terms, normalize=cfg.normalize, pairwise=cfg.pairwise)
 
     @property
     def context_length(self) -> int:

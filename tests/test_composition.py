@@ -153,3 +153,41 @@ def test_a_gated_term_takes_part_only_above_its_noise_level():
     low = composer(x, torch.full((4,), 0.5))  # LTM gated off: the base alone
     assert torch.allclose(low, torch.ones(4, 1))
     assert (base.calls, ltm.calls) == (1, 1)
+
+
+def test_pairwise_composition_adds_each_experts_two_term_edit_to_the_base():
+    """pairwise=True: eps = eps_base + sum_k w_k / (w_base + w_k) (term_k - eps_base). One expert: the normalised rule.
+    Several: each expert adds what it adds with the base alone (the normalised mean over all terms would dilute the
+    LTM: with 4 terms an alpha of 5 acts as 2.5 / 2)."""
+    base, ltm, stm, sltm = CountingExpert(1.0), CountingExpert(2.0), CountingExpert(3.0), CountingExpert(5.0)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    x = torch.ones(4, 1)
+    terms = {"base": ExpertTerm("base", base, 1.0), "ltm": ExpertTerm("ltm", ltm, 5.0, baseline="base"),
+             "stm": ExpertTerm("stm", stm, 2.0), "sltm": ExpertTerm("sltm", sltm, 2.0, weight=0.5)}
+
+    def eps(names, **kwargs):
+        composer = Composer([terms[name] for name in names], **kwargs)
+        composer.prepare({name: cond for name in names})
+        return composer(x, torch.zeros(4))
+
+    # terms at x = 1: base 1; ltm 5*2 - 4*1 = 6; stm 2*3 - (3 + 1) = 2; sltm 2*5 - (5 + 1) = 4 (weight 0.5)
+    for name in ("ltm", "stm"):
+        assert torch.allclose(eps(["base", name], pairwise=True), eps(["base", name], normalize=True), atol=1e-6)
+    want = 1 + 0.5 * (6 - 1) + 0.5 * (2 - 1) + (0.5 / 1.5) * (4 - 1)
+    assert torch.allclose(eps(["base", "ltm", "stm", "sltm"], pairwise=True), torch.full((4, 1), want))
+    diluted = (1 + 6 + 2 + 0.5 * 4) / 3.5  # the normalised mean: the LTM's edit shrinks as experts are added
+    assert torch.allclose(eps(["base", "ltm", "stm", "sltm"], normalize=True), torch.full((4, 1), diluted))
+    assert abs(want - diluted) > 1.5
+    with pytest.raises(ValueError, match="anchors on its first term"):
+        Composer([terms["ltm"], terms["base"]], pairwise=True)
+
+
+def test_pairwise_gating_drops_a_gated_expert_and_keeps_the_others_edits():
+    base, ltm, stm = CountingExpert(1.0), CountingExpert(2.0), CountingExpert(3.0)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 5.0, baseline="base", active_from=0.8),
+                         ExpertTerm("stm", stm, 2.0)], pairwise=True)
+    composer.prepare({"base": cond, "ltm": cond, "stm": cond})
+    x = torch.ones(4, 1)
+    assert torch.allclose(composer(x, torch.full((4,), 0.9)), torch.full((4, 1), 1 + 0.5 * 5 + 0.5 * 1))
+    assert torch.allclose(composer(x, torch.full((4,), 0.5)), torch.full((4, 1), 1 + 0.5 * 1))

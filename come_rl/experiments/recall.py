@@ -73,6 +73,13 @@ COMPOSITIONS = {
     "CoME, LTM contrast kept (alpha 4w, w=2.5, gated t>=0.8) + STM + SLTM": _poce(
         2.5, experts=["base", "ltm", "stm", "sltm"], alphas={"ltm": 10.0, "stm": 2.0, "sltm": 2.0},
         active_from={"ltm": 0.8}),
+    # Each expert adds to the base what it adds with the base alone (CompositionConfig.pairwise): the LTM keeps w = 2.5,
+    # the STM and SLTM their alpha-2 contrasts, with no re-tuned alpha.
+    "CoME pairwise (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
+                                                                   alphas={"stm": 2.0, "sltm": 2.0},
+                                                                   active_from={"ltm": 0.8}, pairwise=True),
+    "base+STM+SLTM pairwise (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
+                                            normalize=True, pairwise=True),
 }
 COMPOSITION_SETS = {
     "sweep": ["no memory (base)", "LTM alone", "PoCE w=1.5", "PoCE w=2.5, gated t>=0.9", "PoCE w=2.5, gated t>=0.8"],
@@ -82,7 +89,7 @@ COMPOSITION_SETS = {
 }
 NO_MEMORY = "no memory (base)"
 SHIPPED_DEFAULT = "PoCE w=2.5, gated t>=0.8"  # the composition in come_rl/checkpoints/memory_cards/world_model.json
-NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)"}
+NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)", "base+STM+SLTM pairwise (no LTM)"}
 
 
 @dataclass
