@@ -334,3 +334,34 @@ def test_recall_rejects_unknown_episode_starts():
 
     with pytest.raises(ValueError, match="starts must list covered and/or uncovered"):
         run(RecallConfig(starts="covered,open"))
+
+
+def test_pairwise_composition_leaves_base_plus_ltm_bit_identical_and_changes_come():
+    """The shipped composition is pairwise: for base + LTM it is the normalised rule to the bit (weights 1/2 instead
+    of a sum halved: exact scalings), so every base + LTM number stays; with the STM and SLTM it differs (no
+    dilution)."""
+    import dataclasses
+
+    from come_rl.run import resolve_checkpoint
+    from envs.memory_cards import cursor_pose_model
+
+    directory = resolve_checkpoint("memory_cards")
+    outputs = {}
+    for experts in (["base", "ltm"], ["base", "ltm", "stm", "sltm"]):
+        wm = WorldModel.load(directory, experts=experts, sampler={"steps": 3}, memorize={"batch_size": 4},
+                             pose_model=cursor_pose_model)
+        assert wm.composition.pairwise
+        env = MemoryCardsEnv()
+        frame, info = env.reset(seed=4)
+        wm.reset()
+        wm.observe(frame, None, info["pose"])
+        for action in [1, 4, 3, 4, 0, 2]:
+            frame, *_, info = env.step(action)
+            wm.observe(frame, env.action_spec.encode(action), info["pose"])
+        wm.memorize(steps=2, generator=torch.Generator().manual_seed(0))
+        actions = torch.from_numpy(np.stack([env.action_spec.encode(a) for a in (4, 1)]))[None].repeat(2, 1, 1)
+        pairwise = wm.imagine(actions, seed=3)
+        wm.composition = dataclasses.replace(wm.composition, pairwise=False)
+        outputs[len(experts)] = (pairwise, wm.imagine(actions, seed=3))
+    assert torch.equal(*outputs[2])
+    assert not torch.equal(*outputs[4])
