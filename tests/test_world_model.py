@@ -351,15 +351,9 @@ def test_pairwise_composition_leaves_base_plus_ltm_bit_identical_and_changes_com
         wm = WorldModel.load(directory, experts=experts, sampler={"steps": 3}, memorize={"batch_size": 4},
                              pose_model=cursor_pose_model)
         assert wm.composition.pairwise
-        env = MemoryCardsEnv()
-        frame, info = env.reset(seed=4)
-        wm.reset()
-        wm.observe(frame, None, info["pose"])
-        for action in [1, 4, 3, 4, 0, 2]:
-            frame, *_, info = env.step(action)
-            wm.observe(frame, env.action_spec.encode(action), info["pose"])
+        observe_random_walk(wm, 10, seed=4)
         wm.memorize(steps=2, generator=torch.Generator().manual_seed(0))
-        actions = torch.from_numpy(np.stack([env.action_spec.encode(a) for a in (4, 1)]))[None].repeat(2, 1, 1)
+        actions = torch.eye(5)[[4, 1]][None].repeat(2, 1, 1)
         pairwise = wm.imagine(actions, seed=3)
         wm.composition = dataclasses.replace(wm.composition, pairwise=False)
         outputs[len(experts)] = (pairwise, wm.imagine(actions, seed=3))
