@@ -167,3 +167,64 @@ class SamplingPlanner:
         if not isinstance(action_spec, ActionSpec):
             raise TypeError(f"action_spec must be a come_rl.interfaces.ActionSpec, got {type(action_spec).__name__}")
         return check_positive_int("horizon", horizon, type(self).__name__)
+
+
+class IterativeSamplingPlanner(SamplingPlanner):
+    """The skeleton CEM and MPPI share: sample a population from a per-step distribution (a diagonal Gaussian over
+    continuous actions, a categorical over one-hot discrete ones), score it, refit, ``iterations`` times, starting from
+    the previous call's distribution shifted (warm start); return the mean (continuous, clipped to the bounds) or the
+    most likely one-hot action per step (discrete).
+
+    Subclasses set ``population``, ``iterations``, ``repeats``, ``momentum``, ``probability_floor``, ``initial_std``
+    (a fraction of the half range) and say how scored candidates refit the distribution: :meth:`_refit_gaussian` and
+    :meth:`_categorical_target`.
+    """
+
+    population: int
+    iterations: int
+    repeats: int
+    momentum: float
+    probability_floor: float
+    initial_std: float
+
+    def plan(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        """Return the plan after ``iterations`` refits, shape (horizon, action_dim)."""
+        horizon = self._check_spec(action_spec, horizon)
+        if action_spec.kind == "continuous":
+            return self._plan_continuous(objective, action_spec, horizon)
+        return self._plan_discrete(objective, action_spec, horizon)
+
+    def _refit_gaussian(self, candidates: torch.Tensor, scores: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        half_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(population, horizon, dim) candidates and their (population,) scores -> the next (mean, std)."""
+        raise NotImplementedError
+
+    def _categorical_target(self, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(population, horizon, n) one-hot candidates and their scores -> (horizon, n) action frequencies that the
+        probabilities move towards (by 1 - momentum)."""
+        raise NotImplementedError
+
+    def _plan_continuous(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        low, high = action_bounds(action_spec)
+        half_range = (high - low) / 2
+        mean = self._warm_start(((low + high) / 2).expand(horizon, -1))
+        std = (self.initial_std * half_range).expand(horizon, -1).clone()
+        for _ in range(self.iterations):
+            candidates = sample_gaussian_actions(mean, std, self.population, low, high, self.generator)
+            scores = score_candidates(objective, candidates, self.repeats)
+            mean, std = self._refit_gaussian(candidates, scores, mean, std, half_range)
+        self._previous = mean.clone()
+        return torch.maximum(torch.minimum(mean, high), low)
+
+    def _plan_discrete(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
+        num_actions = action_spec.dim
+        probs = self._warm_start(torch.full((horizon, num_actions), 1.0 / num_actions))
+        # mix in a uniform floor: p <- (1 - n f) p + f keeps every action at >= f and rows summing to 1
+        floor = min(self.probability_floor, 1.0 / num_actions)
+        for _ in range(self.iterations):
+            candidates = sample_one_hot_actions(probs, self.population, self.generator)
+            scores = score_candidates(objective, candidates, self.repeats)
+            probs = self.momentum * probs + (1 - self.momentum) * self._categorical_target(candidates, scores)
+            probs = (1 - num_actions * floor) * probs + floor
+        self._previous = probs.clone()
+        return one_hot_argmax(probs)

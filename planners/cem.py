@@ -11,20 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from planners.base import (
-    ActionSpec,
-    Objective,
-    SamplingPlanner,
-    action_bounds,
-    check_positive_int,
-    one_hot_argmax,
-    sample_gaussian_actions,
-    sample_one_hot_actions,
-    score_candidates,
-)
+from planners.base import IterativeSamplingPlanner, check_positive_int
 
 
-class CEMPlanner(SamplingPlanner):
+class CEMPlanner(IterativeSamplingPlanner):
     """Cross-entropy method planner.
 
     Args:
@@ -78,38 +68,15 @@ class CEMPlanner(SamplingPlanner):
         self.probability_floor = float(probability_floor)
         super().__init__(seed=seed, warm_start_shift=warm_start_shift)
 
-    def plan(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        """Return the elite mean after ``iterations`` refits, shape (horizon, action_dim)."""
-        horizon = self._check_spec(action_spec, horizon)
-        if action_spec.kind == "continuous":
-            return self._plan_continuous(objective, action_spec, horizon)
-        return self._plan_discrete(objective, action_spec, horizon)
+    @property
+    def initial_std(self) -> float:
+        return self.init_std
 
-    def _plan_continuous(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        low, high = action_bounds(action_spec)
-        half_range = (high - low) / 2
-        mean = self._warm_start(((low + high) / 2).expand(horizon, -1))
-        std = (self.init_std * half_range).expand(horizon, -1).clone()
-        for _ in range(self.iterations):
-            candidates = sample_gaussian_actions(mean, std, self.population, low, high, self.generator)
-            scores = score_candidates(objective, candidates, self.repeats)
-            elite_candidates = candidates[torch.topk(scores, self.elites).indices]
-            mean = self.momentum * mean + (1 - self.momentum) * elite_candidates.mean(dim=0)
-            elite_std = elite_candidates.std(dim=0, unbiased=False)
-            std = torch.maximum(self.momentum * std + (1 - self.momentum) * elite_std, self.min_std * half_range)
-        self._previous = mean.clone()
-        return torch.maximum(torch.minimum(mean, high), low)
+    def _refit_gaussian(self, candidates, scores, mean, std, half_range):
+        elite_candidates = candidates[torch.topk(scores, self.elites).indices]
+        mean = self.momentum * mean + (1 - self.momentum) * elite_candidates.mean(dim=0)
+        elite_std = elite_candidates.std(dim=0, unbiased=False)
+        return mean, torch.maximum(self.momentum * std + (1 - self.momentum) * elite_std, self.min_std * half_range)
 
-    def _plan_discrete(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        num_actions = action_spec.dim
-        probs = self._warm_start(torch.full((horizon, num_actions), 1.0 / num_actions))
-        for _ in range(self.iterations):
-            candidates = sample_one_hot_actions(probs, self.population, self.generator)
-            scores = score_candidates(objective, candidates, self.repeats)
-            elite_frequencies = candidates[torch.topk(scores, self.elites).indices].mean(dim=0)
-            probs = self.momentum * probs + (1 - self.momentum) * elite_frequencies
-            # mix in a uniform floor: p <- (1 - n f) p + f keeps every action at >= f and rows summing to 1
-            floor = min(self.probability_floor, 1.0 / num_actions)
-            probs = (1 - num_actions * floor) * probs + floor
-        self._previous = probs.clone()
-        return one_hot_argmax(probs)
+    def _categorical_target(self, candidates, scores):
+        return candidates[torch.topk(scores, self.elites).indices].mean(dim=0)  # the elites' action frequencies

@@ -13,17 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from planners.base import (
-    ActionSpec,
-    Objective,
-    SamplingPlanner,
-    action_bounds,
-    check_positive_int,
-    one_hot_argmax,
-    sample_gaussian_actions,
-    sample_one_hot_actions,
-    score_candidates,
-)
+from planners.base import IterativeSamplingPlanner, check_positive_int
 
 
 def softmax_weights(scores: torch.Tensor, temperature: float, normalize_scores: bool) -> torch.Tensor:
@@ -41,7 +31,7 @@ def softmax_weights(scores: torch.Tensor, temperature: float, normalize_scores: 
     return torch.softmax((scores - best) / (temperature * scale), dim=0)
 
 
-class MPPIPlanner(SamplingPlanner):
+class MPPIPlanner(IterativeSamplingPlanner):
     """MPPI planner.
 
     Args:
@@ -97,40 +87,18 @@ class MPPIPlanner(SamplingPlanner):
         self.normalize_scores = bool(normalize_scores)
         super().__init__(seed=seed, warm_start_shift=warm_start_shift)
 
-    def plan(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        """Return the weighted mean plan after ``iterations`` updates, shape (horizon, action_dim)."""
-        horizon = self._check_spec(action_spec, horizon)
-        if action_spec.kind == "continuous":
-            return self._plan_continuous(objective, action_spec, horizon)
-        return self._plan_discrete(objective, action_spec, horizon)
+    @property
+    def initial_std(self) -> float:
+        return self.noise_std
 
-    def _plan_continuous(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        low, high = action_bounds(action_spec)
-        half_range = (high - low) / 2
-        mean = self._warm_start(((low + high) / 2).expand(horizon, -1))
-        std = (self.noise_std * half_range).expand(horizon, -1).clone()
-        for _ in range(self.iterations):
-            candidates = sample_gaussian_actions(mean, std, self.population, low, high, self.generator)
-            scores = score_candidates(objective, candidates, self.repeats)
-            weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
-            weighted_mean = (weights * candidates).sum(dim=0)
-            if self.adapt_std:
-                weighted_std = (weights * (candidates - weighted_mean) ** 2).sum(dim=0).sqrt()
-                std = torch.maximum(weighted_std, self.min_std * half_range)
-            mean = self.momentum * mean + (1 - self.momentum) * weighted_mean
-        self._previous = mean.clone()
-        return torch.maximum(torch.minimum(mean, high), low)
+    def _refit_gaussian(self, candidates, scores, mean, std, half_range):
+        weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
+        weighted_mean = (weights * candidates).sum(dim=0)
+        if self.adapt_std:
+            weighted_std = (weights * (candidates - weighted_mean) ** 2).sum(dim=0).sqrt()
+            std = torch.maximum(weighted_std, self.min_std * half_range)
+        return self.momentum * mean + (1 - self.momentum) * weighted_mean, std
 
-    def _plan_discrete(self, objective: Objective, action_spec: ActionSpec, horizon: int) -> torch.Tensor:
-        num_actions = action_spec.dim
-        probs = self._warm_start(torch.full((horizon, num_actions), 1.0 / num_actions))
-        floor = min(self.probability_floor, 1.0 / num_actions)
-        for _ in range(self.iterations):
-            candidates = sample_one_hot_actions(probs, self.population, self.generator)
-            scores = score_candidates(objective, candidates, self.repeats)
-            weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
-            weighted_frequencies = (weights * candidates).sum(dim=0)  # (horizon, n), rows sum to 1
-            probs = self.momentum * probs + (1 - self.momentum) * weighted_frequencies
-            probs = (1 - num_actions * floor) * probs + floor
-        self._previous = probs.clone()
-        return one_hot_argmax(probs)
+    def _categorical_target(self, candidates, scores):
+        weights = softmax_weights(scores, self.temperature, self.normalize_scores).view(-1, 1, 1)
+        return (weights * candidates).sum(dim=0)  # softmax-weighted action frequencies, rows sum to 1
