@@ -27,6 +27,8 @@ row ``repeats`` times (candidates of a planner share one context).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -78,3 +80,14 @@ def _map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tensors(v, fn) for v in obj)
     return obj
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of noise levels: ``t (...,)`` in [0, 1] -> ``(..., dim)``.
+
+    ``t`` is scaled by 1000 so that the frequencies resolve the levels of a 1000-step schedule.
+    """
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = (t.float() * 1000.0)[..., None] * frequencies
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)

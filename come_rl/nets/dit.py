@@ -34,7 +34,6 @@ that peft's LoRA can target them by name.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from come_rl.nets.backbone import VideoBackbone
+from come_rl.nets.backbone import VideoBackbone, timestep_embedding
 
 __all__ = ["GatedTemporalRecurrence", "VideoDiT", "VideoDiTConfig", "timestep_embedding"]
 
@@ -125,17 +124,6 @@ class VideoDiTConfig:
 
     def is_full_attention(self, layer: int) -> bool:
         return self.window_frames is None or layer in self.full_attention_layers
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of noise levels: ``t (...,)`` in [0, 1] -> ``(..., dim)``.
-
-    ``t`` is scaled by 1000 so that the frequencies resolve the levels of a 1000-step schedule.
-    """
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = (t.float() * 1000.0)[..., None] * frequencies
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

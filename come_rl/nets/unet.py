@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from come_rl.nets.backbone import VideoBackbone
+from come_rl.nets.backbone import VideoBackbone, timestep_embedding
 
 
 @dataclass
@@ -60,14 +60,6 @@ class UNetConfig:
             raise ValueError(f"frame_size/unshuffle = {base} must be divisible by 2^(levels-1) = {2 ** (len(self.widths) - 1)}")
         if self.context_frames < 1:
             raise ValueError(f"context_frames must be >= 1, got {self.context_frames}")
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like discrete DDPM steps). (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def _groups(ch: int) -> int:
