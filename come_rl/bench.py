@@ -37,7 +37,8 @@ from come_rl import devices
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.train import parse_overrides
-from come_rl.world_model import CompositionConfig, WorldModel
+from come_rl.composition import CompositionConfig
+from come_rl.world_model import WorldModel
 
 
 @dataclass

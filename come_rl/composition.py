@@ -25,7 +25,7 @@ only w / 2: measured, it recalled less). It is a choice of weights, so the same 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -204,3 +204,53 @@ class Composer:
             [conditional[term.name] for term in self.terms], baselines,
             [term.alpha for term in self.terms], [weights[term.name] for term in self.terms], self.normalize,
         )
+
+
+EXPERT_ROLES = ("base", "ltm", "stm", "sltm")
+
+
+@dataclass
+class CompositionConfig:
+    """Which experts take part and how they are weighed (paper eq. 4 and 6).
+
+    Attributes:
+        experts: the enabled terms, a subset of ("base", "ltm", "stm", "sltm"); "base" is always the anchor.
+        alphas: contrast coefficient per expert (1 = plain PoE; the authors' code uses 2 for STM and LTM).
+        weights: w_k per expert (1 = the paper's sum of scores).
+        normalize: divide the composed eps by sum_k w_k.
+        ltm_baseline: "base" shares the base model's conditional pass as the LTM's baseline p_psi(empty)(x | c)
+            (paper eq. 4); "unconditional" uses the LTM's own dropped-context mode instead.
+    """
+
+    experts: list[str] = field(default_factory=lambda: ["base", "ltm"])
+    alphas: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 2.0, "stm": 2.0, "sltm": 2.0})
+    weights: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 1.0, "stm": 1.0, "sltm": 1.0})
+    normalize: bool = True
+    ltm_baseline: str = "base"
+    sltm_memorizes: bool = False
+    """test-time memorization of the SLTM too (paper B): a LoRA copy of the SLTM is fine-tuned on the episode (with
+    its poses) by ``memorize`` like the LTM, and reset with it."""
+    active_from: dict[str, float] = field(default_factory=dict)
+    """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
+    memorized); absent = always."""
+    pairwise: bool = False
+    """each memory expert adds to the base what its normalised composition with the base alone adds
+    (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.experts) - set(EXPERT_ROLES)
+        if unknown:
+            raise ValueError(f"unknown experts {sorted(unknown)}; choose from {EXPERT_ROLES}")
+        if "base" not in self.experts:
+            raise ValueError("the composition needs the base expert (it anchors the LTM's baseline)")
+
+
+def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert]) -> Composer:
+    """The :class:`Composer` of ``config`` over ``experts`` (role -> expert): the base first (the pairwise anchor),
+    the LTM's baseline per ``config.ltm_baseline``, every other expert against its own unconditional mode."""
+    terms = []
+    for role in ["base", *(r for r in config.experts if r != "base")]:
+        baseline = config.ltm_baseline if role == "ltm" else "unconditional"
+        terms.append(ExpertTerm(role, experts[role], config.alphas.get(role, 1.0), config.weights.get(role, 1.0),
+                                baseline, config.active_from.get(role, 0.0)))
+    return Composer(terms, normalize=config.normalize, pairwise=config.pairwise)

@@ -24,7 +24,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,51 +31,12 @@ import torch
 
 from come_rl import devices
 from come_rl.checkpoint import load_expert, resolve_checkpoint
-from come_rl.composition import Composer, ExpertTerm
+from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
 from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
 from come_rl.interfaces import ActionSpec
-
-EXPERT_ROLES = ("base", "ltm", "stm", "sltm")
-
-
-@dataclass
-class CompositionConfig:
-    """Which experts take part and how they are weighed (paper eq. 4 and 6).
-
-    Attributes:
-        experts: the enabled terms, a subset of ("base", "ltm", "stm", "sltm"); "base" is always the anchor.
-        alphas: contrast coefficient per expert (1 = plain PoE; the authors' code uses 2 for STM and LTM).
-        weights: w_k per expert (1 = the paper's sum of scores).
-        normalize: divide the composed eps by sum_k w_k.
-        ltm_baseline: "base" shares the base model's conditional pass as the LTM's baseline p_psi(empty)(x | c)
-            (paper eq. 4); "unconditional" uses the LTM's own dropped-context mode instead.
-    """
-
-    experts: list[str] = field(default_factory=lambda: ["base", "ltm"])
-    alphas: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 2.0, "stm": 2.0, "sltm": 2.0})
-    weights: dict[str, float] = field(default_factory=lambda: {"base": 1.0, "ltm": 1.0, "stm": 1.0, "sltm": 1.0})
-    normalize: bool = True
-    ltm_baseline: str = "base"
-    sltm_memorizes: bool = False
-    """test-time memorization of the SLTM too (paper B): a LoRA copy of the SLTM is fine-tuned on the episode (with
-    its poses) by ``memorize`` like the LTM, and reset with it."""
-    active_from: dict[str, float] = field(default_factory=dict)
-    """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
-    memorized); absent = always."""
-    pairwise: bool = False
-    """each memory expert adds to the base what its normalised composition with the base alone adds
-    (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
-
-    def __post_init__(self) -> None:
-        unknown = set(self.experts) - set(EXPERT_ROLES)
-        if unknown:
-            raise ValueError(f"unknown experts {sorted(unknown)}; choose from {EXPERT_ROLES}")
-        if "base" not in self.experts:
-            raise ValueError("the composition needs the base expert (it anchors the LTM's baseline)")
-
 
 PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """pose_model(poses (B, 3), actions (B, A)) -> next poses (B, 3): how imagined actions move the agent (SLTM)."""
@@ -227,13 +187,7 @@ class WorldModel:
         return actions
 
     def _composer(self) -> Composer:
-        cfg = self.composition
-        terms = []
-        for role in ["base", *(r for r in cfg.experts if r != "base")]:  # the base first: the pairwise anchor
-            baseline = cfg.ltm_baseline if role == "ltm" else "unconditional"
-            terms.append(ExpertTerm(role, self.experts[role], cfg.alphas.get(role, 1.0), cfg.weights.get(role, 1.0),
-                                    baseline, cfg.active_from.get(role, 0.0)))
-        return Composer(terms, normalize=cfg.normalize, pairwise=cfg.pairwise)
+        return build_composer(self.composition, self.experts)
 
     @property
     def context_length(self) -> int:

@@ -34,7 +34,8 @@ from come_rl.fanout import FanoutSettings, check_backend, run_tasks
 from come_rl.frames import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.train import parse_overrides
-from come_rl.world_model import CompositionConfig, WorldModel
+from come_rl.composition import CompositionConfig
+from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE, MemoryCardsEnv, cursor_pose_model, path_to_tile, zigzag_recall_actions
 
 STRICT_THRESHOLD = 2e-5
