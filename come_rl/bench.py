@@ -22,6 +22,7 @@ All ratios come from one run (these machines are noisy). The STM and SLTM are un
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -37,7 +38,7 @@ from come_rl import devices
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.train import parse_overrides
-from come_rl.composition import CompositionConfig
+from come_rl.composition import Composer, compose_noise_predictions
 from come_rl.world_model import WorldModel
 
 
@@ -101,8 +102,9 @@ def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, s
     from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
 
     wm = WorldModel.load(config.checkpoint, experts=["base"], sampler={"steps": config.steps}, device=config.device)
+    # the checkpoint's own composition rule (alphas, gates, pairwise) with the asked experts: its cost is the shipped one
     model = WorldModel(wm.base, wm.action_spec, wm.frame_shape[-1], stm=stm, sltm=sltm,
-                       composition=CompositionConfig(experts=experts), sampler=wm.sampler,
+                       composition=dataclasses.replace(wm.composition, experts=experts), sampler=wm.sampler,
                        memorize_config=wm.memorize_config, pose_model=cursor_pose_model, device=wm.device,
                        precision=config.precision, compile=config.compile)
     env = MemoryCardsEnv(size=wm.frame_shape[-1])
@@ -115,6 +117,54 @@ def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, s
         frame, *_, info = env.step(action)
         model.observe(frame, env.action_spec.encode(action), info["pose"])
     return model
+
+
+class NaiveComposer(Composer):
+    """The reference a plain implementation runs (as the authors' code and NWM do): at every denoising step every
+    expert's context is prepared anew and every (expert, condition) pair is its own network call, the LTM's baseline
+    (the base's conditional prediction) included, and no pass is skipped. Same rule, same numbers (the benchmark
+    records the largest difference), more work: what the batched, cached :class:`Composer` saves."""
+
+    def prepare(self, conditions: dict) -> None:
+        self._conditions = conditions
+        self._states = {"naive": None}  # the parent's "prepared" flag
+
+    def _predict(self, term, x_t: torch.Tensor, t: torch.Tensor, drop: bool) -> torch.Tensor:
+        condition = self._conditions[term.name]
+        rows = condition["context"].shape[0]
+        state = term.expert.prepare(condition["context"], condition["actions"], condition.get("poses"),
+                                    torch.full((rows,), drop, dtype=torch.bool, device=condition["context"].device))
+        self.network_calls += 1
+        return term.expert.predict_eps(state, x_t, t)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        by_name = {term.name: term for term in self.terms}
+        conditional = {term.name: self._predict(term, x_t, t, False) for term in self.terms}
+        baselines = []
+        for term in self.terms:
+            if term.alpha == 1.0:
+                baselines.append(None)
+            elif term.baseline == "unconditional":
+                baselines.append(self._predict(term, x_t, t, True))
+            else:  # the baseline expert's conditional pass, run again
+                baselines.append(self._predict(by_name[term.baseline], x_t, t, False))
+        weights = self._weights(float(t.max()))
+        return compose_noise_predictions([conditional[term.name] for term in self.terms], baselines,
+                                         [term.alpha for term in self.terms],
+                                         [weights[term.name] for term in self.terms], self.normalize)
+
+
+def _time_imagine(model: WorldModel, actions: torch.Tensor, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(fastest seconds of ``repeats`` imagine calls after a warm-up, the frames of the seed-0 call)."""
+    model.imagine(actions[:, :1], seed=0)  # warm-up
+    times, frames = [], None
+    for r in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.imagine(actions, seed=r)  # returns on the CPU: the copy waits for the GPU
+        times.append(time.perf_counter() - start)
+        frames = out if r == 0 else frames
+    return min(times), frames
 
 
 def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
@@ -147,15 +197,14 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         model = _filled_model(config, experts, stm_expert, sltm_expert)
         if model.ltm is not None:
             model.memorize(steps=2)  # non-zero adapters, as after memorization
-        model.imagine(actions[:, :1], seed=0)  # warm-up
-        times = []
-        for r in range(config.repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            model.imagine(actions, seed=r)  # returns on the CPU: the copy waits for the GPU
-            times.append(time.perf_counter() - start)
-        seconds = min(times)
+        seconds, frames = _time_imagine(model, actions, config.repeats, device)
         calls_per_step = model.last_network_calls / (config.horizon * config.steps)
+        fast_composer = model._composer
+        model._composer = lambda fast=fast_composer: NaiveComposer(fast().terms, normalize=fast().normalize,
+                                                                   pairwise=fast().pairwise)
+        naive_seconds, naive_frames = _time_imagine(model, actions, config.repeats, device)
+        naive_calls_per_step = model.last_network_calls / (config.horizon * config.steps)
+        model._composer = fast_composer
         with FlopCounterMode(display=False) as counter:
             model.imagine(actions[:, :1], seed=0)
         flops_per_frame = counter.get_total_flops() / config.batch
@@ -166,6 +215,9 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
             "composition": name, "imagined_frames_per_s": frames_per_second,
             "ms_per_frame": 1000 / frames_per_second, "cost_ratio_to_base": seconds / base_seconds,
             "network_calls_per_denoising_step": calls_per_step,
+            "naive_ms_per_frame": 1000 * naive_seconds / (config.batch * config.horizon),
+            "naive_over_this": naive_seconds / seconds, "naive_network_calls_per_step": naive_calls_per_step,
+            "max_abs_diff_to_naive": float((frames - naive_frames).abs().max()),
             "gflop_per_frame": flops_per_frame / 1e9,
             "achieved_gflops": flops_per_frame * frames_per_second / 1e9, "matmul_peak_gflops": peak,
             "parameters_M": sum(params.values()) / 1e6, "batch": config.batch, "denoising_steps": config.steps,
@@ -195,6 +247,25 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
             "lora_parameters_M": sum(p.numel() for p in model.ltm.adapter_parameters) / 1e6,
             "threads": config.threads, "device": str(device), "precision": precision,
         })
+    # The shipped recipe (the checkpoint's MemorizeConfig) against a sampling step of base + LTM at its own batch.
+    model = _filled_model(config, ["base", "ltm"])
+    recipe = model.memorize_config
+    model.memorize(steps=1)  # warm-up (optimizer creation)
+    per_step = model.memorize(steps=config.memorize_steps)["seconds"] / config.memorize_steps
+    same_batch = torch.nn.functional.one_hot(torch.randint(0, action_dim, (recipe.batch_size, 1), device="cpu"),
+                                             action_dim).float()
+    model.imagine(same_batch, seed=0)  # warm-up at this batch
+    synchronize(device)
+    start = time.perf_counter()
+    model.imagine(same_batch, seed=1)
+    same_batch_step = (time.perf_counter() - start) / config.steps
+    rows.append({
+        "composition": f"memorize, shipped recipe ({recipe.method}, batch {recipe.batch_size})",
+        "ms_per_frame": float("nan"), "memorize_ms_per_step": 1000 * per_step,
+        "sampling_step_ms (same batch, base+ltm)": 1000 * same_batch_step,
+        "memorize_step_over_sampling_step": per_step / same_batch_step,
+        "threads": config.threads, "device": str(device), "precision": precision,
+    })
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for row in rows:
         row["peak_rss_MB"] = round(peak_rss_mb, 1)

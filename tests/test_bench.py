@@ -18,3 +18,22 @@ def test_the_threads_benchmark_times_every_setting_and_writes_its_table(tmp_path
     assert "1-thread matmul loop" in (tmp_path / "threads.md").read_text()
     with pytest.raises(ValueError, match="threads must list"):
         bench_threads(ThreadsBenchConfig(threads=[0], out_dir=str(tmp_path)))
+
+
+def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
+    """Every composition imagines the same frames (to 1e-5) as the naive reference (context prepared at every step,
+    one network call per expert and condition), with fewer network calls; the memorization rows are there."""
+    from come_rl.bench import WorldModelBenchConfig, bench_world_model
+
+    rows = bench_world_model(WorldModelBenchConfig(checkpoint="come_rl/checkpoints/memory_cards", batch=2, horizon=1,
+                                                   steps=2, repeats=1, threads=1, memorize_steps=1,
+                                                   out_dir=str(tmp_path)))
+    imagined = [row for row in rows if row["composition"].startswith("base")]
+    assert [row["composition"] for row in imagined] == ["base", "base+ltm", "base+stm", "base+ltm+stm+sltm (CoME)"]
+    for row in imagined:
+        assert row["max_abs_diff_to_naive"] < 1e-5, row
+        assert row["naive_network_calls_per_step"] >= row["network_calls_per_denoising_step"] > 0
+    come = imagined[-1]
+    assert come["naive_network_calls_per_step"] > come["network_calls_per_denoising_step"]
+    assert any(row["composition"].startswith("memorize, shipped recipe") for row in rows)
+    assert (tmp_path / "world_model.md").is_file()
