@@ -37,3 +37,17 @@ def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
     assert come["naive_network_calls_per_step"] > come["network_calls_per_denoising_step"]
     assert any(row["composition"].startswith("memorize, shipped recipe") for row in rows)
     assert (tmp_path / "world_model.md").is_file()
+
+
+def test_the_long_episode_benchmark_streams_memorization_and_records_memory(tmp_path):
+    from come_rl.bench import LongEpisodeBenchConfig, bench_long_episode
+
+    rows = bench_long_episode(LongEpisodeBenchConfig(steps=20, memorize_every=10, memorize_steps=1, threads=1,
+                                                     out_dir=str(tmp_path)))
+    assert [row["env_step"] for row in rows] == [10, 20]
+    assert [row["frames_in_memory"] for row in rows] == [11, 21]  # the first frame and one per step
+    assert all(row["memorize_seconds"] > 0 and row["rss_MB"] > 0 for row in rows)
+    assert rows[0]["peak_growth_since_first"] == 0.0 and rows[1]["peak_growth_since_first"] >= 0.0
+    assert (tmp_path / "long_episode.png").stat().st_size > 0 and "peak RSS" in (tmp_path / "long_episode.md").read_text()
+    with pytest.raises(ValueError, match="memorize_every"):
+        bench_long_episode(LongEpisodeBenchConfig(steps=5, memorize_every=10, out_dir=str(tmp_path)))
