@@ -28,6 +28,7 @@ All ratios come from one run (these machines are noisy). The STM and SLTM are un
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -130,29 +131,28 @@ class NaiveComposer(Composer):
     (the base's conditional prediction) included, and no pass is skipped. Same rule, same numbers (the benchmark
     records the largest difference), more work: what the batched, cached :class:`Composer` saves."""
 
-    def prepare(self, conditions: dict) -> None:
-        self._conditions = conditions
-        self._states = {"naive": None}  # the parent's "prepared" flag
+    def bind(self, conditions: dict):
+        return functools.partial(self._naive_denoise, conditions)
 
-    def _predict(self, term, x_t: torch.Tensor, t: torch.Tensor, drop: bool) -> torch.Tensor:
-        condition = self._conditions[term.name]
+    def _predict(self, conditions: dict, term, x_t: torch.Tensor, t: torch.Tensor, drop: bool) -> torch.Tensor:
+        condition = conditions[term.name]
         rows = condition["context"].shape[0]
         state = term.expert.prepare(condition["context"], condition["actions"], condition.get("poses"),
                                     torch.full((rows,), drop, dtype=torch.bool, device=condition["context"].device))
         self.network_calls += 1
         return term.expert.predict_eps(state, x_t, t)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _naive_denoise(self, conditions: dict, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         by_name = {term.name: term for term in self.terms}
-        conditional = {term.name: self._predict(term, x_t, t, False) for term in self.terms}
+        conditional = {term.name: self._predict(conditions, term, x_t, t, False) for term in self.terms}
         baselines = []
         for term in self.terms:
             if term.alpha == 1.0:
                 baselines.append(None)
             elif term.baseline == "unconditional":
-                baselines.append(self._predict(term, x_t, t, True))
+                baselines.append(self._predict(conditions, term, x_t, t, True))
             else:  # the baseline expert's conditional pass, run again
-                baselines.append(self._predict(by_name[term.baseline], x_t, t, False))
+                baselines.append(self._predict(conditions, by_name[term.baseline], x_t, t, False))
         weights = self._weights(float(t.max()))
         return compose_noise_predictions([conditional[term.name] for term in self.terms], baselines,
                                          [term.alpha for term in self.terms],

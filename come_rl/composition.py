@@ -24,9 +24,9 @@ only w / 2: measured, it recalled less). It is a choice of weights, so the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -94,12 +94,13 @@ class ExpertTerm:
 
 
 class Composer:
-    """Turns several experts into one denoiser ``(x_t, t) -> eps`` with the rule of :func:`compose_noise_predictions`.
+    """The rule of :func:`compose_noise_predictions` over several experts; :meth:`bind` turns it into a denoiser.
 
-    ``prepare`` processes every expert's context once (conditional and unconditional rows stacked into one batch), so
-    each denoising step costs at most one network call per expert that has a term: the distinct (expert, condition)
-    pairs are the rows of those calls, a baseline shared with another term costs nothing, and a pass whose total
-    coefficient is zero is not run (see :meth:`conditional_coefficients`).
+    ``composer.bind(conditions)`` processes every expert's context once (conditional and unconditional rows stacked into
+    one batch) and returns a plain denoiser ``(x_t, t) -> eps`` for the sampler, so each denoising step costs at most one
+    network call per expert that has a term: the distinct (expert, condition) pairs are the rows of those calls, a
+    baseline shared with another term costs nothing, and a pass whose total coefficient is zero is not run (see
+    :meth:`conditional_coefficients`). ``network_calls`` counts the calls of every denoiser it bound.
     """
 
     def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False, pairwise: bool = False):
@@ -115,9 +116,6 @@ class Composer:
                              f"got {terms[0].name!r} with alpha {terms[0].alpha}")
         self.terms, self.normalize, self.pairwise = list(terms), normalize and not pairwise, pairwise
         self.network_calls = 0
-        self._states: dict[str, Any] = {}
-        self._paired: dict[str, bool] = {}
-        self._skipped: set[str] = set()
 
     def needs_unconditional(self, term: ExpertTerm) -> bool:
         return term.alpha != 1.0 and term.baseline == "unconditional"
@@ -146,26 +144,31 @@ class Composer:
         shares = {name: w / (weights[anchor] + w) if w else 0.0 for name, w in weights.items() if name != anchor}
         return {anchor: 1.0 - sum(shares.values()), **shares}
 
-    def prepare(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> None:
-        """conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A), poses=(B,K+1,P) or None) per term."""
-        self._states.clear()
-        # Passes whose prediction enters the sum with coefficient 0 at every noise level are skipped (their term is
-        # added as zeros); gates split the noise range, so check just above and just below every gate.
+    def skipped_terms(self) -> set[str]:
+        """Terms whose prediction enters the sum with coefficient 0 at every noise level (added as zeros, never run);
+        gates split the noise range, so the coefficients are checked just above and just below every gate."""
         gates = {term.active_from for term in self.terms if term.active_from > 0}
         levels = [None, *gates, *(gate - 1e-6 for gate in gates)]
         per_level = [self.conditional_coefficients(level) for level in levels]
-        self._skipped = {term.name for term in self.terms
-                         if all(c[term.name] == 0.0 for c in per_level) and not self.needs_unconditional(term)}
+        return {term.name for term in self.terms
+                if all(c[term.name] == 0.0 for c in per_level) and not self.needs_unconditional(term)}
+
+    def bind(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                    torch.Tensor]:
+        """The denoiser of these conditions: conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A),
+        poses=(B,K+1,P) or None) per term. Every context is prepared here, once."""
+        skipped = self.skipped_terms()
+        states, paired = {}, {}
         for term in self.terms:
-            if term.name in self._skipped:
+            if term.name in skipped:
                 continue
             if term.name not in conditions:
                 raise ValueError(f"no conditioning given for expert term {term.name!r}")
             cond = conditions[term.name]
             context, actions, poses = cond["context"], cond["actions"], cond.get("poses")
             b = context.shape[0]
-            paired = self.needs_unconditional(term)
-            if paired:
+            paired[term.name] = self.needs_unconditional(term)
+            if paired[term.name]:
                 # Conditional rows first, unconditional rows second: one batched call per step for both.
                 context, actions = torch.cat([context, context]), torch.cat([actions, actions])
                 poses = None if poses is None else torch.cat([poses, poses])
@@ -173,12 +176,10 @@ class Composer:
                                   torch.ones(b, dtype=torch.bool, device=context.device)])
             else:
                 drop = torch.zeros(b, dtype=torch.bool, device=context.device)
-            self._states[term.name] = term.expert.prepare(context, actions, poses, drop)
-            self._paired[term.name] = paired
+            states[term.name] = term.expert.prepare(context, actions, poses, drop)
+        return functools.partial(self._denoise, states, paired, skipped)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not self._states:
-            raise RuntimeError("Composer.prepare(conditions) must be called before denoising")
+    def _denoise(self, states: dict, paired: dict, skipped: set, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         conditional: dict[str, torch.Tensor] = {}
         unconditional: dict[str, torch.Tensor] = {}
         level = float(t.max())
@@ -186,15 +187,15 @@ class Composer:
         coefficients = self.conditional_coefficients(level)
         for term in self.terms:
             inactive = coefficients[term.name] == 0.0 and not (weights[term.name] and self.needs_unconditional(term))
-            if term.name in self._skipped or inactive:
+            if term.name in skipped or inactive:
                 conditional[term.name] = torch.zeros_like(x_t)
                 unconditional[term.name] = torch.zeros_like(x_t)
                 continue
-            if self._paired[term.name]:
-                eps = term.expert.predict_eps(self._states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
+            if paired[term.name]:
+                eps = term.expert.predict_eps(states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
                 conditional[term.name], unconditional[term.name] = eps.chunk(2)
             else:
-                conditional[term.name] = term.expert.predict_eps(self._states[term.name], x_t, t)
+                conditional[term.name] = term.expert.predict_eps(states[term.name], x_t, t)
             self.network_calls += 1
         baselines = [
             unconditional.get(term.name) if term.baseline == "unconditional" else conditional[term.baseline]

@@ -248,9 +248,8 @@ class WorldModel:
                     "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                     "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                 }
-            composer.prepare(conditions)
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
-            next_frame = sample(composer, (batch, *self.frame_shape), self.base.schedule, self.sampler,
+            next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device).clamp(-1.0, 1.0)
             outputs.append(next_frame)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)

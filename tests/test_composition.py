@@ -114,9 +114,9 @@ def test_composer_batches_distinct_passes_and_shares_the_ltm_baseline():
     composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 3.0, baseline="base"),
                          ExpertTerm("stm", stm, 2.0)])
     cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
-    composer.prepare({"base": cond, "ltm": cond, "stm": cond})
+    denoise = composer.bind({"base": cond, "ltm": cond, "stm": cond})
     x = torch.ones(4, 1)
-    eps = composer(x, torch.zeros(4))
+    eps = denoise(x, torch.zeros(4))
     # base: 1; ltm: 3*2 - 2*base(1) = 4; stm: 2*3 - 1*(3 + 1) = 2  -> 7
     assert torch.allclose(eps, torch.full((4, 1), 7.0))
     # One network call per expert per step: 3 calls, 4 distinct (expert, condition) pairs of rows (stm paired).
@@ -134,8 +134,8 @@ def test_composer_skips_the_base_pass_when_its_coefficient_cancels():
         base.calls = ltm.calls = 0
         composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, alpha, baseline="base")],
                             normalize=True)
-        composer.prepare({"base": cond, "ltm": cond})
-        eps = composer(x, torch.zeros(4))
+        denoise = composer.bind({"base": cond, "ltm": cond})
+        eps = denoise(x, torch.zeros(4))
         assert torch.allclose(eps, torch.full((4, 1), expected)), (alpha, eps)
         assert (base.calls, ltm.calls) == (base_calls, 1)
 
@@ -145,12 +145,12 @@ def test_a_gated_term_takes_part_only_above_its_noise_level():
     cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
     composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 2.0, baseline="base", active_from=0.9)],
                         normalize=True)
-    composer.prepare({"base": cond, "ltm": cond})
+    denoise = composer.bind({"base": cond, "ltm": cond})
     x = torch.ones(4, 1)
-    high = composer(x, torch.full((4,), 0.95))  # (1 + 2*2 - 1) / 2 = 2: the LTM alone, base pass skipped
+    high = denoise(x, torch.full((4,), 0.95))  # (1 + 2*2 - 1) / 2 = 2: the LTM alone, base pass skipped
     assert torch.allclose(high, torch.full((4,), 2.0).view(4, 1))
     assert (base.calls, ltm.calls) == (0, 1)
-    low = composer(x, torch.full((4,), 0.5))  # LTM gated off: the base alone
+    low = denoise(x, torch.full((4,), 0.5))  # LTM gated off: the base alone
     assert torch.allclose(low, torch.ones(4, 1))
     assert (base.calls, ltm.calls) == (1, 1)
 
@@ -167,8 +167,8 @@ def test_pairwise_composition_adds_each_experts_two_term_edit_to_the_base():
 
     def eps(names, **kwargs):
         composer = Composer([terms[name] for name in names], **kwargs)
-        composer.prepare({name: cond for name in names})
-        return composer(x, torch.zeros(4))
+        denoise = composer.bind({name: cond for name in names})
+        return denoise(x, torch.zeros(4))
 
     # terms at x = 1: base 1; ltm 5*2 - 4*1 = 6; stm 2*3 - (3 + 1) = 2; sltm 2*5 - (5 + 1) = 4 (weight 0.5)
     for name in ("ltm", "stm"):
@@ -187,7 +187,7 @@ def test_pairwise_gating_drops_a_gated_expert_and_keeps_the_others_edits():
     cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
     composer = Composer([ExpertTerm("base", base, 1.0), ExpertTerm("ltm", ltm, 5.0, baseline="base", active_from=0.8),
                          ExpertTerm("stm", stm, 2.0)], pairwise=True)
-    composer.prepare({"base": cond, "ltm": cond, "stm": cond})
+    denoise = composer.bind({"base": cond, "ltm": cond, "stm": cond})
     x = torch.ones(4, 1)
-    assert torch.allclose(composer(x, torch.full((4,), 0.9)), torch.full((4, 1), 1 + 0.5 * 5 + 0.5 * 1))
-    assert torch.allclose(composer(x, torch.full((4,), 0.5)), torch.full((4, 1), 1 + 0.5 * 1))
+    assert torch.allclose(denoise(x, torch.full((4,), 0.9)), torch.full((4, 1), 1 + 0.5 * 5 + 0.5 * 1))
+    assert torch.allclose(denoise(x, torch.full((4,), 0.5)), torch.full((4, 1), 1 + 0.5 * 1))
