@@ -3,7 +3,8 @@
 Usage:
     python -m come_rl.bench world_model [checkpoint=come_rl/checkpoints/memory_cards batch=32 horizon=2 steps=10]
     python -m come_rl.bench world_model device=cuda [precision=bf16 compile=true]
-    python -m come_rl.bench planners [--device auto]
+    python -m come_rl.bench planners [decisions=3 device=auto]
+    python -m come_rl.bench dit ['names=["dit_cpu"]' 'batch_sizes=[1, 32]']   # the DiT's context cache
     python -m come_rl.bench threads [checkpoint=memory_maze threads=[1,2] busy=[0,1] repeats=5]
     python -m come_rl.bench long_episode [checkpoint=memory_cards steps=1000 memorize_every=50 memorize_steps=25]
 
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from come_rl import devices
+from come_rl.devices import matmul_peak_gflops, synchronize
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.train import parse_overrides
@@ -65,24 +67,6 @@ class WorldModelBenchConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
     compile: bool = False
     """torch.compile the denoising networks (the warm-up call pays the compilation)."""
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so that a wall-clock timing covers it (nothing to wait for on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10, device: torch.device | None = None) -> float:
-    device = device or torch.device("cpu")
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    torch.mm(a, b)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _transformer_expert(preset: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
@@ -458,25 +442,27 @@ def bench_long_episode(config: LongEpisodeBenchConfig) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("world_model", "planners", "threads", "long_episode"):
-        raise SystemExit("usage: python -m come_rl.bench world_model|planners|threads|long_episode [key=value ...]")
-    if argv[0] == "long_episode":
-        for row in bench_long_episode(parse_overrides(argv[1:], LongEpisodeBenchConfig)):
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-        return
-    if argv[0] == "threads":
-        for row in bench_threads(parse_overrides(argv[1:], ThreadsBenchConfig)):
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-        return
-    if argv[0] == "planners":
-        from come_rl.bench_planners import main as planners_main
+SUBCOMMANDS = ("world_model", "planners", "threads", "long_episode", "dit")
 
-        sys.argv = [sys.argv[0], *argv[1:]]
-        planners_main()
-        return
-    for row in bench_world_model(parse_overrides(argv[1:], WorldModelBenchConfig)):
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m come_rl.bench <subcommand> [key=value ...]``: the one entry point of the benchmarks."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        raise SystemExit(f"usage: python -m come_rl.bench {'|'.join(SUBCOMMANDS)} [key=value ...]")
+    if argv[0] == "planners":
+        from come_rl.bench_planners import PlannersBenchConfig, bench_planners
+
+        run, config_cls = bench_planners, PlannersBenchConfig
+    elif argv[0] == "dit":
+        from come_rl.nets.dit_benchmark import DitBenchConfig, bench_dit
+
+        run, config_cls = bench_dit, DitBenchConfig
+    else:
+        run, config_cls = {"world_model": (bench_world_model, WorldModelBenchConfig),
+                           "threads": (bench_threads, ThreadsBenchConfig),
+                           "long_episode": (bench_long_episode, LongEpisodeBenchConfig)}[argv[0]]
+    for row in run(parse_overrides(argv[1:], config_cls)):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 
 

@@ -1,19 +1,19 @@
 """Benchmark: planning time per decision and the share of it spent outside the world model.
 
-    python -m come_rl.bench_planners [--decisions 3] [--out results/bench/planners.csv] [--device auto]
+    python -m come_rl.bench planners [decisions=3 horizon=8 "ms_per_frame=[15, 60]" out=results/bench/planners.csv]
 
 Every planner runs at its default settings (``come_rl/conf/planner/*.yaml``, horizon 8) with the
 LPIPS-to-goal objective on the exact point-mass world model at 64x64 frames (the Memory Maze frame
 size). The point mass imagines almost for free, so what is measured is the cost *outside* a real
 world model: the planner's own work plus LPIPS. The table also projects the share outside the world
-model for a real model costing ``--ms-per-frame`` milliseconds per imagined frame (DESIGN.md: 15-60
+model for a real model costing ``ms_per_frame`` milliseconds per imagined frame (DESIGN.md: 15-60
 ms/frame at batch 32 on these CPUs): share = outside / (outside + imagined frames x ms per frame).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -94,32 +94,31 @@ def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: boo
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decisions", type=int, default=3, help="timed planning calls per planner")
-    parser.add_argument("--horizon", type=int, default=8)
-    parser.add_argument("--ms-per-frame", type=float, nargs="+", default=[15.0, 60.0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="where LPIPS runs: auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--out", default="results/bench/planners.csv")
-    args = parser.parse_args()
-    if args.decisions < 1 or args.horizon < 1:
-        parser.error("--decisions and --horizon must be >= 1")
-    torch.set_num_threads(args.threads)
+@dataclass
+class PlannersBenchConfig:
+    decisions: int = 3
+    """timed planning calls per planner."""
+    horizon: int = 8
+    ms_per_frame: list = field(default_factory=lambda: [15.0, 60.0])
+    threads: int = 2
+    device: str = "auto"
+    """where LPIPS runs: auto (CUDA when present), cpu, cuda, cuda:N."""
+    out: str = "results/bench/planners.csv"
+
+
+def bench_planners(config: PlannersBenchConfig) -> list[dict]:
     from come_rl.devices import resolve_device
 
-    try:
-        device = str(resolve_device(args.device))
-    except ValueError as error:
-        parser.error(str(error))
-    out = Path(args.out)
+    if config.decisions < 1 or config.horizon < 1:
+        raise ValueError(f"decisions and horizon must be >= 1, got {config.decisions}, {config.horizon}")
+    device = str(resolve_device(config.device))
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
     out.unlink(missing_ok=True)
-    rows = bench(args.decisions, args.horizon, args.ms_per_frame, discrete=True, device=device)
-    rows += bench(args.decisions, args.horizon, args.ms_per_frame, discrete=False, device=device)
+    ms = [float(v) for v in config.ms_per_frame]
+    rows = bench(config.decisions, config.horizon, ms, discrete=True, device=device)
+    rows += bench(config.decisions, config.horizon, ms, discrete=False, device=device)
     append_rows(out, rows)
     markdown = write_markdown_table(out, out.with_suffix(".md"), title="Planning time per decision (default settings)")
     print(markdown.read_text())
-
-
-if __name__ == "__main__":
-    main()
+    return rows

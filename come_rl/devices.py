@@ -19,6 +19,7 @@ the code has one path for CPU and GPU.
 from __future__ import annotations
 
 import contextlib
+import time
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -170,3 +171,22 @@ def resolve_threads(threads: int | str) -> int:
     if count < 1 or isinstance(threads, bool):
         raise ValueError(f"threads must be a count >= 1 or auto (the idle cores), got {threads!r}")
     return count
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock timing covers it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 10, device: torch.device | None = None) -> float:
+    """fp32 matmul rate of this machine now, in GFLOP/s: the yardstick of the benchmarks' achieved GFLOP/s."""
+    device = device or torch.device("cpu")
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9

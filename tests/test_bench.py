@@ -51,3 +51,16 @@ def test_the_long_episode_benchmark_streams_memorization_and_records_memory(tmp_
     assert (tmp_path / "long_episode.png").stat().st_size > 0 and "peak RSS" in (tmp_path / "long_episode.md").read_text()
     with pytest.raises(ValueError, match="memorize_every"):
         bench_long_episode(LongEpisodeBenchConfig(steps=5, memorize_every=10, out_dir=str(tmp_path)))
+
+
+def test_one_benchmark_cli_runs_every_subcommand_by_key_value(tmp_path, capsys):
+    from come_rl.bench import main
+
+    main(["dit", 'names=["dit_cpu"]', "batch_sizes=[1]", "repeats=1", f"out={tmp_path / 'dit.csv'}"])
+    assert (tmp_path / "dit.csv").is_file() and (tmp_path / "dit.md").is_file()
+    main(["planners", "decisions=1", "horizon=1", f"out={tmp_path / 'planners.csv'}"])
+    assert "Planning time per decision" in (tmp_path / "planners.md").read_text()
+    with pytest.raises(SystemExit, match="usage: python -m come_rl.bench"):
+        main(["nope"])
+    with pytest.raises(SystemExit, match="unknown key"):
+        main(["planners", "decisons=1"])

@@ -1,8 +1,7 @@
 """Cost of one denoising call of the video DiT, with and without the context KV cache.
 
-Usage:
-    OMP_NUM_THREADS=1 python -m come_rl.nets.dit_benchmark --names dit_cpu stm_cpu --batch-sizes 1 32 \
-        [--threads 1] [--repeats 3] [--output results/bench/dit_backbone.csv] [--device auto]
+Usage (one benchmark CLI, ``come_rl.bench``):
+    python -m come_rl.bench dit ['names=["dit_cpu", "stm_cpu"]' 'batch_sizes=[1, 32]' threads=1 repeats=3 device=auto]
 
 "cached" is ``denoise(state, ...)`` with the state prepared once per planning call; "recomputed"
 is ``prepare + denoise`` in every call, what a model without the cache (the authors' code, NWM)
@@ -13,12 +12,10 @@ masked attention counts the full score matrix, which the dense kernel computes).
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
-import os
-import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -98,57 +95,35 @@ def measure(name: str, batch_size: int, repeats: int = 3, device: str | torch.de
     return row
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 10, device: torch.device | None = None) -> float:
-    """fp32 matmul rate of this machine now (the yardstick for the achieved GFLOP/s above)."""
-    a = torch.randn(size, size, device=device)
-    seconds = _seconds(lambda: [a @ a for _ in range(repeats)], 2, device)
-    return 2 * size**3 * repeats / seconds / 1e9
+@dataclass
+class DitBenchConfig:
+    names: list = field(default_factory=lambda: ["dit_cpu", "stm_cpu"])
+    """transformer registry names (come_rl.nets.registry)."""
+    batch_sizes: list = field(default_factory=lambda: [1, 32])
+    threads: int = 1
+    repeats: int = 3
+    frame_size: int = 0
+    """override the configs' frame size (0: keep it)."""
+    out: str = "results/bench/dit_backbone.csv"
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
 
 
-def _write_csv(rows: list[dict], path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(handle, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+def bench_dit(config: DitBenchConfig) -> list[dict]:
+    """Cached vs recomputed denoising cost per backbone and batch size; writes ``config.out`` (+ .md)."""
+    from come_rl.devices import matmul_peak_gflops, resolve_device
+    from come_rl.results import write_table
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--names", nargs="+", default=["dit_cpu", "stm_cpu"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frame-size", type=int, default=None, help="override the configs' frame size")
-    parser.add_argument("--output", default=None, help="CSV path (written atomically)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    args = parser.parse_args()
-    from come_rl.devices import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    torch.set_num_threads(args.threads)
-    overrides = {} if args.frame_size is None else {"frame_size": args.frame_size}
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.threads)
+    overrides = {"frame_size": config.frame_size} if config.frame_size else {}
+    peak = matmul_peak_gflops(device=device)
     rows = []
-    print(f"fp32 matmul peak now: {matmul_peak_gflops(device=device):.1f} GFLOP/s on {device} "
-          f"({args.threads} thread(s))", flush=True)
-    for name in args.names:
-        for batch_size in args.batch_sizes:
-            rows.append(measure(name, batch_size, args.repeats, device=device, **overrides))
-            print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
-                  flush=True)
-    columns = list(rows[0])
-    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
-    if args.output:
-        _write_csv(rows, args.output)
-
-
-if __name__ == "__main__":
-    main()
+    for name in config.names:
+        for batch_size in config.batch_sizes:
+            rows.append(dict(measure(name, int(batch_size), config.repeats, device=device, **overrides),
+                             matmul_peak_GFLOP_per_s=peak, threads=config.threads))
+    write_table(Path(config.out), rows, md_path=Path(config.out).with_suffix(".md"),
+                title=f"Video DiT denoising call, cached context vs recomputed ({device}, {config.threads} thread(s); "
+                      f"`python -m come_rl.bench dit`)")
+    return rows
