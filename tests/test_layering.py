@@ -1,0 +1,43 @@
+"""The library core (diffusion, nets, experts, composition, world model) stands alone: it imports nothing from the
+environments, the planners or the agents, not even lazily inside a function, so it can be used and tested without them."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["come_rl/diffusion", "come_rl/nets", "come_rl/experts", "come_rl/composition.py", "come_rl/world_model.py",
+        "come_rl/frames.py", "come_rl/devices.py", "come_rl/checkpoint.py", "come_rl/interfaces.py"]
+OUTSIDE = ("envs", "planners", "agents")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def core_files() -> list[Path]:
+    files = []
+    for entry in CORE:
+        path = ROOT / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_core_imports_nothing_from_envs_planners_or_agents(path):
+    leaks = sorted(name for name in imported_modules(path) if name.split(".")[0] in OUTSIDE)
+    assert not leaks, f"{path.relative_to(ROOT)} imports {leaks}: the core must not depend on {OUTSIDE}"
+
+
+def test_the_walk_finds_an_import_hidden_in_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from envs.memory_cards import MemoryCardsEnv\n    return MemoryCardsEnv\n")
+    assert "envs.memory_cards" in imported_modules(module)
+    assert len(core_files()) > 10
