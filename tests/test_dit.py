@@ -12,6 +12,7 @@ import torch
 
 from come_rl.nets.dit import VideoDiT, VideoDiTConfig
 from come_rl.nets.registry import BACKBONES, DIT_CONFIGS, build_backbone, register_backbone
+from dit_reference import denoise_uncached
 
 torch.set_num_threads(1)
 
@@ -104,8 +105,8 @@ def test_kv_cache_equals_recomputing_the_full_sequence(attention):
             cached = model.denoise(state, noisy, t)
             # the same state serves a second step at another noise level
             cached_again = model.denoise(state, noisy * 0.5, t * 0.3)
-            reference = model.denoise_uncached(context, actions, noisy, t, poses, drop_context)
-            reference_again = model.denoise_uncached(context, actions, noisy * 0.5, t * 0.3, poses, drop_context)
+            reference = denoise_uncached(model, context, actions, noisy, t, poses, drop_context)
+            reference_again = denoise_uncached(model, context, actions, noisy * 0.5, t * 0.3, poses, drop_context)
             assert cached.abs().mean() > 0.05  # a real signal, not zeros
             assert (cached - reference).abs().max() < 1e-5
             assert (cached_again - reference_again).abs().max() < 1e-5
@@ -142,7 +143,7 @@ def test_sliding_window_mask_hides_frames_outside_every_window_and_full_layer_re
     def outputs(model, frames):
         with torch.no_grad():
             return model.denoise(model.prepare(frames, actions), noisy, t), \
-                model.denoise_uncached(frames, actions, noisy, t)
+                denoise_uncached(model, frames, actions, noisy, t)
 
     base_cached, base_reference = outputs(windowed, context)
     for outside in range(5):  # every frame outside the stacked windows
