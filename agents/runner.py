@@ -134,7 +134,8 @@ def _remove_stray_files(out_dir: Path) -> None:
 def check_run_directory(out_dir: str | Path, run_config: Mapping | None) -> bool:
     """Whether a run with ``run_config`` resumes in ``out_dir`` (it holds a ``run_config.json`` equal to it).
 
-    Raises ValueError, naming the differences and the fix, when the directory holds episodes of another configuration.
+    Raises ValueError, naming the differences and the fix, when the directory holds episode records of another
+    configuration; tables of another configuration without records (committed results) mean a fresh start.
     Changes nothing, so ``come_rl.run`` calls it before any work (and :func:`open_run_directory` again).
     """
     config_path = Path(out_dir) / RUN_CONFIG_NAME
@@ -146,6 +147,12 @@ def check_run_directory(out_dir: str | Path, run_config: Mapping | None) -> bool
         raise ValueError(f"{config_path} is not a run configuration this runner wrote ({error}); use another "
                          f"run.out_dir, or delete {out_dir} to start over") from error
     wanted = json.loads(json.dumps(run_config, allow_nan=True))  # compared as stored: tuples become lists
+    if recorded != wanted and not any((Path(out_dir) / RECORDS_DIR_NAME).glob("episode_*.npz")):
+        # Tables without episode records (the repository's committed results: records are not committed) hold nothing
+        # a rerun could resume or mix with: the run starts over there (e.g. the README's first command on a GPU).
+        print(f"{out_dir} holds tables of another configuration ({_differences(recorded, wanted)}) but no episode "
+              f"records; starting over there", flush=True)
+        return False
     if recorded != wanted:
         raise ValueError(f"{out_dir} holds episodes of another configuration ({_differences(recorded, wanted)}); "
                          f"use another run.out_dir, or delete {out_dir} to start this one over")

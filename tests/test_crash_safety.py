@@ -180,9 +180,16 @@ def test_a_rerun_with_another_configuration_is_refused_before_any_work(tmp_path:
     out.mkdir()
     (out / RUN_CONFIG_NAME).write_text(json.dumps({"format": 1, "config": recorded}))
     (out / "episodes.csv").write_text("episode\n0\n")
+    (out / "episode_records").mkdir()
+    (out / "episode_records" / "episode_000000.npz").write_bytes(b"a finished episode")
     with pytest.raises(ValueError, match=r"planner\.population: 8 -> 16.*another run\.out_dir, or delete"):
         run(cfg)
-    assert sorted(path.name for path in out.iterdir()) == ["episodes.csv", RUN_CONFIG_NAME], "the old run is kept"
+    assert sorted(path.name for path in out.iterdir()) == ["episode_records", "episodes.csv", RUN_CONFIG_NAME], \
+        "the old run is kept"
+    # tables of another configuration without records (results committed without their records, or run on another
+    # device): nothing to resume or mix with, so the run starts there afresh
+    (out / "episode_records" / "episode_000000.npz").unlink()
+    assert check_run_directory(out, resume_config(cfg)) is False
     # what may change on a resume: the run's name, its progress bar, and more episodes
     more = resume_config(compose_config([*TINY, f"run.out_dir={out}", "run.episodes=5", "run.progress=true"]))
     assert more == resume_config(cfg)
