@@ -229,7 +229,7 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         stats = model.memorize(steps=config.memorize_steps)
         per_step = stats["seconds"] / config.memorize_steps
         rows.append({
-            "composition": f"memorize LoRA r={rank} (batch {model.memorize_config.batch_size})",
+            "composition": f"memorize LoRA r={rank} (batch {model.ltm.config.batch_size})",
             "ms_per_frame": float("nan"), "memorize_ms_per_step": 1000 * per_step,
             f"sampling_step_ms (batch {config.batch}, base+ltm)": 1000 * sampling_step,
             "memorize_step_over_sampling_step": per_step / sampling_step,

@@ -60,8 +60,9 @@ class EpisodeMemory:
         observation with a zero action (the agent standing still), so experts always see full contexts."""
         if not self._frames:
             raise RuntimeError("the episode memory is empty: call WorldModel.observe(first_frame) after reset()")
-        frames, actions, poses = self.frames[-count:], self.actions[-count:], self.poses
-        poses = None if poses is None else poses[-count:]
+        # only the last ``count`` observations are stacked: a long episode must not be copied at every imagine
+        frames, actions = torch.stack(self._frames[-count:]), torch.stack(self._actions[-count:])
+        poses = None if not self._poses or self._poses[0] is None else torch.stack(self._poses[-count:])
         missing = count - frames.shape[0]
         if missing > 0:
             frames = torch.cat([frames[:1].expand(missing, *frames.shape[1:]), frames])
@@ -96,12 +97,12 @@ class EpisodeMemory:
         earliest = -(length - 2) if pad_start else 0
         first = earliest if window is None else max(earliest, total - window)
         starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator, device=CPU)
-        frames, actions, poses = self.frames, self.actions, self.poses
+        actions, poses = self.actions, self.poses  # small; the frames are gathered clip by clip (_gather)
         weighted = int(round(change_weighting * batch_size))
         if weighted:
             candidates = torch.arange(first, total - length + 1, device=CPU)
             last = (candidates + length - 1).clamp_min(1)
-            change = (frames[last] - frames[last - 1]).abs().mean(dim=(1, 2, 3))
+            change = (self._gather(last) - self._gather(last - 1)).abs().mean(dim=(1, 2, 3))
             if change.sum() > 0:
                 picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
                 starts[:weighted] = candidates[picks]
@@ -110,7 +111,13 @@ class EpisodeMemory:
         index = index.clamp_min(0)
         clip_actions = actions[index]
         clip_actions[padded] = 0.0
-        return frames[index], clip_actions, None if poses is None else poses[index]
+        return self._gather(index), clip_actions, None if poses is None else poses[index]
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The frames at ``index`` (any shape) as one tensor (*index.shape, C, H, W): only those frames are copied, so
+        a memorization step costs the same at frame 50 and at frame 5000 of an episode (and so does its memory)."""
+        flat = index.reshape(-1).tolist()
+        return torch.stack([self._frames[i] for i in flat]).reshape(*index.shape, *self._frames[0].shape)
 
     def sample_reversed_clips(self, batch_size: int, length: int, inverse_actions, window: int | None = None,
                               generator: torch.Generator | None = None):
@@ -171,8 +178,8 @@ class EpisodeMemory:
         row, target = picks[:, 0], picks[:, 1]
         end, action = end_index[row], candidates[row % n_act]
         context = end[:, None] - torch.arange(k - 1, -1, -1, device=CPU)[None]  # (B, k) frame indices, oldest first
-        frames, actions = self.frames, self.actions
-        clip_frames = torch.cat([frames[context], frames[target][:, None]], dim=1)
+        actions = self.actions
+        clip_frames = torch.cat([self._gather(context), self._gather(target)[:, None]], dim=1)
         clip_actions = torch.cat([actions[context], action[:, None]], dim=1)
         clip_poses = torch.cat([poses[context], next_poses[row][:, None]], dim=1)
         return clip_frames, clip_actions, clip_poses
