@@ -79,6 +79,11 @@ COMPOSITIONS = {
     "CoME pairwise (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
                                                                    alphas={"stm": 2.0, "sltm": 2.0},
                                                                    active_from={"ltm": 0.8}, pairwise=True),
+    # The cheaper CoME: the STM and SLTM as plain factors (alpha 1: no unconditional rows, 4 instead of 6 batch rows of
+    # network work per denoising step).
+    "CoME pairwise, STM and SLTM alpha 1": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
+                                                  alphas={"stm": 1.0, "sltm": 1.0}, active_from={"ltm": 0.8},
+                                                  pairwise=True),
     "base+STM+SLTM pairwise (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
                                             normalize=True, pairwise=True),
 }
