@@ -177,13 +177,18 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         "base+ltm": (["base", "ltm"], None, None),
         "base+stm": (["base", "stm"], stm, None),
         "base+ltm+stm+sltm (CoME)": (["base", "ltm", "stm", "sltm"], stm, sltm),
+        # the cheaper CoME measured in the recall sweep: STM and SLTM as plain factors (no unconditional rows)
+        "CoME, STM/SLTM alpha 1": (["base", "ltm", "stm", "sltm"], stm, sltm, {"stm": 1.0, "sltm": 1.0}),
     }
     actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon), device="cpu"),
                                           action_dim).float()
     rows = []
     base_seconds = None
-    for name, (experts, stm_expert, sltm_expert) in compositions.items():
+    for name, (experts, stm_expert, sltm_expert, *alphas) in compositions.items():
         model = _filled_model(config, experts, stm_expert, sltm_expert)
+        if alphas:
+            model.composition = dataclasses.replace(model.composition,
+                                                    alphas={**model.composition.alphas, **alphas[0]})
         if model.ltm is not None:
             model.memorize(steps=2)  # non-zero adapters, as after memorization
         seconds, frames = _time_imagine(model, actions, config.repeats, device)
