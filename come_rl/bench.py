@@ -146,14 +146,13 @@ class NaiveComposer(Composer):
 def _time_imagine(model: WorldModel, actions: torch.Tensor, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
     """(fastest seconds of ``repeats`` imagine calls after a warm-up, the frames of the seed-0 call)."""
     model.imagine(actions[:, :1], seed=0)  # warm-up
-    times, frames = [], None
+    times, outputs = [], []
     for r in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        out = model.imagine(actions, seed=r)  # returns on the CPU: the copy waits for the GPU
+        outputs.append(model.imagine(actions, seed=r))  # returns on the CPU: the copy waits for the GPU
         times.append(time.perf_counter() - start)
-        frames = out if r == 0 else frames
-    return min(times), frames
+    return min(times), outputs[0]
 
 
 def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:

@@ -181,3 +181,17 @@ def test_find_the_object_through_the_run_command(tmp_path: Path) -> None:
     assert other.returncode != 0 and "other settings" in other.stderr + other.stdout
     bad = run_cli([*common, "env.task.samples=0"], tmp_path)
     assert bad.returncode != 0 and "env.task.samples" in bad.stderr + bad.stdout
+
+
+def test_ray_backend_is_refused_for_runs_that_play_in_one_process(tmp_path: Path) -> None:
+    """run.backend=ray fans out goal-reaching episodes; a find-the-object or RECON run says which command fans it out."""
+    import pytest
+
+    from come_rl.run import run
+
+    for overrides, command in ((["env=memory_cards_find", "model=memory_cards"], "agents.find_object"),
+                               (["env=recon", "agent=nwm", f"data_dir={tmp_path}"], "agents.nwm_protocol")):
+        cfg = compose_config([*overrides, "run.backend=ray", "run.name=x", f"run.out_dir={tmp_path / 'out'}"])
+        with pytest.raises(ValueError, match=f"fans out goal-reaching episodes only.*{command}"):
+            run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -16,12 +16,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from come_rl import devices
-from come_rl.diffusion import CosineSchedule, SamplerConfig
-from come_rl.experts.expert import DiffusionExpert
+from come_rl.diffusion import SamplerConfig
 from come_rl.experts.long_term import MemorizeConfig
 from come_rl.world_model import CompositionConfig, WorldModel
 from envs.memory_cards import INVERSE_ACTIONS, MemoryCardsEnv, cursor_pose_model
-from test_world_model import filled_world_model, observe_random_walk, one_hot_actions, tiny_expert
+from test_world_model import filled_world_model, observe_random_walk, one_hot_actions, tiny_expert, tiny_stm_and_sltm
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -52,14 +51,7 @@ class DevicelessFactoryRecorder(TorchFunctionMode):
 
 
 def four_expert_model(**memorize) -> WorldModel:
-    from come_rl.nets.registry import build_backbone
-
-    torch.manual_seed(0)
-    small = dict(frame_size=48, action_dim=5, predicted_frames=1, patch_size=8, hidden_size=32, num_heads=2)
-    stm = DiffusionExpert(build_backbone("stm_cpu", **small, context_frames=8, depth=2, full_attention_layers=(1,)),
-                          CosineSchedule(), name="stm").eval()
-    sltm = DiffusionExpert(build_backbone("sltm_cpu", **small, depth=2), CosineSchedule(), name="sltm",
-                           uses_poses=True).eval()
+    stm, sltm = tiny_stm_and_sltm()
     env = MemoryCardsEnv()
     wm = WorldModel(tiny_expert(), env.action_spec, 48, stm=stm, sltm=sltm,
                     composition=CompositionConfig(experts=["base", "ltm", "stm", "sltm"], sltm_memorizes=True),

@@ -38,6 +38,19 @@ def episode(steps: int = 40, seed: int = 0):
     return env, frames, actions
 
 
+def tiny_stm_and_sltm() -> tuple[DiffusionExpert, DiffusionExpert]:
+    """Untrained small transformer STM (8 context frames, sliding window) and pose-conditioned SLTM, seeded."""
+    from come_rl.nets.registry import build_backbone
+
+    torch.manual_seed(0)
+    small = dict(frame_size=48, action_dim=5, predicted_frames=1, patch_size=8, hidden_size=32, num_heads=2)
+    stm = DiffusionExpert(build_backbone("stm_cpu", **small, context_frames=8, depth=2, full_attention_layers=(1,)),
+                          CosineSchedule(), name="stm").eval()
+    sltm = DiffusionExpert(build_backbone("sltm_cpu", **small, depth=2), CosineSchedule(), name="sltm",
+                           uses_poses=True).eval()
+    return stm, sltm
+
+
 def observe_random_walk(wm: WorldModel, steps: int, seed: int = 0) -> WorldModel:
     """Reset ``wm`` and let it observe a seeded random-policy Memory Cards walk, frames with actions and poses."""
     env = MemoryCardsEnv()
@@ -186,15 +199,9 @@ def test_a_cpu_size_unet_overfits_one_clip():
 
 def test_all_four_experts_compose_with_one_call_per_expert_and_step():
     """Base + LTM + STM (sliding-window DiT) + SLTM (pose-conditioned DiT): shapes, reproducibility, call count."""
-    from come_rl.nets.registry import build_backbone
     from envs.memory_cards import cursor_pose_model
 
-    torch.manual_seed(0)
-    small = dict(frame_size=48, action_dim=5, predicted_frames=1, patch_size=8, hidden_size=32, num_heads=2)
-    stm = DiffusionExpert(build_backbone("stm_cpu", **small, context_frames=8, depth=2, full_attention_layers=(1,)),
-                          CosineSchedule(), name="stm").eval()
-    sltm = DiffusionExpert(build_backbone("sltm_cpu", **small, depth=2), CosineSchedule(), name="sltm",
-                           uses_poses=True).eval()
+    stm, sltm = tiny_stm_and_sltm()
     env, frames, actions = episode(20)
     wm = WorldModel(tiny_expert(), env.action_spec, 48, stm=stm, sltm=sltm,
                     composition=CompositionConfig(experts=["base", "ltm", "stm", "sltm"],
