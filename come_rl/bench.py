@@ -7,6 +7,7 @@ Usage:
     python -m come_rl.bench dit ['names=["dit_cpu"]' 'batch_sizes=[1, 32]']   # the DiT's context cache
     python -m come_rl.bench threads [checkpoint=memory_maze threads=[1,2] busy=[0,1] repeats=5]
     python -m come_rl.bench long_episode [checkpoint=memory_cards steps=1000 memorize_every=50 memorize_steps=25]
+    python -m come_rl.bench decision [checkpoint=memory_maze population=24 horizon=4 steps=4 'precisions=["fp32", "bf16"]']
 
 ``world_model`` writes ``results/bench/world_model.csv`` + ``.md``: imagined frames per second for the base alone and
 for every composition (base + LTM; base + LTM + STM + SLTM), the cost ratio to the base, network calls per denoising
@@ -22,6 +23,9 @@ alternating the settings in one run; it chooses ``run.threads`` (issue 14, findi
 ``steps`` frames streamed through the memory wrapper (the paper's setting: memorize every 50 frames for 25 steps), with
 the process's resident and peak memory and the seconds of each memorization call: memory must stay flat and a call must
 not cost more as the episode grows.
+``decision`` writes ``results/bench/decision.csv`` + ``.md``: one CEM decision of the default run split into imagination,
+LPIPS and the planner's own work, in fp32 and (where the CPU has bfloat16 kernels) bf16 autocast, with bf16's frame
+difference and plan agreement to fp32.
 All ratios come from one run (these machines are noisy). The STM and SLTM are untrained transformer experts here
 (their cost does not depend on their weights) unless the checkpoint holds trained ones.
 """
@@ -274,6 +278,28 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     return rows
 
 
+def _default_decision_model(directory: Path, steps: int, walk: int = 16) -> tuple[WorldModel, np.ndarray]:
+    """The world model of the default planning run at its first decisions: Memory Maze base + LTM on the CPU (fp32),
+    after observing a seeded ``walk``-step random walk and one short memorization (adapters in place). Returns it and
+    the walk's first frame (a goal ``walk`` steps back, as the run's goal-reaching tasks use)."""
+    from envs.memory_maze import MemoryMazeEnv
+
+    model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": steps}, device="cpu")
+    env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
+    frame, info = env.reset(seed=0)
+    goal = frame
+    model.reset()
+    model.observe(frame, None, info.get("pose"))
+    rng = np.random.default_rng(0)
+    for _ in range(walk):
+        action = int(rng.integers(env.action_space.n))
+        frame, *_, info = env.step(action)
+        model.observe(frame, model.action_spec.encode(action), info.get("pose"))
+    env.close()
+    model.memorize(steps=2)  # adapters in place, as in the default run after its first memorization
+    return model, goal
+
+
 @dataclass
 class ThreadsBenchConfig:
     checkpoint: str = "memory_maze"
@@ -302,7 +328,6 @@ def bench_threads(config: ThreadsBenchConfig) -> list[dict]:
 
     from come_rl.checkpoint import resolve_checkpoint
     from come_rl.results import write_table
-    from envs.memory_maze import MemoryMazeEnv
 
     if not config.threads or any(int(t) < 1 for t in config.threads):
         raise ValueError(f"threads must list thread counts >= 1, got {config.threads}")
@@ -310,18 +335,7 @@ def bench_threads(config: ThreadsBenchConfig) -> list[dict]:
         raise ValueError(f"busy must list counts >= 0 and repeats be >= 1, got {config.busy}, {config.repeats}")
     directory = resolve_checkpoint(config.checkpoint)
     torch.set_num_threads(1)
-    model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": config.steps}, device="cpu")
-    env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
-    frame, info = env.reset(seed=0)
-    model.reset()
-    model.observe(frame, None, info.get("pose"))
-    rng = np.random.default_rng(0)
-    for _ in range(16):
-        action = int(rng.integers(env.action_space.n))
-        frame, *_, info = env.step(action)
-        model.observe(frame, model.action_spec.encode(action), info.get("pose"))
-    env.close()
-    model.memorize(steps=2)  # adapters in place, as in the default run after its first memorization
+    model, _ = _default_decision_model(directory, config.steps)
     dim = model.action_spec.dim
     actions = torch.nn.functional.one_hot(torch.randint(0, dim, (config.batch, config.horizon),
                                                         generator=torch.Generator().manual_seed(0)), dim).float()
@@ -446,7 +460,99 @@ def bench_long_episode(config: LongEpisodeBenchConfig) -> list[dict]:
     return rows
 
 
-SUBCOMMANDS = ("world_model", "planners", "threads", "long_episode", "dit")
+@dataclass
+class DecisionBenchConfig:
+    checkpoint: str = "memory_maze"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    population: int = 24
+    elites: int = 4
+    iterations: int = 1
+    horizon: int = 4
+    steps: int = 4
+    """the default run's settings (conf/planner/cem.yaml, conf/agent/cem.yaml, the Memory Maze model's sampler)."""
+    precisions: list = field(default_factory=lambda: ["fp32", "bf16"])
+    """fp32 is the default; bf16 (autocast) is timed where this CPU has bfloat16 kernels."""
+    decisions: int = 5
+    """timed decisions per precision (rounds alternate the precisions)."""
+    threads: int = 1
+    out_dir: str = "results/bench"
+
+
+def bench_decision(config: DecisionBenchConfig) -> list[dict]:
+    """One CEM decision of the default run (``python -m come_rl.run agent=cem env=memory_maze``), split into the world
+    model's imagination, LPIPS to the goal and the planner itself, per precision; bf16's frames and plans are compared
+    with fp32's from the same seeds."""
+    from come_rl.checkpoint import resolve_checkpoint
+    from come_rl.metrics.lpips_metric import get_lpips
+    from come_rl.results import write_table
+    from planners.cem import CEMPlanner
+    from planners.objectives import LPIPSGoalObjective
+
+    precisions = [devices.resolve_precision(p, torch.device("cpu")) if p != "bf16" or devices.cpu_supports_bf16()
+                  else None for p in config.precisions]
+    skipped = [p for p, resolved in zip(config.precisions, precisions) if resolved is None]
+    precisions = [p for p in precisions if p is not None]
+    if not precisions or config.decisions < 1:
+        raise ValueError(f"need a precision this CPU runs and decisions >= 1, got {config.precisions}, {config.decisions}")
+    torch.set_num_threads(int(config.threads))
+    directory = resolve_checkpoint(config.checkpoint)
+    model, goal = _default_decision_model(directory, config.steps)
+    lpips = get_lpips(device="cpu")
+    spec = model.action_spec
+    times = {p: {"decision_s": [], "imagine_s": [], "lpips_s": [], "planner_s": []} for p in precisions}
+    plans: dict[str, list[torch.Tensor]] = {p: [] for p in precisions}
+    for round_ in tqdm(range(config.decisions + 1), desc="decision benchmark rounds"):
+        for precision in precisions:
+            model.precision = precision
+            planner = CEMPlanner(population=config.population, elites=config.elites, iterations=config.iterations,
+                                 seed=round_)
+            objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+            start = time.perf_counter()
+            plan = planner.plan(objective, spec, config.horizon)
+            total = time.perf_counter() - start
+            if round_ == 0:
+                continue  # warm-up
+            timings = objective.timings
+            times[precision]["decision_s"].append(total)
+            times[precision]["imagine_s"].append(timings["imagine_s"])
+            times[precision]["lpips_s"].append(timings["score_s"])
+            times[precision]["planner_s"].append(total - timings["imagine_s"] - timings["score_s"])
+            plans[precision].append(plan.argmax(-1))
+    model.precision = "fp32"
+    actions = torch.nn.functional.one_hot(torch.randint(0, spec.dim, (config.population, config.horizon),
+                                                        generator=torch.Generator().manual_seed(0)), spec.dim).float()
+    frames = {}
+    for precision in precisions:
+        model.precision = precision
+        frames[precision] = model.imagine(actions, seed=0)
+    model.precision = "fp32"
+    reference = precisions[0]
+    rows = []
+    for precision in precisions:
+        median = {key: float(np.median(values)) for key, values in times[precision].items()}
+        same = [bool(torch.equal(a, b)) for a, b in zip(plans[precision], plans[reference])]
+        rows.append({
+            "precision": precision, "decisions": config.decisions, "population": config.population,
+            "horizon": config.horizon, "denoising_steps": config.steps, "threads": config.threads,
+            "median_decision_s": median["decision_s"], "median_imagine_s": median["imagine_s"],
+            "median_lpips_s": median["lpips_s"], "median_planner_s": median["planner_s"],
+            "share_outside_world_model": (median["lpips_s"] + median["planner_s"]) / median["decision_s"],
+            f"decision_x_{reference}": median["decision_s"] / float(np.median(times[reference]["decision_s"])),
+            f"frames_mean_abs_diff_to_{reference}": float((frames[precision] - frames[reference]).abs().mean()),
+            f"plans_equal_to_{reference}": float(np.mean(same)),
+        })
+    out = Path(config.out_dir)
+    write_table(out / "decision.csv", rows, md_path=out / "decision.md",
+                title=f"One CEM decision of the default run ({directory.name}, base + LTM after memorization, population "
+                      f"{config.population} x horizon {config.horizon}, {config.iterations} iteration, {config.steps} "
+                      f"DDIM steps, LPIPS-AlexNet to the goal; {config.threads} thread(s); medians of {config.decisions} "
+                      f"decisions, precisions alternated in one run; frames in [-1, 1]"
+                      + (f"; skipped: {skipped} (no bfloat16 kernels)" if skipped else "")
+                      + "; `python -m come_rl.bench decision`)")
+    return rows
+
+
+SUBCOMMANDS = ("world_model", "planners", "threads", "long_episode", "dit", "decision")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -465,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run, config_cls = {"world_model": (bench_world_model, WorldModelBenchConfig),
                            "threads": (bench_threads, ThreadsBenchConfig),
-                           "long_episode": (bench_long_episode, LongEpisodeBenchConfig)}[argv[0]]
+                           "long_episode": (bench_long_episode, LongEpisodeBenchConfig),
+                           "decision": (bench_decision, DecisionBenchConfig)}[argv[0]]
     for row in run(parse_overrides(argv[1:], config_cls)):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 
