@@ -475,7 +475,78 @@ class DecisionBenchConfig:
     decisions: int = 5
     """timed decisions per precision (rounds alternate the precisions)."""
     threads: int = 1
+    reference_tree: str = ""
+    """another checkout of come_rl (e.g. ``git worktree add /tmp/before <rev>``): its fp32 decision is timed too, in
+    fresh processes alternated with this tree's, through the API both share (before/after from one run)."""
     out_dir: str = "results/bench"
+
+
+# One fp32 CEM decision of the default run, timed in a fresh process of a given checkout through the API every version
+# of come_rl since the maze checkpoint shipped has (WorldModel.load/observe/memorize, CEMPlanner, LPIPSGoalObjective).
+_DECISION_SCRIPT = """
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads({threads})
+from come_rl.world_model import WorldModel
+from come_rl.metrics.lpips_metric import get_lpips
+from envs.memory_maze import MemoryMazeEnv
+from planners.cem import CEMPlanner
+from planners.objectives import LPIPSGoalObjective
+model = WorldModel.load({directory!r}, experts=["base", "ltm"], sampler={{"steps": {steps}}})
+env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
+frame, info = env.reset(seed=0)
+goal = frame
+model.reset()
+model.observe(frame, None, info.get("pose"))
+rng = np.random.default_rng(0)
+for _ in range(16):
+    action = int(rng.integers(env.action_space.n))
+    frame, *_, info = env.step(action)
+    model.observe(frame, model.action_spec.encode(action), info.get("pose"))
+env.close()
+model.memorize(steps=2)
+lpips = get_lpips(device="cpu")
+times = []
+for round_ in range({decisions} + 1):
+    planner = CEMPlanner(population={population}, elites={elites}, iterations={iterations}, seed=round_)
+    objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+    start = time.perf_counter()
+    planner.plan(objective, model.action_spec, {horizon})
+    if round_:
+        times.append(time.perf_counter() - start)
+print("DECISION_TIMES " + json.dumps(times))
+"""
+
+
+def _git_revision(tree: Path) -> str:
+    """The short commit of a checkout (``+dirty`` with uncommitted changes), or its folder name outside git."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return tree.name
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _time_decisions_in(tree: Path, directory: Path, config: DecisionBenchConfig, decisions: int) -> list[float]:
+    """Seconds per fp32 decision of the checkout at ``tree``, in a fresh single-purpose process."""
+    import os
+    import subprocess
+
+    script = _DECISION_SCRIPT.format(threads=int(config.threads), directory=str(directory.resolve()), steps=config.steps,
+                                     decisions=decisions, population=config.population, elites=config.elites,
+                                     iterations=config.iterations, horizon=config.horizon)
+    environment = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(int(config.threads))}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tree, env=environment, capture_output=True, text=True,
+                            check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("DECISION_TIMES ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"timing a decision in {tree} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    import json
+
+    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 def bench_decision(config: DecisionBenchConfig) -> list[dict]:
@@ -527,6 +598,18 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
         frames[precision] = model.imagine(actions, seed=0)
     model.precision = "fp32"
     reference = precisions[0]
+    trees: dict[str, list[float]] = {}
+    if config.reference_tree:
+        # before/after in one run: this tree's and the reference tree's fp32 decisions in fresh processes, alternated
+        here = Path(__file__).resolve().parents[1]
+        other = Path(config.reference_tree).resolve()
+        if not (other / "come_rl" / "world_model.py").is_file():
+            raise ValueError(f"reference_tree={config.reference_tree!r} is not a come_rl checkout (no "
+                             f"come_rl/world_model.py there); make one with: git worktree add /tmp/before <rev>")
+        trees = {"reference_tree": [], "this_tree": []}
+        for _ in tqdm(range(config.decisions), desc="decision benchmark, fresh processes"):
+            trees["reference_tree"] += _time_decisions_in(other, directory, config, 1)
+            trees["this_tree"] += _time_decisions_in(here, directory, config, 1)
     rows = []
     for precision in precisions:
         median = {key: float(np.median(values)) for key, values in times[precision].items()}
@@ -541,6 +624,13 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
             f"frames_mean_abs_diff_to_{reference}": float((frames[precision] - frames[reference]).abs().mean()),
             f"plans_equal_to_{reference}": float(np.mean(same)),
         })
+    for name, values in trees.items():
+        tree = Path(config.reference_tree) if name == "reference_tree" else Path(__file__).resolve().parents[1]
+        rows.append({"precision": f"fp32, {name} at {_git_revision(tree)} (fresh processes)",
+                     "decisions": config.decisions, "population": config.population, "horizon": config.horizon,
+                     "denoising_steps": config.steps, "threads": config.threads,
+                     "median_decision_s": float(np.median(values)),
+                     f"decision_x_{reference}": float(np.median(values) / np.median(times[reference]["decision_s"]))})
     out = Path(config.out_dir)
     write_table(out / "decision.csv", rows, md_path=out / "decision.md",
                 title=f"One CEM decision of the default run ({directory.name}, base + LTM after memorization, population "
