@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
-from come_rl.frames import tensor_to_frames
+from come_rl.conventions import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv

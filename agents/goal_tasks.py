@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from agents.mpc import MPCAgent
-from come_rl.frames import frames_to_tensor, tensor_to_frames
+from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.seeding import EpisodeSeeds, torch_generator
 
 # policy(info, rng) -> env action
@@ -130,7 +130,7 @@ def path_errors(executed_poses: np.ndarray, reference_poses: np.ndarray) -> tupl
 
 
 def frames_to_model_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (``come_rl.frames``)."""
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (``come_rl.conventions``)."""
     return frames_to_tensor(np.asarray(frames))
 
 

@@ -62,10 +62,10 @@ from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
-from come_rl.frames import tensor_to_frames
+from come_rl.conventions import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
-from envs.poses import wrap_angle
+from come_rl.conventions import wrap_angle
 
 AGENTS = ("random", "base", "ltm", "come", "oracle")
 WORLD_MODEL_AGENTS = ("base", "ltm", "come")

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from come_rl.frames import frames_to_tensor, tensor_to_frames  # noqa: F401  (re-exported: the frame convention)
+from come_rl import conventions
+from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import ActionSpec
 
 
@@ -104,14 +105,6 @@ def open_data_source(spec: str, seed: int = 0, online_episodes: int = 1024):
     return DatasetSource(spec)
 
 
-def pose_features(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(..., 3) poses (x, y, yaw) -> (..., 4) features (x, y, sin yaw, cos yaw), as the authors feed the SLTM; a
-    tensor keeps its device, anything else becomes a CPU tensor."""
-    if isinstance(poses, torch.Tensor):
-        poses = poses.float()
-    else:
-        poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32, device="cpu")
-    return torch.cat([poses[..., :2], torch.sin(poses[..., 2:3]), torch.cos(poses[..., 2:3])], dim=-1)
 
 
 def clips_to_tensors(clips: dict, pose_features: bool = False):
@@ -126,7 +119,7 @@ def clips_to_tensors(clips: dict, pose_features: bool = False):
     if use_poses:
         if clips.get("poses") is None:
             raise ValueError("pose features requested but the data set has no poses")
-        poses = globals()["pose_features"](clips["poses"][:, 1:])
+        poses = conventions.pose_features(clips["poses"][:, 1:])
     return frames, actions, poses
 
 

@@ -142,7 +142,7 @@ def _save_rollout(wm: WorldModel, source, config: EvaluateConfig, path: Path) ->
 def _save_examples(predicted, target, last, path: Path) -> None:
     import imageio.v3 as iio
 
-    from come_rl.frames import tensor_to_frames
+    from come_rl.conventions import tensor_to_frames
 
     rows = [np.concatenate(list(tensor_to_frames(x)), axis=1) for x in (last, target, predicted)]
     grid = np.concatenate(rows, axis=0)

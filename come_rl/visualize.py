@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from come_rl.frames import frames_to_tensor, tensor_to_frames
+from come_rl.conventions import frames_to_tensor, tensor_to_frames
 
 
 def rollout_comparison(world_model, frames: np.ndarray, actions: np.ndarray, context: int, seed: int = 0,

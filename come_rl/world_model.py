@@ -75,7 +75,7 @@ class WorldModel:
         self.memorize_config = memorize_config or MemorizeConfig()
         self.pose_model = pose_model
         if pose_features is None:
-            from come_rl.data_sources import pose_features as default_pose_features
+            from come_rl.conventions import pose_features as default_pose_features
 
             pose_features = default_pose_features
         self.pose_features = pose_features

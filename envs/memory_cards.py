@@ -271,7 +271,7 @@ class MemoryCardsWorldModel:
         """actions: (batch, horizon, 5) one-hot -> frames (batch, horizon, 3, size, size) in [-1, 1]."""
         import torch
 
-        from come_rl.frames import frames_to_tensor
+        from come_rl.conventions import frames_to_tensor
 
         if self.cursor is None:
             raise RuntimeError("imagine needs a current state: call reset() and observe(frame) first")

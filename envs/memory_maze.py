@@ -47,7 +47,7 @@ import numpy as np
 from gymnasium import spaces
 
 from come_rl.interfaces import ActionSpec
-from envs.poses import yaw_from_direction
+from come_rl.conventions import yaw_from_direction
 
 ACTION_MEANINGS: tuple[str, ...] = ("noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right")
 MAZE_SIZES: tuple[int, ...] = (9, 11, 13, 15)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from come_rl.io_utils import UnsafePickleError, atomic_write_bytes, safe_pickle_load
-from envs.poses import from_local_frame, to_local_frame, wrap_angle
+from come_rl.conventions import from_local_frame, to_local_frame, wrap_angle
 
 WAYPOINT_SPACING_METRES = 0.25
 CONTEXT_FRAMES = 4

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from come_rl.frames import frames_to_tensor
+from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import WorldModelProtocol
 
 

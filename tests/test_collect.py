@@ -7,7 +7,7 @@ import pytest
 
 from come_rl.collect import collect, main, parse_arguments
 from come_rl.data import EpisodeDataset, read_manifest
-from envs.poses import yaw_from_direction
+from come_rl.conventions import yaw_from_direction
 
 
 def cards_config(out, **overrides):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["come_rl/diffusion", "come_rl/nets", "come_rl/experts", "come_rl/composition.py", "come_rl/world_model.py",
-        "come_rl/frames.py", "come_rl/devices.py", "come_rl/checkpoint.py", "come_rl/interfaces.py"]
+CORE = ["come_rl/diffusion", "come_rl/nets", "come_rl/data", "come_rl/experts", "come_rl/composition.py", "come_rl/world_model.py",
+        "come_rl/conventions.py", "come_rl/devices.py", "come_rl/checkpoint.py", "come_rl/interfaces.py"]
 OUTSIDE = ("envs", "planners", "agents")
 
 

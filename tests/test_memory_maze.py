@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers the ids)
 from envs.memory_maze import ACTION_MEANINGS, ExploringRandomPolicy, MemoryMazeEnv
-from envs.poses import absolute_to_relative, relative_to_absolute, wrap_angle
+from come_rl.conventions import absolute_to_relative, relative_to_absolute, wrap_angle
 
 
 @pytest.fixture(scope="module")

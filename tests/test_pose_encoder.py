@@ -15,7 +15,7 @@ from come_rl.nets.pose_encoder import (
     pose_features,
     pose_loss,
 )
-from envs.poses import absolute_to_relative, relative_to_absolute
+from come_rl.conventions import absolute_to_relative, relative_to_absolute
 
 torch.set_num_threads(1)
 

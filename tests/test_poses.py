@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from envs.poses import (
+from come_rl.conventions import (
     absolute_to_relative,
     from_local_frame,
     relative_to_absolute,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from come_rl.conventions import yaw_from_direction
 from come_rl.interfaces import ActionSpec
 from come_rl.io_utils import atomic_save_npz, atomic_write_text, sha256_file
 
@@ -255,8 +256,6 @@ class EpisodeDataset:
         if not files:
             raise FileNotFoundError(f"{self.path} has neither {MANIFEST_NAME} nor any .npz episode; expected a "
                                     "collected data set or Memory Maze's offline data (one .npz per episode)")
-        from envs.poses import yaw_from_direction  # light module: numpy only
-
         episodes = []
         for index, file in enumerate(files[:max_episodes]):
             fix = "Re-download or delete that file."

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from come_rl.fanout import FanoutSettings, check_backend, run_tasks
-from come_rl.frames import frames_to_tensor, tensor_to_frames
+from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.train import parse_overrides
 from come_rl.composition import CompositionConfig

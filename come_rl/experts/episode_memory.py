@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from come_rl.frames import frames_to_tensor
+from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import ActionSpec
 
 CPU = torch.device("cpu")

@@ -244,7 +244,7 @@ class LongTermMemoryExpert(DiffusionExpert):
             frames, actions, poses = self._memorization_batch(memory, config, clip_length, pose_model, generator)
             pose_input = None
             if self.uses_poses and poses is not None:
-                from come_rl.data_sources import pose_features
+                from come_rl.conventions import pose_features
 
                 pose_input = pose_features(poses)
             with devices.autocast(self.device, precision):

@@ -6,11 +6,11 @@ encoder infers them: 3D convolutions over the (clean-estimate) frames give per-f
 small network turns each step's reported motion plus the features of the two frames it joins into a
 corrected motion, and a differentiable dead-reckoning layer integrates the corrected motions into
 absolute poses. The integration is exact geometry (the same composition as
-``envs.poses.relative_to_absolute``), so with perfect odometry the untrained encoder is already
+``come_rl.conventions.relative_to_absolute``), so with perfect odometry the untrained encoder is already
 exact, and training (supervised by absolute poses) only has to learn the odometry's errors:
 miscalibrated scales, biases, and what the frames reveal about the true motion.
 
-Conventions (``come_rl.interfaces`` / ``envs.poses``): a pose is ``(x, y, yaw)``; the relative motion
+Conventions (``come_rl.interfaces`` / ``come_rl.conventions``): a pose is ``(x, y, yaw)``; the relative motion
 of step ``t`` is ``(dx, dy, dyaw)`` from pose ``t`` to pose ``t + 1`` in the agent's frame at ``t``.
 """
 

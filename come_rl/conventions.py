@@ -1,6 +1,9 @@
-"""Conversions between absolute poses and relative motion, shared by every environment with poses.
+"""The toolkit's conventions in one module: how frames and poses are written, shared by envs, data, models and agents.
 
-Conventions (the same as ``come_rl.interfaces``):
+Frames: envs and agents speak uint8 (..., H, W, 3); the models speak float (..., 3, H, W) in [-1, 1]. Every conversion
+goes through :func:`frames_to_tensor` and :func:`tensor_to_frames`.
+
+Poses (the same as ``come_rl.interfaces``):
 
 * An absolute pose is ``(x, y, yaw)`` in the world frame; yaw is the heading in radians measured
   counter-clockwise from the world x axis, wrapped to ``[-pi, pi)``.
@@ -11,20 +14,48 @@ Conventions (the same as ``come_rl.interfaces``):
   encoder and the ATE/RPE metrics rely on.
 * ``to_local_frame`` expresses poses in the frame of one *reference* pose instead (NWM's
   waypoints on RECON are of that kind: every future position in the frame of the current pose).
+* The spatial expert sees a pose as the features ``(x, y, sin yaw, cos yaw)`` (:func:`pose_features`), as the authors
+  feed their SLTM.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 __all__ = [
     "absolute_to_relative",
+    "frames_to_tensor",
     "from_local_frame",
+    "pose_features",
     "relative_to_absolute",
+    "tensor_to_frames",
     "to_local_frame",
     "wrap_angle",
     "yaw_from_direction",
 ]
+
+# ---------------------------------------------------------------------------------------------------------- frames
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 in [0, 255], got {frames.dtype}")
+    frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:  # torch.from_numpy warns on read-only memory (a loaded record, a broadcast view)
+        frames = frames.copy()
+    tensor = torch.from_numpy(frames).float().div_(127.5).sub_(1.0)
+    return tensor.movedim(-1, -3)
+
+
+def tensor_to_frames(tensor: torch.Tensor) -> np.ndarray:
+    """float (..., 3, H, W) in [-1, 1] (clamped) -> uint8 (..., H, W, 3), rounded to the nearest level."""
+    return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------- poses
 
 
 def wrap_angle(angle: np.ndarray | float) -> np.ndarray:
@@ -130,3 +161,13 @@ def from_local_frame(local_poses: np.ndarray, reference_pose: np.ndarray) -> np.
     world_x = reference_pose[0] + cos_yaw * local_poses[..., 0] - sin_yaw * local_poses[..., 1]
     world_y = reference_pose[1] + sin_yaw * local_poses[..., 0] + cos_yaw * local_poses[..., 1]
     return np.stack([world_x, world_y, wrap_angle(local_poses[..., 2] + reference_pose[2])], axis=-1)
+
+
+def pose_features(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., 3) poses (x, y, yaw) -> (..., 4) features (x, y, sin yaw, cos yaw), as the authors feed the SLTM; a
+    tensor keeps its device, anything else becomes a CPU tensor."""
+    if isinstance(poses, torch.Tensor):
+        poses = poses.float()
+    else:
+        poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32, device="cpu")
+    return torch.cat([poses[..., :2], torch.sin(poses[..., 2:3]), torch.cos(poses[..., 2:3])], dim=-1)
