@@ -28,13 +28,13 @@ run after the listed blocks: per spatial position, ``h_f = a_f * h_{f-1} + (1 - 
 the frames, with input-dependent decay ``a_f`` (a diagonal selective state space, Mamba-like). The
 state after the last context frame is cached like the keys and values.
 
-Module names follow the usual DiT layout (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) so
+The layers (attention, MLP, the adaLN-Zero block, the recurrence) are in :mod:`come_rl.nets.dit_layers`; module names follow
+the usual DiT layout (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) so
 that peft's LoRA can target them by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from come_rl.nets.backbone import VideoBackbone, timestep_embedding
+from come_rl.nets.dit_layers import GatedTemporalRecurrence, VideoDiTBlock, attention, modulate, to_additive
 
-__all__ = ["GatedTemporalRecurrence", "VideoDiT", "VideoDiTConfig", "timestep_embedding"]
+__all__ = ["GatedTemporalRecurrence", "VideoDiT", "VideoDiTConfig"]
 
 
 @dataclass(frozen=True)
@@ -124,124 +125,6 @@ class VideoDiTConfig:
 
     def is_full_attention(self, layer: int) -> bool:
         return self.window_frames is None or layer in self.full_attention_layers
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def _to_additive(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (True = attend) -> float32 additive mask (0 / -inf)."""
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               additive_mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA with an additive float mask (or none); the mask follows the query's dtype under autocast."""
-    if additive_mask is not None and additive_mask.dtype != query.dtype:
-        additive_mask = additive_mask.to(query.dtype)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask)
-
-
-class WindowedSelfAttention(nn.Module):
-    """Multi-head attention whose keys may be extended by cached keys/values of earlier tokens."""
-
-    def __init__(self, hidden_size: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x (B, L, D)`` -> q, k, v each ``(B, heads, L, head_dim)``."""
-        batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
-
-    def merge(self, out: torch.Tensor) -> torch.Tensor:
-        """``(B, heads, L, head_dim)`` -> ``(B, L, D)`` through the output projection."""
-        batch, _, length, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-class DiTMlp(nn.Module):
-    def __init__(self, hidden_size: int, mlp_hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class VideoDiTBlock(nn.Module):
-    """adaLN-Zero transformer block; modulation is per frame, broadcast over the frame's tokens."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = WindowedSelfAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = DiTMlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        frame_conditions: torch.Tensor,
-        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One block.
-
-        Args:
-            tokens: ``(B, F, S, D)``: F frames of S tokens.
-            frame_conditions: ``(B, F, D)``.
-            attend: ``attend(q, k, v) -> (B, heads, F*S, head_dim)``; it adds cached keys and applies
-                the mask, so that one block serves the context pass, the target pass and the reference.
-
-        Returns:
-            new tokens ``(B, F, S, D)`` and this block's keys and values ``(B, heads, F*S, head_dim)``.
-        """
-        batch, frames, spatial, hidden = tokens.shape
-        modulation = self.adaLN_modulation(frame_conditions)[:, :, None, :].chunk(6, dim=-1)
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation
-        normed = _modulate(self.norm1(tokens), shift_attn, scale_attn).reshape(batch, frames * spatial, hidden)
-        query, key, value = self.attn.project(normed)
-        attended = self.attn.merge(attend(query, key, value)).view(batch, frames, spatial, hidden)
-        tokens = tokens + gate_attn * attended
-        tokens = tokens + gate_mlp * self.mlp(_modulate(self.norm2(tokens), shift_mlp, scale_mlp))
-        return tokens, key, value
-
-
-class GatedTemporalRecurrence(nn.Module):
-    """A diagonal, input-gated linear recurrence over frames (the SSM-style baseline layer).
-
-    Per spatial position and channel: ``h_f = a_f * h_{f-1} + (1 - a_f) * u_f`` with
-    ``a_f = sigmoid(decay(x_f))`` in (0, 1), output ``x_f + out_proj(h_f * silu(gate(x_f)))``.
-    A Python loop over frames is fine here: sequences are at most a few dozen frames.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.in_proj = nn.Linear(hidden_size, 3 * hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-        # Decay biased towards remembering (sigmoid(2) ~ 0.88): a recurrence meant to carry memory.
-        with torch.no_grad():
-            self.in_proj.bias[2 * hidden_size:].fill_(2.0)
-
-    def forward(self, tokens: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``tokens (B, F, S, D)``, ``state (B, S, D)`` or None (zeros) -> new tokens, final state."""
-        values, gates, decay_logits = self.in_proj(self.norm(tokens)).chunk(3, dim=-1)
-        decay = torch.sigmoid(decay_logits)
-        hidden = torch.zeros_like(values[:, 0]) if state is None else state
-        outputs = []
-        for frame in range(tokens.shape[1]):
-            hidden = decay[:, frame] * hidden + (1 - decay[:, frame]) * values[:, frame]
-            outputs.append(hidden)
-        recurrent = torch.stack(outputs, dim=1)
-        return tokens + self.out_proj(recurrent * F.silu(gates)), hidden
 
 
 class VideoDiT(VideoBackbone):
@@ -420,7 +303,7 @@ class VideoDiT(VideoBackbone):
         """
         if bool(frame_mask.all()):
             return None
-        return _to_additive(self._token_mask(frame_mask))
+        return to_additive(self._token_mask(frame_mask))
 
     # -------------------------------------------------------------- embeddings
     def _frame_conditions(
@@ -467,7 +350,7 @@ class VideoDiT(VideoBackbone):
             + torch.arange(window, device=query.device)[None, :]
         valid = (slot_frame >= 0).repeat_interleave(spatial, dim=1)  # (F, W*S)
         valid = valid[None].expand(heads, -1, -1).reshape(1, heads * num_frames, 1, window * spatial)
-        out = _attention(query, windows(key), windows(value), _to_additive(valid))
+        out = attention(query, windows(key), windows(value), to_additive(valid))
         return out.reshape(batch, heads, num_frames * spatial, head_dim)
 
     # --------------------------------------------------------------- contract
@@ -506,7 +389,7 @@ class VideoDiT(VideoBackbone):
                         self._frame_mask(positions, positions, num_context, False, None))
 
                 def attend(q, k, v, mask=dense_masks[full]):
-                    return _attention(q, k, v, mask)
+                    return attention(q, k, v, mask)
             else:
                 def attend(q, k, v):
                     return self._banded_context_attention(q, k, v, num_context)
@@ -590,7 +473,7 @@ class VideoDiT(VideoBackbone):
             def attend(q, k, v, cached_key=cached_key, cached_value=cached_value, mask=masks[full]):
                 keys = torch.cat([cached_key, k], dim=2)
                 values = torch.cat([cached_value, v], dim=2)
-                return _attention(q, keys, values, mask)
+                return attention(q, keys, values, mask)
 
             tokens, _, _ = block(tokens, conditions, attend)
             if str(layer) in self.recurrences:
@@ -599,7 +482,7 @@ class VideoDiT(VideoBackbone):
 
     def _output(self, tokens: torch.Tensor, conditions: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         shift, scale = self.final_modulation(conditions)[:, :, None, :].chunk(2, dim=-1)
-        out = self.final_linear(_modulate(self.final_norm(tokens), shift, scale))
+        out = self.final_linear(modulate(self.final_norm(tokens), shift, scale))
         if self.noisy_skip_gate is not None:
             out = out + self.noisy_skip_gate(conditions)[:, :, None, :] * self._patchify(noisy)
         return self._unpatchify(out)
