@@ -179,10 +179,14 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         "base": (["base"], None, None),
         "base+ltm": (["base", "ltm"], None, None),
         "base+stm": (["base", "stm"], stm, None),
-        "base+ltm+stm+sltm (CoME)": (["base", "ltm", "stm", "sltm"], stm, sltm),
-        # the cheaper CoME measured in the recall sweep: STM and SLTM as plain factors (no unconditional rows)
-        "CoME, STM/SLTM alpha 1": (["base", "ltm", "stm", "sltm"], stm, sltm, {"stm": 1.0, "sltm": 1.0}),
     }
+    # CoME (base + LTM + STM + SLTM) with the STM and SLTM contrastive (alpha 2: a conditional and an unconditional row
+    # each) and as plain factors (alpha 1: no unconditional rows); "(shipped)" marks the checkpoint's own alphas
+    shipped = {role: probe.composition.alphas.get(role) for role in ("stm", "sltm")}
+    for alpha in (2.0, 1.0):
+        mark = " (shipped)" if shipped == {"stm": alpha, "sltm": alpha} else ""
+        compositions[f"CoME, STM/SLTM alpha {alpha:g}{mark}"] = (["base", "ltm", "stm", "sltm"], stm, sltm,
+                                                                 {"stm": alpha, "sltm": alpha})
     actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon), device="cpu"),
                                           action_dim).float()
     rows = []
