@@ -7,7 +7,7 @@ Usage:
     python -m come_rl.bench dit ['names=["dit_cpu"]' 'batch_sizes=[1, 32]']   # the DiT's context cache
     python -m come_rl.bench threads [checkpoint=memory_maze threads=[1,2] busy=[0,1] repeats=5]
     python -m come_rl.bench long_episode [checkpoint=memory_cards steps=1000 memorize_every=50 memorize_steps=25]
-    python -m come_rl.bench decision [checkpoint=memory_maze population=24 horizon=4 steps=4 'precisions=["fp32", "bf16"]']
+    python -m come_rl.bench decision [checkpoint=memory_maze population=24 horizon=4 steps=4 reference_tree=DIR]
 
 ``world_model`` writes ``results/bench/world_model.csv`` + ``.md``: imagined frames per second for the base alone and
 for every composition (base + LTM; base + LTM + STM + SLTM), the cost ratio to the base, network calls per denoising
@@ -24,8 +24,9 @@ alternating the settings in one run; it chooses ``run.threads`` (issue 14, findi
 the process's resident and peak memory and the seconds of each memorization call: memory must stay flat and a call must
 not cost more as the episode grows.
 ``decision`` writes ``results/bench/decision.csv`` + ``.md``: one CEM decision of the default run split into imagination,
-LPIPS and the planner's own work, in fp32 and (where the CPU has bfloat16 kernels) bf16 autocast, with bf16's frame
-difference and plan agreement to fp32.
+LPIPS and the planner's own work, in fp32, bf16 autocast (where the CPU has bfloat16 kernels) and fp32 through
+torch.compile, with each one's frame difference and plan agreement to fp32; ``reference_tree=`` adds an older
+checkout's fp32 decision, timed in fresh processes alternated with this tree's.
 All ratios come from one run (these machines are noisy). The STM and SLTM are untrained transformer experts here
 (their cost does not depend on their weights) unless the checkpoint holds trained ones.
 """
@@ -474,10 +475,11 @@ class DecisionBenchConfig:
     horizon: int = 4
     steps: int = 4
     """the default run's settings (conf/planner/cem.yaml, conf/agent/cem.yaml, the Memory Maze model's sampler)."""
-    precisions: list = field(default_factory=lambda: ["fp32", "bf16"])
-    """fp32 is the default; bf16 (autocast) is timed where this CPU has bfloat16 kernels."""
+    variants: list = field(default_factory=lambda: ["fp32", "bf16", "compile"])
+    """fp32 is the default; bf16 (autocast) is timed where this CPU has bfloat16 kernels; compile = fp32 through
+    torch.compile (inductor; the warm-up decision pays the compilation)."""
     decisions: int = 5
-    """timed decisions per precision (rounds alternate the precisions)."""
+    """timed decisions per variant (rounds alternate the variants)."""
     threads: int = 1
     reference_tree: str = ""
     """another checkout of come_rl (e.g. ``git worktree add /tmp/before <rev>``): its fp32 decision is timed too, in
@@ -555,30 +557,35 @@ def _time_decisions_in(tree: Path, directory: Path, config: DecisionBenchConfig,
 
 def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     """One CEM decision of the default run (``python -m come_rl.run agent=cem env=memory_maze``), split into the world
-    model's imagination, LPIPS to the goal and the planner itself, per precision; bf16's frames and plans are compared
-    with fp32's from the same seeds."""
+    model's imagination, LPIPS to the goal and the planner itself, per variant (fp32, bf16 autocast, fp32 through
+    torch.compile); each variant's frames and plans are compared with fp32's from the same seeds."""
     from come_rl.checkpoint import resolve_checkpoint
     from come_rl.metrics.lpips_metric import get_lpips
     from come_rl.results import write_table
     from planners.cem import CEMPlanner
     from planners.objectives import LPIPSGoalObjective
 
-    precisions = [devices.resolve_precision(p, torch.device("cpu")) if p != "bf16" or devices.cpu_supports_bf16()
-                  else None for p in config.precisions]
-    skipped = [p for p, resolved in zip(config.precisions, precisions) if resolved is None]
-    precisions = [p for p in precisions if p is not None]
-    if not precisions or config.decisions < 1:
-        raise ValueError(f"need a precision this CPU runs and decisions >= 1, got {config.precisions}, {config.decisions}")
+    unknown = [v for v in config.variants if v not in ("fp32", "bf16", "compile")]
+    if unknown or not config.variants or config.variants[0] != "fp32" or config.decisions < 1:
+        raise ValueError(f"variants must start with fp32 (the reference) and name fp32, bf16 or compile, and decisions "
+                         f"be >= 1; got {config.variants}, {config.decisions}")
+    skipped = [v for v in config.variants if v == "bf16" and not devices.cpu_supports_bf16()]
+    variants = [v for v in config.variants if v not in skipped]
     torch.set_num_threads(int(config.threads))
     directory = resolve_checkpoint(config.checkpoint)
     model, goal = _default_decision_model(directory, config.steps)
     lpips = get_lpips(device="cpu")
     spec = model.action_spec
-    times = {p: {"decision_s": [], "imagine_s": [], "lpips_s": [], "planner_s": []} for p in precisions}
-    plans: dict[str, list[torch.Tensor]] = {p: [] for p in precisions}
+    times = {v: {"decision_s": [], "imagine_s": [], "lpips_s": [], "planner_s": []} for v in variants}
+    plans: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+
+    def use(variant: str) -> None:
+        model.precision = "bf16" if variant == "bf16" else "fp32"
+        model.use_compile(variant == "compile")
+
     for round_ in tqdm(range(config.decisions + 1), desc="decision benchmark rounds"):
-        for precision in precisions:
-            model.precision = precision
+        for variant in variants:
+            use(variant)
             planner = CEMPlanner(population=config.population, elites=config.elites, iterations=config.iterations,
                                  seed=round_)
             objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
@@ -588,20 +595,19 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
             if round_ == 0:
                 continue  # warm-up
             timings = objective.timings
-            times[precision]["decision_s"].append(total)
-            times[precision]["imagine_s"].append(timings["imagine_s"])
-            times[precision]["lpips_s"].append(timings["score_s"])
-            times[precision]["planner_s"].append(total - timings["imagine_s"] - timings["score_s"])
-            plans[precision].append(plan.argmax(-1))
-    model.precision = "fp32"
+            times[variant]["decision_s"].append(total)
+            times[variant]["imagine_s"].append(timings["imagine_s"])
+            times[variant]["lpips_s"].append(timings["score_s"])
+            times[variant]["planner_s"].append(total - timings["imagine_s"] - timings["score_s"])
+            plans[variant].append(plan.argmax(-1))
     actions = torch.nn.functional.one_hot(torch.randint(0, spec.dim, (config.population, config.horizon),
                                                         generator=torch.Generator().manual_seed(0)), spec.dim).float()
     frames = {}
-    for precision in precisions:
-        model.precision = precision
-        frames[precision] = model.imagine(actions, seed=0)
-    model.precision = "fp32"
-    reference = precisions[0]
+    for variant in variants:
+        use(variant)
+        frames[variant] = model.imagine(actions, seed=0)
+    use("fp32")
+    reference = variants[0]
     trees: dict[str, list[float]] = {}
     if config.reference_tree:
         # before/after in one run: this tree's and the reference tree's fp32 decisions in fresh processes, alternated
@@ -615,22 +621,22 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
             trees["reference_tree"] += _time_decisions_in(other, directory, config, 1)
             trees["this_tree"] += _time_decisions_in(here, directory, config, 1)
     rows = []
-    for precision in precisions:
-        median = {key: float(np.median(values)) for key, values in times[precision].items()}
-        same = [bool(torch.equal(a, b)) for a, b in zip(plans[precision], plans[reference])]
+    for variant in variants:
+        median = {key: float(np.median(values)) for key, values in times[variant].items()}
+        same = [bool(torch.equal(a, b)) for a, b in zip(plans[variant], plans[reference])]
         rows.append({
-            "precision": precision, "decisions": config.decisions, "population": config.population,
+            "variant": variant, "decisions": config.decisions, "population": config.population,
             "horizon": config.horizon, "denoising_steps": config.steps, "threads": config.threads,
             "median_decision_s": median["decision_s"], "median_imagine_s": median["imagine_s"],
             "median_lpips_s": median["lpips_s"], "median_planner_s": median["planner_s"],
             "share_outside_world_model": (median["lpips_s"] + median["planner_s"]) / median["decision_s"],
             f"decision_x_{reference}": median["decision_s"] / float(np.median(times[reference]["decision_s"])),
-            f"frames_mean_abs_diff_to_{reference}": float((frames[precision] - frames[reference]).abs().mean()),
+            f"frames_mean_abs_diff_to_{reference}": float((frames[variant] - frames[reference]).abs().mean()),
             f"plans_equal_to_{reference}": float(np.mean(same)),
         })
     for name, values in trees.items():
         tree = Path(config.reference_tree) if name == "reference_tree" else Path(__file__).resolve().parents[1]
-        rows.append({"precision": f"fp32, {name} at {_git_revision(tree)} (fresh processes)",
+        rows.append({"variant": f"fp32, {name} at {_git_revision(tree)} (fresh processes)",
                      "decisions": config.decisions, "population": config.population, "horizon": config.horizon,
                      "denoising_steps": config.steps, "threads": config.threads,
                      "median_decision_s": float(np.median(values)),
@@ -640,7 +646,7 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
                 title=f"One CEM decision of the default run ({directory.name}, base + LTM after memorization, population "
                       f"{config.population} x horizon {config.horizon}, {config.iterations} iteration, {config.steps} "
                       f"DDIM steps, LPIPS-AlexNet to the goal; {config.threads} thread(s); medians of {config.decisions} "
-                      f"decisions, precisions alternated in one run; frames in [-1, 1]"
+                      f"decisions, variants alternated in one run; frames in [-1, 1]"
                       + (f"; skipped: {skipped} (no bfloat16 kernels)" if skipped else "")
                       + "; `python -m come_rl.bench decision`)")
     return rows

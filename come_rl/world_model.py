@@ -88,7 +88,12 @@ class WorldModel:
             self.sltm = LongTermMemoryExpert(self.sltm, self.memorize_config, name="sltm")
         self.memory = EpisodeMemory(self.frame_shape, action_spec)
         self.last_network_calls = 0
-        self.compile = bool(compile)
+        self.use_compile(compile)
+
+    def use_compile(self, enabled: bool) -> None:
+        """Run every expert's denoising network through ``torch.compile`` (``come_rl.devices``) or not, from the next
+        call on (the first compiled call pays the compilation)."""
+        self.compile = bool(enabled)
         for expert in (self.base, self.ltm, self.stm, self.sltm):
             if expert is not None:
                 expert.compiled = self.compile
