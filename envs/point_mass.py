@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from come_rl.conventions import tensor_to_frames
 from come_rl.interfaces import ActionSpec
 
 # direction of each discrete action, in units of max_step
@@ -72,7 +73,7 @@ class PointMassDynamics:
     def render_uint8(self, position: np.ndarray) -> np.ndarray:
         """(2,) position -> uint8 (size, size, 3) env frame."""
         frame = self.render(torch.as_tensor(position, dtype=torch.float32))
-        return ((frame.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        return tensor_to_frames(frame)
 
     def locate(self, frame: np.ndarray) -> np.ndarray:
         """Estimate the position from a uint8 (size, size, 3) frame: the brightest red pixel's centre."""

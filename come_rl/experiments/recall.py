@@ -116,6 +116,8 @@ class RecallConfig(FanoutSettings):
     out_dir: str = "results/recall"
     suffix: str = ""
     """appended to the result file names (keeps several settings side by side)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast for memorization and sampling (CUDA, or a CPU with bfloat16 kernels)."""
 
 
 def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, row: int, col: int,
@@ -176,7 +178,7 @@ class RecallWorker:
         roles = sorted({role for name in self.names for role in COMPOSITIONS[name]["experts"]} | {"base", "ltm"},
                        key=["base", "ltm", "stm", "sltm"].index)
         self.wm = WorldModel.load(config.checkpoint, experts=roles, sampler={"steps": config.sampler_steps},
-                                  memorize=config.memorize, pose_model=cursor_pose_model)
+                                  memorize=config.memorize, pose_model=cursor_pose_model, precision=config.precision)
         self.env = MemoryCardsEnv(max_steps=10**6)
         # The examples image: the shipped default composition where it is evaluated, after 100 steps where there are.
         self.example_name = SHIPPED_DEFAULT if SHIPPED_DEFAULT in self.names else self.names[-1]
