@@ -25,15 +25,10 @@ CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner 
 
 from __future__ import annotations
 
-from come_rl.cli_args import parse_key_values
-from come_rl.seeding import accepts_keyword, derive_seed
-
-import csv
-import io
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +38,11 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
-from come_rl.interfaces import ActionSpec
+from come_rl.cli_args import parse_key_values
 from come_rl.episode_records import recorded_episode
-from come_rl.io_utils import atomic_write_text
+from come_rl.interfaces import ActionSpec
+from come_rl.results import write_protocol_results
+from come_rl.seeding import accepts_keyword, derive_seed
 
 PLANNER_NAMES = ("cem", "random_shooting", "mppi", "nwm")
 
@@ -351,69 +348,6 @@ def _play_recon_case(world_model, planner, objective_factory, trajectories: dict
 
 
 # ------------------------------------------------------------------------------------------------ tables
-METRICS = ("ate", "rpe", "final_distance")
-
-
-def summarize_rows(rows: Iterable[dict], group_keys: Sequence[str] = ("planner", "world_model")) -> list[dict]:
-    """Mean of ATE, RPE, final distance and plan seconds per group (NaN-aware)."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[key] for key in group_keys), []).append(row)
-    summary = []
-    for key, members in groups.items():
-        entry = dict(zip(group_keys, key))
-        entry["cases"] = len(members)
-        for metric in (*METRICS, "plan_seconds"):
-            values = [float(m[metric]) for m in members if not math.isnan(float(m[metric]))]
-            entry[metric] = float(np.mean(values)) if values else math.nan
-        summary.append(entry)
-    return summary
-
-
-def rows_to_csv(rows: Sequence[dict]) -> str:
-    """Rows -> CSV text (columns: the union of keys in first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def markdown_table(summary: Sequence[dict], title: str, units: str) -> str:
-    """Planners (rows) x world models (columns); each cell "ATE / RPE / final distance"."""
-    planners = list(dict.fromkeys(entry["planner"] for entry in summary))
-    models = list(dict.fromkeys(entry["world_model"] for entry in summary))
-    cells = {(entry["planner"], entry["world_model"]): entry for entry in summary}
-    lines = [f"# {title}", "", (f"Cells: ATE / RPE / final distance to the goal (means over cases; {units}); "
-                                "lower is better."), "", "| planner | " + " | ".join(models) + " |",
-             "|---|" + "---|" * len(models)]
-    for planner in planners:
-        texts = []
-        for model in models:
-            entry = cells.get((planner, model))
-            texts.append("-" if entry is None else " / ".join(f"{entry[m]:.3f}" for m in METRICS))
-        lines.append(f"| {planner} | " + " | ".join(texts) + " |")
-    lines += ["", "| planner | world model | cases | ATE | RPE | final distance | plan seconds |",
-              "|---|---|---|---|---|---|---|"]
-    for entry in summary:
-        lines.append(f"| {entry['planner']} | {entry['world_model']} | {entry['cases']} | {entry['ate']:.4f} | "
-                     f"{entry['rpe']:.4f} | {entry['final_distance']:.4f} | {entry['plan_seconds']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(rows: Sequence[dict], out_dir: str | Path, name: str, title: str, units: str) -> tuple[Path, Path]:
-    """``<out_dir>/<name>.csv`` (every row) and ``<name>.md`` (the table of means), both written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
-    atomic_write_text(csv_path, rows_to_csv(rows))
-    atomic_write_text(md_path, markdown_table(summarize_rows(rows), title, units))
-    return csv_path, md_path
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 DEFAULTS: dict[str, Any] = {
     "checkpoint": None, "data": None, "cases": 4, "planners": "cem,random_shooting,mppi,nwm", "experts": "base|base,ltm",
@@ -513,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              desc="nwm protocol cases", progress=config["progress"])
         rows = [row for case_rows in per_case for row in case_rows]
     name = config["name"] or f"{checkpoint.name}_{len(cases)}cases_h{config['horizon']}"
-    csv_path, md_path = write_results(rows, config["out"], name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
+    csv_path, md_path = write_protocol_results(rows, config["out"], name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
                                       "maze cells" if dataset.meta.get("env") == "memory_maze" else "grid cells")
     print(f"wrote {csv_path} and {md_path}")
     print(md_path.read_text())

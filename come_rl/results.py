@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from come_rl.io_utils import PathLike, atomic_write_text
 
@@ -108,6 +110,17 @@ def write_markdown_table(csv_path: PathLike, md_path: PathLike | None = None, ti
     return destination
 
 
+def write_rows(csv_path: PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Replace the CSV at ``csv_path`` by ``rows`` atomically (columns: the union of keys in first-seen order)."""
+    path = Path(csv_path)
+    staging = path.with_name(f".{path.name}.staging")
+    if staging.exists():
+        staging.unlink()
+    append_rows(staging, rows)
+    staging.replace(path)
+    return path
+
+
 def write_table(csv_path: PathLike, rows: Sequence[Mapping[str, Any]], title: str | None = None,
                 md_path: PathLike | None = None) -> Path:
     """Replace the table at ``csv_path`` by ``rows`` (CSV + Markdown beside it), each file written atomically.
@@ -115,12 +128,7 @@ def write_table(csv_path: PathLike, rows: Sequence[Mapping[str, Any]], title: st
     For results that a command recomputes as a whole (an evaluation, a benchmark); ``append_rows`` is for logs that
     grow. A crash leaves either the previous table or the new one, never a mix.
     """
-    path = Path(csv_path)
-    staging = path.with_name(f".{path.name}.staging")
-    if staging.exists():
-        staging.unlink()
-    append_rows(staging, rows)
-    staging.replace(path)
+    path = write_rows(csv_path, rows)
     write_markdown_table(path, md_path, title=title)
     return path
 
@@ -136,3 +144,55 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     centre = (p + z * z / (2 * trials)) / denominator
     half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---------------------------------------------------------------- open-loop goal-reaching protocol (NWM) tables
+PROTOCOL_METRICS = ("ate", "rpe", "final_distance")
+
+
+def summarize_protocol_rows(rows: Iterable[dict], group_keys: Sequence[str] = ("planner", "world_model")) -> list[dict]:
+    """Mean of ATE, RPE, final distance and plan seconds per group (NaN-aware)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in group_keys), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        entry = dict(zip(group_keys, key))
+        entry["cases"] = len(members)
+        for metric in (*PROTOCOL_METRICS, "plan_seconds"):
+            values = [float(m[metric]) for m in members if not math.isnan(float(m[metric]))]
+            entry[metric] = float(np.mean(values)) if values else math.nan
+        summary.append(entry)
+    return summary
+
+
+def protocol_markdown_table(summary: Sequence[dict], title: str, units: str) -> str:
+    """Planners (rows) x world models (columns); each cell "ATE / RPE / final distance"."""
+    planners = list(dict.fromkeys(entry["planner"] for entry in summary))
+    models = list(dict.fromkeys(entry["world_model"] for entry in summary))
+    cells = {(entry["planner"], entry["world_model"]): entry for entry in summary}
+    lines = [f"# {title}", "", (f"Cells: ATE / RPE / final distance to the goal (means over cases; {units}); "
+                                "lower is better."), "", "| planner | " + " | ".join(models) + " |",
+             "|---|" + "---|" * len(models)]
+    for planner in planners:
+        texts = []
+        for model in models:
+            entry = cells.get((planner, model))
+            texts.append("-" if entry is None else " / ".join(f"{entry[m]:.3f}" for m in PROTOCOL_METRICS))
+        lines.append(f"| {planner} | " + " | ".join(texts) + " |")
+    lines += ["", "| planner | world model | cases | ATE | RPE | final distance | plan seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in summary:
+        lines.append(f"| {entry['planner']} | {entry['world_model']} | {entry['cases']} | {entry['ate']:.4f} | "
+                     f"{entry['rpe']:.4f} | {entry['final_distance']:.4f} | {entry['plan_seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_protocol_results(rows: Sequence[dict], out_dir: str | Path, name: str, title: str, units: str) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.csv`` (every row) and ``<name>.md`` (the table of means), both written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    write_rows(csv_path, rows)
+    atomic_write_text(md_path, protocol_markdown_table(summarize_protocol_rows(rows), title, units))
+    return csv_path, md_path

@@ -211,7 +211,8 @@ def run_recon(cfg: DictConfig) -> dict:
     Writes ``results/<run.name>/recon_cases.csv`` (one row per case) and ``recon_cases.md`` (ATE / RPE / final
     distance in NWM's units: waypoint spacings of 0.25 m).
     """
-    from agents.nwm_protocol import evaluate_recon, summarize_rows, write_results
+    from agents.nwm_protocol import evaluate_recon
+    from come_rl.results import summarize_protocol_rows, write_protocol_results
     from envs.recon import load_navigation_eval_tasks
 
     env_cfg = cfg.env
@@ -249,9 +250,9 @@ def run_recon(cfg: DictConfig) -> dict:
     model_label = "+".join(experts) if experts else str(choices.get("model") or type(world_model).__name__)
     planner_label = str(choices.get("planner") or str(cfg.planner._target_).rsplit(".", 1)[-1])
     rows = [{"planner": planner_label, "world_model": model_label, **row} for row in rows]
-    csv_path, md_path = write_results(rows, out_dir, "recon_cases", f"RECON goal reaching (NWM protocol): {cfg.run.name}",
+    csv_path, md_path = write_protocol_results(rows, out_dir, "recon_cases", f"RECON goal reaching (NWM protocol): {cfg.run.name}",
                                       "NWM units: waypoint spacings of 0.25 m")
-    summary = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_, **summarize_rows(rows)[0]}
+    summary = {"run": cfg.run.name, **choices, "planner_target": cfg.planner._target_, **summarize_protocol_rows(rows)[0]}
     print(f"results written to {out_dir}")
     print(md_path.read_text())
     return summary
