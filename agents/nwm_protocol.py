@@ -38,8 +38,9 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
-from come_rl.cli_args import parse_key_values
+from come_rl.cli_args import parse_dataclass
 from come_rl.episode_records import recorded_episode
+from come_rl.fanout import FanoutSettings
 from come_rl.interfaces import ActionSpec
 from come_rl.results import write_protocol_results
 from come_rl.seeding import accepts_keyword, derive_seed
@@ -349,58 +350,84 @@ def _play_recon_case(world_model, planner, objective_factory, trajectories: dict
 
 # ------------------------------------------------------------------------------------------------ tables
 # ------------------------------------------------------------------------------------------------ CLI
-DEFAULTS: dict[str, Any] = {
-    "checkpoint": None, "data": None, "cases": 4, "planners": "cem,random_shooting,mppi,nwm", "experts": "base|base,ltm",
-    "horizon": 8, "goal_offset": 8, "context": 4, "memory_frames": 4, "max_start": 40, "population": 24, "elites": 4,
-    "iterations": 1, "sampler_steps": 4, "memorize_steps": 10, "seed": 0, "threads": 1,
-    "out": "results/nwm_protocol", "name": None, "progress": True, "backend": "local", "workers": 2,
-}
-INT_KEYS = ("cases", "horizon", "goal_offset", "context", "memory_frames", "max_start", "population", "elites",
-            "iterations", "sampler_steps", "memorize_steps", "seed", "threads", "workers")
+@dataclass
+class ProtocolConfig(FanoutSettings):
+    """``python -m agents.nwm_protocol key=value ...`` (the toolkit's one ``key=value`` parser: a typo names the keys)."""
+
+    checkpoint: str = ""
+    """a Memory Maze / Memory Cards world model (a shipped name or a directory); required."""
+    data: str = ""
+    """recorded held-out episodes (python -m come_rl.collect env=memory_maze ... out=DIR); required."""
+    cases: int = 4
+    planners: str = "cem,random_shooting,mppi,nwm"
+    """comma-separated, from cem, random_shooting, mppi, nwm."""
+    experts: str = "base|base,ltm"
+    """world models to compare: expert sets separated by "|", experts by ","."""
+    horizon: int = 8
+    goal_offset: int = 8
+    context: int = 4
+    memory_frames: int = 4
+    max_start: int = 40
+    population: int = 24
+    elites: int = 4
+    iterations: int = 1
+    sampler_steps: int = 4
+    memorize_steps: int = 10
+    seed: int = 0
+    threads: int = 1
+    out: str = "results/nwm_protocol"
+    name: str = ""
+    """results file stem (default: <checkpoint>_<cases>cases_h<horizon>)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint or not self.data:
+            raise ValueError("give checkpoint=NAME|PATH (a Memory Maze world model) and data=DIR (recorded held-out "
+                             "episodes, python -m come_rl.collect env=memory_maze ... out=DIR)")
+        unknown = [name for name in self.planner_names if name not in PLANNER_NAMES]
+        if unknown or not self.planner_names:
+            raise ValueError(f"unknown planners {unknown}; choose from {', '.join(PLANNER_NAMES)} (comma-separated)")
+        if self.elites > self.population:
+            raise ValueError(f"elites ({self.elites}) must not exceed population ({self.population})")
+        from come_rl.fanout import check_backend
+
+        check_backend(self.backend, self.workers)
+
+    @property
+    def planner_names(self) -> list[str]:
+        return [name.strip() for name in str(self.planners).split(",") if name.strip()]
+
+    @property
+    def expert_sets(self) -> list[list[str]]:
+        return [[e.strip() for e in group.split(",") if e.strip()] for group in str(self.experts).split("|")]
 
 
-def parse_arguments(argv: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` arguments over :data:`DEFAULTS`; unknown keys and bad numbers raise a ValueError."""
-    converters = {key: int for key in INT_KEYS}
-    converters["progress"] = lambda raw: raw.lower() in ("1", "true", "yes")
-    config = parse_key_values(argv, DEFAULTS, converters=converters)
-    if config["checkpoint"] is None or config["data"] is None:
-        raise ValueError("give checkpoint=NAME|PATH (a Memory Maze world model) and data=DIR (recorded held-out "
-                         "episodes, python -m come_rl.collect env=memory_maze ... out=DIR)")
-    planners = [name.strip() for name in str(config["planners"]).split(",") if name.strip()]
-    unknown = [name for name in planners if name not in PLANNER_NAMES]
-    if unknown or not planners:
-        raise ValueError(f"unknown planners {unknown}; choose from {', '.join(PLANNER_NAMES)} (comma-separated)")
-    config["planners"] = planners
-    config["experts"] = [[e.strip() for e in group.split(",") if e.strip()] for group in str(config["experts"]).split("|")]
-    if config["elites"] > config["population"]:
-        raise ValueError(f"elites ({config['elites']}) must not exceed population ({config['population']})")
-    from come_rl.fanout import check_backend
-
-    check_backend(config["backend"], config["workers"])
-    return config
+def parse_arguments(argv: Sequence[str]) -> ProtocolConfig:
+    """``key=value`` arguments -> :class:`ProtocolConfig`; unknown keys, bad numbers and bad settings raise a
+    ValueError that says what to give."""
+    return parse_dataclass(argv, ProtocolConfig)
 
 
 class ProtocolWorker:
     """The world models, planners and env of one protocol run, built once per process (a Ray actor with
     backend=ray); ``run((index, case))`` returns that case's rows (every world model x planner)."""
 
-    def __init__(self, config: dict[str, Any], checkpoint: str, meta: dict):
+    def __init__(self, config: ProtocolConfig, checkpoint: str, meta: dict):
         from come_rl.world_model import WorldModel
 
         self.config = config
         self.world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
-                                                                sampler={"steps": config["sampler_steps"]})
-                             for experts in config["experts"]}
-        self.planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
-                                                                config["iterations"], config["seed"]))
-                         for name in config["planners"]}
+                                                                sampler={"steps": config.sampler_steps})
+                             for experts in config.expert_sets}
+        self.planners = {name: (lambda name=name: build_planner(name, config.population, config.elites,
+                                                                config.iterations, config.seed))
+                         for name in config.planner_names}
         self.env_factory = env_factory_for(meta)
 
     def run(self, task: tuple[int, TrajectoryCase]) -> list[dict]:
         index, case = task
-        rows = run_protocol(self.world_models, self.planners, [case], self.env_factory, horizon=self.config["horizon"],
-                            memorize_steps=self.config["memorize_steps"], progress=False)
+        rows = run_protocol(self.world_models, self.planners, [case], self.env_factory, horizon=self.config.horizon,
+                            memorize_steps=self.config.memorize_steps, progress=False)
         return [dict(row, case=index) for row in rows]
 
 
@@ -421,33 +448,27 @@ def env_factory_for(meta: dict) -> Callable[[], Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_arguments(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(config["threads"])
-    from come_rl.data import EpisodeDataset
+    torch.set_num_threads(config.threads)
     from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.world_model import WorldModel
+    from come_rl.data import EpisodeDataset
 
-    checkpoint = resolve_checkpoint(config["checkpoint"])
-    dataset = EpisodeDataset(config["data"])
-    cases = make_cases(dataset, config["cases"], config["context"], config["goal_offset"], config["horizon"],
-                       config["memory_frames"], config["max_start"], config["seed"])
-    if config["backend"] == "local":
-        world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
-                                                           sampler={"steps": config["sampler_steps"]})
-                        for experts in config["experts"]}
-        planners = {name: (lambda name=name: build_planner(name, config["population"], config["elites"],
-                                                           config["iterations"], config["seed"]))
-                    for name in config["planners"]}
-        rows = run_protocol(world_models, planners, cases, env_factory_for(dataset.meta), horizon=config["horizon"],
-                            memorize_steps=config["memorize_steps"], progress=config["progress"])
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    dataset = EpisodeDataset(config.data)
+    cases = make_cases(dataset, config.cases, config.context, config.goal_offset, config.horizon,
+                       config.memory_frames, config.max_start, config.seed)
+    if config.backend == "local":
+        local = ProtocolWorker(config, str(checkpoint), dict(dataset.meta))
+        rows = run_protocol(local.world_models, local.planners, cases, local.env_factory, horizon=config.horizon,
+                            memorize_steps=config.memorize_steps, progress=config.progress)
     else:
         from come_rl.fanout import run_tasks
 
         per_case = run_tasks(ProtocolWorker, (config, str(checkpoint), dict(dataset.meta)), list(enumerate(cases)),
-                             backend=config["backend"], workers=config["workers"], threads=config["threads"],
-                             desc="nwm protocol cases", progress=config["progress"])
+                             backend=config.backend, workers=config.workers, threads=config.threads,
+                             desc="nwm protocol cases", progress=config.progress)
         rows = [row for case_rows in per_case for row in case_rows]
-    name = config["name"] or f"{checkpoint.name}_{len(cases)}cases_h{config['horizon']}"
-    csv_path, md_path = write_protocol_results(rows, config["out"], name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
+    name = config.name or f"{checkpoint.name}_{len(cases)}cases_h{config.horizon}"
+    csv_path, md_path = write_protocol_results(rows, config.out, name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
                                       "maze cells" if dataset.meta.get("env") == "memory_maze" else "grid cells")
     print(f"wrote {csv_path} and {md_path}")
     print(md_path.read_text())
