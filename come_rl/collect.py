@@ -27,19 +27,20 @@ stray temporary files are removed, so a killed run leaves no corrupt or duplicat
 
 from __future__ import annotations
 
-from come_rl.cli_args import parse_key_values
-
+import dataclasses
 import multiprocessing
 import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from come_rl.cli_args import parse_dataclass
 from come_rl.data.episodes import (
     MANIFEST_NAME,
     Episode,
@@ -55,26 +56,43 @@ ENV_NAMES = ("memory_maze", "memory_cards")
 _IDENTITY_KEYS = ("env", "steps", "seed", "episodes_per_shard", "maze_size", "image_size")
 
 
+@dataclass
+class CollectConfig:
+    """``python -m come_rl.collect key=value ...`` (the toolkit's one ``key=value`` parser)."""
+
+    env: str = ""
+    """memory_maze or memory_cards; required."""
+    out: str = ""
+    """the data set directory (rerunning with the same out resumes); required."""
+    episodes: int = 0
+    """required."""
+    steps: int = 0
+    """env steps per episode; required."""
+    seed: int = 0
+    workers: int = 1
+    episodes_per_shard: int = 4
+    maze_size: int = 9
+    image_size: int = 0
+    """0: 64 for Memory Maze, 48 for Memory Cards."""
+
+    def __post_init__(self) -> None:
+        for required in ("env", "episodes", "steps", "out"):
+            if not getattr(self, required):
+                raise ValueError(f"missing {required}=...; usage: python -m come_rl.collect env=memory_maze episodes=N "
+                                 "steps=T out=DIR [seed=S workers=W episodes_per_shard=K]")
+        if self.env not in ENV_NAMES:
+            raise ValueError(f"env must be one of {ENV_NAMES}, got {self.env!r}")
+        for key in ("episodes", "steps", "workers", "episodes_per_shard"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
 def parse_arguments(argv: list[str]) -> dict[str, Any]:
-    """``["env=memory_maze", "episodes=4", ...]`` -> a validated config dict."""
-    integer_keys = {"episodes", "steps", "seed", "workers", "episodes_per_shard", "maze_size", "image_size"}
-    defaults: dict[str, Any] = {"env": None, "out": None, "episodes": None, "steps": None, "seed": 0, "workers": 1,
-                                "episodes_per_shard": 4, "maze_size": 9, "image_size": None}
-    config = parse_key_values(argv, defaults, usage="e.g. env=memory_maze episodes=4 steps=100 out=DIR",
-                              converters={key: int for key in integer_keys})
-    config = {key: value for key, value in config.items() if value is not None or key == "image_size"}
-    for required in ("env", "episodes", "steps", "out"):
-        if required not in config:
-            raise ValueError(f"missing {required}=...; usage: python -m come_rl.collect env=memory_maze episodes=N "
-                             "steps=T out=DIR [seed=S workers=W episodes_per_shard=K]")
-    if config["env"] not in ENV_NAMES:
-        raise ValueError(f"env must be one of {ENV_NAMES}, got {config['env']!r}")
-    for key in ("episodes", "steps", "workers", "episodes_per_shard"):
-        if config[key] <= 0:
-            raise ValueError(f"{key} must be positive, got {config[key]}")
-    if config["seed"] < 0:
-        raise ValueError(f"seed must be >= 0, got {config['seed']}")
-    if config["image_size"] is None:
+    """``["env=memory_maze", "episodes=4", ...]`` -> the validated config dict :func:`collect` takes."""
+    config = dataclasses.asdict(parse_dataclass(argv, CollectConfig))
+    if not config["image_size"]:
         config["image_size"] = 64 if config["env"] == "memory_maze" else 48
     if config["env"] == "memory_cards":
         config["maze_size"] = 0  # not used; fixed so that it never makes two runs look different
