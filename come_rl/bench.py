@@ -50,7 +50,7 @@ from come_rl import devices
 from come_rl.devices import matmul_peak_gflops, synchronize
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
-from come_rl.train import parse_overrides
+from come_rl.cli_args import parse_cli
 from come_rl.composition import Composer, compose_noise_predictions
 from come_rl.world_model import WorldModel
 
@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
                            "threads": (bench_threads, ThreadsBenchConfig),
                            "long_episode": (bench_long_episode, LongEpisodeBenchConfig),
                            "decision": (bench_decision, DecisionBenchConfig)}[argv[0]]
-    for row in run(parse_overrides(argv[1:], config_cls)):
+    for row in run(parse_cli(argv[1:], config_cls)):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 
 

@@ -60,12 +60,18 @@ def parse_dataclass(argv: Sequence[str], config_cls: type) -> Any:
     return config_cls(**parse_key_values(argv, defaults))
 
 
+def parse_cli(argv: Sequence[str], config_cls: type) -> Any:
+    """:func:`parse_dataclass` for a ``main``: an unknown key, a bad value or a bad setting exits with its message."""
+    try:
+        return parse_dataclass(list(argv), config_cls)
+    except ValueError as error:
+        raise SystemExit(f"{error}") from error
+
+
 def run_evaluation_cli(argv: Sequence[str], config_cls: type, evaluate: Callable[[Any], list[dict]]) -> Any:
     """The shared ``main`` of the agent evaluations (find the object, return to a seen place): parse ``key=value``
     into ``config_cls``, run ``evaluate``, turn bad settings into one ``error:`` line, print each summary row."""
-    from come_rl.train import parse_overrides
-
-    config = parse_overrides(list(argv), config_cls)
+    config = parse_cli(argv, config_cls)
     try:
         summaries = evaluate(config)
     except (ValueError, FileNotFoundError) as error:

@@ -21,7 +21,7 @@ import torch
 
 from come_rl import devices
 from come_rl.data_sources import clips_to_tensors, open_data_source
-from come_rl.train import parse_overrides
+from come_rl.cli_args import parse_cli
 from come_rl.world_model import WorldModel
 
 
@@ -152,7 +152,7 @@ def _save_examples(predicted, target, last, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_overrides(sys.argv[1:] if argv is None else argv, EvaluateConfig)
+    config = parse_cli(sys.argv[1:] if argv is None else argv, EvaluateConfig)
     for row in evaluate(config):
         print(row)
 

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from come_rl import devices
-from come_rl.cli_args import parse_dataclass
+from come_rl.cli_args import parse_cli
 from come_rl.checkpoint import build_backbone_from_spec, expert_spec, load_expert, save_expert, torch_save_atomic
 from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
@@ -138,11 +138,8 @@ class TrainConfig:
 
 
 def parse_overrides(argv: list[str], config_cls=TrainConfig):
-    """Parse ``key=value`` arguments into a dataclass, with a clear error on unknown keys or bad values."""
-    try:
-        return parse_dataclass(argv, config_cls)
-    except ValueError as error:
-        raise SystemExit(f"{error}") from error
+    """``key=value`` arguments -> a :class:`TrainConfig` (or ``config_cls``), exiting with the error on a bad one."""
+    return parse_cli(argv, config_cls)
 
 
 def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple[DiffusionExpert, str, dict]:

@@ -33,7 +33,7 @@ import torch
 from come_rl.fanout import FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
-from come_rl.train import parse_overrides
+from come_rl.cli_args import parse_cli
 from come_rl.composition import CompositionConfig
 from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE, MemoryCardsEnv, cursor_pose_model, path_to_tile, zigzag_recall_actions
@@ -347,7 +347,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_overrides(sys.argv[1:] if argv is None else argv, RecallConfig)
+    config = parse_cli(sys.argv[1:] if argv is None else argv, RecallConfig)
     try:
         validate(config)
     except ValueError as error:
