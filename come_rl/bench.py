@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import resource
 import sys
 import time
@@ -550,8 +551,6 @@ def _time_decisions_in(tree: Path, directory: Path, config: DecisionBenchConfig,
     lines = [line for line in result.stdout.splitlines() if line.startswith("DECISION_TIMES ")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"timing a decision in {tree} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    import json
-
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
@@ -569,6 +568,9 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     if unknown or not config.variants or config.variants[0] != "fp32" or config.decisions < 1:
         raise ValueError(f"variants must start with fp32 (the reference) and name fp32, bf16 or compile, and decisions "
                          f"be >= 1; got {config.variants}, {config.decisions}")
+    if config.reference_tree and not (Path(config.reference_tree) / "come_rl" / "world_model.py").is_file():
+        raise ValueError(f"reference_tree={config.reference_tree!r} is not a come_rl checkout (no "
+                         f"come_rl/world_model.py there); make one with: git worktree add /tmp/before <rev>")
     skipped = [v for v in config.variants if v == "bf16" and not devices.cpu_supports_bf16()]
     variants = [v for v in config.variants if v not in skipped]
     torch.set_num_threads(int(config.threads))
@@ -611,11 +613,7 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     trees: dict[str, list[float]] = {}
     if config.reference_tree:
         # before/after in one run: this tree's and the reference tree's fp32 decisions in fresh processes, alternated
-        here = Path(__file__).resolve().parents[1]
-        other = Path(config.reference_tree).resolve()
-        if not (other / "come_rl" / "world_model.py").is_file():
-            raise ValueError(f"reference_tree={config.reference_tree!r} is not a come_rl checkout (no "
-                             f"come_rl/world_model.py there); make one with: git worktree add /tmp/before <rev>")
+        here, other = Path(__file__).resolve().parents[1], Path(config.reference_tree).resolve()
         trees = {"reference_tree": [], "this_tree": []}
         for _ in tqdm(range(config.decisions), desc="decision benchmark, fresh processes"):
             trees["reference_tree"] += _time_decisions_in(other, directory, config, 1)

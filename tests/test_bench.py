@@ -92,3 +92,5 @@ def test_the_decision_benchmark_splits_a_default_decision_and_compares_precision
     assert "One CEM decision of the default run" in (tmp_path / "decision.md").read_text()
     with pytest.raises(ValueError, match="variants must start with fp32"):
         bench_decision(DecisionBenchConfig(variants=["bf16", "fp16"], out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="is not a come_rl checkout .* git worktree add"):
+        bench_decision(DecisionBenchConfig(reference_tree=str(tmp_path), out_dir=str(tmp_path)))
