@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
-from come_rl.cli_args import parse_dataclass
+from come_rl.cli_args import parse_cli, parse_dataclass
 from come_rl.episode_records import recorded_episode
 from come_rl.fanout import FanoutSettings
 from come_rl.interfaces import ActionSpec
@@ -447,7 +447,7 @@ def env_factory_for(meta: dict) -> Callable[[], Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_arguments(sys.argv[1:] if argv is None else argv)
+    config = parse_cli(sys.argv[1:] if argv is None else argv, ProtocolConfig)
     torch.set_num_threads(config.threads)
     from come_rl.checkpoint import resolve_checkpoint
     from come_rl.data import EpisodeDataset

@@ -13,12 +13,13 @@ the sum turns that into an error at load. Checkpoints written before sums were r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -275,20 +276,47 @@ def sign_checkpoint(directory: str | Path, force: bool = False) -> list[Path]:
     return rewritten
 
 
+@dataclass
+class CheckpointCommand:
+    """The settings of ``python -m come_rl.checkpoint sign|verify DIR...``."""
+
+    directories: list[str] = field(default_factory=list)
+    """checkpoint directories; bare arguments after the command are added to them."""
+    force: bool = False
+    """sign: replace a recorded sum that no longer matches its weights (``--force`` is the same)."""
+
+
+CHECKPOINT_USAGE = "usage: python -m come_rl.checkpoint sign|verify DIR... [force=true]"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m come_rl.checkpoint sign DIR... [--force]`` records weight sums; ``verify DIR...`` loads every expert
-    in each directory (sum, format and finiteness checks) and exits non-zero on the first failure."""
-    parser = argparse.ArgumentParser(prog="python -m come_rl.checkpoint", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    sign = commands.add_parser("sign", help="record the SHA-256 of each weight file in its JSON")
-    sign.add_argument("directories", nargs="+", type=Path)
-    sign.add_argument("--force", action="store_true", help="replace a recorded sum that no longer matches")
-    verify = commands.add_parser("verify", help="load every expert of each checkpoint directory")
-    verify.add_argument("directories", nargs="+", type=Path)
-    args = parser.parse_args(argv)
-    for directory in args.directories:
-        if args.command == "sign":
-            rewritten = sign_checkpoint(directory, force=args.force)
+    """``python -m come_rl.checkpoint sign DIR... [force=true]`` records weight sums; ``verify DIR...`` loads every
+    expert in each directory (sum, format and finiteness checks) and exits non-zero on the first failure."""
+    from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(argument in HELP_FLAGS for argument in argv):
+        print(help_text(CheckpointCommand, f"{CHECKPOINT_USAGE}\n{main.__doc__}"))
+        raise SystemExit(0)
+    if not argv or argv[0] not in ("sign", "verify"):
+        raise SystemExit(f"the first argument is the command, sign or verify; {CHECKPOINT_USAGE}")
+    command, rest = argv[0], argv[1:]
+    bare = [argument for argument in rest if "=" not in argument and argument != "--force"]
+    overrides = [argument for argument in rest if "=" in argument] + (["force=true"] if "--force" in rest else [])
+    config = parse_cli(overrides, CheckpointCommand, CHECKPOINT_USAGE)
+    directories = [Path(directory) for directory in [*config.directories, *bare]]
+    if not directories:
+        raise SystemExit(f"name at least one checkpoint directory; {CHECKPOINT_USAGE}")
+    try:
+        _run_checkpoint_command(command, directories, config.force)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+def _run_checkpoint_command(command: str, directories: list[Path], force: bool) -> None:
+    for directory in directories:
+        if command == "sign":
+            rewritten = sign_checkpoint(directory, force=force)
             print(f"{directory}: signed {[p.name for p in rewritten] or 'nothing (all sums recorded)'}")
         else:
             roles = [recipe.stem for recipe, _ in _expert_recipes(directory)]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from come_rl.cli_args import parse_dataclass
+from come_rl.cli_args import HELP_FLAGS, help_text, parse_dataclass
 from come_rl.data.episodes import (
     MANIFEST_NAME,
     Episode,
@@ -78,8 +78,7 @@ class CollectConfig:
     def __post_init__(self) -> None:
         for required in ("env", "episodes", "steps", "out"):
             if not getattr(self, required):
-                raise ValueError(f"missing {required}=...; usage: python -m come_rl.collect env=memory_maze episodes=N "
-                                 "steps=T out=DIR [seed=S workers=W episodes_per_shard=K]")
+                raise ValueError(f"missing {required}=...; {USAGE}")
         if self.env not in ENV_NAMES:
             raise ValueError(f"env must be one of {ENV_NAMES}, got {self.env!r}")
         for key in ("episodes", "steps", "workers", "episodes_per_shard"):
@@ -87,6 +86,10 @@ class CollectConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+USAGE = ("usage: python -m come_rl.collect env=memory_maze episodes=N steps=T out=DIR "
+         "[seed=S workers=W episodes_per_shard=K]")
 
 
 def parse_arguments(argv: list[str]) -> dict[str, Any]:
@@ -274,8 +277,12 @@ def _describe_action_spec(config: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(argument in HELP_FLAGS for argument in argv):
+        print(help_text(CollectConfig, USAGE))
+        return 0
     try:
-        config = parse_arguments(sys.argv[1:] if argv is None else argv)
+        config = parse_arguments(argv)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

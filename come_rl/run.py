@@ -7,7 +7,8 @@ Usage:
     python -m come_rl.run --help                                      # groups and options
 
 Steps: check the configuration (planner, agent, env settings) before any work; build the env from
-``env._target_``; load the world model (``model._target_``, or ``model.loader(model.checkpoint)``);
+``env._target_``; load the world model (``model._target_``: ``WorldModel.load`` of ``model.checkpoint``); build the agent
+(``agent._target_``);
 wrap the env with the memory wrapper (observe every frame, memorize on schedule); record one
 reference trajectory per episode (the goal image and the reference path); run the MPC agent; write
 ``results/<run.name>/`` (see ``agents.runner``): one record per finished episode, so that the same command after a kill
@@ -32,7 +33,6 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from agents.goal_tasks import record_reference_task
-from agents.mpc import MPCAgent
 from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
 from come_rl.checkpoint import packaged_checkpoints_dir
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
@@ -125,19 +125,23 @@ def device_settings(cfg: DictConfig) -> dict:
 
 
 def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> Any:
-    """``model._target_`` (e.g. the point mass) or ``model.loader(model.checkpoint, experts=..., sampler=...)``.
+    """``model._target_`` called: with a ``checkpoint`` key it is a loader (``WorldModel.load``) given the resolved
+    checkpoint, ``experts=``, ``composition=``, ``memorize=`` and ``sampler=``; without one, a model built from its
+    settings (the point mass).
 
     ``model.experts`` picks the composition (``[base]`` is the no-memory ablation, ``[base, ltm]`` CoME's
     default); ``model.sampler_steps`` the denoising steps per imagined frame. ``placement`` (:func:`device_settings`)
-    go to a loader that takes ``device`` (``WorldModel.load``); a ``_target_`` model runs where it runs.
+    go to a loader that takes ``device`` (``WorldModel.load``); a model without a checkpoint runs where it runs.
     """
-    if "_target_" in model_cfg:
-        target = _import_target(model_cfg._target_, "model")
+    if "loader" in model_cfg:
+        raise ValueError("model.loader is now model._target_ (e.g. model._target_=come_rl.world_model.WorldModel.load)")
+    if "_target_" not in model_cfg:
+        raise ValueError("the model config needs a _target_ (with checkpoint: a loader such as "
+                         "come_rl.world_model.WorldModel.load)")
+    target = _import_target(str(model_cfg._target_), "model")
+    if "checkpoint" not in model_cfg:
         return _call_target(target, OmegaConf.to_container(model_cfg, resolve=True))
-    if "checkpoint" not in model_cfg or "loader" not in model_cfg:
-        raise ValueError("the model config needs either _target_ or loader + checkpoint")
     checkpoint = resolve_checkpoint(str(model_cfg.checkpoint))
-    loader = _import_target(str(model_cfg.loader), "model.loader")
     settings = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs = {key: settings[key] for key in MODEL_LOAD_KEYS if settings.get(key) is not None}
     sampler = dict(settings.get("sampler") or {})
@@ -147,9 +151,23 @@ def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> A
         sampler["steps"] = int(settings["sampler_steps"])
     if sampler:
         kwargs["sampler"] = sampler
-    if placement is not None and _takes(loader, "device"):
+    if placement is not None and _takes(target, "device"):
         kwargs.update(placement)
-    return loader(str(checkpoint), **kwargs)
+    return target(str(checkpoint), **kwargs)
+
+
+def build_agent(agent_cfg: DictConfig, world_model: Any, planner: Any) -> Any:
+    """``agent._target_`` (``agents.mpc.MPCAgent``) with the world model, the planner, the objective factory
+    (``agent.objective``) and the agent's other settings (horizon, replan_every)."""
+    if "_target_" not in agent_cfg:
+        raise ValueError("the agent config has no _target_; pick agent=cem|mppi|random_shooting|nwm or set "
+                         "agent._target_ (e.g. agents.mpc.MPCAgent)")
+    target = _import_target(str(agent_cfg._target_), "agent")
+    settings = OmegaConf.to_container(agent_cfg, resolve=True)
+    objective_factory: Callable = instantiate(agent_cfg.objective)
+    settings = {key: value for key, value in settings.items() if key != "objective"}
+    return _call_target(target, {**settings, "world_model": world_model, "planner": planner,
+                                 "objective_factory": objective_factory})
 
 
 def _takes(function: Callable, name: str) -> bool:
@@ -195,7 +213,7 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ValueError(f"env.task.memorize_steps must be >= 0, got {task.memorize_steps}")
     if float(task.success_threshold) <= 0:
         raise ValueError(f"env.task.success_threshold must be > 0, got {task.success_threshold}")
-    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+    if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))
     experts = cfg.model.get("experts")
     if experts is not None:
@@ -230,7 +248,7 @@ def run_recon(cfg: DictConfig) -> dict:
     memorize_steps = int(env_cfg.get("memorize_steps", 0))
     if memorize_steps < 0:
         raise ValueError(f"env.memorize_steps must be >= 0, got {memorize_steps}")
-    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+    if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))
     torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
@@ -273,7 +291,7 @@ def run_find_object(cfg: DictConfig) -> dict:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"env.task.samples (imagined samples per tile) must be an integer >= 1, got {samples!r}")
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
-    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+    if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))  # a missing checkpoint: its clear error before anything is written
     # finished episodes are recorded under out_dir/episode_records: a rerun of the command skips them; run.episodes may
     # grow between runs, any other change is refused
@@ -331,7 +349,7 @@ def resume_config(cfg: DictConfig) -> dict:
     if (where["device"].type, where["precision"], where["compile"]) != ("cpu", "fp32", False):
         resolved["device"] = {"device": str(where["device"]), "precision": where["precision"],
                               "compile": where["compile"]}
-    if "_target_" not in cfg.model and "checkpoint" in cfg.model:
+    if "checkpoint" in cfg.model:
         resolved["checkpoint_sha256"] = checkpoint_fingerprint(resolve_checkpoint(str(cfg.model.checkpoint)))
     return resolved
 
@@ -357,12 +375,10 @@ def build_goal_player(cfg: DictConfig, settings: dict) -> tuple[GoalEpisodePlaye
     agent, the memory wrapper, LPIPS. Returns the player and the bare env (to record the tasks, and to close)."""
     torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
-    objective_factory: Callable = instantiate(cfg.agent.objective)
     env = build_env(cfg.env)
     world_model = build_world_model(cfg.model, settings)
     check_compatible(env, world_model)
-    agent = MPCAgent(world_model, planner, objective_factory, horizon=cfg.agent.horizon,
-                     replan_every=cfg.agent.replan_every)
+    agent = build_agent(cfg.agent, world_model, planner)
     frame_key, pose_key = observation_keys(cfg)
     wrapped = WorldModelMemoryWrapper(env, world_model, memorize_every=cfg.memory.memorize_every,
                                       memorize_steps=cfg.memory.memorize_steps, frame_key=frame_key, pose_key=pose_key)
@@ -439,7 +455,7 @@ def run(cfg: DictConfig) -> dict:
                 yield player.play(index, tasks[index], seeds[index])
     else:
         container = OmegaConf.to_container(cfg, resolve=True)
-        if "_target_" not in cfg.model and "checkpoint" in cfg.model:  # a worker's working directory may differ
+        if "checkpoint" in cfg.model:  # a worker's working directory may differ
             container["model"]["checkpoint"] = str(resolve_checkpoint(str(cfg.model.checkpoint)))
 
         def play(indices):
