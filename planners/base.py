@@ -38,6 +38,22 @@ def check_positive_int(name: str, value: int, owner: str) -> int:
     return int(value)
 
 
+def check_fraction(name: str, value: float, owner: str) -> float:
+    """Return ``float(value)`` for a setting in [0, 1) or raise a ValueError that names it."""
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_subset_size(name: str, value: int, of_name: str, of_value: int, owner: str) -> int:
+    """``value`` (e.g. elites) as a positive integer no larger than ``of_value`` (e.g. population)."""
+    value = check_positive_int(name, value, owner)
+    if value > of_value:
+        raise ValueError(f"{owner}: {name} ({value}) must not exceed {of_name} ({of_value}); "
+                         f"lower planner.{name} or raise planner.{of_name}")
+    return value
+
+
 def sanitize_scores(scores: torch.Tensor) -> torch.Tensor:
     """NaN -> -inf, so that a broken candidate ranks worst in top-k, argmax and softmax weights."""
     scores = scores.detach().to(torch.float32)

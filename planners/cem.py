@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from planners.base import IterativeSamplingPlanner, check_positive_int
+from planners.base import IterativeSamplingPlanner, check_fraction, check_positive_int, check_subset_size
 
 
 class CEMPlanner(IterativeSamplingPlanner):
@@ -48,24 +48,15 @@ class CEMPlanner(IterativeSamplingPlanner):
     ) -> None:
         name = "CEMPlanner"
         self.population = check_positive_int("population", population, name)
-        self.elites = check_positive_int("elites", elites, name)
-        if self.elites > self.population:
-            raise ValueError(
-                f"{name}: elites ({self.elites}) must not exceed population ({self.population}); "
-                "lower planner.elites or raise planner.population"
-            )
+        self.elites = check_subset_size("elites", elites, "population", self.population, name)
         self.iterations = check_positive_int("iterations", iterations, name)
         self.repeats = check_positive_int("repeats", repeats, name)
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"{name}: momentum must be in [0, 1), got {momentum}")
         if float(init_std) <= 0.0 or float(min_std) < 0.0:
             raise ValueError(f"{name}: init_std must be > 0 and min_std >= 0, got {init_std}, {min_std}")
-        if not 0.0 <= float(probability_floor) < 1.0:
-            raise ValueError(f"{name}: probability_floor must be in [0, 1), got {probability_floor}")
-        self.momentum = float(momentum)
+        self.momentum = check_fraction("momentum", momentum, name)
         self.init_std = float(init_std)
         self.min_std = float(min_std)
-        self.probability_floor = float(probability_floor)
+        self.probability_floor = check_fraction("probability_floor", probability_floor, name)
         super().__init__(seed=seed, warm_start_shift=warm_start_shift)
 
     @property

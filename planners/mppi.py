@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from planners.base import IterativeSamplingPlanner, check_positive_int
+from planners.base import IterativeSamplingPlanner, check_fraction, check_positive_int
 
 
 def softmax_weights(scores: torch.Tensor, temperature: float, normalize_scores: bool) -> torch.Tensor:
@@ -74,16 +74,12 @@ class MPPIPlanner(IterativeSamplingPlanner):
             raise ValueError(f"{name}: temperature must be > 0, got {temperature}; try 0.5")
         if float(noise_std) <= 0.0 or float(min_std) < 0.0:
             raise ValueError(f"{name}: noise_std must be > 0 and min_std >= 0, got {noise_std}, {min_std}")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"{name}: momentum must be in [0, 1), got {momentum}")
-        if not 0.0 <= float(probability_floor) < 1.0:
-            raise ValueError(f"{name}: probability_floor must be in [0, 1), got {probability_floor}")
         self.temperature = float(temperature)
         self.noise_std = float(noise_std)
         self.adapt_std = bool(adapt_std)
         self.min_std = float(min_std)
-        self.momentum = float(momentum)
-        self.probability_floor = float(probability_floor)
+        self.momentum = check_fraction("momentum", momentum, name)
+        self.probability_floor = check_fraction("probability_floor", probability_floor, name)
         self.normalize_scores = bool(normalize_scores)
         super().__init__(seed=seed, warm_start_shift=warm_start_shift)
 

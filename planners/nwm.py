@@ -24,6 +24,7 @@ from planners.base import (
     SamplingPlanner,
     action_bounds,
     check_positive_int,
+    check_subset_size,
     score_candidates,
 )
 
@@ -53,12 +54,7 @@ class NWMPlanner(SamplingPlanner):
     ) -> None:
         name = "NWMPlanner"
         self.num_samples = check_positive_int("num_samples", num_samples, name)
-        self.top_k = check_positive_int("top_k", top_k, name)
-        if self.top_k > self.num_samples:
-            raise ValueError(
-                f"{name}: top_k ({self.top_k}) must not exceed num_samples ({self.num_samples}); "
-                "lower planner.top_k or raise planner.num_samples"
-            )
+        self.top_k = check_subset_size("top_k", top_k, "num_samples", self.num_samples, name)
         self.repeats = check_positive_int("repeats", repeats, name)
         self.optimization_steps = check_positive_int("optimization_steps", optimization_steps, name)
         self.mu = torch.tensor([float(v) for v in mu], dtype=torch.float32)

@@ -46,18 +46,6 @@ from come_rl.io_utils import atomic_save_npz, atomic_write_text, sha256_file
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "come_rl.episodes/1"
 
-__all__ = [
-    "MANIFEST_NAME",
-    "Episode",
-    "EpisodeDataset",
-    "load_episode_shard",
-    "read_manifest",
-    "save_episode_shard",
-    "shard_file_name",
-    "verify_shard",
-    "write_manifest",
-]
-
 
 @dataclass
 class Episode:
