@@ -76,12 +76,12 @@ class WorldModelBenchConfig:
 
 
 def _transformer_expert(preset: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
-    """An untrained expert of a training preset (come_rl.train.MODEL_PRESETS): the cost of what the project trains."""
-    from come_rl.checkpoint import build_backbone_from_spec
-    from come_rl.train import MODEL_PRESETS
+    """An untrained expert of a training preset (come_rl.nets.registry.MODEL_PRESETS): the cost of what the project
+    trains."""
+    from come_rl.nets.registry import MODEL_PRESETS, build_backbone
 
     name, kwargs = MODEL_PRESETS[preset]
-    backbone = build_backbone_from_spec(name, dict(kwargs, frame_size=frame_size, action_dim=action_dim))
+    backbone = build_backbone(name, **dict(kwargs, frame_size=frame_size, action_dim=action_dim))
     return DiffusionExpert(backbone, CosineSchedule(), name=role, uses_poses=uses_poses).eval()
 
 

@@ -30,8 +30,7 @@ from safetensors.torch import load_file, save_file
 from come_rl.diffusion import build_schedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text, sha256_file
-from come_rl.nets.backbone import VideoBackbone
-from come_rl.nets.unet import UNetConfig, VideoUNet
+from come_rl.nets.registry import build_backbone
 
 FORMAT_VERSION = 1
 SHA256_KEY = "sha256"
@@ -63,17 +62,6 @@ def resolve_checkpoint(checkpoint: str | Path, what: str = "checkpoint", package
     available = sorted(p.name for p in packaged_dir.iterdir()) if packaged_dir.is_dir() else []
     raise FileNotFoundError(f"{what}={text!r} does not exist (looked at {where}); packaged checkpoints: "
                             f"{available or 'none'}. {hint[:1].upper() + hint[1:]}")
-
-
-def build_backbone_from_spec(name: str, kwargs: dict[str, Any]) -> VideoBackbone:
-    """Build a backbone by registry name: "unet" here, transformer backbones from ``come_rl.nets.registry``."""
-    if name == "unet":
-        return VideoUNet(UNetConfig(**kwargs))
-    try:
-        from come_rl.nets.registry import build_backbone
-    except ImportError as error:  # pragma: no cover - registry ships with the package
-        raise ValueError(f"unknown backbone {name!r} and no transformer registry available") from error
-    return build_backbone(name, **kwargs)
 
 
 def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: dict, extra: dict | None = None) -> dict:
@@ -208,7 +196,7 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
     except (SafetensorError, OSError) as error:
         raise ValueError(f"cannot read {weights} ({error}); the file is corrupt or truncated, retrain or re-copy it") from error
     check_finite(weights, state)
-    backbone = build_backbone_from_spec(spec["backbone"], spec["backbone_kwargs"])
+    backbone = build_backbone(spec["backbone"], **spec["backbone_kwargs"])
     reference = backbone.state_dict()
     missing, unexpected = set(reference) - set(state), set(state) - set(reference)
     if missing or unexpected:

@@ -47,40 +47,13 @@ from tqdm import tqdm
 
 from come_rl import devices
 from come_rl.cli_args import parse_cli
-from come_rl.checkpoint import build_backbone_from_spec, expert_spec, load_expert, save_expert, torch_save_atomic
+from come_rl.nets.registry import MODEL_PRESETS, build_backbone
+from come_rl.checkpoint import expert_spec, load_expert, save_expert, torch_save_atomic
 from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text
 
-# Backbone recipes by preset name: (registry name, kwargs). CPU sizes train in minutes on 2 cores.
-MODEL_PRESETS: dict[str, tuple[str, dict]] = {
-    # Memory Cards at 48x48: unshuffle 3 -> 16x16, levels 16/8/4 (one bottleneck cell per tile); 3.9M parameters.
-    "unet_cards": ("unet", dict(frame_size=48, unshuffle=3, action_dim=5, context_frames=3, widths=[48, 96, 192])),
-    # Memory Maze at 64x64: unshuffle 4 -> 16x16, levels 16/8/4.
-    "unet_maze": ("unet", dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[64, 128, 256])),
-    # Short-term memory expert for Memory Cards: the sliding-window DiT (window 4 frames, full attention in block 1)
-    # over 8 context frames; patch 8 on 48x48 = 36 tokens per frame keeps it CPU-sized.
-    "stm_cards": ("stm_cpu", dict(frame_size=48, patch_size=8, context_frames=8, predicted_frames=1, action_dim=5,
-                                  window_frames=4, full_attention_layers=[1])),
-    # Spatial expert for Memory Cards: conditioned on the absolute cursor pose (x, y, sin, cos), 3 context frames.
-    "sltm_cards": ("sltm_cpu", dict(frame_size=48, patch_size=8, context_frames=3, predicted_frames=1, action_dim=5,
-                                    pose_dim=4)),
-    # ---- The paper's expert sizes (paper E.1 / DESIGN.md), for GPU users; the same command trains them. ----
-    # The paper's Memory Cards U-Net size (paper Table 7: encoder channels 64/128/256/512, 8 resnets per level), 48x48.
-    "unet_paper": ("unet", dict(frame_size=48, unshuffle=1, action_dim=5, context_frames=3,
-                                widths=[64, 128, 256, 512], blocks_per_level=8)),
-    # Memory Maze base image-to-video model: DiT-B (hidden 768, 12 blocks, 12 heads), 3 context -> 17 frames; patch 4
-    # on 64x64 pixels gives the 16x16 tokens per frame of the paper's 32x32 VAE latents with patch 2. ~130M parameters.
-    "dit_b_maze": ("dit_b", dict(frame_size=64, action_dim=6)),
-    # Memory Maze STM: DiT-S, sliding window of 20 frames with full attention in blocks 2 and 6, 33 -> 17 frames.
-    "stm_paper_maze": ("stm_paper", dict(frame_size=64, action_dim=6)),
-    # Memory Maze SLTM: DiT-B with the patch doubled (8 on pixels = 4 on latents) and absolute poses (x, y, sin, cos);
-    # train it with role=sltm pose_features=true.
-    "sltm_paper_maze": ("sltm_paper", dict(frame_size=64, action_dim=6)),
-}
-PAPER_PRESETS = ("unet_paper", "dit_b_maze", "stm_paper_maze", "sltm_paper_maze")
-"""the presets of the paper's expert sizes (too large to train on these CPUs; tests run one step of each)."""
 
 
 @dataclass
@@ -88,7 +61,7 @@ class TrainConfig:
     """Fields settable as key=value on the command line."""
 
     model: str = "unet_cards"
-    """backbone preset (see MODEL_PRESETS) or a transformer registry name (come_rl.nets.registry)."""
+    """a training preset (come_rl.nets.registry.MODEL_PRESETS) or a backbone registry name (unet, dit_cpu, ...)."""
     role: str = "base"
     """which expert this trains: base, stm or sltm (the LTM is the base plus test-time LoRA, not trained here)."""
     data: str = "online:memory_cards"
@@ -156,7 +129,7 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     kwargs["action_dim"], kwargs["frame_size"] = action_dim, frame_size
     if config.pose_features:
         kwargs["pose_dim"] = 4
-    backbone = build_backbone_from_spec(name, kwargs)
+    backbone = build_backbone(name, **kwargs)
     if getattr(backbone, "pose_dim", 0) and not config.pose_features:
         raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
                          f"false: it would train without its poses; add pose_features=true (and role=sltm)")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from come_rl.train import MODEL_PRESETS, PAPER_PRESETS, TrainConfig, parse_overrides, train
+from come_rl.nets.registry import MODEL_PRESETS, PAPER_PRESETS
+from come_rl.train import TrainConfig, parse_overrides, train
 
 TINY = '{"widths": [16, 32, 32], "cond_dim": 32}'
 
