@@ -44,6 +44,7 @@ from come_rl.fanout import FanoutSettings
 from come_rl.interfaces import ActionSpec
 from come_rl.results import write_protocol_results
 from come_rl.seeding import accepts_keyword, derive_seed
+from envs.memory_wrapper import observe_trajectory
 
 PLANNER_NAMES = ("cem", "random_shooting", "mppi", "nwm")
 
@@ -127,14 +128,12 @@ def decode_action(action_spec: ActionSpec, vector: np.ndarray) -> Any:
 # ------------------------------------------------------------------------------------------------ world model
 def observe_case(world_model: Any, frames: np.ndarray, actions: np.ndarray, poses: np.ndarray | None,
                  memorize_steps: int) -> dict:
-    """Reset the world model, observe the frames (first without an action) and memorize them.
+    """Reset the world model, observe the frames (first without an action; the memory wrapper's replay path,
+    :func:`envs.memory_wrapper.observe_trajectory`) and memorize them.
 
     Returns the memorize statistics ({} when nothing was memorized).
     """
-    world_model.reset()
-    for index, frame in enumerate(frames):
-        pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
-        world_model.observe(frame, None if index == 0 else np.asarray(actions[index - 1], dtype=np.float32), pose)
+    observe_trajectory(world_model, frames, actions, poses)
     if memorize_steps > 0 and "ltm" in getattr(getattr(world_model, "composition", None), "experts", ()):
         return world_model.memorize(steps=memorize_steps) or {}
     return {}

@@ -22,6 +22,7 @@ with ``memory/`` (``memory/loss`` ...).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -50,6 +51,21 @@ def begin_segment(world_model: WorldModelProtocol) -> None:
     memory = getattr(world_model, "memory", None)
     if memory is not None and callable(getattr(memory, "clear", None)):
         memory.clear()
+
+
+def observe_trajectory(world_model: WorldModelProtocol, frames: Sequence[np.ndarray], action_vectors: Sequence | None,
+                       poses: Sequence | None = None) -> None:
+    """Reset the world model and let it observe a recorded trajectory: ``frames[0]`` without an action, then
+    ``frames[t + 1]`` after ``action_vectors[t]`` (the world model's action encoding), each with its pose if given.
+
+    The one replay path: :meth:`WorldModelMemoryWrapper.preload` and the open-loop protocol (``agents.nwm_protocol``)
+    both go through it before they memorize.
+    """
+    world_model.reset()
+    for index, frame in enumerate(frames):
+        action = None if index == 0 else np.asarray(action_vectors[index - 1], dtype=np.float32)
+        pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
+        world_model.observe(frame, action, pose)
 
 
 class WorldModelMemoryWrapper(gym.Wrapper):
@@ -174,12 +190,9 @@ class WorldModelMemoryWrapper(gym.Wrapper):
         if steps < 0:
             raise ValueError(f"memorize_steps must be >= 0, got {memorize_steps}")
         start = time.perf_counter()
-        self.world_model.reset()
         spec = self.world_model.action_spec
-        for index, frame in enumerate(frames):
-            action = None if index == 0 else spec.encode(actions[index - 1])
-            pose = None if poses is None else np.asarray(poses[index], dtype=np.float32)
-            self.world_model.observe(self.extract_frame(frame), action, pose)
+        observe_trajectory(self.world_model, [self.extract_frame(frame) for frame in frames],
+                           [spec.encode(action) for action in actions], poses)
         stats = self._memorize(steps) if steps > 0 else {"steps": 0}
         row = {f"preload/{key}": value for key, value in stats.items() if np.isscalar(value)}
         row.update({"preload/frames": len(frames), "preload/seconds": time.perf_counter() - start})
