@@ -656,8 +656,12 @@ SUBCOMMANDS = ("world_model", "planners", "threads", "long_episode", "dit", "dec
 def main(argv: list[str] | None = None) -> None:
     """``python -m come_rl.bench <subcommand> [key=value ...]``: the one entry point of the benchmarks."""
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m come_rl.bench {'|'.join(SUBCOMMANDS)} [key=value ...]"
+    if argv and argv[0] in ("--help", "-h"):
+        print(f"{usage}\n(python -m come_rl.bench <benchmark> --help lists its settings)")
+        raise SystemExit(0)
     if not argv or argv[0] not in SUBCOMMANDS:
-        raise SystemExit(f"usage: python -m come_rl.bench {'|'.join(SUBCOMMANDS)} [key=value ...]")
+        raise SystemExit(usage)
     if argv[0] == "planners":
         from come_rl.bench_planners import PlannersBenchConfig, bench_planners
 

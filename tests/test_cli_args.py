@@ -111,3 +111,19 @@ def test_checkpoint_command_verifies_the_shipped_model_and_refuses_a_missing_dir
         main(["check", "come_rl/checkpoints/memory_cards"])
     with pytest.raises(SystemExit, match="name at least one checkpoint directory"):
         main(["sign"])
+
+
+def test_every_listed_command_answers_help(capsys):
+    from come_rl.__main__ import COMMANDS, main
+
+    main([])
+    listing = capsys.readouterr().out
+    for module, _ in COMMANDS:
+        assert f"  {module} " in listing
+        if module == "come_rl.run":  # Hydra's own --help: tests/test_cli.py::test_cli_help_lists_groups
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            result = importlib.import_module(module).main(["--help"])
+            raise SystemExit(result)
+        assert exit_info.value.code in (0, None), module
+        assert "=" in capsys.readouterr().out, module  # the keys with their defaults, or the usage line
