@@ -161,6 +161,7 @@ def parse_dataclass(argv: Sequence[str], config_cls: type, usage: str = "") -> A
     from hydra import compose, initialize
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -180,10 +181,7 @@ def parse_dataclass(argv: Sequence[str], config_cls: type, usage: str = "") -> A
     except MissingMandatoryValue as error:
         raise ValueError(f"missing {error.key}=...; {usage or 'valid keys: ' + ', '.join(field_kinds(config_cls))}") \
             from error
-    except Exception as error:  # Hydra's and OmegaConf's errors -> which key, what was wrong
-        from hydra.errors import HydraException
-        if not isinstance(error, (HydraException, OmegaConfBaseException)):
-            raise
+    except (HydraException, OmegaConfBaseException) as error:  # -> which key, what was wrong
         reasons = [str(error).splitlines()[0]] + ([str(error.__cause__).splitlines()[0]] if error.__cause__ else [])
         message = "; ".join(reasons)
         which = _which_override(message, overrides)
