@@ -224,12 +224,12 @@ def check_run_config(cfg: DictConfig) -> None:
 
 
 def run_recon(cfg: DictConfig) -> dict:
-    """``env=recon data_dir=...``: NWM's open-loop protocol on RECON (``agents.nwm_protocol.evaluate_recon``).
+    """``env=recon data_dir=...``: NWM's open-loop protocol on RECON (``agents.recon_protocol.evaluate_recon``).
 
     Writes ``results/<run.name>/recon_cases.csv`` (one row per case) and ``recon_cases.md`` (ATE / RPE / final
     distance in NWM's units: waypoint spacings of 0.25 m).
     """
-    from agents.nwm_protocol import evaluate_recon
+    from agents.recon_protocol import evaluate_recon
     from come_rl.results import summarize_protocol_rows, write_protocol_results
     from envs.recon import load_navigation_eval_tasks
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.nwm_protocol import evaluate_recon
+from agents.recon_protocol import evaluate_recon
 from come_rl.interfaces import ActionSpec
 from envs.recon import ReconGoalTaskSpec, _jpeg_bytes, nwm_step_actions
 from planners.objectives import PixelGoalObjective
