@@ -23,14 +23,16 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gymnasium as gym
 import hydra
+from hydra.core.config_store import ConfigStore
 import torch
 from hydra.utils import instantiate, to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from agents.goal_tasks import record_reference_task
 from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
@@ -501,6 +503,52 @@ def _choices() -> dict:
         return {group: choices.get(group) for group in ("env", "model", "agent", "planner")}
     except ValueError:  # run() called without Hydra (tests, notebooks)
         return {}
+
+
+@dataclass
+class RunSettings:
+    """``run.*``: where results go and how the episodes are played (``come_rl/conf/config.yaml`` documents each)."""
+
+    name: str = MISSING
+    out_dir: str = MISSING
+    episodes: int = 2
+    seed: int = 0
+    gif_episodes: int = 1
+    lpips_metric: bool = True
+    threads: Any = 1  # a count or "auto"
+    progress: bool = True
+    backend: str = "local"
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class MemorySettings:
+    """``memory.*``: the memory wrapper's streaming memorization."""
+
+    memorize_every: int = 50
+    memorize_steps: int = 25
+
+
+@dataclass
+class RunConfig:
+    """The typed schema of ``python -m come_rl.run`` (registered in Hydra's ConfigStore as ``run_schema`` and merged
+    under ``come_rl/conf/config.yaml``): the run's own settings are checked for type at composition; the groups
+    (env, model, agent, planner) are open, their keys belong to their ``_target_``."""
+
+    env: Any = MISSING
+    model: Any = MISSING
+    agent: Any = MISSING
+    planner: Any = MISSING
+    data_dir: Optional[str] = None  # noqa: UP007 - OmegaConf reads typing.Optional
+    device: str = "auto"
+    precision: str = "auto"
+    compile: Any = False  # checked by device_settings, whose error says what to give
+    run: RunSettings = field(default_factory=RunSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

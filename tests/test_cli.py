@@ -197,3 +197,19 @@ def test_ray_backend_is_refused_for_runs_that_play_in_one_process(tmp_path: Path
         with pytest.raises(ValueError, match=f"fans out goal-reaching episodes only.*{command}"):
             run(cfg)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_the_run_settings_are_typed_by_their_schema() -> None:
+    import pytest
+    from omegaconf import OmegaConf
+
+    from come_rl.run import RunSettings
+
+    cfg = compose_config(TINY)
+    assert OmegaConf.get_type(cfg.run) is RunSettings and cfg.run.episodes == 2
+    for override, reason in [("run.episodes=abc", "'abc' of type 'str' could not be converted to Integer"),
+                             ("run.lpips_metric=perhaps", "not a valid bool"),
+                             ("run.episods=3", "Key 'episods' not in 'RunSettings'")]:
+        with pytest.raises(Exception) as error:
+            compose_config([*TINY, override])
+        assert reason in f"{error.value} {error.value.__cause__}", override
