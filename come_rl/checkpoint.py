@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
 from come_rl.diffusion import build_schedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text, sha256_file
@@ -280,8 +281,6 @@ CHECKPOINT_USAGE = "usage: python -m come_rl.checkpoint sign|verify DIR... [forc
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m come_rl.checkpoint sign DIR... [force=true]`` records weight sums; ``verify DIR...`` loads every
     expert in each directory (sum, format and finiteness checks) and exits non-zero on the first failure."""
-    from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(argument in HELP_FLAGS for argument in argv):
         print(help_text(CheckpointCommand, f"{CHECKPOINT_USAGE}\n{main.__doc__}"))

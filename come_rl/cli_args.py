@@ -118,9 +118,9 @@ def _is_quoted(raw: str) -> bool:
     return len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
 
 
-def to_overrides(argv: Sequence[str], config_cls: type, usage: str = "") -> list[tuple[str, str, str]]:
-    """``key=value`` arguments -> ``(key, raw value, Hydra override)``; an unknown key or a missing ``=`` raises."""
-    kinds = field_kinds(config_cls)
+def to_overrides(argv: Sequence[str], kinds: dict[str, str], usage: str = "") -> list[tuple[str, str, str]]:
+    """``key=value`` arguments -> ``(key, raw value, Hydra override)`` for a config whose keys have ``kinds``
+    (:func:`field_kinds`); an unknown key or a missing ``=`` raises."""
     valid = ", ".join(kinds)
     overrides = []
     for argument in argv:
@@ -165,10 +165,11 @@ def parse_dataclass(argv: Sequence[str], config_cls: type, usage: str = "") -> A
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    overrides = to_overrides(argv, config_cls, usage)
+    kinds = field_kinds(config_cls)
+    overrides = to_overrides(argv, kinds, usage)
     name = f"{config_cls.__module__}.{config_cls.__qualname__}".replace(".", "_")
     node = OmegaConf.structured(config_cls)
-    for key, kind in field_kinds(config_cls).items():
+    for key, kind in kinds.items():
         if kind == "container" and isinstance(node._get_node(key), DictConfig):
             OmegaConf.set_struct(node[key], False)  # a dict setting takes any keys: it is the user's to fill
     ConfigStore.instance().store(name=name, node=node)
@@ -179,8 +180,7 @@ def parse_dataclass(argv: Sequence[str], config_cls: type, usage: str = "") -> A
             config = compose(config_name=name, overrides=[override for _, _, override in overrides])
         return OmegaConf.to_object(config)
     except MissingMandatoryValue as error:
-        raise ValueError(f"missing {error.key}=...; {usage or 'valid keys: ' + ', '.join(field_kinds(config_cls))}") \
-            from error
+        raise ValueError(f"missing {error.key}=...; {usage or 'valid keys: ' + ', '.join(kinds)}") from error
     except (HydraException, OmegaConfBaseException) as error:  # -> which key, what was wrong
         reasons = [str(error).splitlines()[0]] + ([str(error.__cause__).splitlines()[0]] if error.__cause__ else [])
         message = "; ".join(reasons)

@@ -213,3 +213,17 @@ def test_the_run_settings_are_typed_by_their_schema() -> None:
         with pytest.raises(Exception) as error:
             compose_config([*TINY, override])
         assert reason in f"{error.value} {error.value.__cause__}", override
+
+
+def test_a_model_or_agent_config_without_its_target_gets_a_clear_error() -> None:
+    import pytest
+    from omegaconf import OmegaConf
+
+    from come_rl.run import build_agent, build_world_model
+
+    with pytest.raises(ValueError, match="model.loader is now model._target_"):
+        build_world_model(OmegaConf.create({"loader": "come_rl.world_model.WorldModel.load", "checkpoint": "x"}))
+    with pytest.raises(ValueError, match="the model config needs a _target_"):
+        build_world_model(OmegaConf.create({"checkpoint": "memory_cards"}))
+    with pytest.raises(ValueError, match="the agent config has no _target_"):
+        build_agent(OmegaConf.create({"horizon": 4}), world_model=None, planner=None)
