@@ -7,7 +7,7 @@ import torch
 from come_rl.checkpoint import expert_spec, load_expert, save_expert
 from come_rl.diffusion import CosineSchedule, SamplerConfig
 from come_rl.experts.expert import DiffusionExpert
-from come_rl.experts.long_term import MemorizeConfig
+from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
 from come_rl.nets.unet import UNetConfig, VideoUNet
 from come_rl.world_model import CompositionConfig, WorldModel
 from envs.memory_cards import MemoryCardsEnv
@@ -238,6 +238,31 @@ def test_full_parameter_memorization_is_undone_by_reset():
     wm.reset()
     after = {k: v for k, v in wm.ltm.backbone.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_full_memorization_of_chosen_weights_trains_only_them_and_is_undone_by_reset():
+    """method="full" with full_parameters trains those weights of the copy only (the rest frozen, so the backward pass
+    stops at the lowest of them); reset() restores them; a pattern that matches nothing is an error."""
+    env, frames, actions = episode(20)
+    pattern = r"(up_blocks\.2|out_norm|out_conv)\..*"
+    wm = WorldModel(tiny_expert(), env.action_spec, 48, composition=CompositionConfig(experts=["base", "ltm"]),
+                    sampler=SamplerConfig(steps=2),
+                    memorize_config=MemorizeConfig(method="full", steps=3, batch_size=4, full_parameters=pattern))
+    wm.reset()
+    for frame, action in zip(frames, actions):
+        wm.observe(frame, action)
+    trainable = {n for n, p in wm.ltm.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("up_blocks.2.", "out_norm.", "out_conv.")) for n in trainable)
+    before = {k: v.clone() for k, v in wm.ltm.backbone.state_dict().items()}
+    wm.memorize(steps=3, lr=1e-2)
+    after = wm.ltm.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert changed and changed <= trainable
+    assert any(k.startswith("out_conv.") for k in changed)
+    wm.reset()
+    assert all(torch.equal(wm.ltm.backbone.state_dict()[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        LongTermMemoryExpert(wm.base, MemorizeConfig(method="full", full_parameters="decoder_typo.*"))
 
 
 def test_change_weighted_memorization_clips_favour_frames_that_change():

@@ -88,9 +88,10 @@ class MemorizeConfig:
     short_context_fraction: float = 0.0
     weight_decay: float = 0.0
     full_parameters: str = ""
-    """regex over parameter names of the backbone that memorization trains in full beside the adapters (e.g.
-    "pos_maps.*": the U-Net's learned positional maps, the natural place for "what is at which tile"); reset()
-    restores them exactly. Empty = adapters only (the paper's LTM)."""
+    """regex over parameter names of the backbone that memorization trains in full. With method "lora": trained
+    beside the adapters (e.g. "pos_maps.*", the U-Net's learned positional maps); empty = adapters only (the paper's
+    LTM). With method "full": the weights of the copy that are trained, the rest frozen (e.g. the U-Net's decoder,
+    so the backward pass stops there); empty = every weight. reset() restores them exactly."""
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -149,10 +150,13 @@ class LongTermMemoryExpert(DiffusionExpert):
         # The trained expert it adapts (what a checkpoint saves: never episode memory); kept out of the module tree
         # so that it adds nothing to this expert's parameters or state_dict.
         object.__setattr__(self, "source", base)
-        full = re.compile(".*" if config.method == "full" else config.full_parameters or "(?!)")
+        full = re.compile(config.full_parameters or (".*" if config.method == "full" else "(?!)"))
         for name, param in self.backbone.named_parameters():
             param.requires_grad_("lora_" in name or bool(full.fullmatch(name)))
         self.adapter_parameters = [p for p in self.backbone.parameters() if p.requires_grad]
+        if config.full_parameters and not any(full.fullmatch(name) for name, _ in self.backbone.named_parameters()):
+            raise ValueError(f"memorize full_parameters {config.full_parameters!r} matches no parameter of the "
+                             f"backbone (names look like {next(iter(dict(self.backbone.named_parameters())))!r})")
         # Fully trained parameters are restored from these copies on reset(), so episodes never leak.
         self._initial_full = {name: p.detach().clone() for name, p in self.backbone.named_parameters()
                               if p.requires_grad and "lora_" not in name}
