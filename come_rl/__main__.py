@@ -14,7 +14,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("come_rl.train", "train an expert (base, stm, sltm) of a world model; resumes; torchrun for DDP"),
     ("come_rl.evaluate", "one-step error of a trained expert against copy-last-frame on held-out clips"),
     ("come_rl.collect", "record episodes of an env into a data set (shards with SHA-256 manifest)"),
-    ("come_rl.bench", "benchmarks: world_model | planners | threads | long_episode | dit | decision"),
+    ("come_rl.bench", "benchmarks: world_model | memorize | planners | threads | long_episode | dit | decision"),
     ("come_rl.checkpoint", "sign | verify checkpoint directories (weight sums, formats, finiteness)"),
     ("come_rl.experiments.recall", "Memory Cards recall: does memorization change what the model imagines?"),
     ("agents.find_object", "Memory Cards: uncover the tile the world model imagines hides the goal object"),

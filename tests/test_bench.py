@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from come_rl.bench import ThreadsBenchConfig, bench_threads
+from come_rl.bench.threads import ThreadsBenchConfig, bench_threads
 
 
 def test_the_threads_benchmark_times_every_setting_and_writes_its_table(tmp_path):
@@ -23,7 +23,7 @@ def test_the_threads_benchmark_times_every_setting_and_writes_its_table(tmp_path
 def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
     """Every composition imagines the same frames (to 1e-5) as the naive reference (context prepared at every step,
     one network call per expert and condition), with fewer network calls; the memorization rows are there."""
-    from come_rl.bench import WorldModelBenchConfig, bench_world_model
+    from come_rl.bench.world_model import WorldModelBenchConfig, bench_world_model
 
     rows = bench_world_model(WorldModelBenchConfig(checkpoint="come_rl/checkpoints/memory_cards", batch=2, horizon=1,
                                                    steps=2, repeats=1, threads=1, memorize_steps=1,
@@ -43,8 +43,28 @@ def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
     assert (tmp_path / "world_model.md").is_file()
 
 
+def test_the_memorization_benchmark_times_each_recipe_against_both_sampling_steps(tmp_path):
+    """Each recipe gets a row with its trained-parameter count and its step against base + LTM's and CoME's sampling
+    steps at its own batch; CoME's sampling step costs more than base + LTM's (more network rows)."""
+    from come_rl.bench.memorize import DECODER, MemorizeBenchConfig, bench_memorize
+
+    rows = bench_memorize(MemorizeBenchConfig(recipes={"every weight": {"batch_size": 4},
+                                                       "decoder": {"batch_size": 4, "full_parameters": DECODER}},
+                                              steps=1, sampler_steps=2, rounds=1, out_dir=str(tmp_path)))
+    assert [row["recipe"] for row in rows] == ["every weight", "decoder"]
+    every, decoder = rows
+    assert every["trained_parameters_M"] > decoder["trained_parameters_M"] > 0.5
+    for row in rows:
+        assert row["batch"] == 4 and row["memorize_ms_per_step"] > 0
+        assert row["x_base+ltm_sampling_step"] == pytest.approx(row["memorize_ms_per_step"] / row["sampling_step_ms_base+ltm"])
+        assert row["sampling_step_ms_CoME"] > row["sampling_step_ms_base+ltm"]
+    assert "bench memorize" in (tmp_path / "memorize.md").read_text()
+    with pytest.raises(ValueError, match="recipes"):
+        MemorizeBenchConfig(recipes={"x": 3})
+
+
 def test_the_long_episode_benchmark_streams_memorization_and_records_memory(tmp_path):
-    from come_rl.bench import LongEpisodeBenchConfig, bench_long_episode
+    from come_rl.bench.long_episode import LongEpisodeBenchConfig, bench_long_episode
 
     rows = bench_long_episode(LongEpisodeBenchConfig(steps=20, memorize_every=10, memorize_steps=1, threads=1,
                                                      out_dir=str(tmp_path)))
@@ -75,7 +95,7 @@ def test_the_decision_benchmark_splits_a_default_decision_and_compares_precision
     bf16 (where the CPU runs it) plans from frames close to fp32's. (compile is left to the benchmark: inductor needs a
     C compiler and minutes.)"""
     from come_rl import devices
-    from come_rl.bench import DecisionBenchConfig, bench_decision
+    from come_rl.bench.decision import DecisionBenchConfig, bench_decision
 
     rows = bench_decision(DecisionBenchConfig(population=4, elites=2, horizon=2, steps=1, decisions=1,
                                               variants=["fp32", "bf16"], out_dir=str(tmp_path)))

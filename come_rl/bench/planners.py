@@ -24,7 +24,7 @@ from come_rl.results import append_rows, write_markdown_table
 from envs.point_mass import PointMassEnv, PointMassWorldModel
 from planners.objectives import LPIPSGoalObjective
 
-CONF = Path(__file__).parent / "conf"
+CONF = Path(__file__).parents[1] / "conf"
 
 
 def planner_settings(name: str, seed: int = 0, replan_every: int = 2) -> dict:

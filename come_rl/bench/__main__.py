@@ -1,0 +1,3 @@
+from come_rl.bench.cli import main
+
+main()

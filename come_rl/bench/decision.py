@@ -1,0 +1,201 @@
+"""``python -m come_rl.bench decision``: one CEM decision of the default run split into imagination, LPIPS and the
+planner, in fp32, bf16 autocast and torch.compile, and against an older checkout (before/after in one run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from come_rl import devices
+from come_rl.bench.common import default_decision_model
+
+
+@dataclass
+class DecisionBenchConfig:
+    checkpoint: str = "memory_maze"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    population: int = 24
+    elites: int = 4
+    iterations: int = 1
+    horizon: int = 4
+    steps: int = 4
+    """the default run's settings (conf/planner/cem.yaml, conf/agent/cem.yaml, the Memory Maze model's sampler)."""
+    variants: list = field(default_factory=lambda: ["fp32", "bf16", "compile"])
+    """fp32 is the default; bf16 (autocast) is timed where this CPU has bfloat16 kernels; compile = fp32 through
+    torch.compile (inductor; the warm-up decision pays the compilation)."""
+    decisions: int = 5
+    """timed decisions per variant (rounds alternate the variants)."""
+    threads: int = 1
+    reference_tree: str = ""
+    """another checkout of come_rl (e.g. ``git worktree add /tmp/before <rev>``): its fp32 decision is timed too, in
+    fresh processes alternated with this tree's, through the API both share (before/after from one run)."""
+    out_dir: str = "results/bench"
+
+
+# One fp32 CEM decision of the default run, timed in a fresh process of a given checkout through the API every version
+# of come_rl since the maze checkpoint shipped has (WorldModel.load/observe/memorize, CEMPlanner, LPIPSGoalObjective).
+_DECISION_SCRIPT = """
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads({threads})
+from come_rl.world_model import WorldModel
+from come_rl.metrics.lpips_metric import get_lpips
+from envs.memory_maze import MemoryMazeEnv
+from planners.cem import CEMPlanner
+from planners.objectives import LPIPSGoalObjective
+model = WorldModel.load({directory!r}, experts=["base", "ltm"], sampler={{"steps": {steps}}})
+env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
+frame, info = env.reset(seed=0)
+goal = frame
+model.reset()
+model.observe(frame, None, info.get("pose"))
+rng = np.random.default_rng(0)
+for _ in range(16):
+    action = int(rng.integers(env.action_space.n))
+    frame, *_, info = env.step(action)
+    model.observe(frame, model.action_spec.encode(action), info.get("pose"))
+env.close()
+model.memorize(steps=2)
+lpips = get_lpips(device="cpu")
+times = []
+for round_ in range({decisions} + 1):
+    planner = CEMPlanner(population={population}, elites={elites}, iterations={iterations}, seed=round_)
+    objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+    start = time.perf_counter()
+    planner.plan(objective, model.action_spec, {horizon})
+    if round_:
+        times.append(time.perf_counter() - start)
+print("DECISION_TIMES " + json.dumps(times))
+"""
+
+
+def _git_revision(tree: Path) -> str:
+    """The short commit of a checkout (``+dirty`` with uncommitted changes), or its folder name outside git."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return tree.name
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _time_decisions_in(tree: Path, directory: Path, config: DecisionBenchConfig, decisions: int) -> list[float]:
+    """Seconds per fp32 decision of the checkout at ``tree``, in a fresh single-purpose process."""
+    import os
+    import subprocess
+
+    script = _DECISION_SCRIPT.format(threads=int(config.threads), directory=str(directory.resolve()), steps=config.steps,
+                                     decisions=decisions, population=config.population, elites=config.elites,
+                                     iterations=config.iterations, horizon=config.horizon)
+    environment = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(int(config.threads))}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tree, env=environment, capture_output=True, text=True,
+                            check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("DECISION_TIMES ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"timing a decision in {tree} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def bench_decision(config: DecisionBenchConfig) -> list[dict]:
+    """One CEM decision of the default run (``python -m come_rl.run agent=cem env=memory_maze``), split into the world
+    model's imagination, LPIPS to the goal and the planner itself, per variant (fp32, bf16 autocast, fp32 through
+    torch.compile); each variant's frames and plans are compared with fp32's from the same seeds."""
+    from come_rl.checkpoint import resolve_checkpoint
+    from come_rl.metrics.lpips_metric import get_lpips
+    from come_rl.results import write_table
+    from planners.cem import CEMPlanner
+    from planners.objectives import LPIPSGoalObjective
+
+    unknown = [v for v in config.variants if v not in ("fp32", "bf16", "compile")]
+    if unknown or not config.variants or config.variants[0] != "fp32" or config.decisions < 1:
+        raise ValueError(f"variants must start with fp32 (the reference) and name fp32, bf16 or compile, and decisions "
+                         f"be >= 1; got {config.variants}, {config.decisions}")
+    if config.reference_tree and not (Path(config.reference_tree) / "come_rl" / "world_model.py").is_file():
+        raise ValueError(f"reference_tree={config.reference_tree!r} is not a come_rl checkout (no "
+                         f"come_rl/world_model.py there); make one with: git worktree add /tmp/before <rev>")
+    skipped = [v for v in config.variants if v == "bf16" and not devices.cpu_supports_bf16()]
+    variants = [v for v in config.variants if v not in skipped]
+    torch.set_num_threads(int(config.threads))
+    directory = resolve_checkpoint(config.checkpoint)
+    model, goal = default_decision_model(directory, config.steps)
+    lpips = get_lpips(device="cpu")
+    spec = model.action_spec
+    times = {v: {"decision_s": [], "imagine_s": [], "lpips_s": [], "planner_s": []} for v in variants}
+    plans: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+
+    def use(variant: str) -> None:
+        model.precision = "bf16" if variant == "bf16" else "fp32"
+        model.use_compile(variant == "compile")
+
+    for round_ in tqdm(range(config.decisions + 1), desc="decision benchmark rounds"):
+        for variant in variants:
+            use(variant)
+            planner = CEMPlanner(population=config.population, elites=config.elites, iterations=config.iterations,
+                                 seed=round_)
+            objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+            start = time.perf_counter()
+            plan = planner.plan(objective, spec, config.horizon)
+            total = time.perf_counter() - start
+            if round_ == 0:
+                continue  # warm-up
+            timings = objective.timings
+            times[variant]["decision_s"].append(total)
+            times[variant]["imagine_s"].append(timings["imagine_s"])
+            times[variant]["lpips_s"].append(timings["score_s"])
+            times[variant]["planner_s"].append(total - timings["imagine_s"] - timings["score_s"])
+            plans[variant].append(plan.argmax(-1))
+    actions = torch.nn.functional.one_hot(torch.randint(0, spec.dim, (config.population, config.horizon),
+                                                        generator=torch.Generator().manual_seed(0)), spec.dim).float()
+    frames = {}
+    for variant in variants:
+        use(variant)
+        frames[variant] = model.imagine(actions, seed=0)
+    use("fp32")
+    reference = variants[0]
+    trees: dict[str, list[float]] = {}
+    if config.reference_tree:
+        # before/after in one run: this tree's and the reference tree's fp32 decisions in fresh processes, alternated
+        here, other = Path(__file__).resolve().parents[1], Path(config.reference_tree).resolve()
+        trees = {"reference_tree": [], "this_tree": []}
+        for _ in tqdm(range(config.decisions), desc="decision benchmark, fresh processes"):
+            trees["reference_tree"] += _time_decisions_in(other, directory, config, 1)
+            trees["this_tree"] += _time_decisions_in(here, directory, config, 1)
+    rows = []
+    for variant in variants:
+        median = {key: float(np.median(values)) for key, values in times[variant].items()}
+        same = [bool(torch.equal(a, b)) for a, b in zip(plans[variant], plans[reference])]
+        rows.append({
+            "variant": variant, "decisions": config.decisions, "population": config.population,
+            "horizon": config.horizon, "denoising_steps": config.steps, "threads": config.threads,
+            "median_decision_s": median["decision_s"], "median_imagine_s": median["imagine_s"],
+            "median_lpips_s": median["lpips_s"], "median_planner_s": median["planner_s"],
+            "share_outside_world_model": (median["lpips_s"] + median["planner_s"]) / median["decision_s"],
+            f"decision_x_{reference}": median["decision_s"] / float(np.median(times[reference]["decision_s"])),
+            f"frames_mean_abs_diff_to_{reference}": float((frames[variant] - frames[reference]).abs().mean()),
+            f"plans_equal_to_{reference}": float(np.mean(same)),
+        })
+    for name, values in trees.items():
+        tree = Path(config.reference_tree) if name == "reference_tree" else Path(__file__).resolve().parents[1]
+        rows.append({"variant": f"fp32, {name} at {_git_revision(tree)} (fresh processes)",
+                     "decisions": config.decisions, "population": config.population, "horizon": config.horizon,
+                     "denoising_steps": config.steps, "threads": config.threads,
+                     "median_decision_s": float(np.median(values)),
+                     f"decision_x_{reference}": float(np.median(values) / np.median(times[reference]["decision_s"]))})
+    out = Path(config.out_dir)
+    write_table(out / "decision.csv", rows, md_path=out / "decision.md",
+                title=f"One CEM decision of the default run ({directory.name}, base + LTM after memorization, population "
+                      f"{config.population} x horizon {config.horizon}, {config.iterations} iteration, {config.steps} "
+                      f"DDIM steps, LPIPS-AlexNet to the goal; {config.threads} thread(s); medians of {config.decisions} "
+                      f"decisions, variants alternated in one run; frames in [-1, 1]"
+                      + (f"; skipped: {skipped} (no bfloat16 kernels)" if skipped else "")
+                      + "; `python -m come_rl.bench decision`)")
+    return rows
