@@ -91,6 +91,13 @@ class ExpertTerm:
     active_from: float = 0.0
     """the term takes part only at noise levels t >= active_from (0 = always). An LTM memorized at t in [0.9, 1]
     is only trustworthy there; gating it lets it set the content and the base refine the details."""
+    active_below: float = float("inf")
+    """the term takes part only at noise levels t < active_below (inf = always): e.g. the STM and SLTM below the
+    LTM's gate, so that each denoising step runs either the LTM's pair or theirs, never all four."""
+
+    def active(self, t: float | None) -> bool:
+        """Does the term take part at noise level t (None: every term)?"""
+        return t is None or self.active_from <= t < self.active_below
 
 
 class Composer:
@@ -135,9 +142,9 @@ class Composer:
         return coefficients
 
     def _weights(self, t: float | None) -> dict[str, float]:
-        """w_k at noise level t: 0 for a gated term below its active_from (t = None: every term active). Pairwise: the
+        """w_k at noise level t: 0 for a gated term outside [active_from, active_below) (t = None: every term active). Pairwise: the
         weights that give the rule in the module docstring without normalising (the anchor gets 1 - sum of the rest)."""
-        weights = {term.name: term.weight if t is None or t >= term.active_from else 0.0 for term in self.terms}
+        weights = {term.name: term.weight if term.active(t) else 0.0 for term in self.terms}
         if not self.pairwise:
             return weights
         anchor = self.terms[0].name
@@ -147,7 +154,8 @@ class Composer:
     def skipped_terms(self) -> set[str]:
         """Terms whose prediction enters the sum with coefficient 0 at every noise level (added as zeros, never run);
         gates split the noise range, so the coefficients are checked just above and just below every gate."""
-        gates = {term.active_from for term in self.terms if term.active_from > 0}
+        gates = ({term.active_from for term in self.terms if term.active_from > 0}
+                 | {term.active_below for term in self.terms if term.active_below != float("inf")})
         levels = [None, *gates, *(gate - 1e-6 for gate in gates)]
         per_level = [self.conditional_coefficients(level) for level in levels]
         return {term.name for term in self.terms
@@ -234,6 +242,9 @@ class CompositionConfig:
     active_from: dict[str, float] = field(default_factory=dict)
     """per expert, the lowest noise level t at which it takes part (e.g. {"ltm": 0.9}: the LTM only where it was
     memorized); absent = always."""
+    active_below: dict[str, float] = field(default_factory=dict)
+    """per expert, the noise level t from which up it no longer takes part (e.g. {"stm": 0.8}: the STM only at t < 0.8,
+    below the LTM's gate); absent = always."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
@@ -244,6 +255,11 @@ class CompositionConfig:
             raise ValueError(f"unknown experts {sorted(unknown)}; choose from {EXPERT_ROLES}")
         if "base" not in self.experts:
             raise ValueError("the composition needs the base expert (it anchors the LTM's baseline)")
+        for role in set(self.active_from) | set(self.active_below):
+            low, high = self.active_from.get(role, 0.0), self.active_below.get(role, float("inf"))
+            if role not in EXPERT_ROLES or not 0.0 <= low < high:
+                raise ValueError(f"gate of {role!r}: need a known expert and 0 <= active_from < active_below, got "
+                                 f"active_from={low}, active_below={high} (it would never take part)")
 
 
 def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert]) -> Composer:
@@ -253,5 +269,6 @@ def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert
     for role in ["base", *(r for r in config.experts if r != "base")]:
         baseline = config.ltm_baseline if role == "ltm" else "unconditional"
         terms.append(ExpertTerm(role, experts[role], config.alphas.get(role, 1.0), config.weights.get(role, 1.0),
-                                baseline, config.active_from.get(role, 0.0)))
+                                baseline, config.active_from.get(role, 0.0),
+                                config.active_below.get(role, float("inf"))))
     return Composer(terms, normalize=config.normalize, pairwise=config.pairwise)

@@ -191,3 +191,28 @@ def test_pairwise_gating_drops_a_gated_expert_and_keeps_the_others_edits():
     x = torch.ones(4, 1)
     assert torch.allclose(denoise(x, torch.full((4,), 0.9)), torch.full((4, 1), 1 + 0.5 * 5 + 0.5 * 1))
     assert torch.allclose(denoise(x, torch.full((4,), 0.5)), torch.full((4, 1), 1 + 0.5 * 1))
+
+
+def test_split_gates_run_the_ltms_pair_above_and_the_short_term_pair_below_two_rows_per_step():
+    """CoME with the LTM gated to t >= 0.8 and the STM / SLTM (alpha 1) to t < 0.8, pairwise: above the gate
+    eps = base + 2.5 (ltm - base) (the base and the LTM run), below it eps = (stm + sltm) / 2 (the base's coefficient is
+    0, so only the STM and SLTM run): two network calls at every step instead of four at the LTM's steps."""
+    from come_rl.composition import CompositionConfig, build_composer
+
+    experts = {"base": CountingExpert(1.0), "ltm": CountingExpert(2.0), "stm": CountingExpert(3.0),
+               "sltm": CountingExpert(5.0)}
+    config = CompositionConfig(experts=["base", "ltm", "stm", "sltm"], alphas={"base": 1.0, "ltm": 5.0, "stm": 1.0,
+                                                                                "sltm": 1.0},
+                               active_from={"ltm": 0.8}, active_below={"stm": 0.8, "sltm": 0.8}, pairwise=True)
+    composer = build_composer(config, experts)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    denoise = composer.bind({name: cond for name in experts})
+    x = torch.ones(4, 1)
+    assert torch.allclose(denoise(x, torch.full((4,), 0.9)), torch.full((4, 1), 1 + 2.5 * (2 - 1)))
+    assert [experts[n].calls for n in experts] == [1, 1, 0, 0]
+    assert torch.allclose(denoise(x, torch.full((4,), 0.8)), torch.full((4, 1), 1 + 2.5 * (2 - 1)))  # the gate is in
+    assert torch.allclose(denoise(x, torch.full((4,), 0.5)), torch.full((4, 1), (3 + 5) / 2))
+    assert [experts[n].calls for n in experts] == [2, 2, 1, 1]
+    assert composer.network_calls == 6  # 2 per step, 3 steps
+    with pytest.raises(ValueError, match="never take part"):
+        CompositionConfig(experts=["base", "stm"], active_from={"stm": 0.8}, active_below={"stm": 0.5})

@@ -84,6 +84,12 @@ COMPOSITIONS = {
     "CoME pairwise, STM and SLTM alpha 1": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
                                                   alphas={"stm": 1.0, "sltm": 1.0}, active_from={"ltm": 0.8},
                                                   pairwise=True),
+    # Split gates: the LTM's pair (base + LTM) at t >= 0.8, the STM and SLTM (alpha 1) below it, where the base's
+    # coefficient is 0: two network rows at every denoising step (CoME at 2x the base instead of 2.6x).
+    "CoME split: LTM t>=0.8, STM and SLTM alpha 1 below": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
+                                                                 alphas={"stm": 1.0, "sltm": 1.0},
+                                                                 active_from={"ltm": 0.8},
+                                                                 active_below={"stm": 0.8, "sltm": 0.8}, pairwise=True),
     "base+STM+SLTM pairwise (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
                                             normalize=True, pairwise=True),
 }
