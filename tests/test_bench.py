@@ -31,12 +31,16 @@ def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
     imagined = [row for row in rows if not row["composition"].startswith("memorize")]
     names = [row["composition"] for row in imagined]
     assert names[:3] == ["base", "base+ltm", "base+stm"]
-    assert [name.replace(" (shipped)", "") for name in names[3:]] == ["CoME, STM/SLTM alpha 2", "CoME, STM/SLTM alpha 1"]
-    assert sum(name.endswith("(shipped)") for name in names) == 1  # the checkpoint's own alphas are one of the two
+    assert [name.replace(" (shipped)", "") for name in names[3:]] == [
+        "CoME, STM/SLTM alpha 2", "CoME, STM/SLTM alpha 1", "CoME split: LTM t>=0.8, STM/SLTM alpha 1 below"]
+    assert sum(name.endswith("(shipped)") for name in names) == 1  # the checkpoint's own CoME is one of the three
+    # split gates: the LTM's pair at t = 1, the STM and SLTM at t = 0.5 (base skipped): 2 calls at each of the 2 steps
+    assert imagined[5]["network_calls_per_denoising_step"] == 2.0
+    assert imagined[4]["network_calls_per_denoising_step"] == 3.0  # 4 calls at the LTM's step, 2 below
     for row in imagined:
         assert row["max_abs_diff_to_naive"] < 1e-5, row
         assert row["naive_network_calls_per_step"] >= row["network_calls_per_denoising_step"] > 0
-    come, cheaper = imagined[-2], imagined[-1]
+    come, cheaper = imagined[3], imagined[4]
     assert come["naive_network_calls_per_step"] > come["network_calls_per_denoising_step"]
     assert cheaper["naive_network_calls_per_step"] < come["naive_network_calls_per_step"]  # no unconditional passes
     assert any(row["composition"].startswith("memorize, shipped recipe") for row in rows)

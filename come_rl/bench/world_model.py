@@ -127,19 +127,29 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
     # CoME (base + LTM + STM + SLTM) with the STM and SLTM contrastive (alpha 2: a conditional and an unconditional row
     # each) and as plain factors (alpha 1: no unconditional rows); "(shipped)" marks the checkpoint's own alphas
     shipped = {role: probe.composition.alphas.get(role) for role in ("stm", "sltm")}
+    split = probe.composition.active_below
     for alpha in (2.0, 1.0):
-        mark = " (shipped)" if shipped == {"stm": alpha, "sltm": alpha} else ""
+        mark = " (shipped)" if shipped == {"stm": alpha, "sltm": alpha} and not split else ""
         compositions[f"CoME, STM/SLTM alpha {alpha:g}{mark}"] = (["base", "ltm", "stm", "sltm"], stm, sltm,
-                                                                 {"stm": alpha, "sltm": alpha})
+                                                                 {"alphas": {"stm": alpha, "sltm": alpha},
+                                                                  "active_below": {}})
+    # Split gates: the LTM's pair at its own gate and above, the STM and SLTM (alpha 1) below it: two rows per step.
+    gate = probe.composition.active_from.get("ltm")
+    if gate:
+        mark = " (shipped)" if split == {"stm": gate, "sltm": gate} and shipped == {"stm": 1.0, "sltm": 1.0} else ""
+        compositions[f"CoME split: LTM t>={gate:g}, STM/SLTM alpha 1 below{mark}"] = (
+            ["base", "ltm", "stm", "sltm"], stm, sltm,
+            {"alphas": {"stm": 1.0, "sltm": 1.0}, "active_below": {"stm": gate, "sltm": gate}})
     actions = torch.nn.functional.one_hot(torch.randint(0, action_dim, (config.batch, config.horizon), device="cpu"),
                                           action_dim).float()
     rows = []
     base_seconds = None
-    for name, (experts, stm_expert, sltm_expert, *alphas) in compositions.items():
+    for name, (experts, stm_expert, sltm_expert, *changes) in compositions.items():
         model = _filled_model(config, experts, stm_expert, sltm_expert)
-        if alphas:
-            model.composition = dataclasses.replace(model.composition,
-                                                    alphas={**model.composition.alphas, **alphas[0]})
+        if changes:
+            alphas = {**model.composition.alphas, **changes[0]["alphas"]}
+            model.composition = dataclasses.replace(model.composition, alphas=alphas,
+                                                    active_below=changes[0]["active_below"])
         if model.ltm is not None:
             model.memorize(steps=2)  # non-zero adapters, as after memorization
         seconds, frames = _time_imagine(model, actions, config.repeats, device)
