@@ -305,6 +305,10 @@ def test_the_shipped_memory_cards_model_composes_all_four_trained_experts():
     first, second = wm.imagine(actions, seed=5), wm.imagine(actions, seed=5)
     assert first.shape == (2, 2, 3, 48, 48) and torch.equal(first, second)
     assert torch.isfinite(first).all() and first.abs().max() <= 1.0
+    # The shipped CoME splits the noise range: the base and the LTM at t >= 0.8, the STM and SLTM below (where the
+    # base's coefficient is 0): 2 network calls at each of the 2 steps (t = 1, 0.5) of each of the 2 frames.
+    assert wm.composition.active_from == {"ltm": 0.8} and wm.composition.active_below == {"stm": 0.8, "sltm": 0.8}
+    assert wm.last_network_calls == 2 * 2 * 2
 
 
 def test_the_sltm_memorizes_on_request_and_reset_restores_it():
