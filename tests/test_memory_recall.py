@@ -143,6 +143,32 @@ def test_reversed_clips_play_the_episode_backwards_with_inverse_actions():
         assert torch.equal(acts.argmax(-1), torch.tensor([INVERSE_ACTIONS[a] for a in forward_actions]))
 
 
+def test_end_padded_reversed_clips_reach_the_episodes_last_transition():
+    """Without end padding a transition in the last steps is never the target of a reversed clip (in the zig-zag,
+    covering the last tiles); with it the context runs past the end as the last frame repeated with zero actions, and
+    the action into the target undoes the episode's last action."""
+    memory = EpisodeMemory((1, 2, 2), MemoryCardsEnv().action_spec)
+    episode_actions = [None, RIGHT, TOGGLE, DOWN, LEFT, TOGGLE]  # frame i is filled with i
+    for i, action in enumerate(episode_actions):
+        encoded = torch.zeros(5) if action is None else torch.nn.functional.one_hot(torch.tensor(action), 5).float()
+        memory.append(torch.full((1, 2, 2), float(i)), encoded, None)
+    last = len(episode_actions) - 1
+
+    def targets(pad_end):
+        frames, actions, _ = memory.sample_reversed_clips(256, 4, INVERSE_ACTIONS, pad_end=pad_end,
+                                                          generator=torch.Generator().manual_seed(0))
+        return frames, actions, {int(clip[-1, 0, 0, 0]) for clip in frames}
+
+    _, _, plain = targets(False)
+    assert max(plain) == last - 4  # the last 3 transitions are never reversed
+    frames, actions, padded = targets(True)
+    assert padded == set(range(last))  # every frame but the last is a target now
+    clip = next(c for c in range(256) if int(frames[c, -1, 0, 0, 0]) == last - 1)
+    assert torch.equal(frames[clip, :3, 0, 0, 0], torch.full((3,), float(last)))  # the last frame, repeated
+    assert torch.equal(actions[clip, :3], torch.zeros(3, 5))  # past the end: no action
+    assert torch.equal(actions[clip, 3], torch.nn.functional.one_hot(torch.tensor(INVERSE_ACTIONS[TOGGLE]), 5).float())
+
+
 def test_revisit_clips_pair_a_context_with_another_time_at_the_reached_pose():
     env = MemoryCardsEnv()
     frame, info = env.reset(seed=4, options={"initial_cover": "uncovered", "cursor": (0, 2)})

@@ -72,7 +72,8 @@ class EpisodeMemory:
         return frames, actions, poses
 
     def sample_clips(self, batch_size: int, length: int, window: int | None = None,
-                     generator: torch.Generator | None = None, change_weighting: float = 0.0, pad_start: bool = True):
+                     generator: torch.Generator | None = None, change_weighting: float = 0.0, pad_start: bool = True,
+                     pad_end: bool = False):
         """Random clips of ``length`` consecutive observations from the last ``window`` ones (all if None).
 
         ``change_weighting`` in [0, 1]: that fraction of the clips is drawn with probability proportional to how much
@@ -83,6 +84,8 @@ class EpisodeMemory:
 
         ``pad_start``: clips may begin up to length - 2 frames before the episode (the first frame repeated with zero
         actions, as ``last`` pads), so that the episode's second frame is a target too.
+        ``pad_end``: clips may end up to length - 2 frames after the episode (the last frame repeated with zero
+        actions), so that time-reversed clips reach the episode's last transitions too.
 
         Returns frames (B, length, C, H, W), actions (B, length, A), poses (B, length, 3) or None.
         """
@@ -96,19 +99,20 @@ class EpisodeMemory:
         # every frame but the first is a target, as every frame is a prediction of imagine from the episode's start.
         earliest = -(length - 2) if pad_start else 0
         first = earliest if window is None else max(earliest, total - window)
-        starts = torch.randint(first, total - length + 1, (batch_size,), generator=generator, device=CPU)
+        latest = total - 2 if pad_end and length >= 2 else total - length  # the last start a clip may have
+        starts = torch.randint(first, latest + 1, (batch_size,), generator=generator, device=CPU)
         actions, poses = self.actions, self.poses  # small; the frames are gathered clip by clip (_gather)
         weighted = int(round(change_weighting * batch_size))
         if weighted:
-            candidates = torch.arange(first, total - length + 1, device=CPU)
-            last = (candidates + length - 1).clamp_min(1)
+            candidates = torch.arange(first, latest + 1, device=CPU)
+            last = (candidates + length - 1).clamp(1, total - 1)
             change = (self._gather(last) - self._gather(last - 1)).abs().mean(dim=(1, 2, 3))
             if change.sum() > 0:
                 picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
                 starts[:weighted] = candidates[picks]
         index = starts[:, None] + torch.arange(length, device=CPU)
-        padded = index < 0
-        index = index.clamp_min(0)
+        padded = (index < 0) | (index >= total)
+        index = index.clamp(0, total - 1)
         clip_actions = actions[index]
         clip_actions[padded] = 0.0
         return self._gather(index), clip_actions, None if poses is None else poses[index]
@@ -120,13 +124,16 @@ class EpisodeMemory:
         return torch.stack([self._frames[i] for i in flat]).reshape(*index.shape, *self._frames[0].shape)
 
     def sample_reversed_clips(self, batch_size: int, length: int, inverse_actions, window: int | None = None,
-                              generator: torch.Generator | None = None):
+                              generator: torch.Generator | None = None, pad_end: bool = False):
         """Clips of ``length`` observations played backwards in time, for worlds that declare themselves reversible.
 
         ``inverse_actions[a]`` is the discrete action that undoes action ``a`` (Memory Cards: up <-> down,
         left <-> right, toggle <-> toggle). A forward clip of length + 1 is reversed and its first frame dropped, so
         every remaining frame has the (inverted) action that led to it. Reversed, "a tile is covered" becomes "a tile
         is uncovered": the memory learns what a tile hides from an episode that only ever covered it.
+        ``pad_end``: the reversed context may run past the episode's end (the last frame repeated, zero actions, as an
+        episode's start is padded), so the episode's last transitions are reversed too: without it, a transition in the
+        last length - 1 steps (in a Memory Cards zig-zag, covering the last tiles) never becomes a target.
         """
         if self.action_spec.kind != "discrete":
             raise ValueError("time-reversed clips need a discrete action space with declared inverse actions")
@@ -134,11 +141,14 @@ class EpisodeMemory:
         if inverse.shape != (self.action_spec.dim,) or inverse.min() < 0 or inverse.max() >= self.action_spec.dim:
             raise ValueError(f"inverse_actions must map each of the {self.action_spec.dim} actions to an action index, "
                              f"got {list(inverse_actions)}")
-        frames, actions, poses = self.sample_clips(batch_size, length + 1, window, generator, pad_start=False)
+        frames, actions, poses = self.sample_clips(batch_size, length + 1, window, generator, pad_start=False,
+                                                   pad_end=pad_end)
         # Reversed clip g_j = f_{L-j}; the action from g_{j-1} = f_{L-j+1} to g_j is inverse(a_{L-j+1}).
         frames = frames.flip(1)[:, 1:]
         original = actions.argmax(-1).flip(1)[:, :-1]  # a_{L}, a_{L-1}, ..., a_1 for g_1 .. g_L
+        padded = (actions.abs().sum(-1) == 0).flip(1)[:, :-1]  # past the episode's end: no action, none inverted
         actions = torch.nn.functional.one_hot(inverse[original], self.action_spec.dim).float()
+        actions[padded] = 0.0
         return frames, actions, None if poses is None else poses.flip(1)[:, 1:]
 
     def sample_revisit_clips(self, batch_size: int, length: int, pose_model, tolerance: float = 0.25,

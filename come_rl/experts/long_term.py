@@ -81,6 +81,9 @@ class MemorizeConfig:
     window: int | None = None
     change_weighting: float = 0.0
     reverse_fraction: float = 0.0
+    reverse_pad_end: bool = False
+    """reversed clips may run past the episode's end (last frame repeated, zero actions), so the last transitions of
+    the episode are memorized backwards too (EpisodeMemory.sample_reversed_clips)."""
     inverse_actions: list[int] | None = None
     revisit_fraction: float = 0.0
     revisit_tolerance: float = 0.25
@@ -283,7 +286,7 @@ class LongTermMemoryExpert(DiffusionExpert):
                 n_revisit = 0
         if n_reverse:
             parts.append(memory.sample_reversed_clips(n_reverse, clip_length, config.inverse_actions, config.window,
-                                                      generator))
+                                                      generator, pad_end=config.reverse_pad_end))
         n_plain = config.batch_size - n_reverse - n_revisit
         if n_plain > 0:
             parts.append(memory.sample_clips(n_plain, clip_length, config.window, generator,
