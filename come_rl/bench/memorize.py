@@ -74,11 +74,12 @@ def bench_memorize(config: MemorizeBenchConfig) -> list[dict]:
     sampling = {(name, b): [] for name in models for b in batches}
     memorizing = {name: [] for name in recipes}
     trainable = {}
+    for model in models.values():
+        model.memorize(steps=1)  # the LTM differs from the base, as after memorization
     for round_ in tqdm(range(config.rounds), desc="memorization benchmark rounds"):
         for (name, b), times in sampling.items():
             actions = torch.nn.functional.one_hot(torch.randint(0, dim, (b, 1), generator=torch.Generator()
                                                                 .manual_seed(round_)), dim).float()
-            models[name].memorize(steps=1)  # the LTM differs from the base, as after memorization
             models[name].imagine(actions, seed=round_)  # warm-up at this batch
             start = time.perf_counter()
             models[name].imagine(actions, seed=round_)
