@@ -74,6 +74,7 @@ def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: di
         "schedule": type(expert.schedule).__name__.replace("Schedule", "").lower(),
         "uses_poses": expert.uses_poses,
         "target": expert.target,
+        "prediction": expert.prediction,
     }
     spec.update(extra or {})
     return spec
@@ -206,7 +207,7 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
     backbone.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
     # Checkpoints written before targets were recorded all predict the residual.
     expert = DiffusionExpert(backbone, build_schedule(spec["schedule"]), name=spec["role"], uses_poses=spec["uses_poses"],
-                             target=spec.get("target", "residual"))
+                             target=spec.get("target", "residual"), prediction=spec.get("prediction", "v"))
     expert.spec = spec
     expert.eval()
     return expert, spec

@@ -25,8 +25,9 @@ class OnlineEpisodePool:
     def __init__(self, env_name: str, episodes: int = 1024, steps: int = 64, refresh: int = 2, seed: int = 0,
                  env_kwargs: dict | None = None):
         if env_name != "memory_cards":
-            raise ValueError(f"online data is available for memory_cards only (fast numpy renderer), got {env_name!r}; "
-                             f"collect a data set with `python -m come_rl.collect env={env_name} ...` instead")
+            raise ValueError(f"unknown online data source online:{env_name}; known: online:memory_cards, "
+                             f"{', '.join('online:' + name for name in SEEDED_POOL_DEFAULTS)}; or collect a data set "
+                             f"with `python -m come_rl.collect env=<env> ...` and pass its directory")
         from envs.memory_cards import MemoryCardsEnv
 
         self.env = MemoryCardsEnv(max_steps=10**9, **(env_kwargs or {}))
@@ -84,6 +85,44 @@ class OnlineEpisodePool:
         }
 
 
+# Envs whose episodes are generated from seeds in a fixed pool: they render far slower than Memory Cards (Memory Maze:
+# ~22 frames per second per core), so the pool is generated once and not refreshed. Defaults: episodes, steps.
+SEEDED_POOL_DEFAULTS: dict[str, tuple[int, int]] = {"memory_maze": (4, 1000)}
+
+
+class SeededEpisodePool:
+    """``online:memory_maze``: ``episodes`` episodes of the exploring policy, episode i from seed ``seed + i``, exactly
+    as ``python -m come_rl.collect env=memory_maze seed=<seed> steps=<steps>`` records them (same env, policy and
+    seeds), generated in memory. Held-out clips of any seed are therefore one command, and equal to the collected
+    data set of that seed. The pool is fixed (a Memory Maze frame costs ~45 ms to render), so it has no state to
+    checkpoint. ``dataset`` is the :class:`come_rl.data.episodes.EpisodeDataset` of the episodes (full episodes,
+    poses included, for the consistency experiment)."""
+
+    def __init__(self, env_name: str, episodes: int | None = None, steps: int | None = None, seed: int = 0):
+        from come_rl.collect import make_env_and_policy, record_episode
+        from come_rl.data.episodes import EpisodeDataset
+
+        if env_name not in SEEDED_POOL_DEFAULTS:
+            raise ValueError(f"no seeded episode pool for {env_name!r}; known: {sorted(SEEDED_POOL_DEFAULTS)}")
+        default_episodes, default_steps = SEEDED_POOL_DEFAULTS[env_name]
+        episodes, steps = episodes or default_episodes, steps or default_steps
+        if episodes < 1 or steps < 1:
+            raise ValueError(f"online:{env_name} needs episodes >= 1 and steps >= 1, got {episodes} and {steps}")
+        env, policy = make_env_and_policy({"env": env_name, "maze_size": 9, "image_size": 64, "steps": steps})
+        self.action_spec: ActionSpec = env.action_spec
+        bar = tqdm(total=episodes * steps, desc=f"generating {env_name} episodes (seeds {seed}..{seed + episodes - 1})",
+                   unit="step", leave=False)
+        recorded = [record_episode(env, policy, steps, seed + i, i, progress=bar) for i in range(episodes)]
+        bar.close()
+        env.close()
+        self.dataset = EpisodeDataset.from_episodes(recorded, self.action_spec, meta={
+            "source": f"online:{env_name}", "seed": seed, "episodes": episodes, "steps": steps})
+        self.frame_size = int(self.dataset.frames[0].shape[1])
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        return self.dataset.sample_clips(batch_size, length, rng)
+
+
 class DatasetSource:
     """A recorded data set (``come_rl.data.EpisodeDataset``) behind the same interface."""
 
@@ -98,10 +137,17 @@ class DatasetSource:
         return self.dataset.sample_clips(batch_size, length, rng)
 
 
-def open_data_source(spec: str, seed: int = 0, online_episodes: int = 1024):
-    """``online:<env>`` for generated episodes, otherwise a data set path."""
+def open_data_source(spec: str, seed: int = 0, online_episodes: int = 0):
+    """``online:<env>`` for generated episodes, otherwise a data set path.
+
+    ``online:memory_cards``: a refreshed pool of ``online_episodes`` (0: 1024) episodes; ``online:memory_maze``: a
+    fixed pool of ``online_episodes`` (0: 4) episodes of 1000 steps from seeds ``seed``, ``seed + 1``, ... (see
+    :class:`SeededEpisodePool`)."""
     if spec.startswith("online:"):
-        return OnlineEpisodePool(spec.split(":", 1)[1], episodes=online_episodes, seed=seed)
+        env_name = spec.split(":", 1)[1]
+        if env_name in SEEDED_POOL_DEFAULTS:
+            return SeededEpisodePool(env_name, episodes=online_episodes or None, seed=seed)
+        return OnlineEpisodePool(env_name, episodes=online_episodes or 1024, seed=seed)
     return DatasetSource(spec)
 
 

@@ -47,8 +47,20 @@ class EvaluateConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16."""
 
 
+def data_env_name(source, data: str) -> str:
+    """The env a data source holds: from ``online:<env>`` or a collected data set's manifest ("" if unknown)."""
+    if data.startswith("online:"):
+        return data.split(":", 1)[1]
+    dataset = getattr(source, "dataset", None)
+    meta = getattr(dataset, "meta", None) or {}
+    return str(meta.get("env", "memory_maze" if meta.get("source") == "memory_maze_offline" else ""))
+
+
 def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
-    """Boolean masks over clips by the kind of the predicted transition."""
+    """Boolean masks over clips by the kind of the predicted transition (``data``: the env name or data spec).
+
+    Memory Cards: moves, uncovers, covers. Memory Maze: turns (turn left/right in place), moves (forward, with or
+    without a turn) and frames whose view changed at all."""
     last_action = clips["actions"][:, -1].argmax(-1)
     changed = np.any(clips["frames"][:, -1] != clips["frames"][:, -2], axis=(1, 2, 3))
     kinds = {"all": np.ones(len(last_action), bool)}
@@ -62,6 +74,14 @@ def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
         kinds["move"] = (last_action != TOGGLE) & changed
         kinds["uncover"] = uncovered
         kinds["cover"] = (last_action == TOGGLE) & (grey[:, -1] > grey[:, -2])
+    elif "memory_maze" in data:
+        from envs.memory_maze import ACTION_MEANINGS
+
+        turns = [ACTION_MEANINGS.index(name) for name in ("turn_left", "turn_right")]
+        moves = [ACTION_MEANINGS.index(name) for name in ("forward", "forward_left", "forward_right")]
+        kinds["turn"] = np.isin(last_action, turns)
+        kinds["move"] = np.isin(last_action, moves)
+        kinds["view_change"] = changed
     else:
         kinds["view_change"] = changed
         kinds["static"] = ~changed
@@ -105,7 +125,7 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     lp_copy = lpips(last, target).numpy()
     spec = wm.base_spec if config.expert == "base" else expert.spec
     rows = []
-    for kind, mask in transition_kinds(clips, config.data).items():
+    for kind, mask in transition_kinds(clips, data_env_name(source, config.data) or config.data).items():
         if mask.sum() == 0:
             continue
         rows.append({

@@ -81,6 +81,9 @@ class TrainConfig:
     schedule: str = "cosine"
     target: str = "full"
     """what the expert denoises: "full" (the next frame; the default) or "residual" (its change to the last frame)."""
+    prediction: str = "v"
+    """what the network outputs: "v" (v-prediction; the default) or "x0" (the clean target, with the capped v-loss;
+    see come_rl.experts.expert)."""
     threads: int = 2
     seed: int = 0
     checkpoint_seconds: float = 120.0
@@ -89,8 +92,9 @@ class TrainConfig:
     pose_features: bool = False
     """condition on absolute pose features (SLTM)."""
     backbone_overrides: dict = field(default_factory=dict)
-    online_episodes: int = 1024
-    """size of the episode pool for online:<env> data."""
+    online_episodes: int = 0
+    """size of the episode pool for online:<env> data (0: the env's default, 1024 for memory_cards, 4 episodes of
+    1000 steps for memory_maze)."""
     half_weights: bool = False
     """store the shipped weights in float16 (halves the file)."""
     init_from: str = ""
@@ -134,7 +138,7 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
         raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
                          f"false: it would train without its poses; add pose_features=true (and role=sltm)")
     expert = DiffusionExpert(backbone, build_schedule(config.schedule), name=config.role, uses_poses=config.pose_features,
-                             target=config.target)
+                             target=config.target, prediction=config.prediction)
     return expert, name, kwargs
 
 
@@ -328,6 +332,9 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
     if donor.target != expert.target:
         raise ValueError(f"init_from={source} predicts the {donor.target} target but this expert is trained on the "
                          f"{expert.target} target; pass target={donor.target} or another checkpoint")
+    if donor.prediction != expert.prediction:
+        raise ValueError(f"init_from={source} outputs {donor.prediction} but this expert is trained to output "
+                         f"{expert.prediction}; pass prediction={donor.prediction} or another checkpoint")
     mine, theirs = expert.backbone.state_dict(), donor.backbone.state_dict()
     copied, widened, zeroed, kept = 0, [], [], []
     with torch.no_grad():

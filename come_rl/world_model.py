@@ -90,6 +90,18 @@ class WorldModel:
         self.last_network_calls = 0
         self.use_compile(compile)
 
+    def use_composition(self, composition: CompositionConfig | dict) -> None:
+        """Switch the rule that composes the loaded experts (e.g. one row of an ablation), keeping the episode memory and
+        what the LTM memorized. Every enabled expert must be loaded: the STM / SLTM from the checkpoint, the LTM by
+        loading with "ltm" among the experts."""
+        if isinstance(composition, dict):
+            composition = CompositionConfig(**composition)
+        for role in composition.experts:
+            if role != "base" and getattr(self, role) is None:
+                raise ValueError(f"composition enables {role!r} but this world model was loaded without it; load it "
+                                 f"with experts=[..., {role!r}] (the STM / SLTM must be in the checkpoint)")
+        self.composition = composition
+
     def use_compile(self, enabled: bool) -> None:
         """Run every expert's denoising network through ``torch.compile`` (``come_rl.devices``) or not, from the next
         call on (the first compiled call pays the compilation)."""

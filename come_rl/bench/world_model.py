@@ -148,8 +148,8 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
         model = _filled_model(config, experts, stm_expert, sltm_expert)
         if changes:
             alphas = {**model.composition.alphas, **changes[0]["alphas"]}
-            model.composition = dataclasses.replace(model.composition, alphas=alphas,
-                                                    active_below=changes[0]["active_below"])
+            model.use_composition(dataclasses.replace(model.composition, alphas=alphas,
+                                                      active_below=changes[0]["active_below"]))
         if model.ltm is not None:
             model.memorize(steps=2)  # non-zero adapters, as after memorization
         seconds, frames = _time_imagine(model, actions, config.repeats, device)

@@ -219,6 +219,16 @@ class EpisodeDataset:
             raise ValueError(f"data set {self.path} holds no episodes")
         self._pack(episodes)
 
+    @classmethod
+    def from_episodes(cls, episodes: list[Episode], action_spec: ActionSpec, meta: dict | None = None) -> "EpisodeDataset":
+        """A data set of episodes already in memory (generated from seeds, e.g. ``online:memory_maze``)."""
+        if not episodes:
+            raise ValueError("from_episodes needs at least one episode")
+        dataset = cls.__new__(cls)
+        dataset.path, dataset.meta, dataset.action_spec = None, dict(meta or {}), action_spec
+        dataset._pack(episodes)
+        return dataset
+
     # ------------------------------------------------------------------------------------------- loading
     def _load_collected(self, verify: bool, max_episodes: int | None):
         manifest = read_manifest(self.path)

@@ -34,7 +34,6 @@ from come_rl.fanout import FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.cli_args import parse_cli
-from come_rl.composition import CompositionConfig
 from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE, MemoryCardsEnv, cursor_pose_model, path_to_tile, zigzag_recall_actions
 
@@ -219,7 +218,7 @@ class RecallWorker:
             for name in self.names:
                 if (steps == 0) != (name in NEEDS_NO_MEMORIZATION):
                     continue  # before memorization every LTM composition is the base; after it, these do not change
-                wm.composition = CompositionConfig(**COMPOSITIONS[name])
+                wm.use_composition(COMPOSITIONS[name])
                 toggles = torch.from_numpy(np.stack([env.action_spec.encode(TOGGLE)] * GRID * GRID))[:, None]
                 imagined = tensor_to_frames(wm.imagine(toggles.float(), seed=seed, history=history)[:, 0])
                 for tile in range(GRID * GRID):

@@ -12,8 +12,17 @@ Whatever its target, every expert speaks *frame space* to the sampler and the co
 noisy next frame z = alpha x_next + sigma eps and returns eps. For a residual expert z - alpha x_last is exactly its
 noisy residual with the same eps, so experts of both targets compose by the same rule (paper eq. 6) without change.
 
-The network predicts v (see ``come_rl.diffusion.parametrization``); ``predict_eps`` turns it into the noise estimate
-that the composition rule sums.
+What the network *outputs* is the expert's *prediction* (also recorded in its recipe):
+  * ``"v"`` (the default): v = alpha eps - sigma x_0 (see ``come_rl.diffusion.parametrization``), trained with the plain
+    v-MSE.
+  * ``"x0"``: the clean target itself; eps = (z - alpha x0_hat) / sigma is then exact arithmetic. At low noise a v- or
+    eps-network has to reproduce the per-pixel noise of its input to remove it, which a network that works on
+    pixel-unshuffled cells (16x16 cells of 4x4 pixels on the maze) does poorly: its samples keep grain. An x0-network
+    never outputs noise; the sampler subtracts it. Trained with the v-loss written in x0 terms,
+    ||x0 - x0_hat||^2 / sigma^2, whose weight 1 / sigma^2 = SNR + 1 is capped at ``X0_LOSS_CAP`` (min-SNR weighting,
+    Hang et al. 2023): the same loss as v near pure noise (where the long-term memory acts), a bounded one near clean.
+
+``predict_eps`` turns either into the noise estimate that the composition rule sums.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from come_rl.diffusion.parametrization import _bcast
 from come_rl.nets.backbone import VideoBackbone
 
 TARGETS = ("full", "residual")
+PREDICTIONS = ("v", "x0")
+X0_LOSS_CAP = 5.0
+"""the cap on the x0-loss weight 1 / sigma^2 (reached at sigma < 0.45)."""
 
 
 class PreparedContext:
@@ -49,15 +61,18 @@ class DiffusionExpert(nn.Module):
         name: a label for logs and the composer ("base", "stm", "sltm", ...).
         uses_poses: whether the backbone takes per-frame pose features (SLTM).
         target: "full" (the next frame) or "residual" (its change to the last context frame); see the module docstring.
+        prediction: what the network outputs, "v" or "x0"; see the module docstring.
     """
 
     def __init__(self, backbone: VideoBackbone, schedule: NoiseSchedule, name: str = "base", uses_poses: bool = False,
-                 target: str = "full"):
+                 target: str = "full", prediction: str = "v"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown expert target {target!r}; choose one of {TARGETS}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown expert prediction {prediction!r}; choose one of {PREDICTIONS}")
         self.backbone, self.schedule, self.name, self.uses_poses = backbone, schedule, name, uses_poses
-        self.target = target
+        self.target, self.prediction = target, prediction
         self.spec: dict | None = None  # the recipe it was loaded from (come_rl.checkpoint), needed to save it
         self.compiled = False
         """run the denoising network through torch.compile (``WorldModel(compile=True)``)."""
@@ -98,8 +113,10 @@ class DiffusionExpert(nn.Module):
         denoise = type(backbone).denoise
         if self.compiled:
             denoise = devices.compiled_function(denoise, devices.COMPILE_BACKEND)
-        v = denoise(backbone, prepared.state, x_t[:, None], t)[:, 0]
-        return v_to_eps(v.float(), x_t, alpha, sigma)
+        out = denoise(backbone, prepared.state, x_t[:, None], t)[:, 0].float()
+        if self.prediction == "x0":
+            return (x_t - _bcast(alpha, x_t) * out) / _bcast(sigma, x_t)
+        return v_to_eps(out, x_t, alpha, sigma)
 
     def clean_target(self, frames: torch.Tensor) -> torch.Tensor:
         """The variable this expert denoises for clips ``frames`` (B, K + 1, C, H, W): the last frame, or its change."""
@@ -136,5 +153,8 @@ class DiffusionExpert(nn.Module):
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
-        v = (network or self.backbone)(x_t[:, None], t, context, actions, poses, drop)[:, 0]
-        return F.mse_loss(v.float(), v_target(x0, eps, alpha, sigma))
+        out = (network or self.backbone)(x_t[:, None], t, context, actions, poses, drop)[:, 0].float()
+        if self.prediction == "x0":
+            weight = sigma.float().pow(-2).clamp(max=X0_LOSS_CAP)
+            return (_bcast(weight, x0) * (out - x0.float()).pow(2)).mean()
+        return F.mse_loss(out, v_target(x0, eps, alpha, sigma))

@@ -148,7 +148,8 @@ class LongTermMemoryExpert(DiffusionExpert):
             backbone = inject_adapter_in_model(lora, backbone)
         else:
             targets = []
-        super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses, target=base.target)
+        super().__init__(backbone, base.schedule, name=name, uses_poses=base.uses_poses, target=base.target,
+                         prediction=base.prediction)
         self.config, self.targets = config, targets
         # The trained expert it adapts (what a checkpoint saves: never episode memory); kept out of the module tree
         # so that it adds nothing to this expert's parameters or state_dict.

@@ -1,0 +1,329 @@
+"""Memory Maze consistency (the paper's Table 1 at CPU scale): does memory make imagination agree with what was seen?
+
+Usage:
+    python -m come_rl.experiments.consistency                                   # shipped maze model, held-out seeds
+    python -m come_rl.experiments.consistency episodes=16 context=400 horizon=32 seed=40000 \\
+        compositions=copy_last,base,ltm out_dir=results/consistency
+
+Per held-out episode (generated from ``seed``, ``seed + 1``, ... as ``online:memory_maze`` and ``come_rl.collect``
+generate them, or read from a collected ``data=`` directory) the world model observes the first ``context`` frames
+(frames, actions, poses), memorizes them when the composition has a memory expert that memorizes (the LTM), then
+imagines the next ``horizon`` frames open loop from the real actions. Every imagined frame is scored against the real
+one by LPIPS (AlexNet), SSIM and PSNR, over all frames and over *revisit* frames: those whose real pose lies within
+``revisit_distance`` cells and ``revisit_degrees`` of heading of a pose in the memorized part (what memory could know).
+
+Rows (``compositions=``, comma-separated names of :data:`COMPOSITIONS`): ``copy_last`` (no model: the last context
+frame, repeated), ``base`` (no memory), ``ltm`` (base + LTM, the checkpoint's rule), ``stm``, ``sltm``, ``stm_ltm``,
+``come`` (every expert, the checkpoint's rule) and ``naive_poe`` (every expert, plain product of experts). A row whose
+expert the checkpoint lacks is refused before any work, naming the training command.
+
+Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) with ``lpips_all, lpips_revisit,
+ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
+has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
+``episode_records/`` (one atomic file per finished (episode, composition): a killed run resumes where it stopped);
+``rollout.gif`` (real | base | the last row, first episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from come_rl.cli_args import parse_cli
+from come_rl.composition import CompositionConfig
+from come_rl.conventions import frames_to_tensor, tensor_to_frames, wrap_angle
+from come_rl.io_utils import atomic_write_text
+from come_rl.results import write_table
+
+METRICS = ("lpips", "ssim", "psnr")
+
+# Named rows: which experts, and how they compose ("checkpoint": the checkpoint's world_model.json rule restricted to
+# those experts; "naive": a plain product of the experts, every alpha 1, no contrast, unnormalised).
+COMPOSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "copy_last": ((), "none"),
+    "base": (("base",), "checkpoint"),
+    "ltm": (("base", "ltm"), "checkpoint"),
+    "stm": (("base", "stm"), "checkpoint"),
+    "sltm": (("base", "sltm"), "checkpoint"),
+    "stm_ltm": (("base", "ltm", "stm"), "checkpoint"),
+    "come": (("base", "ltm", "stm", "sltm"), "checkpoint"),
+    "naive_poe": (("base", "ltm", "stm", "sltm"), "naive"),
+}
+
+
+@dataclass
+class ConsistencyConfig:
+    checkpoint: str = "memory_maze"
+    """world model checkpoint (a directory, or the name of one shipped in come_rl/checkpoints)."""
+    data: str = "online:memory_maze"
+    """online:memory_maze (episodes from seeds seed, seed + 1, ...) or a collected Memory Maze data set directory."""
+    seed: int = 40000
+    """first episode seed (online data) and the sampling seed; seeds >= 40000 were never used for training or tuning."""
+    episodes: int = 16
+    context: int = 400
+    """frames observed (and memorized) before imagining."""
+    horizon: int = 32
+    """frames imagined open loop after the context."""
+    compositions: str = "copy_last,base,ltm"
+    memorize_steps: int = -1
+    """LTM memorization steps (-1: the checkpoint's world_model.json)."""
+    sampler_steps: int = 0
+    """denoising steps per frame (0: the checkpoint's)."""
+    revisit_distance: float = 0.5
+    revisit_degrees: float = 45.0
+    require_revisits: bool = False
+    """refuse an episode whose horizon has no revisit frame (otherwise its revisit columns are empty)."""
+    threads: int = 2
+    device: str = "auto"
+    out_dir: str = "results/consistency"
+    gif: bool = True
+
+
+# ------------------------------------------------------------------------------------------------------- revisits
+def revisit_mask(memorized_poses: np.ndarray, query_poses: np.ndarray, distance: float = 0.5,
+                 degrees: float = 45.0) -> np.ndarray:
+    """For each query pose (x, y, yaw), whether some memorized pose lies within ``distance`` (maze cells) and
+    ``degrees`` of heading. memorized_poses: (N, 3), query_poses: (M, 3) -> (M,) bool."""
+    memorized = np.asarray(memorized_poses, dtype=np.float64).reshape(-1, 3)
+    query = np.asarray(query_poses, dtype=np.float64).reshape(-1, 3)
+    if len(memorized) == 0:
+        return np.zeros(len(query), bool)
+    if not (np.isfinite(memorized).all() and np.isfinite(query).all()):
+        raise ValueError("poses contain NaN or inf")
+    close = np.linalg.norm(query[:, None, :2] - memorized[None, :, :2], axis=-1) <= distance
+    aligned = np.abs(wrap_angle(query[:, None, 2] - memorized[None, :, 2])) <= math.radians(degrees)
+    return (close & aligned).any(axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------- set-up
+def parse_compositions(text: str) -> list[str]:
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    unknown = [name for name in names if name not in COMPOSITIONS]
+    if not names or unknown:
+        raise ValueError(f"compositions={text!r}: unknown {unknown or 'empty list'}; choose from {list(COMPOSITIONS)}")
+    return names
+
+
+def composition_for(name: str, checkpoint_rule: CompositionConfig) -> CompositionConfig | None:
+    """The composition of a named row (None for copy_last), from the checkpoint's rule."""
+    experts, kind = COMPOSITIONS[name]
+    if kind == "none":
+        return None
+    if kind == "naive":
+        return CompositionConfig(experts=list(experts), alphas={role: 1.0 for role in experts},
+                                 weights={role: 1.0 for role in experts}, normalize=False, ltm_baseline="none")
+    rule = dataclasses.asdict(checkpoint_rule)
+    rule["experts"] = list(experts)
+    for key in ("active_from", "active_below"):  # gates of experts this row leaves out do not apply
+        rule[key] = {role: value for role, value in (rule.get(key) or {}).items() if role in experts}
+    return CompositionConfig(**rule)
+
+
+def check_config(config: ConsistencyConfig, episode_steps: int | None = None) -> list[str]:
+    """Every check that needs no model: settings, and the data's length when known. Returns the row names."""
+    names = parse_compositions(config.compositions)
+    for key in ("episodes", "context", "horizon"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.context < 3:
+        raise ValueError(f"context must hold at least 3 frames (the base's context), got {config.context}")
+    if episode_steps is not None and config.context + config.horizon > episode_steps + 1:
+        raise ValueError(f"context + horizon = {config.context + config.horizon} frames, but the episodes have "
+                         f"{episode_steps + 1}; lower context or horizon, or collect longer episodes (steps=)")
+    return names
+
+
+def load_episodes(config: ConsistencyConfig) -> list[dict]:
+    """The held-out episodes: frames (T+1, H, W, 3) uint8, actions (T, A), poses (T+1, 3), seed."""
+    from come_rl.data_sources import SeededEpisodePool
+    from come_rl.data.episodes import EpisodeDataset
+
+    steps_needed = config.context + config.horizon - 1
+    if config.data == "online:memory_maze":
+        dataset = SeededEpisodePool("memory_maze", episodes=config.episodes, steps=steps_needed, seed=config.seed).dataset
+    elif config.data.startswith("online:"):
+        raise ValueError(f"data={config.data}: the consistency experiment needs Memory Maze episodes with poses; pass "
+                         "online:memory_maze or a collected Memory Maze data set directory")
+    else:
+        dataset = EpisodeDataset(config.data, max_episodes=config.episodes)
+    if dataset.poses is None:
+        raise ValueError(f"data={config.data} has no poses; the revisit frames need them (collect it with "
+                         "python -m come_rl.collect env=memory_maze ...)")
+    if len(dataset) < config.episodes:
+        raise ValueError(f"data={config.data} holds {len(dataset)} episodes, {config.episodes} were asked for")
+    shortest = int(min(len(a) for a in dataset.actions))
+    check_config(config, shortest)
+    return [{"frames": dataset.frames[i], "actions": dataset.actions[i], "poses": dataset.poses[i],
+             "seed": dataset.seeds[i]} for i in range(config.episodes)]
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+def score_frames(imagined: np.ndarray, real: np.ndarray, lpips) -> dict[str, np.ndarray]:
+    """Per-frame LPIPS, SSIM and PSNR of uint8 (T, H, W, 3) frames."""
+    from come_rl.metrics import psnr, ssim
+
+    lp = lpips(frames_to_tensor(imagined), frames_to_tensor(real)).numpy()
+    return {"lpips": lp, "ssim": np.asarray(ssim(imagined, real)), "psnr": np.minimum(np.asarray(psnr(imagined, real)), 100.0)}
+
+
+def episode_row(name: str, index: int, seed: int, per_frame: dict[str, np.ndarray], revisit: np.ndarray) -> dict:
+    row = {"composition": name, "episode": index, "seed": seed, "revisit_frames": int(revisit.sum())}
+    for metric in METRICS:
+        values = per_frame[metric]
+        row[f"{metric}_all"] = float(values.mean())
+        row[f"{metric}_revisit"] = float(values[revisit].mean()) if revisit.any() else ""
+    return row
+
+
+class ConsistencyWorker:
+    """Loads the world model once; ``run(episode)`` scores every row on one episode (memorizing once)."""
+
+    def __init__(self, config: ConsistencyConfig, names: list[str]):
+        from come_rl.metrics.lpips_metric import get_lpips
+        from come_rl.world_model import WorldModel
+
+        self.config, self.names = config, names
+        experts = sorted({role for name in names for role in COMPOSITIONS[name][0]} - {"ltm"} | {"base"})
+        needs_ltm = any("ltm" in COMPOSITIONS[name][0] for name in names)
+        sampler = {"steps": config.sampler_steps} if config.sampler_steps else None
+        try:
+            self.wm = WorldModel.load(config.checkpoint, experts=experts + (["ltm"] if needs_ltm else []),
+                                      sampler=sampler, device=config.device)
+        except FileNotFoundError as error:
+            missing = [role for role in ("stm", "sltm") if role in experts]
+            raise ValueError(f"checkpoint {config.checkpoint} lacks an expert these rows need ({error}); train it "
+                             f"(python -m come_rl.train role={'/'.join(missing) or 'base'} ... out=<checkpoint>) or "
+                             f"drop the rows that use it") from error
+        self.rule = self.wm.composition
+        self.lpips = get_lpips(device=self.wm.device)
+
+    def run(self, index: int, episode: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
+        cfg, wm = self.config, self.wm
+        frames, actions, poses = episode["frames"], episode["actions"], episode["poses"]
+        c, h = cfg.context, cfg.horizon
+        real = frames[c:c + h]
+        revisit = revisit_mask(poses[:c], poses[c:c + h], cfg.revisit_distance, cfg.revisit_degrees)
+        if cfg.require_revisits and not revisit.any():
+            raise ValueError(f"episode {index} (seed {episode['seed']}) has no revisit frame in its horizon; use a "
+                             f"longer context, another seed, or require_revisits=false")
+        future = torch.from_numpy(np.ascontiguousarray(actions[c - 1:c - 1 + h], dtype=np.float32))[None]
+        rows, rollouts, memorized = [], {"real": real}, False
+        for name in self.names:
+            start = time.time()
+            composition = composition_for(name, self.rule)
+            if composition is None:
+                imagined = np.repeat(frames[c - 1][None], h, axis=0)
+            else:
+                wm.use_composition(composition)
+                if not memorized:  # observe once; memorize once (the LTM's adapters stay for every later row)
+                    wm.reset()
+                    wm.observe(frames[0], pose=poses[0])
+                    for t in range(1, c):
+                        wm.observe(frames[t], actions[t - 1], pose=poses[t])
+                if "ltm" in composition.experts and not memorized:
+                    steps = None if cfg.memorize_steps < 0 else cfg.memorize_steps
+                    wm.memorize(steps=steps, generator=torch.Generator().manual_seed(cfg.seed * 1000 + index))
+                    memorized = True
+                    start = time.time()  # the imagination's seconds, memorization reported apart
+                imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
+            row = episode_row(name, index, episode["seed"], score_frames(imagined, real, self.lpips), revisit)
+            row["seconds"] = round(time.time() - start, 2)
+            rows.append(row)
+            rollouts[name] = imagined
+        return rows, rollouts
+
+
+# ------------------------------------------------------------------------------------------------------- tables
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t interval (nan half-width for fewer than 2 values)."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v != "" and v is not None], dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+
+
+def summary_rows(rows: list[dict], names: list[str]) -> list[dict]:
+    out = []
+    for name in names:
+        mine = [r for r in rows if r["composition"] == name]
+        summary = {"composition": name, "episodes": len(mine),
+                   "revisit_frames": int(sum(int(r["revisit_frames"]) for r in mine))}
+        for metric in METRICS:
+            for part in ("all", "revisit"):
+                mean, half = mean_interval([r[f"{metric}_{part}"] for r in mine])
+                summary[f"{metric}_{part}"] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
+        out.append(summary)
+    return out
+
+
+def run(config: ConsistencyConfig) -> list[dict]:
+    from come_rl.io_utils import atomic_save_npz
+
+    names = check_config(config)
+    torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    records = out / "episode_records"
+    settings = dataclasses.asdict(config)
+    settings_path = out / "consistency_config.json"
+    resumable = {k: v for k, v in settings.items() if k not in ("threads", "device", "gif")}
+    if settings_path.exists():
+        before = json.loads(settings_path.read_text())
+        if before != resumable:
+            diff = {k: (before.get(k), v) for k, v in resumable.items() if before.get(k) != v}
+            raise ValueError(f"{out} holds a run with other settings {diff}; pick another out_dir or delete it")
+    episodes = load_episodes(config)
+    worker = ConsistencyWorker(config, names)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings_path, json.dumps(resumable, indent=1))
+    rows, first_rollouts = [], None
+    for index, episode in enumerate(tqdm(episodes, desc="consistency episodes")):
+        record = records / f"episode_{index}.json"
+        if record.exists():
+            rows += json.loads(record.read_text())
+            continue
+        episode_rows, rollouts = worker.run(index, episode)
+        atomic_write_text(record, json.dumps(episode_rows))
+        rows += episode_rows
+        if index == 0:
+            first_rollouts = rollouts
+            atomic_save_npz(records / "rollouts_0.npz", **rollouts)
+    title = (f"Memory Maze consistency: {config.episodes} held-out episodes (seeds {config.seed}+), {config.context} "
+             f"frames observed and memorized, {config.horizon} imagined open loop; mean ± 95 % t interval over "
+             f"episodes; revisit = real pose within {config.revisit_distance} cell and {config.revisit_degrees:g} "
+             f"degrees of a memorized pose. `python -m come_rl.experiments.consistency "
+             + " ".join(f"{k}={v}" for k, v in resumable.items()) + "`")
+    write_table(out / "consistency.csv", rows)
+    write_table(out / "consistency_summary.csv", summary_rows(rows, names), md_path=out / "consistency.md", title=title)
+    if config.gif:
+        if first_rollouts is None and (records / "rollouts_0.npz").exists():
+            with np.load(records / "rollouts_0.npz") as archive:
+                first_rollouts = {k: archive[k] for k in archive.files}
+        if first_rollouts:
+            from come_rl.visualize import save_rollout_gif
+
+            shown = ["real"] + [n for n in ("base", names[-1]) if n in first_rollouts and n != "copy_last"]
+            save_rollout_gif(out / "rollout.gif", [first_rollouts[n] for n in dict.fromkeys(shown)])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_cli(sys.argv[1:] if argv is None else argv, ConsistencyConfig)
+    run(config)
+    print((Path(config.out_dir) / "consistency.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Memory Maze consistency: the revisit mask, online:memory_maze clips, and the command on a tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from come_rl.checkpoint import expert_spec
+from come_rl.diffusion import CosineSchedule, SamplerConfig
+from come_rl.experiments.consistency import (ConsistencyConfig, check_config, composition_for, revisit_mask, run)
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.experts.long_term import MemorizeConfig
+from come_rl.interfaces import ActionSpec
+from come_rl.nets.unet import UNetConfig, VideoUNet
+from come_rl.world_model import CompositionConfig, WorldModel
+
+TINY = dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[8, 16], cond_dim=16)
+
+
+def test_revisit_mask_on_hand_made_poses():
+    memorized = np.array([[1.0, 1.0, 0.0], [3.0, 3.0, math.pi / 2]])
+    query = np.array([
+        [1.3, 1.2, 0.3],                   # 0.36 away, 17 degrees: a revisit
+        [1.3, 1.2, math.radians(50)],      # close, but 50 degrees off
+        [1.6, 1.0, 0.0],                   # same heading, 0.6 away
+        [3.0, 3.4, math.pi / 2 - 0.7],     # second pose, 40 degrees off: a revisit
+        [1.0, 1.0, -math.pi + 0.1],        # the same place facing the other way
+        [1.0, 1.0, 2 * math.pi - 0.1],     # heading wraps around: 0.1 rad from the first pose
+    ])
+    assert revisit_mask(memorized, query).tolist() == [True, False, False, True, False, True]
+    assert revisit_mask(memorized, query, distance=0.7, degrees=60).tolist() == [True, True, True, True, False, True]
+    assert not revisit_mask(np.zeros((0, 3)), query).any()
+    with pytest.raises(ValueError, match="NaN"):
+        revisit_mask(memorized, np.array([[np.nan, 0, 0]]))
+
+
+def test_online_memory_maze_gives_the_same_clips_for_the_same_seed():
+    from come_rl.collect import make_env_and_policy, record_episode
+    from come_rl.data_sources import SeededEpisodePool
+
+    pools = [SeededEpisodePool("memory_maze", episodes=2, steps=20, seed=40000) for _ in range(2)]
+    assert [len(a) for a in pools[0].dataset.actions] == [20, 20] and pools[0].dataset.seeds == [40000, 40001]
+    # Episode i is exactly what `come_rl.collect seed=40000` records as its episode i.
+    env, policy = make_env_and_policy({"env": "memory_maze", "maze_size": 9, "image_size": 64, "steps": 20})
+    collected = record_episode(env, policy, 20, 40001, 1)
+    assert np.array_equal(collected.frames, pools[0].dataset.frames[1])
+    assert np.array_equal(collected.poses, pools[0].dataset.poses[1])
+    a, b = (p.sample_clips(8, 5, np.random.default_rng(3)) for p in pools)
+    assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["actions"], b["actions"])
+    assert np.array_equal(a["poses"], b["poses"])
+    assert a["frames"].shape == (8, 5, 64, 64, 3) and a["actions"].shape == (8, 4, 6)
+    # Frames move: a data source that returned one frame over and over would pass the equalities above.
+    assert (a["frames"][:, 1:] != a["frames"][:, :-1]).any()
+
+
+def tiny_checkpoint(directory):
+    torch.manual_seed(0)
+    expert = DiffusionExpert(VideoUNet(UNetConfig(**TINY)), CosineSchedule(), target="full", prediction="x0")
+    torch.nn.init.normal_(expert.backbone.out_conv.weight, std=0.02)
+    expert.spec = expert_spec(expert, "unet", TINY, extra={"action_spec": {"kind": "discrete", "dim": 6},
+                                                           "frame_size": 64})
+    wm = WorldModel(expert.eval(), ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base", "ltm"]),
+                    sampler=SamplerConfig(steps=2), memorize_config=MemorizeConfig(method="full", steps=2, batch_size=2))
+    wm.save(directory)
+    return directory
+
+
+def test_the_consistency_command_writes_its_table(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    config = ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
+                               compositions="copy_last,base,ltm", out_dir=str(tmp_path / "out"), seed=40000)
+    rows = run(config)
+    assert [r["composition"] for r in rows] == ["copy_last", "base", "ltm"]
+    for row in rows:
+        assert 0 <= row["lpips_all"] <= 1.5 and -1 <= row["ssim_all"] <= 1 and row["psnr_all"] > 0
+        assert row["revisit_frames"] == rows[0]["revisit_frames"]
+    # An untrained network's frames are not the copied last frame's.
+    assert rows[1]["lpips_all"] != rows[0]["lpips_all"]
+    header = (tmp_path / "out" / "consistency.csv").read_text().splitlines()[0].split(",")
+    for column in ("composition", "episode", "lpips_all", "lpips_revisit", "ssim_all", "ssim_revisit", "psnr_all",
+                   "psnr_revisit", "revisit_frames"):
+        assert column in header
+    assert "ltm" in (tmp_path / "out" / "consistency.md").read_text()
+    # A rerun resumes from the records (same rows), a rerun with other settings is refused before any work.
+    again = run(config)
+    assert [r["lpips_all"] for r in again] == [r["lpips_all"] for r in rows]
+    with pytest.raises(ValueError, match="other settings"):
+        run(ConsistencyConfig(**dict(config.__dict__, horizon=4)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(compositions="base,teleport"), "unknown"),
+    (dict(horizon=0), "horizon must be >= 1"),
+    (dict(context=2), "at least 3 frames"),
+])
+def test_bad_settings_are_refused_before_any_work(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(ConsistencyConfig(**overrides))
+
+
+def test_too_short_data_and_a_missing_expert_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="context \\+ horizon"):
+        check_config(ConsistencyConfig(context=990, horizon=32), episode_steps=1000)
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    with pytest.raises((ValueError, FileNotFoundError), match="stm"):
+        run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=4, horizon=2, compositions="base,stm",
+                              out_dir=str(tmp_path / "out"), threads=1))
+
+
+def test_rows_take_the_checkpoints_rule_and_naive_poe_is_plain():
+    rule = CompositionConfig(experts=["base", "ltm", "stm"], alphas={"base": 1.0, "ltm": 5.0, "stm": 2.0},
+                             active_from={"ltm": 0.8}, active_below={"stm": 0.8}, pairwise=True)
+    ltm = composition_for("ltm", rule)
+    assert ltm.experts == ["base", "ltm"] and ltm.alphas["ltm"] == 5.0 and ltm.active_below == {}
+    naive = composition_for("naive_poe", rule)
+    assert set(naive.alphas.values()) == {1.0} and not naive.normalize
+    assert composition_for("copy_last", rule) is None
+    assert json.dumps(ltm.active_from) == '{"ltm": 0.8}'
