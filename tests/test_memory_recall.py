@@ -322,3 +322,25 @@ def test_recall_on_ray_gives_the_local_table(tmp_path):
     assert [{k: v for k, v in r.items() if k != drop} for r in local] == \
         [{k: v for k, v in r.items() if k != drop} for r in fanned]
     assert len(local) == 4
+
+
+def test_revisit_clips_without_a_pose_model_use_the_recorded_step():
+    # Hand-made poses: frames 0..7 walk right along y = 0 and back; frame j's pixel value is j.
+    xs = [0, 1, 2, 3, 3, 2, 1, 0]
+    spec = MemoryCardsEnv().action_spec
+    memory = EpisodeMemory((1, 2, 2), spec)
+    for j, x in enumerate(xs):
+        action = torch.zeros(5) if j == 0 else torch.nn.functional.one_hot(torch.tensor(j % 5), 5).float()
+        memory.append(torch.full((1, 2, 2), float(j)), action, torch.tensor([float(x), 0.0, 0.0]))
+    frames, actions, poses = memory.sample_revisit_clips(128, 3, None, tolerance=0.1,
+                                                         generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for clip, acts, clip_poses in zip(frames, actions, poses):
+        end, target = int(clip[-2, 0, 0, 0]), int(clip[-1, 0, 0, 0])
+        assert target not in (end, end + 1) and xs[target] == xs[end + 1]  # the same place, at another time
+        assert torch.equal(acts[-1], memory.actions[end + 1])  # the action the episode took after the context
+        assert float(clip_poses[-1, 0]) == xs[end + 1]
+        seen.add((end, target))
+    # Every pair: context ends at 1..6, the next pose is met again at another time (x=3 at frames 3/4, etc.).
+    expected = {(e, j) for e in range(1, 7) for j in range(8) if j not in (e, e + 1) and xs[j] == xs[e + 1]}
+    assert seen == expected

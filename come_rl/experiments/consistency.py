@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,10 @@ class ConsistencyConfig:
     compositions: str = "copy_last,base,ltm"
     memorize_steps: int = -1
     """LTM memorization steps (-1: the checkpoint's world_model.json)."""
+    memorize: dict = field(default_factory=dict)
+    """overrides of the checkpoint's memorization recipe (MemorizeConfig fields), e.g. '{"lr": 1e-4}'."""
+    composition: dict = field(default_factory=dict)
+    """overrides of the checkpoint's composition rule (CompositionConfig fields) that the named rows start from."""
     sampler_steps: int = 0
     """denoising steps per frame (0: the checkpoint's)."""
     revisit_distance: float = 0.5
@@ -197,7 +201,8 @@ class ConsistencyWorker:
         sampler = {"steps": config.sampler_steps} if config.sampler_steps else None
         try:
             self.wm = WorldModel.load(config.checkpoint, experts=experts + (["ltm"] if needs_ltm else []),
-                                      sampler=sampler, device=config.device)
+                                      sampler=sampler, device=config.device, memorize=dict(config.memorize) or None,
+                                      composition=dict(config.composition) or None)
         except FileNotFoundError as error:
             missing = [role for role in ("stm", "sltm") if role in experts]
             raise ValueError(f"checkpoint {config.checkpoint} lacks an expert these rows need ({error}); train it "
@@ -216,7 +221,7 @@ class ConsistencyWorker:
             raise ValueError(f"episode {index} (seed {episode['seed']}) has no revisit frame in its horizon; use a "
                              f"longer context, another seed, or require_revisits=false")
         future = torch.from_numpy(np.ascontiguousarray(actions[c - 1:c - 1 + h], dtype=np.float32))[None]
-        rows, rollouts, memorized = [], {"real": real}, False
+        rows, rollouts, memorized, memorize_seconds = [], {"real": real}, False, 0.0
         for name in self.names:
             start = time.time()
             composition = composition_for(name, self.rule)
@@ -231,12 +236,15 @@ class ConsistencyWorker:
                         wm.observe(frames[t], actions[t - 1], pose=poses[t])
                 if "ltm" in composition.experts and not memorized:
                     steps = None if cfg.memorize_steps < 0 else cfg.memorize_steps
-                    wm.memorize(steps=steps, generator=torch.Generator().manual_seed(cfg.seed * 1000 + index))
-                    memorized = True
+                    stats = wm.memorize(steps=steps, generator=torch.Generator().manual_seed(cfg.seed * 1000 + index))
+                    memorized, memorize_seconds = True, round(float(stats["seconds"]), 2)
                     start = time.time()  # the imagination's seconds, memorization reported apart
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
-            row = episode_row(name, index, episode["seed"], score_frames(imagined, real, self.lpips), revisit)
+            per_frame = score_frames(imagined, real, self.lpips)
+            row = episode_row(name, index, episode["seed"], per_frame, revisit)
+            row["lpips_per_frame"] = " ".join(f"{v:.4f}" for v in per_frame["lpips"])
             row["seconds"] = round(time.time() - start, 2)
+            row["memorize_seconds"] = memorize_seconds if composition is not None and "ltm" in composition.experts else 0.0
             rows.append(row)
             rollouts[name] = imagined
         return rows, rollouts
@@ -267,6 +275,29 @@ def summary_rows(rows: list[dict], names: list[str]) -> list[dict]:
                 summary[f"{metric}_{part}"] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
         out.append(summary)
     return out
+
+
+def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -> None:
+    """Mean LPIPS against the real frame at each imagined step, one line per row of the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        curves = [np.array([float(v) for v in r["lpips_per_frame"].split()]) for r in rows if r["composition"] == name]
+        if curves:
+            ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, axis=0), label=name)
+    ax.set_xlabel("imagined step after the context")
+    ax.set_ylabel("LPIPS to the real frame (lower is better)")
+    ax.set_title(title.split(":")[0], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def run(config: ConsistencyConfig) -> list[dict]:
@@ -306,6 +337,7 @@ def run(config: ConsistencyConfig) -> list[dict]:
              f"degrees of a memorized pose. `python -m come_rl.experiments.consistency "
              + " ".join(f"{k}={v}" for k, v in resumable.items()) + "`")
     write_table(out / "consistency.csv", rows)
+    plot_per_frame(rows, names, out / "consistency_lpips.png", title)
     write_table(out / "consistency_summary.csv", summary_rows(rows, names), md_path=out / "consistency.md", title=title)
     if config.gif:
         if first_rollouts is None and (records / "rollouts_0.npz").exists():

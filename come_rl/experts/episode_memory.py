@@ -159,7 +159,9 @@ class EpisodeMemory:
         frame j != k, j != k + 1 of the episode whose pose lies within ``tolerance`` (position) and ``yaw_tolerance``
         (radians) of it. So the memory is asked to predict what the place looked like when the agent was there before
         or after, which is how a world model learns what a view hides now but showed once. Discrete action spaces try
-        every action; continuous ones the episode's own actions. Returns None when no (context, action) has a revisit.
+        every action; continuous ones the episode's own actions. With ``pose_model=None`` the recorded step is used
+        instead: the action taken after the context and the real pose it led to, so any world that records poses has
+        revisit clips (Memory Maze, whose ball keeps momentum). Returns None when no (context, action) has a revisit.
         """
         poses = self.poses
         if poses is None:
@@ -167,14 +169,22 @@ class EpisodeMemory:
         total, k = len(self), length - 1
         if total < length:
             raise ValueError(f"the episode memory holds {total} frames, fewer than the {length} a clip needs")
-        if self.action_spec.kind == "discrete":
-            candidates = torch.eye(self.action_spec.dim, device=CPU)
-        else:
-            candidates = torch.unique(self.actions[1:], dim=0)
         ends = torch.arange(k - 1, total, device=CPU)  # the context's last frame
-        n_end, n_act = len(ends), len(candidates)
-        with torch.no_grad():
-            next_poses = pose_model(poses[ends].repeat_interleave(n_act, 0), candidates.repeat(n_end, 1)).float()
+        if pose_model is None:
+            # The recorded step instead of a model: the action taken after each context and the pose it led to (a
+            # world with momentum, such as Memory Maze, has no pose model of the pose alone). The last frame has none.
+            ends = ends[:-1]
+            candidates = self.actions[ends + 1]
+            n_end, n_act = len(ends), 1
+            next_poses = poses[ends + 1].float()
+        else:
+            if self.action_spec.kind == "discrete":
+                candidates = torch.eye(self.action_spec.dim, device=CPU)
+            else:
+                candidates = torch.unique(self.actions[1:], dim=0)
+            n_end, n_act = len(ends), len(candidates)
+            with torch.no_grad():
+                next_poses = pose_model(poses[ends].repeat_interleave(n_act, 0), candidates.repeat(n_end, 1)).float()
         position = torch.cdist(next_poses[:, :2], poses[:, :2])  # (n_end * n_act, total)
         yaw = torch.remainder(next_poses[:, 2:3] - poses[None, :, 2] + torch.pi, 2 * torch.pi) - torch.pi
         match = (position <= tolerance) & (yaw.abs() <= yaw_tolerance)
@@ -186,7 +196,7 @@ class EpisodeMemory:
             return None
         picks = pairs[torch.randint(0, len(pairs), (batch_size,), generator=generator, device=CPU)]
         row, target = picks[:, 0], picks[:, 1]
-        end, action = end_index[row], candidates[row % n_act]
+        end, action = end_index[row], candidates[row if pose_model is None else row % n_act]
         context = end[:, None] - torch.arange(k - 1, -1, -1, device=CPU)[None]  # (B, k) frame indices, oldest first
         actions = self.actions
         clip_frames = torch.cat([self._gather(context), self._gather(target)[:, None]], dim=1)

@@ -53,7 +53,8 @@ class MemorizeConfig:
         window: memorize the last ``window`` frames only (None = the whole episode).
         reverse_fraction: share of each batch drawn as time-reversed clips (needs ``inverse_actions``).
         inverse_actions: per discrete action, the action that undoes it (declared by reversible worlds).
-        revisit_fraction: share of each batch drawn as pose-keyed revisit clips (needs poses and a pose model).
+        revisit_fraction: share of each batch drawn as pose-keyed revisit clips (needs poses; with a pose model every
+            action is tried, without one the recorded step).
         drop_context_fraction: share of rows trained in the unconditional mode (the context dropped): the memory
             of the episode's views without their context.
         short_context_fraction: share of rows memorized as if the episode had begun at the clip's newest context
@@ -228,8 +229,8 @@ class LongTermMemoryExpert(DiffusionExpert):
                              f"observed); lower window or observe more frames")
         if config.window is not None and config.window < clip_length + (1 if config.reverse_fraction > 0 else 0):
             raise ValueError(f"memorize window={config.window} is shorter than one training clip ({clip_length} frames)")
-        if config.revisit_fraction > 0 and (memory.poses is None or pose_model is None):
-            raise ValueError("revisit_fraction > 0 needs poses in the memory (observe(..., pose=)) and a pose_model")
+        if config.revisit_fraction > 0 and memory.poses is None:
+            raise ValueError("revisit_fraction > 0 needs poses in the memory: observe(frame, action, pose) every frame")
         return config, steps
 
     def memorize(self, memory: EpisodeMemory, steps: int | None = None, generator: torch.Generator | None = None,
