@@ -31,7 +31,9 @@ alpha_LTM = 2 and the base as the LTM's baseline the base's pass cancels, see ``
 was trained for Memory Maze; then ``come`` is the ``ltm`` configuration and is not run twice: its row is the ``ltm``
 row, which the table title says), ``oracle`` (knows the goal position and the layout: follows the shortest grid
 path: the ceiling of the task under the budget, so a low number of a world-model agent is the model's or the
-planner's, not the task's).
+planner's, not the task's), ``exact`` (the ``base`` agent's planner and objective with the simulator as the world
+model, ``envs.memory_maze.MazeSimulatorModel``: imagination is exact, so its rate bounds what any learned model can
+give this planner and objective).
 
 Metrics (``results/return_to_place/``: ``episodes.csv``/``.md``, ``summary.csv``/``.md``, ``success.png``, one success
 and one failure GIF per agent, ``<agent>_success.gif`` / ``<agent>_failure.gif``: real | imagined | goal, exploration
@@ -67,7 +69,7 @@ from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.conventions import wrap_angle
 
-AGENTS = ("random", "base", "ltm", "come", "oracle")
+AGENTS = ("random", "base", "ltm", "come", "exact", "oracle")
 WORLD_MODEL_AGENTS = ("base", "ltm", "come")
 # The egocentric camera's vertical field of view is 80 degrees (dm_control's jumping_ball.xml) on a square image, so
 # +-40 degrees horizontally; the "in view" cone is wider by 20 degrees so that a goal at its edge counts as visible.
@@ -298,7 +300,8 @@ class WorldModelReturnAgent:
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
         self.name, self.world_model, self.memorize_steps = name, world_model, int(memorize_steps)
-        self.experts = "+".join(world_model.composition.experts)
+        composition = getattr(world_model, "composition", None)
+        self.experts = "+".join(composition.experts) if composition is not None else world_model.label
         planner = CEMPlanner(population=population, elites=elites, iterations=iterations, warm_start_shift=replan_every)
         self.mpc = MPCAgent(world_model, planner, functools.partial(LPIPSGoalObjective, repeats=1), horizon=horizon,
                             replan_every=replan_every)
@@ -312,7 +315,7 @@ class WorldModelReturnAgent:
         for frame, action, pose in zip(task.frames[1:], task.actions, task.poses[1:]):
             wm.observe(frame, spec.encode(action), pose.astype(np.float32))
         memorize_seconds = 0.0
-        if self.memorize_steps and "ltm" in wm.composition.experts:
+        if self.memorize_steps and "ltm" in getattr(getattr(wm, "composition", None), "experts", ()):
             start = time.perf_counter()
             wm.memorize(steps=self.memorize_steps, generator=torch_generator(seeds.memorize))
             memorize_seconds = time.perf_counter() - start
@@ -476,11 +479,18 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
     return names, experts, notes
 
 
-def build_agent(name: str, experts: list[str] | None, config: ReturnConfig):
+def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=None):
     if name == "random":
         return RandomAgent()
     if name == "oracle":
         return OracleAgent()
+    if name == "exact":  # the same planner and objective on the simulator itself (envs.memory_maze.MazeSimulatorModel)
+        from envs.memory_maze import MazeSimulatorModel
+
+        if env is None:
+            raise ValueError("the exact-model agent imagines with the env it acts in: pass env=")
+        return WorldModelReturnAgent(name, MazeSimulatorModel(env), config.horizon, config.replan_every,
+                                     config.population, config.elites, config.iterations, 0)
     from come_rl.world_model import WorldModel
 
     wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})
@@ -499,9 +509,9 @@ class ReturnWorker:
     def __init__(self, name: str, experts: list[str] | None, config: ReturnConfig, records: str | None = None):
         from envs.memory_maze import MemoryMazeEnv
 
-        self.agent, self.config = build_agent(name, experts, config), config
-        self.records = None if records is None else Path(records)
         self.env = MemoryMazeEnv(maze_size=9)
+        self.agent, self.config = build_agent(name, experts, config, self.env), config
+        self.records = None if records is None else Path(records)
         self.lpips = None
         if config.lpips_metric:
             from come_rl.metrics.lpips_metric import get_lpips

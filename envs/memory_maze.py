@@ -318,3 +318,97 @@ class ExploringRandomPolicy:
             self._left = int(rng.integers(1, self.max_repeat + 1))
         self._left -= 1
         return self._action
+
+
+class MazeSimulatorModel:
+    """The simulator itself as the world model ("exact model"): ``imagine(actions)`` plays every candidate from the
+    env's current physics state and renders its frames, then puts the state back, so the real episode goes on as if
+    nothing had been imagined. It bounds what any learned model can give a planner: if the planner cannot reach a
+    goal with it, the objective or the horizon is what is wrong, not the model.
+
+    Saved and restored around each candidate: MuJoCo's state (qpos, qvel, act), the physics time (the task's time
+    limit reads it), the task's random state (targets respawn from it), the env's step counter and last frame. The
+    target the agent would touch in imagination is not re-drawn (its colour border stays), which changes no frame
+    the planner compares, since targets respawn only on contact.
+
+    Implements what planners and agents use of a world model: ``action_spec``, ``frame_shape``, ``reset``,
+    ``observe`` and ``memorize`` (no-ops: the simulator needs no memory) and ``imagine``.
+    """
+
+    label = "simulator"
+
+    def __init__(self, env: MemoryMazeEnv):
+        if not isinstance(env, MemoryMazeEnv):
+            raise TypeError(f"MazeSimulatorModel needs the MemoryMazeEnv the agent acts in, got {type(env).__name__}")
+        self.env = env
+        self.action_spec = env.action_spec
+        self.frame_shape = (3, env.image_size, env.image_size)
+        self.last_network_calls = 0
+
+    def reset(self) -> None:
+        pass
+
+    def begin_segment(self) -> None:
+        pass
+
+    def observe(self, frame, action=None, pose=None) -> None:
+        pass
+
+    def memorize(self, steps: int | None = None, generator=None, **overrides) -> dict:
+        return {"steps": 0, "seconds": 0.0, "note": "the simulator needs no memory"}
+
+    def _random_states(self) -> list:
+        """Every numpy RandomState the task holds (the composer env's, the task's)."""
+        states, seen, stack = [], set(), [self.env._task]
+        while stack:
+            obj = stack.pop()
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            for name in ("_random_state", "random_state"):
+                value = getattr(obj, name, None) if name in getattr(obj, "__dict__", {}) else None
+                if isinstance(value, np.random.RandomState):
+                    states.append(value)
+            for name in ("_env", "env", "_task", "task"):
+                child = obj.__dict__.get(name) if hasattr(obj, "__dict__") else None
+                if child is not None:
+                    stack.append(child)
+        return states
+
+    def imagine(self, actions, generator=None, seed: int | None = None, history=None):
+        """actions (B, H, 6) one-hot -> frames (B, H, 3, size, size) in [-1, 1]: what the simulator renders."""
+        import torch
+
+        from come_rl.conventions import frames_to_tensor
+
+        if history is not None:
+            raise ValueError("the simulator imagines from the env's current state only (history is not supported)")
+        env = self.env
+        if env._task is None:
+            raise RuntimeError("reset the env before imagining with the simulator")
+        actions = np.asarray(actions.detach().cpu() if isinstance(actions, torch.Tensor) else actions, np.float32)
+        if actions.ndim != 3 or actions.shape[-1] != self.action_spec.dim or min(actions.shape[:2]) < 1:
+            raise ValueError(f"actions must have shape (batch, horizon, {self.action_spec.dim}), got {actions.shape}")
+        physics = env._task.physics
+        state, time0 = physics.get_state().copy(), float(physics.data.time)
+        randoms = [(r, r.get_state()) for r in self._random_states()]
+        steps, last_image = env._steps, env._last_image
+        frames = np.empty((*actions.shape[:2], env.image_size, env.image_size, 3), np.uint8)
+        try:
+            for b, plan in enumerate(actions):
+                for h, action in enumerate(plan):
+                    time_step = env._task.step(int(self.action_spec.decode(action)))
+                    frames[b, h] = time_step.observation["image"]
+                with physics.reset_context():
+                    physics.set_state(state)
+                    physics.data.time = time0
+                for r, saved in randoms:
+                    r.set_state(saved)
+        finally:
+            with physics.reset_context():
+                physics.set_state(state)
+                physics.data.time = time0
+            for r, saved in randoms:
+                r.set_state(saved)
+            env._steps, env._last_image = steps, last_image
+        return frames_to_tensor(frames.reshape(-1, *frames.shape[2:])).reshape(*actions.shape[:2], *self.frame_shape)

@@ -3,8 +3,7 @@ settings fail before any episode. One env for the module (a maze build costs 1-4
 
 import numpy as np
 import pytest
-
-pytest.importorskip("memory_maze")
+import torch
 
 from agents.return_to_place import (
     OracleAgent,
@@ -20,6 +19,8 @@ from agents.return_to_place import (
 )
 from come_rl.seeding import episode_seeds
 from envs.memory_maze import MemoryMazeEnv
+
+FORWARD, TURN_LEFT, FORWARD_RIGHT = 1, 2, 5
 
 CONFIG = ReturnConfig(lpips_metric=False, gifs=False)
 
@@ -162,3 +163,42 @@ def test_an_interrupted_evaluation_resumes_from_its_episode_records(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         evaluate(ReturnConfig(agents="random", episodes=2, decisions=3, lpips_metric=False, gifs=False,
                               out_dir=str(tmp_path)), progress=False)
+
+
+
+def test_the_simulator_imagines_exactly_and_leaves_the_episode_as_it_was():
+    from come_rl.conventions import frames_to_tensor
+    from envs.memory_maze import MazeSimulatorModel
+
+    env, twin = MemoryMazeEnv(), MemoryMazeEnv()
+    for e in (env, twin):
+        e.reset(seed=11)
+        for action in (FORWARD, FORWARD, TURN_LEFT, FORWARD):
+            e.step(action)
+    model = MazeSimulatorModel(env)
+    plans = np.zeros((2, 5, 6), np.float32)
+    plans[0, :, FORWARD_RIGHT] = 1
+    plans[1, :, TURN_LEFT] = 1
+    imagined = model.imagine(torch.from_numpy(plans))
+    assert imagined.shape == (2, 5, 3, 64, 64)
+    assert not torch.equal(imagined[0, -1], imagined[1, -1])
+    # The real env, after imagining, goes on exactly as its twin that never imagined (state, time, random state), and
+    # what the simulator imagined for the first plan is what then happens.
+    for h in range(5):
+        frame, _, _, _, info = env.step(FORWARD_RIGHT)
+        twin_frame, _, _, _, twin_info = twin.step(FORWARD_RIGHT)
+        assert np.array_equal(frame, twin_frame) and np.allclose(info["pose"], twin_info["pose"])
+        assert torch.equal(imagined[0, h], frames_to_tensor(frame))
+    with pytest.raises(ValueError, match="actions must have shape"):
+        model.imagine(torch.zeros(2, 5))
+
+
+def test_the_exact_agent_imagines_what_then_happens(tmp_path):
+    from come_rl.results import read_rows
+
+    config = ReturnConfig(agents="exact", episodes=1, decisions=2, horizon=2, replan_every=2, population=3, elites=1,
+                          threads=1, out_dir=str(tmp_path))
+    evaluate(config, progress=False)
+    episodes = read_rows(tmp_path / "episodes.csv")[1]
+    assert episodes[0]["experts"] == "simulator" and int(episodes[0]["decisions"]) == 2
+    assert float(episodes[0]["lpips_imagined_real"]) == pytest.approx(0.0, abs=1e-6)
