@@ -477,6 +477,7 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         # parameters without a gradient in that step.
         network = DistributedDataParallel(expert.backbone, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=True)
+    writer = _tensorboard_writer(out, config.role, step) if main else None
     if main:
         trim_train_log(out / "train_log.csv", step)
         print(f"training {config.role} {config.model} ({n_params / 1e6:.2f}M parameters) on {device} ({precision}"
@@ -528,6 +529,9 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
             if main:
                 with open(out / "train_log.csv", "a") as log:
                     log.write(f"{step},{elapsed:.1f},{np.mean(losses):.6f}\n")
+                writer.add_scalar(f"{config.role}/loss", float(np.mean(losses)), step)
+                writer.add_scalar(f"{config.role}/learning_rate", lr_at(step - 1, config), step)
+                writer.add_scalar(f"{config.role}/clips_per_second", config.batch_size / max(dt, 1e-9), step)
             losses = []
         if main and time.time() - last_ckpt > config.checkpoint_seconds:
             stream.sync()  # the generators as of the next batch to train on, not of batches made ahead
@@ -539,11 +543,20 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         save()
         print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min, {n_params / 1e6:.2f}M parameters")
         if config.role == "base":
-            _rollout_video(out, source, config, device)
+            _rollout_video(out, source, config, device, writer, step)
+        writer.close()
     return TrainResult(out=out, expert=expert, step=step, context=context)
 
 
-def _rollout_video(out: Path, source, config: TrainConfig, device: torch.device) -> None:
+def _tensorboard_writer(out: Path, role: str, step: int):
+    """TensorBoard event files in ``<out>/tensorboard/<role>`` (``tensorboard --logdir <out>/tensorboard``); a resumed
+    run drops the events of the steps it trains again, as train_log.csv does."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard" / role), purge_step=step + 1 if step else None)
+
+
+def _rollout_video(out: Path, source, config: TrainConfig, device: torch.device, writer=None, step: int = 0) -> None:
     """Samples vs ground truth at the end of training: 16 imagined frames (EMA weights) beside the real ones."""
     from come_rl.visualize import rollout_comparison, save_rollout_gif
     from come_rl.world_model import WorldModel
@@ -553,6 +566,9 @@ def _rollout_video(out: Path, source, config: TrainConfig, device: torch.device)
     real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=wm.base.context_frames)
     path = save_rollout_gif(out / "rollout_real_vs_imagined.gif", [real, imagined])
     print(f"wrote {path} (left: real, right: imagined)")
+    if writer is not None:  # the real (top) and imagined (bottom) frames, side by side, as one image
+        grid = np.concatenate([np.concatenate(list(real), axis=1), np.concatenate(list(imagined), axis=1)], axis=0)
+        writer.add_image("samples/real_top_imagined_bottom", grid, step, dataformats="HWC")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ TINY = '{"widths": [16, 32, 32], "cond_dim": 32}'
 
 def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     args = ["model=unet_cards", f"out={tmp_path}", "threads=1", "batch_size=4", "online_episodes=16",
-            f"backbone_overrides={TINY}"]
+            f"backbone_overrides={TINY}", "log_every=1"]
     train(parse_overrides([*args, "steps=3"]))
     spec = json.loads((tmp_path / "base.json").read_text())
     assert spec["step"] == 3 and spec["role"] == "base" and spec["backbone"] == "unet"
@@ -21,6 +21,15 @@ def test_train_writes_checkpoints_and_resumes(tmp_path, capsys):
     assert "resumed base from step 3" in capsys.readouterr().out
     assert json.loads((tmp_path / "base.json").read_text())["step"] == 5
     assert not list(tmp_path.glob("*.tmp"))
+    # TensorBoard: the loss of every logged step once (the resumed run continues the curve), and the sample frames.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "base"), size_guidance={"images": 0}).Reload()
+    losses = events.Scalars("base/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5] and all(e.value > 0 for e in losses)
+    csv_losses = [float(line.split(",")[2]) for line in (tmp_path / "train_log.csv").read_text().splitlines()[1:]]
+    assert [e.value for e in losses] == pytest.approx(csv_losses, rel=1e-5)
+    assert events.Images("samples/real_top_imagined_bottom")
 
 
 def test_train_rejects_bad_input(tmp_path):
@@ -30,8 +39,8 @@ def test_train_rejects_bad_input(tmp_path):
         parse_overrides(["steps=many"])
     with pytest.raises(FileNotFoundError):
         train(TrainConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "o")))
-    with pytest.raises(ValueError, match="online data"):
-        train(TrainConfig(data="online:memory_maze", out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="unknown online data source online:dmlab"):
+        train(TrainConfig(data="online:dmlab", out=str(tmp_path / "o")))
 
 
 def test_an_stm_trains_beside_the_base_and_evaluates_alone(tmp_path):
