@@ -1,6 +1,6 @@
 """The planner of Navigation World Models (NWM), the reference protocol of the paper's RECON table.
 
-DESIGN.md, "The reference protocol for goal reaching": per goal, sample ``num_samples`` constant
+docs/design.md, "The reference protocol for goal reaching": per goal, sample ``num_samples`` constant
 deltas ``(dx, dy, dyaw) ~ N(mu, sigma)``, repeat each over the whole horizon, roll every candidate
 out ``repeats`` times (stochastic world model) and average the objective (-LPIPS of the last imagined
 frame to the goal), take the ``top_k`` best, refit mu and sigma to them, for ``optimization_steps``

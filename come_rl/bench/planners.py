@@ -6,7 +6,7 @@ Every planner runs at its default settings (``come_rl/conf/planner/*.yaml``, hor
 LPIPS-to-goal objective on the exact point-mass world model at 64x64 frames (the Memory Maze frame
 size). The point mass imagines almost for free, so what is measured is the cost *outside* a real
 world model: the planner's own work plus LPIPS. The table also projects the share outside the world
-model for a real model costing ``ms_per_frame`` milliseconds per imagined frame (DESIGN.md: 15-60
+model for a real model costing ``ms_per_frame`` milliseconds per imagined frame (docs/design.md: 15-60
 ms/frame at batch 32 on these CPUs): share = outside / (outside + imagined frames x ms per frame).
 """
 

@@ -1,6 +1,6 @@
 """Distributions of training noise levels t in [0, 1].
 
-Which noise levels a model trains on is a first-class knob for the long-term memory: DESIGN.md's probe found that an
+Which noise levels a model trains on is a first-class knob for the long-term memory: docs/design.md's probe found that an
 episode's memory only matters near pure noise (at t = 0.3-0.6 the base model recovers an object from the noisy target
 itself), so memorizing at t in [0.95, 1] lifted Memory Cards recall from 29 % to 86 % at 100 steps.
 """

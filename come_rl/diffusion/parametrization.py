@@ -2,7 +2,7 @@
 
 We train with v-prediction (Salimans & Ho, 2022): v = alpha * eps - sigma * x_0. Its target has unit variance at every
 noise level, so the loss needs no weighting, and it stays informative near pure noise (t -> 1), which is exactly where
-the long-term memory matters (DESIGN.md's probe: memorization only helps at noise levels 0.95-1). Experts hand eps to
+the long-term memory matters (docs/design.md's probe: memorization only helps at noise levels 0.95-1). Experts hand eps to
 the composer because the paper's composition rule (eq. 6) is a sum of scores, and score = -eps / sigma.
 """
 

@@ -5,7 +5,7 @@ backbone only maps (clean context, noisy future, noise level, per-frame conditio
 of the future's target (``v`` of the residual to the last context frame, see ``come_rl.diffusion``).
 
 The call is split in two so that the context is processed once per planning call and reused by every
-candidate and every denoising step (DESIGN.md, "Where the time goes"):
+candidate and every denoising step (docs/design.md, "Where the time goes"):
 
     state = backbone.prepare(context, actions, poses, drop_context)   # once
     out   = backbone.denoise(state, noisy, t)                          # every denoising step

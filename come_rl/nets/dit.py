@@ -11,7 +11,7 @@ frame:
 * block-causal: context frames attend only to context frames, targets attend to context and
   targets. Context tokens never see a target and always use the clean-data noise level (t = 0), so
   their keys and values at every layer are computed once in :meth:`VideoDiT.prepare` and reused by
-  every :meth:`VideoDiT.denoise` call of a planning call (DESIGN.md, "Where the time goes");
+  every :meth:`VideoDiT.denoise` call of a planning call (docs/design.md, "Where the time goes");
 * sliding-window layers: ``i - W < j <= i`` (a causal window of ``W`` frames, also for targets,
   whose window is measured from the target frame itself);
 * full-attention layers (``full_attention_layers``, or all layers when ``window_frames`` is None):
@@ -87,7 +87,7 @@ class VideoDiTConfig:
     at a loss of 0.21 (the conv U-Net reaches 0.035 in as many steps)."""
     last_frame_shortcut: bool = True
     """Feed the last context frame into the target tokens (concatenated to the noisy frame before the
-    patch embedding): the cheapest path to "the next frame looks like the last one" (DESIGN.md probe)."""
+    patch embedding): the cheapest path to "the next frame looks like the last one" (docs/design.md probe)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "full_attention_layers", tuple(int(i) for i in self.full_attention_layers))
