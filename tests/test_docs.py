@@ -103,7 +103,7 @@ def test_python_m_commands_name_modules_of_the_repository(path: Path) -> None:
 @pytest.mark.parametrize("path", doc_files(), ids=doc_ids)
 def test_no_pointer_to_files_outside_the_repository(path: Path) -> None:
     text = path.read_text()
-    assert "docs/design.md" not in text, f"{doc_ids(path)} cites docs/design.md; the design document is docs/design.md"
+    assert "DESIGN.md" not in text, f"{doc_ids(path)} cites DESIGN.md; the design document is docs/design.md"
     outside = [link for link in relative_links(path) if re.match(r"^(\.\./)*shared(/|$)", link)]
     assert not outside, f"{doc_ids(path)} links {outside}"
 
