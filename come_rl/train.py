@@ -336,12 +336,23 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
         raise ValueError(f"init_from={source} outputs {donor.prediction} but this expert is trained to output "
                          f"{expert.prediction}; pass prediction={donor.prediction} or another checkpoint")
     mine, theirs = expert.backbone.state_dict(), donor.backbone.state_dict()
-    copied, widened, zeroed, kept = 0, [], [], []
+    copied, widened, zeroed, kept, initialised = 0, [], [], [], []
     with torch.no_grad():
         for name, tensor in mine.items():
             if name in theirs and theirs[name].shape == tensor.shape:
                 tensor.copy_(theirs[name].to(tensor.dtype))
                 copied += 1
+            elif name.startswith("warp.") and name not in theirs:
+                # A motion prior the source lacks keeps its initialisation: its last layer starts at zero, so the warp
+                # starts as the identity and the warped-frame input below starts with zero weights.
+                initialised.append(name)
+            elif (name == "in_context.weight" and getattr(expert.backbone, "warp", None) is not None
+                  and getattr(donor.backbone, "warp", "absent") is None and name in theirs
+                  and tensor.shape[1] == theirs[name].shape[1] * (expert.context_frames + 1) // expert.context_frames
+                  and tensor.shape[0] == theirs[name].shape[0]):
+                tensor.zero_()
+                tensor[:, :theirs[name].shape[1]] = theirs[name].to(tensor.dtype)  # the context frames; warped: 0
+                widened.append(name)
             elif (name in theirs and tensor.dim() == 4 and theirs[name].dim() == 4
                   and theirs[name].shape[0] == tensor.shape[0] and theirs[name].shape[2:] == tensor.shape[2:]
                   and tensor.shape[1] > theirs[name].shape[1]
@@ -360,7 +371,8 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
         raise ValueError(f"init_from={source}: {len(kept)} tensors of this {spec['backbone']} expert cannot take the "
                          f"source's weights (e.g. {kept[:3]}); warm start needs the same backbone with the same widths")
     return (f"{copied} tensors copied, {len(widened)} widened to {expert.context_frames} context frames "
-            f"({', '.join(widened) or 'none'}), {len(zeroed)} new tensors zeroed ({', '.join(zeroed) or 'none'})")
+            f"({', '.join(widened) or 'none'}), {len(zeroed)} new tensors zeroed ({', '.join(zeroed) or 'none'})"
+            + (f", {len(initialised)} motion-prior tensors initialised" if initialised else ""))
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

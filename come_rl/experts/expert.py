@@ -98,7 +98,10 @@ class DiffusionExpert(nn.Module):
         poses = devices.to_device(poses, device) if self.uses_poses else None
         drop_context = devices.to_device(drop_context, device)
         state = self.inference_backbone().prepare(context, actions, poses, drop_context)
-        return PreparedContext(state, context[:, -1].float() if self.target == "residual" else None)
+        anchor = None
+        if self.target == "residual":  # the backbone's motion prior when it has one, else the last frame
+            anchor = state["anchor"] if isinstance(state, dict) and "anchor" in state else context[:, -1]
+        return PreparedContext(state, None if anchor is None else anchor.float())
 
     def inference_backbone(self):
         """The network that sampling runs (the LTM substitutes its adapter-merged copy)."""
@@ -144,6 +147,13 @@ class DiffusionExpert(nn.Module):
         frames, actions = devices.to_device(frames, device), devices.to_device(actions, device)
         poses = devices.to_device(poses, device) if self.uses_poses else None
         context, x0 = frames[:, :-1], self.clean_target(frames)
+        backbone = self.backbone if network is None else getattr(network, "module", network)  # DDP wraps it
+        anchor = backbone.anchor_frame(context, actions) if hasattr(backbone, "anchor_frame") else None
+        motion_loss = None
+        if anchor is not None:  # a motion prior: its own photometric loss, and the residual is taken to it
+            motion_loss = F.mse_loss(anchor.float(), frames[:, -1].float())
+            if self.target == "residual":
+                x0 = frames[:, -1] - anchor.detach().to(frames.dtype)
         if t is None:
             t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
         if eps is None:
@@ -156,5 +166,7 @@ class DiffusionExpert(nn.Module):
         out = (network or self.backbone)(x_t[:, None], t, context, actions, poses, drop)[:, 0].float()
         if self.prediction == "x0":
             weight = sigma.float().pow(-2).clamp(max=X0_LOSS_CAP)
-            return (_bcast(weight, x0) * (out - x0.float()).pow(2)).mean()
-        return F.mse_loss(out, v_target(x0, eps, alpha, sigma))
+            loss = (_bcast(weight, x0) * (out - x0.float()).pow(2)).mean()
+        else:
+            loss = F.mse_loss(out, v_target(x0, eps, alpha, sigma))
+        return loss if motion_loss is None else loss + motion_loss

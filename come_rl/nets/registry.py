@@ -91,6 +91,10 @@ MODEL_PRESETS: dict[str, tuple[str, dict]] = {
     "unet_cards": ("unet", dict(frame_size=48, unshuffle=3, action_dim=5, context_frames=3, widths=[48, 96, 192])),
     # Memory Maze at 64x64: unshuffle 4 -> 16x16, levels 16/8/4.
     "unet_maze": ("unet", dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[64, 128, 256])),
+    # Memory Maze with a motion prior: the last frame warped by a learned coarse flow is an input and the residual's
+    # anchor (come_rl.nets.unet.FlowWarp); train it with target=residual.
+    "unet_maze_warp": ("unet", dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[64, 128, 256],
+                                    warp_anchor=True)),
     # Short-term memory expert for Memory Cards: the sliding-window DiT (window 4 frames, full attention in block 1)
     # over 8 context frames; patch 8 on 48x48 = 36 tokens per frame keeps it CPU-sized.
     "stm_cards": ("stm_cpu", dict(frame_size=48, patch_size=8, context_frames=8, predicted_frames=1, action_dim=5,
@@ -98,7 +102,7 @@ MODEL_PRESETS: dict[str, tuple[str, dict]] = {
     # Spatial expert for Memory Cards: conditioned on the absolute cursor pose (x, y, sin, cos), 3 context frames.
     "sltm_cards": ("sltm_cpu", dict(frame_size=48, patch_size=8, context_frames=3, predicted_frames=1, action_dim=5,
                                     pose_dim=4)),
-    # ---- The paper's expert sizes (paper E.1 / DESIGN.md), for GPU users; the same command trains them. ----
+    # ---- The paper's expert sizes (paper E.1 / docs/design.md), for GPU users; the same command trains them. ----
     # The paper's Memory Cards U-Net size (paper Table 7: encoder channels 64/128/256/512, 8 resnets per level), 48x48.
     "unet_paper": ("unet", dict(frame_size=48, unshuffle=1, action_dim=5, context_frames=3,
                                 widths=[64, 128, 256, 512], blocks_per_level=8)),

@@ -1,6 +1,6 @@
 """A small convolutional video U-Net for pixel worlds (the paper used a U-Net for Memory Cards).
 
-Design choices that buy world-model quality per CPU-hour (DESIGN.md, measured probe):
+Design choices that buy world-model quality per CPU-hour (docs/design.md, measured probe):
 * Context frames are concatenated with the noisy target along channels, so every pixel sees its own past directly.
 * Frames are pixel-unshuffled (size/f) so the network runs at 16x16 with levels 16/8/4; for the 4x4 Memory Cards
   grid the 4x4 bottleneck has one cell per tile.
@@ -9,6 +9,12 @@ Design choices that buy world-model quality per CPU-hour (DESIGN.md, measured pr
 * A learned positional map per level: convolutions alone cannot tell where on the grid they are.
 * The context's contribution to the first convolution is linear in the context, so ``prepare`` computes it once and
   every denoising step and every planner candidate reuses it (the block-causal cache of the transformer, for convs).
+* Optionally (``warp_anchor``) a motion prior: a small conv net predicts a coarse flow field from the last two
+  context frames and the actions, and warps the last frame by it (:class:`FlowWarp`). The warped frame is an extra
+  context input and the *anchor* of a residual expert (the expert denoises the next frame minus the warped last
+  frame), trained by its own photometric loss. In Memory Maze nearly every step moves the whole view (a turn shifts
+  it by ~12 pixels of 64): a network of 4x4-pixel cells moves textures by whole cells only with effort, a warp does it
+  exactly, leaving the diffusion model what motion cannot explain (the strip a turn reveals, what memory knows).
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class UNetConfig:
     blocks_per_level: int = 1
     cond_dim: int = 128
     bottleneck_attention: bool = True
+    warp_anchor: bool = False
+    """predict the last frame warped by a learned flow (:class:`FlowWarp`): an extra input, and a residual expert's
+    anchor."""
+    warp_width: int = 64
 
     def __post_init__(self) -> None:
         if self.frame_size % self.unshuffle:
@@ -105,6 +115,52 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
 
 
+class FlowWarp(nn.Module):
+    """The last context frame warped by a coarse flow field that a small conv net predicts from the last two context
+    frames and the current and previous action. The flow lives on the pixel-unshuffled grid (frame_size / unshuffle
+    cells), is upsampled bilinearly to pixels and applied with ``grid_sample`` (border padding). The last layer starts
+    at zero: an untrained warp is the identity, i.e. copying the last frame."""
+
+    max_shift: float = 16.0
+    """the largest displacement it can express, in pixels (tanh-bounded)."""
+
+    def __init__(self, channels: int, unshuffle: int, action_dim: int, width: int = 64):
+        super().__init__()
+        self.unshuffle = unshuffle
+        in_ch = 2 * channels * unshuffle * unshuffle + 2 * action_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(in_ch, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def flow(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, K, C, H, W), (B, K + 1, A) -> flow (B, 2, H, W) in pixels (x right, y down)."""
+        b, k, c, h, w = context.shape
+        pair = context[:, -2:] if k >= 2 else context[:, -1:].expand(b, 2, c, h, w)
+        x = F.pixel_unshuffle(pair.flatten(1, 2), self.unshuffle)
+        act = torch.cat([actions[:, -1], actions[:, -2]], dim=-1).to(x.dtype)
+        x = torch.cat([x, act[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
+        coarse = torch.tanh(self.net(x).float() / self.max_shift) * self.max_shift
+        return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The last context frame warped: (B, C, H, W)."""
+        last = context[:, -1].float()
+        b, _, h, w = last.shape
+        flow = self.flow(context, actions)
+        ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=last.device)
+        xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=last.device)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([grid_x + flow[:, 0] * (2.0 / w), grid_y + flow[:, 1] * (2.0 / h)], dim=-1)
+        return F.grid_sample(last, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class VideoUNet(VideoBackbone):
     """Predicts one future frame from K context frames; see the module docstring. Implements VideoBackbone."""
 
@@ -119,7 +175,9 @@ class VideoUNet(VideoBackbone):
         # The input convolution is split into a noisy-target part and a context part (their sum equals one conv over
         # the channel concatenation), so the context part can be cached by prepare().
         self.in_noisy = nn.Conv2d(c * f * f, widths[0], 3, padding=1)
-        self.in_context = nn.Conv2d(config.context_frames * c * f * f, widths[0], 3, padding=1, bias=False)
+        self.warp = FlowWarp(c, f, config.action_dim, config.warp_width) if config.warp_anchor else None
+        context_inputs = config.context_frames + (1 if config.warp_anchor else 0)
+        self.in_context = nn.Conv2d(context_inputs * c * f * f, widths[0], 3, padding=1, bias=False)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
         self.action_embed = nn.Linear(2 * config.action_dim, d)
@@ -161,7 +219,12 @@ class VideoUNet(VideoBackbone):
         if drop_context is None:
             drop_context = torch.zeros(b, dtype=torch.bool, device=context.device)
         keep = (~drop_context).to(context.dtype)
-        packed = F.pixel_unshuffle(context.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
+        frames = context
+        anchor = None
+        if self.warp is not None:
+            anchor = self.warp(context, actions)
+            frames = torch.cat([context, anchor[:, None].to(context.dtype)], dim=1)
+        packed = F.pixel_unshuffle(frames.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
         context_features = self.in_context(packed * keep[:, None, None, None])
         cond = self.action_embed(torch.cat([actions[:, -1], actions[:, -2]], dim=-1))
         if self.pose_embed is not None:
@@ -171,7 +234,14 @@ class VideoUNet(VideoBackbone):
                 raise ValueError(f"poses must have shape ({b}, {k + 1}, {cfg.pose_dim}), got {tuple(poses.shape)}")
             cond = cond + self.pose_embed(poses[:, -1]) * keep[:, None]
         cond = cond + drop_context.to(cond.dtype)[:, None] * self.dropped_embed
-        return {"context_features": context_features, "cond": cond}
+        state = {"context_features": context_features, "cond": cond}
+        if anchor is not None:
+            state["anchor"] = anchor
+        return state
+
+    def anchor_frame(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor | None:
+        """The motion prior's prediction of the next frame (the warped last frame), or None without ``warp_anchor``."""
+        return None if self.warp is None else self.warp(context, actions)
 
     def denoise(self, state, noisy, t):
         cfg = self.config
