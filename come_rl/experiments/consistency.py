@@ -88,6 +88,8 @@ class ConsistencyConfig:
     """refuse an episode whose horizon has no revisit frame (otherwise its revisit columns are empty)."""
     threads: int = 2
     device: str = "auto"
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (memorization and sampling under autocast)."""
     out_dir: str = "results/consistency"
     gif: bool = True
 
@@ -201,7 +203,8 @@ class ConsistencyWorker:
         sampler = {"steps": config.sampler_steps} if config.sampler_steps else None
         try:
             self.wm = WorldModel.load(config.checkpoint, experts=experts + (["ltm"] if needs_ltm else []),
-                                      sampler=sampler, device=config.device, memorize=dict(config.memorize) or None,
+                                      sampler=sampler, device=config.device, precision=config.precision,
+                                      memorize=dict(config.memorize) or None,
                                       composition=dict(config.composition) or None)
         except FileNotFoundError as error:
             missing = [role for role in ("stm", "sltm") if role in experts]
@@ -309,7 +312,7 @@ def run(config: ConsistencyConfig) -> list[dict]:
     records = out / "episode_records"
     settings = dataclasses.asdict(config)
     settings_path = out / "consistency_config.json"
-    resumable = {k: v for k, v in settings.items() if k not in ("threads", "device", "gif")}
+    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif")}
     if settings_path.exists():
         before = json.loads(settings_path.read_text())
         if before != resumable:
