@@ -13,11 +13,10 @@ the sum turns that into an error at load. Checkpoints written before sums were r
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
 from come_rl.diffusion import build_schedule
 from come_rl.experts.expert import DiffusionExpert
-from come_rl.io_utils import atomic_write_text, sha256_file
+from come_rl.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 from come_rl.nets.registry import build_backbone
 
 FORMAT_VERSION = 1
@@ -80,18 +80,6 @@ def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: di
     return spec
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_expert(directory: str | Path, expert: DiffusionExpert, spec: dict, state_dict: dict | None = None,
                 half: bool = False) -> Path:
     """Write ``<directory>/<role>.safetensors`` and ``.json`` atomically; ``state_dict`` overrides the weights (EMA)."""
@@ -101,7 +89,9 @@ def save_expert(directory: str | Path, expert: DiffusionExpert, spec: dict, stat
                for k, v in state.items()}
     role = spec["role"]
     weights = directory / f"{role}.safetensors"
-    _atomic(weights, lambda tmp: save_file(tensors, tmp))
+    # Serialized in memory, then written atomically: a full disk gives a clear error (come_rl.io_utils.WriteError)
+    # naming the file and the bytes it needed, and leaves the previous file and no temporary file.
+    atomic_write_bytes(weights, save_safetensors(tensors))
     # The sum of the file as written (a spec copied from a loaded expert carries the old file's sum: replace it).
     atomic_write_text(directory / f"{role}.json", _recipe_text(_with_sha256(spec, sha256_file(weights))))
     return weights
@@ -214,7 +204,10 @@ def load_expert(directory: str | Path, role: str = "base", expect: dict | None =
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` to memory, then an atomic write (a full disk: a clear error, the old file intact)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(Path(path), buffer.getbuffer())
 
 
 def _expert_recipes(directory: Path) -> list[tuple[Path, Path]]:

@@ -9,9 +9,12 @@ uint8, nothing that needs pickle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,9 @@ def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
     """Write the run's settings (outside ``resume_free_keys``: those that change no episode) beside the records, or
     refuse a rerun whose settings differ from those the recorded episodes were run with. ``config``: a dataclass, or a
     JSON-able mapping (``come_rl.run`` passes its resolved configuration)."""
+    from come_rl.locks import hold_directory
+
+    hold_directory(out, "evaluation")  # one writer per results directory (come_rl.locks)
     items = config.items() if isinstance(config, Mapping) else dataclasses.asdict(config).items()
     settings = json.loads(json.dumps({k: v for k, v in items if k not in resume_free_keys}, allow_nan=True))
     path = Path(out) / RECORDS_DIR / "run_config.json"
@@ -57,3 +63,32 @@ def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, 
     atomic_save_npz(path, row=np.array(json.dumps(row, allow_nan=True)),
                     gif=np.stack(gif) if len(gif) else np.zeros((0,), np.uint8))
     return row, gif
+
+
+@contextlib.contextmanager
+def stop_with_resume_hint(out: str | Path) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM during an evaluation: the episode in progress is dropped (every finished one has its
+    record), a line says how to resume, and the process exits with 128 + the signal's number. Records are written
+    atomically, so a stop at any moment leaves whole records only."""
+    received = {"signal": signal.SIGINT}
+
+    def on_term(signum, frame):
+        received["signal"] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    except KeyboardInterrupt:
+        records = Path(out) / RECORDS_DIR
+        kept = len([p for p in records.iterdir() if p.suffix in (".npz", ".json") and p.name != "run_config.json"
+                    and not p.name.startswith(".")]) if records.is_dir() else 0
+        print(f"\nstopped by {received['signal'].name}: {kept} finished episode record(s) are kept in {records}; run "
+              f"the same command again to resume", file=sys.stderr)
+        raise SystemExit(128 + int(received["signal"])) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -7,9 +7,11 @@ either the old file or the new one, plus at worst a stray `*.tmp`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import shutil
 import pickle
 import tempfile
 from pathlib import Path
@@ -18,6 +20,37 @@ from typing import IO, Any
 import numpy as np
 
 PathLike = str | os.PathLike
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only or unwritable directory); the message names the path, what
+    it needed and the fix. The previous file at the path, if any, is intact and no temporary file is left."""
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def explain_write_error(path: PathLike, error: OSError, needed_bytes: int | None = None) -> OSError:
+    """``error`` from writing ``path`` as a :class:`WriteError` that says what went wrong and how to fix it (other
+    errors are returned unchanged)."""
+    reason = WRITE_ERRNOS.get(getattr(error, "errno", None))
+    if reason is None:
+        return error
+    destination = Path(path)
+    directory = destination.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    need = f"it needed {needed_bytes / 1e6:.2f} MB" if needed_bytes is not None else "it needed more"
+    have = f", {free / 1e6:.2f} MB are free there" if free is not None else ""
+    fix = ("free space on that disk or write elsewhere (another out_dir / out=)" if error.errno in (errno.ENOSPC,
+           errno.EDQUOT) else "make the directory writable or write elsewhere (another out_dir / out=)")
+    exists = "its previous content is intact" if destination.exists() else "nothing was written there"
+    return WriteError(error.errno, f"cannot write {destination}: {reason} ({need}{have}); {exists} and no temporary "
+                                   f"file is left; {fix}")
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
@@ -29,10 +62,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         raise TypeError(f"atomic_write_bytes expects bytes, got {type(data).__name__}; encode text first "
                         "or use atomic_write_text")
     destination = Path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the destination so that os.replace is a rename on one filesystem (atomic).
-    file_descriptor, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
-                                                  suffix=".tmp")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory as the destination so that os.replace is a rename on one filesystem (atomic).
+        file_descriptor, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                                      suffix=".tmp")
+    except OSError as error:
+        raise explain_write_error(destination, error, len(data)) from error
     try:
         # mkstemp creates 0600 files; keep the destination's mode, or use the usual 0644 for new files.
         os.chmod(temp_name, destination.stat().st_mode & 0o777 if destination.exists() else 0o644)
@@ -41,10 +77,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_name, destination)
-    except BaseException:
+    except BaseException as error:
         # Leave no stray temp file behind on failure; the destination keeps its old content.
         if os.path.exists(temp_name):
             os.unlink(temp_name)
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            raise explain_write_error(destination, error, len(data)) from error
         raise
     return destination
 

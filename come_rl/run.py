@@ -553,7 +553,10 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from come_rl.episode_records import stop_with_resume_hint
+
+    with stop_with_resume_hint(cfg.run.out_dir):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -428,7 +428,9 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     main = context.is_main
     out = Path(config.out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        from come_rl.locks import hold_directory
+
+        hold_directory(out, f"come_rl.train role={config.role}")  # one training run per out= (come_rl.locks)
         remove_stray_files(out, config.role)
     source = open_data_source(config.data, seed=config.seed, online_episodes=config.online_episodes)
     # Set once the input is known good: a refused call leaves the process's thread count alone (a test session that
@@ -517,7 +519,13 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     stream = BatchStream(source, rng, generator, config.batch_size, k + 2, config.pose_features,
                          lambda b, shape: draw_training_noise(b, shape, config.drop_prob, generator), workers=workers,
                          pin=device.type == "cuda")
+    stop = _GracefulStop()
     while elapsed < budget and step < config.steps:
+        # every rank stops at the same step: a signal seen by any rank stops all (one more small all-reduce)
+        if (_max_over_ranks(float(bool(stop.requested)), context, device) if context.world_size > 1
+                else bool(stop.requested)):
+            stop.requested = stop.requested or "a signal on another rank"
+            break
         t0 = time.time()
         batch, noise = stream.next()
         for group in optimizer.param_groups:
@@ -551,13 +559,51 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
             last_ckpt = time.time()
     bar.close()
     stream.sync()
+    stop.restore()
     if main:
         save()
         print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min, {n_params / 1e6:.2f}M parameters")
+    if stop.requested:
+        if main:
+            writer.close()
+            print(f"stopped by {stop.requested} at step {step}: the checkpoint is saved; run the same command again to "
+                  f"resume from step {step}", file=sys.stderr)
+        raise SystemExit(stop.exit_code or 130)
+    if main:
         if config.role == "base":
             _rollout_video(out, source, config, device, writer, step)
         writer.close()
     return TrainResult(out=out, expert=expert, step=step, context=context)
+
+
+class _GracefulStop:
+    """SIGINT (Ctrl-C) / SIGTERM (a scheduler's preemption) during training: the current step finishes, the checkpoint
+    is saved and the run exits with 128 + the signal's number and a line on how to resume. A second signal stops at
+    once (KeyboardInterrupt); every file is written atomically, so nothing is torn either way."""
+
+    def __init__(self):
+        import signal
+
+        self.requested, self.exit_code, self._previous = "", 0, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep the defaults
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.exit_code = signal.Signals(signum).name, 128 + signum
+        print(f"\n{self.requested}: finishing this step, saving the checkpoint (again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _tensorboard_writer(out: Path, role: str, step: int):

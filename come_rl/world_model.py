@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,11 +316,9 @@ class WorldModel:
             "memorize": dataclasses.asdict(self.memorize_config), "action_spec": dataclasses.asdict(self.action_spec),
             "frame_size": self.frame_shape[-1],
         }
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(settings, handle, indent=2)
-        os.replace(tmp, directory / "world_model.json")
+        from come_rl.io_utils import atomic_write_text
+
+        atomic_write_text(directory / "world_model.json", json.dumps(settings, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path, experts: list[str] | None = None, sampler: dict | None = None,

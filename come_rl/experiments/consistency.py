@@ -320,6 +320,9 @@ def run(config: ConsistencyConfig) -> list[dict]:
             raise ValueError(f"{out} holds a run with other settings {diff}; pick another out_dir or delete it")
     episodes = load_episodes(config)
     worker = ConsistencyWorker(config, names)
+    from come_rl.locks import hold_directory
+
+    hold_directory(out, "come_rl.experiments.consistency")  # one writer per results directory
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings_path, json.dumps(resumable, indent=1))
     rows, first_rollouts = [], None
@@ -355,8 +358,11 @@ def run(config: ConsistencyConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from come_rl.episode_records import stop_with_resume_hint
+
     config = parse_cli(sys.argv[1:] if argv is None else argv, ConsistencyConfig)
-    run(config)
+    with stop_with_resume_hint(config.out_dir):
+        run(config)
     print((Path(config.out_dir) / "consistency.md").read_text())
 
 
