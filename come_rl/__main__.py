@@ -17,6 +17,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("come_rl.bench", "benchmarks: world_model | memorize | planners | threads | long_episode | dit | decision"),
     ("come_rl.checkpoint", "sign | verify checkpoint directories (weight sums, formats, finiteness)"),
     ("come_rl.experiments.recall", "Memory Cards recall: does memorization change what the model imagines?"),
+    ("come_rl.experiments.consistency", "Memory Maze consistency (paper Table 1): imagined vs real frames, revisits apart"),
     ("agents.find_object", "Memory Cards: uncover the tile the world model imagines hides the goal object"),
     ("agents.find_object_tuning", "tune the find-the-object agent on its tuning seeds"),
     ("agents.return_to_place", "Memory Maze: return to a place seen earlier in the episode"),
