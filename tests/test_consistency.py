@@ -118,3 +118,25 @@ def test_rows_take_the_checkpoints_rule_and_naive_poe_is_plain():
     assert set(naive.alphas.values()) == {1.0} and not naive.normalize
     assert composition_for("copy_last", rule) is None
     assert json.dumps(ltm.active_from) == '{"ltm": 0.8}'
+
+
+def test_streaming_memorization_and_the_context_curve(tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    calls = []
+    original = WorldModel.memorize
+
+    def counting(self, *args, **kwargs):
+        calls.append((len(self.memory), kwargs.get("window")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorldModel, "memorize", counting)
+    common = dict(checkpoint=str(checkpoint), episodes=1, horizon=2, threads=1, compositions="base,ltm", seed=40000,
+                  memorize_steps=1)
+    run(ConsistencyConfig(**common, context=12, stream_chunk=4, out_dir=str(tmp_path / "stream")))
+    assert calls == [(4, 4), (8, 8), (12, 8)]  # a memorization per chunk, on the chunk and the frames before it
+    calls.clear()
+    curve = run(ConsistencyConfig(**common, contexts="6,9", out_dir=str(tmp_path / "curve")))
+    assert [(r["context"], r["composition"]) for r in curve] == [(6, "base"), (6, "ltm"), (9, "base"), (9, "ltm")]
+    assert calls == [(6, None), (9, None)]
+    assert (tmp_path / "curve" / "context_curve.png").stat().st_size > 0
+    assert (tmp_path / "curve" / "context_6" / "consistency.csv").exists()

@@ -82,6 +82,12 @@ class ConsistencyConfig:
     """overrides of the checkpoint's composition rule (CompositionConfig fields) that the named rows start from."""
     sampler_steps: int = 0
     """denoising steps per frame (0: the checkpoint's)."""
+    stream_chunk: int = 0
+    """> 0: streaming memorization (the paper's Figure 2): the LTM memorizes each chunk of this many frames as it is
+    observed (``memorize_steps`` steps per chunk, on the chunk and the frames just before it); 0: once, at the end."""
+    contexts: str = ""
+    """comma-separated context lengths (the paper's Figure 1): one run per length into ``out_dir/context_<n>``, then
+    ``context_curve.csv`` / ``.md`` / ``.png`` in ``out_dir``; empty: one run with ``context``."""
     revisit_distance: float = 0.5
     revisit_degrees: float = 45.0
     require_revisits: bool = False
@@ -140,6 +146,8 @@ def check_config(config: ConsistencyConfig, episode_steps: int | None = None) ->
     for key in ("episodes", "context", "horizon"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.stream_chunk < 0:
+        raise ValueError(f"stream_chunk must be >= 0 (0: memorize once at the end), got {config.stream_chunk}")
     if config.context < 3:
         raise ValueError(f"context must hold at least 3 frames (the base's context), got {config.context}")
     if episode_steps is not None and config.context + config.horizon > episode_steps + 1:
@@ -239,8 +247,12 @@ class ConsistencyWorker:
                         wm.observe(frames[t], actions[t - 1], pose=poses[t])
                 if "ltm" in composition.experts and not memorized:
                     steps = None if cfg.memorize_steps < 0 else cfg.memorize_steps
-                    stats = wm.memorize(steps=steps, generator=torch.Generator().manual_seed(cfg.seed * 1000 + index))
-                    memorized, memorize_seconds = True, round(float(stats["seconds"]), 2)
+                    generator = torch.Generator().manual_seed(cfg.seed * 1000 + index)
+                    if cfg.stream_chunk > 0:  # observe again, memorizing each chunk as it comes
+                        memorize_seconds = self._stream(frames, actions, poses, c, steps, generator)
+                    else:
+                        memorize_seconds = round(float(wm.memorize(steps=steps, generator=generator)["seconds"]), 2)
+                    memorized = True
                     start = time.time()  # the imagination's seconds, memorization reported apart
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
             per_frame = score_frames(imagined, real, self.lpips)
@@ -251,6 +263,21 @@ class ConsistencyWorker:
             rows.append(row)
             rollouts[name] = imagined
         return rows, rollouts
+
+
+    def _stream(self, frames, actions, poses, context: int, steps: int | None, generator) -> float:
+        """Observe ``frames[:context]`` in chunks of ``stream_chunk``, memorizing after each; the seconds spent."""
+        wm, chunk = self.wm, self.config.stream_chunk
+        wm.reset()
+        wm.observe(frames[0], pose=poses[0])
+        seconds = 0.0
+        for t in range(1, context):
+            wm.observe(frames[t], actions[t - 1], pose=poses[t])
+            if (t + 1) % chunk == 0 or t == context - 1:
+                window = min(len(wm.memory), chunk + wm.base.context_frames + 1)
+                if window >= wm.base.context_frames + 1:
+                    seconds += float(wm.memorize(steps=steps, generator=generator, window=window)["seconds"])
+        return round(seconds, 2)
 
 
 # ------------------------------------------------------------------------------------------------------- tables
@@ -303,9 +330,49 @@ def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -
     tmp.replace(path)
 
 
+def context_curve(config: ConsistencyConfig) -> list[dict]:
+    """One run per context length of ``config.contexts`` (into ``out_dir/context_<n>``); the curve of every row's
+    LPIPS (all frames and revisits) against the context length: ``context_curve.csv`` / ``.md`` / ``.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [int(x) for x in str(config.contexts).split(",") if x.strip()]
+    if not lengths or min(lengths) < 3:
+        raise ValueError(f"contexts={config.contexts!r}: give context lengths >= 3, e.g. contexts=50,100,200,400")
+    names = check_config(dataclasses.replace(config, context=max(lengths), contexts=""))
+    out = Path(config.out_dir)
+    curve = []
+    for length in lengths:
+        rows = run(dataclasses.replace(config, context=length, contexts="", out_dir=str(out / f"context_{length}")))
+        for summary in summary_rows(rows, names):
+            curve.append({"context": length, **summary})
+    write_table(out / "context_curve.csv", curve, md_path=out / "context_curve.md",
+                title=f"Consistency against the memorized context's length ({config.episodes} episodes, seeds "
+                      f"{config.seed}+, horizon {config.horizon}): `python -m come_rl.experiments.consistency "
+                      f"contexts={config.contexts} ...`")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, part in zip(axes, ("all", "revisit")):
+        for name in names:
+            points = [(r["context"], float(str(r[f"lpips_{part}"]).split()[0])) for r in curve if r["composition"] == name]
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xlabel("memorized context (frames)")
+        ax.set_ylabel(f"LPIPS, {part} frames")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / "context_curve.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out / "context_curve.png")
+    return curve
+
+
 def run(config: ConsistencyConfig) -> list[dict]:
     from come_rl.io_utils import atomic_save_npz
 
+    if config.contexts:
+        return context_curve(config)
     names = check_config(config)
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
@@ -363,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_cli(sys.argv[1:] if argv is None else argv, ConsistencyConfig)
     with stop_with_resume_hint(config.out_dir):
         run(config)
-    print((Path(config.out_dir) / "consistency.md").read_text())
+    print((Path(config.out_dir) / ("context_curve.md" if config.contexts else "consistency.md")).read_text())
 
 
 if __name__ == "__main__":
