@@ -45,6 +45,7 @@ from come_rl.io_utils import atomic_write_text
 from come_rl.results import write_table
 
 METRICS = ("lpips", "ssim", "psnr")
+SHORT_HORIZON = 8
 
 # Named rows: which experts, and how they compose ("checkpoint": the checkpoint's world_model.json rule restricted to
 # those experts; "naive": a plain product of the experts, every alpha 1, no contrast, unnormalised).
@@ -195,6 +196,8 @@ def episode_row(name: str, index: int, seed: int, per_frame: dict[str, np.ndarra
         values = per_frame[metric]
         row[f"{metric}_all"] = float(values.mean())
         row[f"{metric}_revisit"] = float(values[revisit].mean()) if revisit.any() else ""
+    # The first SHORT_HORIZON imagined frames alone: before an open-loop rollout drifts far from the real path.
+    row[f"lpips_first{SHORT_HORIZON}"] = float(per_frame["lpips"][:SHORT_HORIZON].mean())
     return row
 
 
@@ -299,10 +302,9 @@ def summary_rows(rows: list[dict], names: list[str]) -> list[dict]:
         mine = [r for r in rows if r["composition"] == name]
         summary = {"composition": name, "episodes": len(mine),
                    "revisit_frames": int(sum(int(r["revisit_frames"]) for r in mine))}
-        for metric in METRICS:
-            for part in ("all", "revisit"):
-                mean, half = mean_interval([r[f"{metric}_{part}"] for r in mine])
-                summary[f"{metric}_{part}"] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
+        for key in [f"{m}_{p}" for m in METRICS for p in ("all", "revisit")] + [f"lpips_first{SHORT_HORIZON}"]:
+            mean, half = mean_interval([r.get(key, "") for r in mine])
+            summary[key] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
         out.append(summary)
     return out
 
