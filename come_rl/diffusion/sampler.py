@@ -1,4 +1,5 @@
-"""DDIM / DDPM sampling over any denoiser (one expert or a composition), with an optional Langevin corrector.
+"""DDIM / DDPM sampling over any denoiser (one expert or a composition), with an optional Langevin corrector; and
+EDM-style Euler / Heun sampling of the probability-flow ODE on Karras et al.'s noise levels (``method=``).
 
 The sampler knows nothing of networks: it calls ``denoiser(x_t, t) -> eps`` (the contract of
 ``come_rl.interfaces.Denoiser``) and walks the noise schedule from t = 1 to t = 0.
@@ -15,6 +16,9 @@ from come_rl.diffusion.parametrization import _bcast, eps_to_x0
 from come_rl.diffusion.schedule import NoiseSchedule
 
 
+SAMPLER_METHODS = ("ddim", "euler", "heun")
+
+
 @dataclass
 class SamplerConfig:
     """How to sample.
@@ -25,6 +29,11 @@ class SamplerConfig:
         clip_x0: clamp the predicted clean sample to [-clip_x0, clip_x0] (frames live in [-1, 1]); 0 = off.
         langevin_steps: corrector steps after each predictor step (paper D.3; it found no gain).
         langevin_step_size: corrector step size as a fraction of sigma_t^2.
+        method: "ddim" (the default: DDIM / DDPM steps evenly spaced in t), "euler" or "heun": the probability-flow
+            ODE in the variance-exploding variable x / alpha with noise levels sigma = sigma_t / alpha_t spaced as
+            Karras et al. (2022, rho = 7) from the schedule's largest level to ``sigma_min``, then 0; Euler calls the
+            denoiser once per step, Heun twice (its second-order correction; none on the last step): 2 steps - 1 calls.
+        sigma_min: the smallest non-zero noise level of the euler / heun schedules (EDM: 0.002).
     """
 
     steps: int = 10
@@ -32,10 +41,18 @@ class SamplerConfig:
     clip_x0: float = 1.0
     langevin_steps: int = 0
     langevin_step_size: float = 0.1
+    method: str = "ddim"
+    sigma_min: float = 0.002
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampler steps must be an integer >= 1, got {self.steps!r}")
+        if self.method not in SAMPLER_METHODS:
+            raise ValueError(f"unknown sampler method {self.method!r}; choose one of {SAMPLER_METHODS}")
+        if self.method != "ddim" and (self.eta != 0.0 or self.langevin_steps):
+            raise ValueError(f"sampler method {self.method!r} is deterministic: eta and langevin_steps apply to ddim only")
+        if not self.sigma_min > 0:
+            raise ValueError(f"sigma_min must be > 0, got {self.sigma_min}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"sampler eta must be in [0, 1], got {self.eta}")
         if self.langevin_steps < 0:
@@ -68,6 +85,8 @@ def sample(
         device = x_init.device if x_init is not None else torch.device("cpu")
     device = torch.device(device)
     x = devices.randn(shape, generator, device) if x_init is None else x_init.to(device).clone()
+    if config.method != "ddim":
+        return _sample_ode(denoiser, x, schedule, config)
     batch = shape[0]
     times = torch.linspace(1.0, 0.0, config.steps + 1, device=device)
     for i in range(config.steps):
@@ -97,3 +116,59 @@ def sample(
             score = -denoiser(x, s) / _bcast(sigma_s, x)
             x = x + _bcast(delta, x) * score + _bcast((2 * delta).sqrt(), x) * devices.randn(shape, generator, device)
     return x
+
+
+def time_of_sigma(schedule: NoiseSchedule, sigma_ve: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+    """The time t in [0, 1] at which the schedule's sigma_t / alpha_t equals ``sigma_ve`` (bisection: any schedule
+    whose noise grows with t)."""
+    low, high = torch.zeros_like(sigma_ve), torch.ones_like(sigma_ve)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        alpha, sigma = schedule.alpha_sigma(mid)
+        above = sigma / alpha > sigma_ve
+        high, low = torch.where(above, mid, high), torch.where(above, low, mid)
+    return (low + high) / 2
+
+
+def karras_sigmas(schedule: NoiseSchedule, steps: int, sigma_min: float = 0.002, rho: float = 7.0) -> torch.Tensor:
+    """steps + 1 noise levels (variance-exploding sigma = sigma_t / alpha_t) from the schedule's largest to
+    ``sigma_min``, spaced as Karras et al. (2022), then 0."""
+    alpha, sigma = schedule.alpha_sigma(torch.ones(1, dtype=torch.float64))
+    sigma_max = float(sigma / alpha)
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (min(sigma_min, sigma_max) ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def _sample_ode(denoiser, x: torch.Tensor, schedule: NoiseSchedule, config: SamplerConfig) -> torch.Tensor:
+    """Euler / Heun on dy/dsigma = (y - D(y, sigma)) / sigma with y = x_t / alpha_t (EDM's ODE, Karras et al. 2022);
+    the first level is the schedule's t = 1, where x starts as pure noise."""
+    batch = x.shape[0]
+    sigmas = karras_sigmas(schedule, config.steps, config.sigma_min).to(x.device)
+    times = time_of_sigma(schedule, sigmas[:-1].float().clamp_max(float(sigmas[0])))
+    times[0] = 1.0
+
+    def denoised(y: torch.Tensor, index: int) -> torch.Tensor:
+        t = times[index].expand(batch)
+        alpha, sigma = schedule.alpha_sigma(t)
+        x_t = _bcast(alpha, y) * y
+        x0 = eps_to_x0(denoiser(x_t, t), x_t, alpha, sigma)
+        return x0.clamp(-config.clip_x0, config.clip_x0) if config.clip_x0 > 0 else x0
+
+    alpha_1, _ = schedule.alpha_sigma(times[:1])
+    y = x / alpha_1.to(x.dtype)
+    for i in range(config.steps):
+        s_now, s_next = sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype)
+        d_now = denoised(y, i)
+        if s_next == 0:
+            y = d_now
+            break
+        slope = (y - d_now) / s_now
+        y_next = y + (s_next - s_now) * slope
+        if config.method == "heun":
+            slope_next = (y_next - denoised(y_next, i + 1)) / s_next
+            y_next = y + (s_next - s_now) * (slope + slope_next) / 2
+        y = y_next
+    return y
