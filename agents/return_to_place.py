@@ -33,7 +33,9 @@ row, which the table title says), ``oracle`` (knows the goal position and the la
 path: the ceiling of the task under the budget, so a low number of a world-model agent is the model's or the
 planner's, not the task's), ``exact`` (the ``base`` agent's planner and objective with the simulator as the world
 model, ``envs.memory_maze.MazeSimulatorModel``: imagination is exact, so its rate bounds what any learned model can
-give this planner and objective).
+give this planner and objective), ``exact_path`` (the simulator with a place-aware objective,
+``planners.objectives.PathObjective``: the waypoint 4 poses ahead on the memorized exploration path back to the goal's
+place; it separates what the LPIPS objective costs from what the horizon costs).
 
 Metrics (``results/return_to_place/``: ``episodes.csv``/``.md``, ``summary.csv``/``.md``, ``success.png``, one success
 and one failure GIF per agent, ``<agent>_success.gif`` / ``<agent>_failure.gif``: real | imagined | goal, exploration
@@ -69,7 +71,7 @@ from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.conventions import wrap_angle
 
-AGENTS = ("random", "base", "ltm", "come", "exact", "oracle")
+AGENTS = ("random", "base", "ltm", "come", "exact", "exact_path", "oracle")
 WORLD_MODEL_AGENTS = ("base", "ltm", "come")
 # The egocentric camera's vertical field of view is 80 degrees (dm_control's jumping_ball.xml) on a square image, so
 # +-40 degrees horizontally; the "in view" cone is wider by 20 degrees so that a goal at its edge counts as visible.
@@ -292,7 +294,7 @@ class WorldModelReturnAgent:
     """
 
     def __init__(self, name: str, world_model, horizon: int = 4, replan_every: int = 2, population: int = 24,
-                 elites: int = 4, iterations: int = 1, memorize_steps: int = 25):
+                 elites: int = 4, iterations: int = 1, memorize_steps: int = 25, objective: str = "lpips"):
         from agents.mpc import MPCAgent
         from planners.cem import CEMPlanner
         from planners.objectives import LPIPSGoalObjective
@@ -303,6 +305,10 @@ class WorldModelReturnAgent:
         composition = getattr(world_model, "composition", None)
         self.experts = "+".join(composition.experts) if composition is not None else world_model.label
         planner = CEMPlanner(population=population, elites=elites, iterations=iterations, warm_start_shift=replan_every)
+        if objective not in ("lpips", "path"):
+            raise ValueError(f"objective must be 'lpips' (to the goal view) or 'path' (along the memorized path to the "
+                             f"goal's place), got {objective!r}")
+        self.objective = objective
         self.mpc = MPCAgent(world_model, planner, functools.partial(LPIPSGoalObjective, repeats=1), horizon=horizon,
                             replan_every=replan_every)
         self.replanned, self.last_plan_seconds = False, 0.0
@@ -319,6 +325,10 @@ class WorldModelReturnAgent:
             start = time.perf_counter()
             wm.memorize(steps=self.memorize_steps, generator=torch_generator(seeds.memorize))
             memorize_seconds = time.perf_counter() - start
+        if self.objective == "path":  # the memorized way back: exploration poses from here to the goal's place
+            from planners.objectives import PathObjective
+
+            self.mpc.objective_factory = functools.partial(PathObjective, path=task.return_reference, lookahead=4)
         self.mpc.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
         self.gif_generator = torch_generator(seeds.rollout_gif)
         self._plan_frames: list[np.ndarray] = []
@@ -484,13 +494,14 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
         return RandomAgent()
     if name == "oracle":
         return OracleAgent()
-    if name == "exact":  # the same planner and objective on the simulator itself (envs.memory_maze.MazeSimulatorModel)
+    if name in ("exact", "exact_path"):  # the same planner on the simulator (envs.memory_maze.MazeSimulatorModel)
         from envs.memory_maze import MazeSimulatorModel
 
         if env is None:
             raise ValueError("the exact-model agent imagines with the env it acts in: pass env=")
         return WorldModelReturnAgent(name, MazeSimulatorModel(env), config.horizon, config.replan_every,
-                                     config.population, config.elites, config.iterations, 0)
+                                     config.population, config.elites, config.iterations, 0,
+                                     objective="path" if name == "exact_path" else "lpips")
     from come_rl.world_model import WorldModel
 
     wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})

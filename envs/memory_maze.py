@@ -332,7 +332,9 @@ class MazeSimulatorModel:
     the planner compares, since targets respawn only on contact.
 
     Implements what planners and agents use of a world model: ``action_spec``, ``frame_shape``, ``reset``,
-    ``observe`` and ``memorize`` (no-ops: the simulator needs no memory) and ``imagine``.
+    ``observe`` and ``memorize`` (no-ops: the simulator needs no memory) and ``imagine``; after each ``imagine``,
+    ``last_poses`` (B, H, 3) holds the pose of every imagined frame, and ``current_pose()`` the agent's pose now (what
+    a place-aware objective, ``planners.objectives.PathObjective``, reads).
     """
 
     label = "simulator"
@@ -344,15 +346,24 @@ class MazeSimulatorModel:
         self.action_spec = env.action_spec
         self.frame_shape = (3, env.image_size, env.image_size)
         self.last_network_calls = 0
+        self.last_poses = None
+        self._last_pose: np.ndarray | None = None
 
     def reset(self) -> None:
         pass
+
+    def current_pose(self) -> np.ndarray:
+        """(x, y, yaw) of the agent now: the pose last given to ``observe``."""
+        if self._last_pose is None:
+            raise RuntimeError("no pose observed yet: observe(frame, action, pose) the agent's frames")
+        return self._last_pose
 
     def begin_segment(self) -> None:
         pass
 
     def observe(self, frame, action=None, pose=None) -> None:
-        pass
+        if pose is not None:
+            self._last_pose = np.asarray(pose, np.float32)
 
     def memorize(self, steps: int | None = None, generator=None, **overrides) -> dict:
         return {"steps": 0, "seconds": 0.0, "note": "the simulator needs no memory"}
@@ -394,11 +405,13 @@ class MazeSimulatorModel:
         randoms = [(r, r.get_state()) for r in self._random_states()]
         steps, last_image = env._steps, env._last_image
         frames = np.empty((*actions.shape[:2], env.image_size, env.image_size, 3), np.uint8)
+        poses = np.empty((*actions.shape[:2], 3), np.float32)
         try:
             for b, plan in enumerate(actions):
                 for h, action in enumerate(plan):
                     time_step = env._task.step(int(self.action_spec.decode(action)))
                     frames[b, h] = time_step.observation["image"]
+                    poses[b, h] = env._info(time_step.observation)["pose"]
                 with physics.reset_context():
                     physics.set_state(state)
                     physics.data.time = time0
@@ -411,4 +424,5 @@ class MazeSimulatorModel:
             for r, saved in randoms:
                 r.set_state(saved)
             env._steps, env._last_image = steps, last_image
+        self.last_poses = torch.from_numpy(poses)
         return frames_to_tensor(frames.reshape(-1, *frames.shape[2:])).reshape(*actions.shape[:2], *self.frame_shape)

@@ -146,6 +146,67 @@ class PixelGoalObjective(_GoalObjective):
         return self._average_repeats(distances, actions.shape[0])
 
 
+class PathObjective:
+    """Goal scoring that knows places: follow a memorized path to the goal's place, one waypoint at a time.
+
+    ``path`` (N, 3) is a sequence of poses that ends at the goal's place, e.g. the exploration the agent memorized,
+    from where it is now back to where it saw the goal view (``agents.return_to_place``'s ``return_reference``). At
+    every call the waypoint is the path pose ``lookahead`` entries after the path pose nearest the agent's current
+    position (``world_model.current_pose()``), and a candidate scores minus the distance of its imagined final
+    position to that waypoint (``world_model.last_poses``, filled by ``imagine``), minus ``lpips_weight`` times the
+    LPIPS of its last imagined frame to the goal view (the last-metre term; 0 switches it off). The world model must
+    report imagined poses: the simulator does (``envs.memory_maze.MazeSimulatorModel``); a learned model needs a pose
+    head.
+    """
+
+    def __init__(self, world_model, goal_frame: Any, path, lookahead: int = 4, lpips_weight: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        path = np.asarray(path, dtype=np.float64)
+        if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
+            raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
+        if isinstance(lookahead, bool) or int(lookahead) < 1:
+            raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+        for name in ("current_pose", "imagine"):
+            if not callable(getattr(world_model, name, None)):
+                raise ValueError(f"PathObjective needs a world model that reports poses ({name}() is missing): the "
+                                 "simulator (envs.memory_maze.MazeSimulatorModel) or a model with a pose head")
+        self.world_model, self.path, self.lookahead = world_model, path, int(lookahead)
+        self.goal = frame_to_tensor(goal_frame)
+        self.lpips_weight, self.generator = float(lpips_weight), generator
+        self.lpips = None
+        if self.lpips_weight:
+            from come_rl.metrics.lpips_metric import get_lpips
+
+            self.lpips = get_lpips(device=getattr(world_model, "device", "cpu"))
+        self.timings = {"imagine_s": 0.0, "score_s": 0.0, "calls": 0, "candidates": 0}
+
+    def waypoint(self) -> np.ndarray:
+        position = np.asarray(self.world_model.current_pose(), np.float64)[:2]
+        nearest = int(np.argmin(np.linalg.norm(self.path[:, :2] - position, axis=1)))
+        return self.path[min(nearest + self.lookahead, len(self.path) - 1)]
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        target = self.waypoint()
+        with torch.no_grad():
+            frames = self.world_model.imagine(actions, generator=self.generator)
+        self.timings["imagine_s"] += time.perf_counter() - start
+        self.timings["calls"] += 1
+        self.timings["candidates"] += int(actions.shape[0])
+        poses = getattr(self.world_model, "last_poses", None)
+        if poses is None:
+            raise ValueError("the world model's imagine() reported no poses (last_poses); PathObjective needs them")
+        start = time.perf_counter()
+        final = torch.as_tensor(np.asarray(poses), dtype=torch.float64)[:, -1, :2]
+        scores = -torch.linalg.norm(final - torch.as_tensor(target[:2]), dim=1)
+        if self.lpips is not None:
+            with torch.no_grad():
+                last = frames[:, -1].to(torch.float32)
+                scores = scores - self.lpips_weight * self.lpips(last, self.goal.unsqueeze(0).expand_as(last)).double()
+        self.timings["score_s"] += time.perf_counter() - start
+        return scores.float()
+
+
 class CallableObjective:
     """Wrap any ``fn(actions (batch, horizon, action_dim)) -> scores (batch,)`` (numpy or torch).
 

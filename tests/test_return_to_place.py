@@ -202,3 +202,33 @@ def test_the_exact_agent_imagines_what_then_happens(tmp_path):
     episodes = read_rows(tmp_path / "episodes.csv")[1]
     assert episodes[0]["experts"] == "simulator" and int(episodes[0]["decisions"]) == 2
     assert float(episodes[0]["lpips_imagined_real"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_place_objective_prefers_the_rollout_that_reaches_the_waypoint():
+    from envs.memory_maze import MazeSimulatorModel
+    from planners.objectives import PathObjective
+
+    env = MemoryMazeEnv()
+    frame, info = env.reset(seed=11)
+    model = MazeSimulatorModel(env)
+    model.observe(frame, None, info["pose"])
+    start = np.asarray(info["pose"], np.float64)
+    heading = np.array([np.cos(start[2]), np.sin(start[2])])
+    # A path straight ahead of the agent: its waypoint lies in front, so going forward must beat turning away.
+    path = np.stack([np.r_[start[:2] + heading * 0.1 * k, start[2]] for k in range(12)])
+    objective = PathObjective(model, frame, path, lookahead=4)
+    plans = torch.zeros(2, 4, 6)
+    plans[0, :, FORWARD] = 1
+    plans[1, :, TURN_LEFT] = 1
+    scores = objective(plans)
+    assert scores[0] > scores[1]
+    assert model.last_poses.shape == (2, 4, 3)
+    with pytest.raises(ValueError, match="path must be finite"):
+        PathObjective(model, frame, np.zeros((3, 2)))
+
+
+def test_the_exact_model_with_the_place_objective_reaches_the_goal(tmp_path):
+    config = ReturnConfig(agents="exact_path", episodes=1, population=8, elites=2, threads=1, lpips_metric=False,
+                          gifs=False, out_dir=str(tmp_path))
+    rows = evaluate(config, progress=False)
+    assert rows[0]["agent"] == "exact_path" and rows[0]["successes"] == 1, rows
