@@ -34,8 +34,8 @@ path: the ceiling of the task under the budget, so a low number of a world-model
 planner's, not the task's), ``exact`` (the ``base`` agent's planner and objective with the simulator as the world
 model, ``envs.memory_maze.MazeSimulatorModel``: imagination is exact, so its rate bounds what any learned model can
 give this planner and objective), ``exact_path`` (the simulator with a place-aware objective,
-``planners.objectives.PathObjective``: the waypoint 4 poses ahead on the memorized exploration path back to the goal's
-place; it separates what the LPIPS objective costs from what the horizon costs).
+``planners.objectives.PathObjective``: the waypoint 1 cell ahead along the memorized exploration path back to the
+goal's place; it separates what the LPIPS objective costs from what the horizon costs).
 
 Metrics (``results/return_to_place/``: ``episodes.csv``/``.md``, ``summary.csv``/``.md``, ``success.png``, one success
 and one failure GIF per agent, ``<agent>_success.gif`` / ``<agent>_failure.gif``: real | imagined | goal, exploration
@@ -328,7 +328,7 @@ class WorldModelReturnAgent:
         if self.objective == "path":  # the memorized way back: exploration poses from here to the goal's place
             from planners.objectives import PathObjective
 
-            self.mpc.objective_factory = functools.partial(PathObjective, path=task.return_reference, lookahead=4)
+            self.mpc.objective_factory = functools.partial(PathObjective, path=task.return_reference, lookahead=1.0)
         self.mpc.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
         self.gif_generator = torch_generator(seeds.rollout_gif)
         self._plan_frames: list[np.ndarray] = []

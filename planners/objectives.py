@@ -151,26 +151,29 @@ class PathObjective:
 
     ``path`` (N, 3) is a sequence of poses that ends at the goal's place, e.g. the exploration the agent memorized,
     from where it is now back to where it saw the goal view (``agents.return_to_place``'s ``return_reference``). At
-    every call the waypoint is the path pose ``lookahead`` entries after the path pose nearest the agent's current
-    position (``world_model.current_pose()``), and a candidate scores minus the distance of its imagined final
+    every call the waypoint is the first path pose at least ``lookahead`` maze cells further along the path (by arc
+    length; an exploration turns in place for many steps) than the path pose nearest the agent's current position
+    (``world_model.current_pose()``), the path's end if none is, and a candidate scores minus the distance of its imagined final
     position to that waypoint (``world_model.last_poses``, filled by ``imagine``), minus ``lpips_weight`` times the
     LPIPS of its last imagined frame to the goal view (the last-metre term; 0 switches it off). The world model must
     report imagined poses: the simulator does (``envs.memory_maze.MazeSimulatorModel``); a learned model needs a pose
     head.
     """
 
-    def __init__(self, world_model, goal_frame: Any, path, lookahead: int = 4, lpips_weight: float = 0.0,
+    def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  generator: torch.Generator | None = None) -> None:
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
-        if isinstance(lookahead, bool) or int(lookahead) < 1:
-            raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+        if isinstance(lookahead, bool) or not float(lookahead) > 0:
+            raise ValueError(f"lookahead must be a distance > 0 (maze cells), got {lookahead!r}")
         for name in ("current_pose", "imagine"):
             if not callable(getattr(world_model, name, None)):
                 raise ValueError(f"PathObjective needs a world model that reports poses ({name}() is missing): the "
                                  "simulator (envs.memory_maze.MazeSimulatorModel) or a model with a pose head")
-        self.world_model, self.path, self.lookahead = world_model, path, int(lookahead)
+        self.world_model, self.path, self.lookahead = world_model, path, float(lookahead)
+        steps = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
+        self.arc = np.concatenate([[0.0], np.cumsum(steps)])  # path length up to each pose
         self.goal = frame_to_tensor(goal_frame)
         self.lpips_weight, self.generator = float(lpips_weight), generator
         self.lpips = None
@@ -183,7 +186,8 @@ class PathObjective:
     def waypoint(self) -> np.ndarray:
         position = np.asarray(self.world_model.current_pose(), np.float64)[:2]
         nearest = int(np.argmin(np.linalg.norm(self.path[:, :2] - position, axis=1)))
-        return self.path[min(nearest + self.lookahead, len(self.path) - 1)]
+        ahead = np.nonzero(self.arc >= self.arc[nearest] + self.lookahead)[0]
+        return self.path[ahead[0]] if len(ahead) else self.path[-1]
 
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()

@@ -216,7 +216,7 @@ def test_the_place_objective_prefers_the_rollout_that_reaches_the_waypoint():
     heading = np.array([np.cos(start[2]), np.sin(start[2])])
     # A path straight ahead of the agent: its waypoint lies in front, so going forward must beat turning away.
     path = np.stack([np.r_[start[:2] + heading * 0.1 * k, start[2]] for k in range(12)])
-    objective = PathObjective(model, frame, path, lookahead=4)
+    objective = PathObjective(model, frame, path, lookahead=0.4)
     plans = torch.zeros(2, 4, 6)
     plans[0, :, FORWARD] = 1
     plans[1, :, TURN_LEFT] = 1
