@@ -336,6 +336,11 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
         raise ValueError(f"init_from={source} outputs {donor.prediction} but this expert is trained to output "
                          f"{expert.prediction}; pass prediction={donor.prediction} or another checkpoint")
     mine, theirs = expert.backbone.state_dict(), donor.backbone.state_dict()
+    has_warp = getattr(expert.backbone, "warp", None) is not None
+    donor_warp = getattr(donor.backbone, "warp", None) is not None
+    # Frame inputs of the context convolution: the context frames, plus the warped frame when both have a motion prior.
+    mine_inputs = expert.context_frames + (1 if has_warp and donor_warp else 0)
+    their_inputs = donor.context_frames + (1 if has_warp and donor_warp else 0)
     copied, widened, zeroed, kept, initialised = 0, [], [], [], []
     with torch.no_grad():
         for name, tensor in mine.items():
@@ -356,9 +361,10 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
             elif (name in theirs and tensor.dim() == 4 and theirs[name].dim() == 4
                   and theirs[name].shape[0] == tensor.shape[0] and theirs[name].shape[2:] == tensor.shape[2:]
                   and tensor.shape[1] > theirs[name].shape[1]
-                  and tensor.shape[1] % expert.context_frames == 0
-                  and theirs[name].shape[1] % donor.context_frames == 0
-                  and tensor.shape[1] // expert.context_frames == theirs[name].shape[1] // donor.context_frames):
+                  and tensor.shape[1] % mine_inputs == 0 and theirs[name].shape[1] % their_inputs == 0
+                  and tensor.shape[1] // mine_inputs == theirs[name].shape[1] // their_inputs):
+                # Inputs are frame-major (oldest context frame first, the warped frame last when both have one), so
+                # the source's inputs land on the newest frames (and the warped frame) and the older ones start at 0.
                 tensor.zero_()
                 tensor[:, -theirs[name].shape[1]:] = theirs[name].to(tensor.dtype)  # the newest frames
                 widened.append(name)

@@ -88,3 +88,29 @@ def test_a_warp_expert_warm_started_from_a_plain_one_begins_as_it(tmp_path):
         got = expert.predict_eps(expert.prepare(frames[:, :3], actions), x_t, t)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert any(p.abs().sum() > 0 for n, p in expert.backbone.named_parameters() if n.startswith("warp.net.0"))
+
+
+def test_a_longer_context_warp_expert_warm_started_from_a_warp_base_begins_as_it(tmp_path):
+    """The maze STM: a motion-prior expert over 8 context frames, warm-started from a 3-frame motion-prior base,
+    predicts exactly what the base predicts from the newest 3 frames (the source's warped-frame input stays last)."""
+    from come_rl.checkpoint import expert_spec, save_expert
+    from come_rl.train import TrainConfig, build_expert, warm_start
+
+    torch.manual_seed(0)
+    donor = DiffusionExpert(VideoUNet(UNetConfig(**CFG)), CosineSchedule(), target="residual", prediction="x0")
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_expert(tmp_path, donor, expert_spec(donor, "unet", CFG, extra={"frame_size": 32}))
+    config = TrainConfig(model="unet", role="stm", target="residual", prediction="x0",
+                         backbone_overrides=dict(CFG, frame_size=32, action_dim=6, context_frames=8))
+    expert, _, _ = build_expert(config, 6, 32)
+    assert "widened to 8 context frames (in_context.weight)" in warm_start(expert, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    frames = torch.rand(2, 9, 3, 32, 32, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
+    x_t, t = torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+    with torch.no_grad():
+        want = donor.predict_eps(donor.prepare(frames[:, 5:8], actions[:, 5:]), x_t, t)
+        got = expert.predict_eps(expert.prepare(frames[:, :8], actions), x_t, t)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want.abs().mean() > 0.05
