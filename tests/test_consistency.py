@@ -67,6 +67,56 @@ def tiny_checkpoint(directory):
     return directory
 
 
+def tiny_come_checkpoint(directory):
+    """A tiny maze world model with all four experts: base, STM (6 context frames), an SLTM on absolute poses that
+    memorizes the episode (sltm_memorizes) and the LTM."""
+    def expert(role, **extra):
+        config = dict(TINY, **extra)
+        made = DiffusionExpert(VideoUNet(UNetConfig(**config)), CosineSchedule(), target="full", prediction="x0",
+                               uses_poses="pose_dim" in extra)
+        torch.nn.init.normal_(made.backbone.out_conv.weight, std=0.02)
+        if made.backbone.pose_embed is not None:
+            torch.nn.init.normal_(made.backbone.pose_embed.weight, std=0.5)
+        made.spec = expert_spec(made, "unet", config, extra={"action_spec": {"kind": "discrete", "dim": 6},
+                                                             "frame_size": 64, "role": role})
+        return made.eval()
+
+    torch.manual_seed(0)
+    rule = CompositionConfig(experts=["base", "ltm", "stm", "sltm"], alphas={"base": 1.0, "ltm": 4.0, "stm": 2.0,
+                                                                             "sltm": 2.0},
+                             active_from={"ltm": 0.5}, active_below={"stm": 0.8}, pairwise=True, sltm_memorizes=True)
+    wm = WorldModel(expert("base"), ActionSpec.discrete(6), 64, stm=expert("stm", context_frames=6),
+                    sltm=expert("sltm", pose_dim=4), composition=rule, sampler=SamplerConfig(steps=2),
+                    memorize_config=MemorizeConfig(method="full", steps=2, batch_size=2))
+    wm.save(directory)
+    return directory
+
+
+def test_every_expert_loads_and_composes_in_the_consistency_table(tmp_path):
+    """Rows with the STM, the memorizing SLTM (fed the recorded poses of the imagined frames) and CoME run; each
+    expert changes the rollout; the SLTM row memorizes (its seconds are reported)."""
+    from come_rl.experiments.consistency import RecordedPoses
+
+    checkpoint = tiny_come_checkpoint(tmp_path / "ckpt")
+    names = ["copy_last", "base", "stm", "sltm", "come", "naive_poe"]
+    rows = run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
+                                 compositions=",".join(names), out_dir=str(tmp_path / "out"), seed=40000, gif=False))
+    by_name = {row["composition"]: row for row in rows}
+    assert list(by_name) == names
+    lpips = {name: row["lpips_all"] for name, row in by_name.items()}
+    assert len(set(lpips.values())) == len(names), lpips  # every expert changes what is imagined
+    assert by_name["sltm"]["memorize_seconds"] > 0 and by_name["stm"]["memorize_seconds"] == 0.0
+    # The recorded poses come out in order, one per imagined frame, and never more than were recorded.
+    replay = RecordedPoses(np.array([[1.0, 2.0, 0.1], [1.5, 2.0, 0.2]]))
+    first = replay(torch.zeros(4, 3), torch.zeros(4, 6))
+    assert first.shape == (4, 3) and torch.allclose(first[2], torch.tensor([1.0, 2.0, 0.1]))
+    assert torch.allclose(replay(first, torch.zeros(4, 6))[0], torch.tensor([1.5, 2.0, 0.2]))
+    with pytest.raises(IndexError, match="holds 2 poses"):
+        replay(first, torch.zeros(4, 6))
+    replay.rewind()
+    assert torch.allclose(replay(first, torch.zeros(4, 6))[0], torch.tensor([1.0, 2.0, 0.1]))
+
+
 def test_the_consistency_command_writes_its_table(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt")
     config = ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,

@@ -133,7 +133,8 @@ def composition_for(name: str, checkpoint_rule: CompositionConfig) -> Compositio
         return None
     if kind == "naive":
         return CompositionConfig(experts=list(experts), alphas={role: 1.0 for role in experts},
-                                 weights={role: 1.0 for role in experts}, normalize=False, ltm_baseline="none")
+                                 weights={role: 1.0 for role in experts}, normalize=False,
+                                 ltm_baseline="unconditional")
     rule = dataclasses.asdict(checkpoint_rule)
     rule["experts"] = list(experts)
     for key in ("active_from", "active_below"):  # gates of experts this row leaves out do not apply
@@ -201,6 +202,26 @@ def episode_row(name: str, index: int, seed: int, per_frame: dict[str, np.ndarra
     return row
 
 
+class RecordedPoses:
+    """The SLTM's pose model here: the recorded poses of the imagined frames, in order (the paper's SLTM reads absolute
+    poses that its encoder infers from the recorded relative motion; the real actions are replayed, so their real poses
+    are what such an encoder would aim at). Call ``rewind()`` before each rollout."""
+
+    def __init__(self, poses: np.ndarray):
+        self.poses = torch.as_tensor(np.asarray(poses, dtype=np.float32))
+        self.step = 0
+
+    def rewind(self) -> None:
+        self.step = 0
+
+    def __call__(self, poses: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        if self.step >= len(self.poses):
+            raise IndexError(f"RecordedPoses holds {len(self.poses)} poses; the rollout asked for more")
+        pose = self.poses[self.step].to(poses.device, poses.dtype)
+        self.step += 1
+        return pose.expand(poses.shape[0], 3).clone()
+
+
 class ConsistencyWorker:
     """Loads the world model once; ``run(episode)`` scores every row on one episode (memorizing once)."""
 
@@ -248,7 +269,7 @@ class ConsistencyWorker:
                     wm.observe(frames[0], pose=poses[0])
                     for t in range(1, c):
                         wm.observe(frames[t], actions[t - 1], pose=poses[t])
-                if "ltm" in composition.experts and not memorized:
+                if self._memorizes(composition) and not memorized:
                     steps = None if cfg.memorize_steps < 0 else cfg.memorize_steps
                     generator = torch.Generator().manual_seed(cfg.seed * 1000 + index)
                     if cfg.stream_chunk > 0:  # observe again, memorizing each chunk as it comes
@@ -257,16 +278,24 @@ class ConsistencyWorker:
                         memorize_seconds = round(float(wm.memorize(steps=steps, generator=generator)["seconds"]), 2)
                     memorized = True
                     start = time.time()  # the imagination's seconds, memorization reported apart
+                wm.pose_model = RecordedPoses(poses[c:c + h])
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
             per_frame = score_frames(imagined, real, self.lpips)
             row = episode_row(name, index, episode["seed"], per_frame, revisit)
             row["lpips_per_frame"] = " ".join(f"{v:.4f}" for v in per_frame["lpips"])
             row["seconds"] = round(time.time() - start, 2)
-            row["memorize_seconds"] = memorize_seconds if composition is not None and "ltm" in composition.experts else 0.0
+            row["memorize_seconds"] = memorize_seconds if composition is not None and self._memorizes(composition) else 0.0
             rows.append(row)
             rollouts[name] = imagined
         return rows, rollouts
 
+
+    def _memorizes(self, composition: CompositionConfig) -> bool:
+        """Whether a row uses an expert that memorizes the episode: the LTM, or an SLTM with ``sltm_memorizes``."""
+        from come_rl.experts.long_term import LongTermMemoryExpert
+
+        return "ltm" in composition.experts or ("sltm" in composition.experts
+                                                and isinstance(self.wm.sltm, LongTermMemoryExpert))
 
     def _stream(self, frames, actions, poses, context: int, steps: int | None, generator) -> float:
         """Observe ``frames[:context]`` in chunks of ``stream_chunk``, memorizing after each; the seconds spent."""
