@@ -122,6 +122,7 @@ def test_the_command_line_reports_bad_input(tmp_path):
         main(["episode=3"])
 
 
+@pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it
 def test_ray_backend_gives_the_local_rows(tmp_path):
     """Episodes fanned out over 2 Ray actors (a local 2-CPU cluster) give the same rows as the local run."""
     pytest.importorskip("ray")

@@ -94,6 +94,11 @@ class ConsistencyConfig:
     require_revisits: bool = False
     """refuse an episode whose horizon has no revisit frame (otherwise its revisit columns are empty)."""
     threads: int = 2
+    """torch threads (per worker with backend=ray)."""
+    backend: str = "local"
+    """local | ray: episodes fanned out over ``workers`` Ray actors (each loads the model once); the rows do not
+    depend on the backend (every episode seeds its own adapters, memorization and sampling)."""
+    workers: int = 1
     device: str = "auto"
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (memorization and sampling under autocast)."""
@@ -246,8 +251,17 @@ class ConsistencyWorker:
         self.rule = self.wm.composition
         self.lpips = get_lpips(device=self.wm.device)
 
-    def run(self, index: int, episode: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
+    def run(self, task: tuple[int, dict]) -> tuple[int, list[dict], dict[str, np.ndarray]]:
+        """One (index, episode) task: (index, rows, rollouts)."""
+        index, episode = task
+        rows, rollouts = self.run_episode(index, episode)
+        return index, rows, rollouts
+
+    def run_episode(self, index: int, episode: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
         cfg, wm = self.config, self.wm
+        # The adapters' re-initialisation draws from torch's global generator: seeded per episode, an episode's rows do
+        # not depend on which episodes ran before it, on which worker, or whether the run was resumed.
+        torch.manual_seed(cfg.seed * 1000 + index)
         frames, actions, poses = episode["frames"], episode["actions"], episode["poses"]
         c, h = cfg.context, cfg.horizon
         real = frames[c:c + h]
@@ -410,31 +424,36 @@ def run(config: ConsistencyConfig) -> list[dict]:
     records = out / "episode_records"
     settings = dataclasses.asdict(config)
     settings_path = out / "consistency_config.json"
-    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif")}
+    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif", "backend", "workers")}
     if settings_path.exists():
         before = json.loads(settings_path.read_text())
         if before != resumable:
             diff = {k: (before.get(k), v) for k, v in resumable.items() if before.get(k) != v}
             raise ValueError(f"{out} holds a run with other settings {diff}; pick another out_dir or delete it")
+    from come_rl.fanout import check_backend, iter_tasks
+
+    check_backend(config.backend, config.workers)
     episodes = load_episodes(config)
-    worker = ConsistencyWorker(config, names)
+    local = ConsistencyWorker(config, names)  # a missing expert is refused here, before any work
+    factory, factory_args = ((lambda: local), ()) if config.backend == "local" else (ConsistencyWorker, (config, names))
     from come_rl.locks import hold_directory
 
     hold_directory(out, "come_rl.experiments.consistency")  # one writer per results directory
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings_path, json.dumps(resumable, indent=1))
-    rows, first_rollouts = [], None
-    for index, episode in enumerate(tqdm(episodes, desc="consistency episodes")):
-        record = records / f"episode_{index}.json"
-        if record.exists():
-            rows += json.loads(record.read_text())
-            continue
-        episode_rows, rollouts = worker.run(index, episode)
-        atomic_write_text(record, json.dumps(episode_rows))
-        rows += episode_rows
+    done = {index: json.loads((records / f"episode_{index}.json").read_text()) for index in range(len(episodes))
+            if (records / f"episode_{index}.json").exists()}
+    todo = [(index, episode) for index, episode in enumerate(episodes) if index not in done]
+    first_rollouts = None
+    for index, episode_rows, rollouts in iter_tasks(factory, factory_args, todo, backend=config.backend,
+                                                    workers=config.workers, threads=config.threads,
+                                                    desc="consistency episodes"):
+        atomic_write_text(records / f"episode_{index}.json", json.dumps(episode_rows))
+        done[index] = episode_rows
         if index == 0:
             first_rollouts = rollouts
             atomic_save_npz(records / "rollouts_0.npz", **rollouts)
+    rows = [row for index in sorted(done) for row in done[index]]
     title = (f"Memory Maze consistency: {config.episodes} held-out episodes (seeds {config.seed}+), {config.context} "
              f"frames observed and memorized, {config.horizon} imagined open loop; mean ± 95 % t interval over "
              f"episodes; revisit = real pose within {config.revisit_distance} cell and {config.revisit_degrees:g} "
