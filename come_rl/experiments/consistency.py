@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from come_rl.cli_args import parse_cli
 from come_rl.composition import CompositionConfig
