@@ -84,6 +84,10 @@ class TrainConfig:
     prediction: str = "v"
     """what the network outputs: "v" (v-prediction; the default) or "x0" (the clean target, with the capped v-loss;
     see come_rl.experts.expert)."""
+    context_noise: float = 0.0
+    """> 0: context-noise augmentation (UNet presets): each clip's context frames get Gaussian noise of a level drawn
+    from U[0, context_noise] (frames in [-1, 1]) and the network is told the level (UNetConfig.context_noise, switched
+    on by this key), the cure for autoregressive drift; 0: clean contexts."""
     threads: int = 2
     seed: int = 0
     checkpoint_seconds: float = 120.0
@@ -133,6 +137,12 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     kwargs["action_dim"], kwargs["frame_size"] = action_dim, frame_size
     if config.pose_features:
         kwargs["pose_dim"] = 4
+    if config.context_noise < 0:
+        raise ValueError(f"context_noise must be >= 0 (a noise level for the context frames), got {config.context_noise}")
+    if config.context_noise > 0:
+        if name != "unet":
+            raise ValueError(f"context_noise needs a U-Net model (unet_* presets), got {config.model}")
+        kwargs["context_noise"] = True
     backbone = build_backbone(name, **kwargs)
     if getattr(backbone, "pose_dim", 0) and not config.pose_features:
         raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
@@ -206,13 +216,17 @@ def shard_rows(micro_step: int, context: DistributedContext, micro_batch: int) -
 
 
 def draw_training_noise(batch_size: int, frame_shape: tuple[int, ...], drop_prob: float,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        generator: torch.Generator, context_noise: float = 0.0, context_frames: int = 0) -> tuple:
     """Noise levels t, noise eps and the condition-dropped rows of a global batch, drawn (on the CPU) in the order
-    ``DiffusionExpert.loss`` draws them: a single process trains exactly what it trained before ranks existed."""
+    ``DiffusionExpert.loss`` draws them: a single process trains exactly what it trained before ranks existed.
+    With ``context_noise`` > 0 also each row's context-noise level and the context noise (B, K, C, H, W)."""
     t = sample_noise_levels(batch_size, generator=generator)
     eps = devices.randn((batch_size, *frame_shape), generator)
     drop = devices.rand((batch_size,), generator) < drop_prob if drop_prob > 0 else None
-    return t, eps, drop
+    if context_noise <= 0:
+        return t, eps, drop
+    level = devices.rand((batch_size,), generator) * context_noise
+    return t, eps, drop, level, devices.randn((batch_size, context_frames, *frame_shape), generator)
 
 
 def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -226,7 +240,7 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
     every rank, before the weights change.
     """
     frames, actions, poses = batch
-    t, eps, drop = noise
+    t, eps, drop, *context_noise = noise  # (level, context eps) with context-noise augmentation
     accumulation = config.grad_accum_steps
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
@@ -236,7 +250,9 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
         with network.no_sync() if no_sync else contextlib.nullcontext():
             with devices.autocast(device, precision):
                 loss = expert.loss(frames[rows], actions[rows], None if poses is None else poses[rows], t=t[rows],
-                                   eps=eps[rows], drop=None if drop is None else drop[rows], network=network)
+                                   eps=eps[rows], drop=None if drop is None else drop[rows], network=network,
+                                   **({"context_level": context_noise[0][rows], "context_eps": context_noise[1][rows]}
+                                      if context_noise else {}))
             (loss / accumulation).backward()
         total += loss.detach().float() / accumulation
     if context.world_size > 1:
@@ -523,7 +539,9 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     workers = config.data_workers if config.data_workers >= 0 else int(device.type == "cuda")
     # Every rank draws the same global batch and noise (same seeds, same order) and trains on its own rows.
     stream = BatchStream(source, rng, generator, config.batch_size, k + 2, config.pose_features,
-                         lambda b, shape: draw_training_noise(b, shape, config.drop_prob, generator), workers=workers,
+                         lambda b, shape: draw_training_noise(b, shape, config.drop_prob, generator,
+                                                              config.context_noise, expert.context_frames),
+                         workers=workers,
                          pin=device.type == "cuda")
     stop = _GracefulStop()
     while elapsed < budget and step < config.steps:

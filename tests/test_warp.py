@@ -114,3 +114,42 @@ def test_a_longer_context_warp_expert_warm_started_from_a_warp_base_begins_as_it
         got = expert.predict_eps(expert.prepare(frames[:, :8], actions), x_t, t)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert want.abs().mean() > 0.05
+
+
+def test_context_noise_augmentation_starts_as_its_source_and_learns_the_level(tmp_path):
+    """context_noise: a U-Net warm-started from one without it predicts exactly what the source predicts; a training
+    step with noisy contexts moves the level embedding off zero; the noise drawn for a batch is the one the loss would
+    draw from the same generator (resumable, rank-shardable); a backbone without it refuses the key."""
+    from come_rl.checkpoint import expert_spec, save_expert
+    from come_rl.train import DistributedContext, TrainConfig, build_expert, draw_training_noise, training_step, warm_start
+
+    torch.manual_seed(0)
+    donor = DiffusionExpert(VideoUNet(UNetConfig(**CFG)), CosineSchedule(), target="residual", prediction="x0")
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_expert(tmp_path, donor, expert_spec(donor, "unet", CFG, extra={"frame_size": 32}))
+    config = TrainConfig(model="unet", target="residual", prediction="x0", context_noise=0.3,
+                         backbone_overrides=dict(CFG, frame_size=32, action_dim=6), batch_size=2)
+    expert, _, _ = build_expert(config, 6, 32)
+    assert "context_level_embed.weight" in warm_start(expert, tmp_path)
+    frames, actions = frames_and_actions(seed=7)
+    x_t, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8)), torch.full((2,), 0.5)
+    with torch.no_grad():
+        want = donor.predict_eps(donor.prepare(frames[:, :3], actions), x_t, t)
+        got = expert.predict_eps(expert.prepare(frames[:, :3], actions), x_t, t)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the batch's noise, drawn ahead, equals what the loss draws itself from the same generator
+    drawn = draw_training_noise(2, (3, 32, 32), 0.0, torch.Generator().manual_seed(1), 0.3, 3)
+    assert len(drawn) == 5 and drawn[3].shape == (2,) and drawn[4].shape == (2, 3, 3, 32, 32)
+    assert 0 <= float(drawn[3].min()) and float(drawn[3].max()) <= 0.3
+    with torch.no_grad():
+        given = expert.loss(frames, actions, t=drawn[0], eps=drawn[1], context_level=drawn[3], context_eps=drawn[4])
+        own = expert.loss(frames, actions, context_noise=0.3, generator=torch.Generator().manual_seed(1))
+        clean = expert.loss(frames, actions, t=drawn[0], eps=drawn[1])
+    assert float(given) == pytest.approx(float(own), rel=1e-6) and float(given) != pytest.approx(float(clean))
+    optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=1e-3)
+    training_step(expert, expert.backbone, optimizer, (frames, actions, None), drawn, config, DistributedContext(), 2,
+                  torch.device("cpu"), "fp32", step=0)
+    assert expert.backbone.context_level_embed.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="built with context_noise"):
+        donor.loss(frames, actions, context_noise=0.3)

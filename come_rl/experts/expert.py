@@ -130,7 +130,8 @@ class DiffusionExpert(nn.Module):
              drop_prob: float = 0.0, t: torch.Tensor | None = None, noise_low: float = 0.0,
              uniform_fraction: float = 0.0, generator: torch.Generator | None = None,
              eps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
-             network: nn.Module | None = None) -> torch.Tensor:
+             network: nn.Module | None = None, context_noise: float = 0.0,
+             context_level: torch.Tensor | None = None, context_eps: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion loss (paper eq. 1, in v-form) of predicting the last frame of each clip.
 
         frames: (B, K + 1, C, H, W) in [-1, 1]; actions: (B, K + 1, A); poses: (B, K + 1, P) or None (any device:
@@ -141,6 +142,10 @@ class DiffusionExpert(nn.Module):
         ``drop`` are drawn in this order from ``generator`` otherwise; distributed training draws them for the global
         batch and hands each rank its rows).
         network: the module to run instead of ``self.backbone`` (its DistributedDataParallel wrapper).
+        context_noise: > 0: context-noise augmentation (a backbone built with ``context_noise``): each row's context
+        frames get Gaussian noise of a level drawn uniformly from [0, context_noise] (after t, eps and drop, from
+        ``generator``), and the network is told the level. The motion prior warps the noisy context, as it warps the
+        model's own imperfect frames in a rollout. context_level (B,) / context_eps (B, K, C, H, W): given instead.
         """
         device = self.device
         b = frames.shape[0]
@@ -148,6 +153,22 @@ class DiffusionExpert(nn.Module):
         poses = devices.to_device(poses, device) if self.uses_poses else None
         context, x0 = frames[:, :-1], self.clean_target(frames)
         backbone = self.backbone if network is None else getattr(network, "module", network)  # DDP wraps it
+        level = None
+        if context_noise > 0 or context_level is not None:
+            if getattr(backbone, "context_level_embed", None) is None:
+                raise ValueError("context_noise > 0 needs a backbone built with context_noise (UNetConfig.context_noise)")
+            if context_level is None:  # drawn after t, eps and drop, the order draw_training_noise keeps
+                if t is None:
+                    t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
+                if eps is None:
+                    eps = devices.randn(x0.shape, generator=generator)
+                if drop is None and drop_prob > 0:
+                    drop = devices.rand((b,), generator=generator) < drop_prob
+                context_level = devices.rand((b,), generator=generator) * context_noise
+                context_eps = devices.randn(tuple(context.shape), generator=generator)
+            level = devices.to_device(context_level, device).float()
+            noise = devices.to_device(context_eps, device)
+            context = context + (level[:, None, None, None, None] * noise.float()).to(context.dtype)
         anchor = backbone.anchor_frame(context, actions) if hasattr(backbone, "anchor_frame") else None
         motion_loss = None
         if anchor is not None:  # a motion prior: its own photometric loss, and the residual is taken to it
@@ -163,7 +184,9 @@ class DiffusionExpert(nn.Module):
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
-        out = (network or self.backbone)(x_t[:, None], t, context, actions, poses, drop)[:, 0].float()
+        call = network or self.backbone
+        out = (call(x_t[:, None], t, context, actions, poses, drop) if level is None
+               else call(x_t[:, None], t, context, actions, poses, drop, context_level=level))[:, 0].float()
         if self.prediction == "x0":
             weight = sigma.float().pow(-2).clamp(max=X0_LOSS_CAP)
             loss = (_bcast(weight, x0) * (out - x0.float()).pow(2)).mean()

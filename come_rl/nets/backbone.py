@@ -67,9 +67,13 @@ class VideoBackbone(nn.Module):
         actions: torch.Tensor,
         poses: torch.Tensor | None = None,
         drop_context: torch.Tensor | None = None,
+        context_level: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One-shot call (training): prepare + denoise."""
-        return self.denoise(self.prepare(context, actions, poses, drop_context), noisy, t)
+        """One-shot call (training): prepare + denoise. ``context_level`` (B,): the noise added to the context frames
+        (context-noise augmentation; only backbones built with it accept a value)."""
+        if context_level is None:
+            return self.denoise(self.prepare(context, actions, poses, drop_context), noisy, t)
+        return self.denoise(self.prepare(context, actions, poses, drop_context, context_level=context_level), noisy, t)
 
 
 def _map_tensors(obj: Any, fn) -> Any:

@@ -61,6 +61,14 @@ class UNetConfig:
     """predict the last frame warped by a learned flow (:class:`FlowWarp`): an extra input, and a residual expert's
     anchor."""
     warp_width: int = 64
+    context_noise: bool = False
+    """context-noise augmentation (GameNGen, Diffusion Forcing): training adds Gaussian noise of a random level to the
+    context frames and the level enters the FiLM conditioning, so that an autoregressive rollout, whose context holds
+    the model's own imperfect frames, is not outside what training showed (the cure for drift). Zero-initialised:
+    a network warm-started from one without it predicts exactly what that one predicts at level 0."""
+    context_level_at_inference: float = 0.0
+    """the level sampling tells the network (no noise is added at sampling: the level only says how far to trust the
+    context)."""
 
     def __post_init__(self) -> None:
         if self.frame_size % self.unshuffle:
@@ -182,6 +190,10 @@ class VideoUNet(VideoBackbone):
         # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
         self.action_embed = nn.Linear(2 * config.action_dim, d)
         self.pose_embed = nn.Linear(config.pose_dim, d) if config.pose_dim else None
+        self.context_level_embed = nn.Linear(1, d) if config.context_noise else None
+        if self.context_level_embed is not None:
+            nn.init.zeros_(self.context_level_embed.weight)
+            nn.init.zeros_(self.context_level_embed.bias)
         self.dropped_embed = nn.Parameter(torch.zeros(d))
         self.cond_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
         self.pos_maps = nn.ParameterList(
@@ -208,9 +220,11 @@ class VideoUNet(VideoBackbone):
         nn.init.zeros_(self.out_conv.bias)
 
     # ------------------------------------------------------------------------------------------ contract
-    def prepare(self, context, actions, poses=None, drop_context=None):
+    def prepare(self, context, actions, poses=None, drop_context=None, context_level=None):
         cfg = self.config
         b, k = context.shape[:2]
+        if context_level is not None and self.context_level_embed is None:
+            raise ValueError("this U-Net was built without context_noise; it takes no context_level")
         if k != cfg.context_frames:
             raise ValueError(f"this U-Net conditions on {cfg.context_frames} context frames, got {k}")
         if actions.shape != (b, k + 1, cfg.action_dim):
@@ -234,6 +248,10 @@ class VideoUNet(VideoBackbone):
                 raise ValueError(f"poses must have shape ({b}, {k + 1}, {cfg.pose_dim}), got {tuple(poses.shape)}")
             cond = cond + self.pose_embed(poses[:, -1]) * keep[:, None]
         cond = cond + drop_context.to(cond.dtype)[:, None] * self.dropped_embed
+        if self.context_level_embed is not None:
+            if context_level is None:
+                context_level = torch.full((b,), cfg.context_level_at_inference, device=context.device)
+            cond = cond + self.context_level_embed(context_level.to(cond.dtype)[:, None]) * keep[:, None]
         state = {"context_features": context_features, "cond": cond}
         if anchor is not None:
             state["anchor"] = anchor
