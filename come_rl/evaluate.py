@@ -123,7 +123,8 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     mse_copy = ((last - target) / 2).pow(2).flatten(1).mean(1).numpy()
     lp_model = lpips(predicted, target).numpy()
     lp_copy = lpips(last, target).numpy()
-    spec = wm.base_spec if config.expert == "base" else expert.spec
+    # a memorizing SLTM (sltm_memorizes) is a wrapper around the trained expert: its recipe is the source's
+    spec = wm.base_spec if config.expert == "base" else getattr(expert, "source", expert).spec
     rows = []
     for kind, mask in transition_kinds(clips, data_env_name(source, config.data) or config.data).items():
         if mask.sum() == 0:
