@@ -106,6 +106,10 @@ def test_every_expert_loads_and_composes_in_the_consistency_table(tmp_path):
     lpips = {name: row["lpips_all"] for name, row in by_name.items()}
     assert len(set(lpips.values())) == len(names), lpips  # every expert changes what is imagined
     assert by_name["sltm"]["memorize_seconds"] > 0 and by_name["stm"]["memorize_seconds"] == 0.0
+    # without an LTM row the LTM is not loaded: the SLTM memorizes alone
+    alone = run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
+                                  compositions="base,sltm", out_dir=str(tmp_path / "alone"), seed=40000, gif=False))
+    assert alone[1]["memorize_seconds"] > 0 and alone[1]["lpips_all"] != alone[0]["lpips_all"]
     # The recorded poses come out in order, one per imagined frame, and never more than were recorded.
     replay = RecordedPoses(np.array([[1.0, 2.0, 0.1], [1.5, 2.0, 0.2]]))
     first = replay(torch.zeros(4, 3), torch.zeros(4, 6))

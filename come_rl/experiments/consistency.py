@@ -7,7 +7,8 @@ Usage:
 
 Per held-out episode (generated from ``seed``, ``seed + 1``, ... as ``online:memory_maze`` and ``come_rl.collect``
 generate them, or read from a collected ``data=`` directory) the world model observes the first ``context`` frames
-(frames, actions, poses), memorizes them when the composition has a memory expert that memorizes (the LTM), then
+(frames, actions, poses), memorizes them when the composition has a memory expert that memorizes (the LTM; the SLTM with
+``sltm_memorizes``, reading the recorded poses of the imagined frames: :class:`RecordedPoses`), then
 imagines the next ``horizon`` frames open loop from the real actions. Every imagined frame is scored against the real
 one by LPIPS (AlexNet), SSIM and PSNR, over all frames and over *revisit* frames: those whose real pose lies within
 ``revisit_distance`` cells and ``revisit_degrees`` of heading of a pose in the memorized part (what memory could know).
@@ -21,7 +22,7 @@ Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) wi
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
 has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
 ``episode_records/`` (one atomic file per finished (episode, composition): a killed run resumes where it stopped);
-``rollout.gif`` (real | base | the last row, first episode).
+``rollout.gif`` (real | base | CoME, or the last row without CoME; first episode).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ConsistencyConfig:
     """frames observed (and memorized) before imagining."""
     horizon: int = 32
     """frames imagined open loop after the context."""
-    compositions: str = "copy_last,base,ltm"
+    compositions: str = "copy_last,base,stm,ltm,sltm,stm_ltm,come,naive_poe"
     memorize_steps: int = -1
     """LTM memorization steps (-1: the checkpoint's world_model.json)."""
     memorize: dict = field(default_factory=dict)
@@ -288,7 +289,9 @@ class ConsistencyWorker:
                     if cfg.stream_chunk > 0:  # observe again, memorizing each chunk as it comes
                         memorize_seconds = self._stream(frames, actions, poses, c, steps, generator)
                     else:
-                        memorize_seconds = round(float(wm.memorize(steps=steps, generator=generator)["seconds"]), 2)
+                        stats = wm.memorize(steps=steps, generator=generator)
+                        memorize_seconds = round(float(stats.get("seconds", 0.0))
+                                                 + float(stats.get("sltm", {}).get("seconds", 0.0)), 2)  # LTM + SLTM
                     memorized = True
                     start = time.time()  # the imagination's seconds, memorization reported apart
                 wm.pose_model = RecordedPoses(poses[c:c + h])
@@ -321,7 +324,8 @@ class ConsistencyWorker:
             if (t + 1) % chunk == 0 or t == context - 1:
                 window = min(len(wm.memory), chunk + wm.base.context_frames + 1)
                 if window >= wm.base.context_frames + 1:
-                    seconds += float(wm.memorize(steps=steps, generator=generator, window=window)["seconds"])
+                    stats = wm.memorize(steps=steps, generator=generator, window=window)
+                    seconds += float(stats.get("seconds", 0.0)) + float(stats.get("sltm", {}).get("seconds", 0.0))
         return round(seconds, 2)
 
 
@@ -468,7 +472,8 @@ def run(config: ConsistencyConfig) -> list[dict]:
         if first_rollouts:
             from come_rl.visualize import save_rollout_gif
 
-            shown = ["real"] + [n for n in ("base", names[-1]) if n in first_rollouts and n != "copy_last"]
+            last = "come" if "come" in first_rollouts else names[-1]  # real | base | CoME when CoME is a row
+            shown = ["real"] + [n for n in ("base", last) if n in first_rollouts and n != "copy_last"]
             save_rollout_gif(out / "rollout.gif", [first_rollouts[n] for n in dict.fromkeys(shown)])
     return rows
 
