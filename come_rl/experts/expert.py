@@ -153,17 +153,17 @@ class DiffusionExpert(nn.Module):
         poses = devices.to_device(poses, device) if self.uses_poses else None
         context, x0 = frames[:, :-1], self.clean_target(frames)
         backbone = self.backbone if network is None else getattr(network, "module", network)  # DDP wraps it
+        if t is None:
+            t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
+        if eps is None:
+            eps = devices.randn(x0.shape, generator=generator)
+        if drop is None and drop_prob > 0:
+            drop = devices.rand((b,), generator=generator) < drop_prob
         level = None
         if context_noise > 0 or context_level is not None:
             if getattr(backbone, "context_level_embed", None) is None:
                 raise ValueError("context_noise > 0 needs a backbone built with context_noise (UNetConfig.context_noise)")
             if context_level is None:  # drawn after t, eps and drop, the order draw_training_noise keeps
-                if t is None:
-                    t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
-                if eps is None:
-                    eps = devices.randn(x0.shape, generator=generator)
-                if drop is None and drop_prob > 0:
-                    drop = devices.rand((b,), generator=generator) < drop_prob
                 context_level = devices.rand((b,), generator=generator) * context_noise
                 context_eps = devices.randn(tuple(context.shape), generator=generator)
             level = devices.to_device(context_level, device).float()
@@ -175,12 +175,6 @@ class DiffusionExpert(nn.Module):
             motion_loss = F.mse_loss(anchor.float(), frames[:, -1].float())
             if self.target == "residual":
                 x0 = frames[:, -1] - anchor.detach().to(frames.dtype)
-        if t is None:
-            t = sample_noise_levels(b, low=noise_low, uniform_fraction=uniform_fraction, generator=generator)
-        if eps is None:
-            eps = devices.randn(x0.shape, generator=generator)
-        if drop is None and drop_prob > 0:
-            drop = devices.rand((b,), generator=generator) < drop_prob
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
