@@ -99,6 +99,10 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
                          device=config.device, precision=config.precision)
     expert = getattr(wm, config.expert)
     source = open_data_source(config.data, seed=config.seed)
+    if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
+        from come_rl.experts.retrieval import RetrievalClips
+
+        source = RetrievalClips(source)
     k = expert.context_frames
     rng = np.random.default_rng(config.seed)
     clips = source.sample_clips(config.clips, k + 2, rng)

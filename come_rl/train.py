@@ -466,6 +466,10 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
     expert.to(device)
     k = expert.context_frames
+    if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
+        from come_rl.experts.retrieval import RetrievalClips
+
+        source = RetrievalClips(source)
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

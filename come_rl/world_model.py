@@ -34,6 +34,7 @@ from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
+from come_rl.experts.retrieval import nearest_pose_index
 from come_rl.interfaces import ActionSpec
 
 PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,6 +84,10 @@ class WorldModel:
                                  f"remove it from composition.experts or train it with come_rl.train role={role}")
         self.ltm = LongTermMemoryExpert(base, self.memorize_config) if "ltm" in self.composition.experts else None
         if self.composition.sltm_memorizes and self.sltm is not None and "sltm" in self.composition.experts:
+            if self.sltm.retrieval:
+                raise ValueError("this SLTM retrieves memorized frames by pose (come_rl.experts.retrieval): its memory is "
+                                 "the episode's frames, it has no adapters to memorize; set composition "
+                                 "sltm_memorizes=false")
             self.sltm = LongTermMemoryExpert(self.sltm, self.memorize_config, name="sltm")
         self.memory = EpisodeMemory(self.frame_shape, action_spec)
         self.last_network_calls = 0
@@ -250,6 +255,12 @@ class WorldModel:
             if self.pose_model is None:
                 raise ValueError("the SLTM needs the poses of imagined frames: give the WorldModel a pose_model")
         composer = self._composer()
+        retrievers = [role for role, expert in experts.items() if expert.retrieval]
+        if retrievers:  # the memorized frames and poses that a retrieval expert reads (come_rl.experts.retrieval)
+            if len(self.memory) == 0 or self.memory.poses is None:
+                raise ValueError(f"the {retrievers[0]} expert retrieves memorized frames by pose: observe(frame, action, "
+                                 f"pose) the episode first")
+            memory_frames, memory_poses = self.memory.frames, self.memory.poses.float()
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
@@ -263,6 +274,14 @@ class WorldModel:
                     "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                     "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                 }
+                if expert.retrieval:  # slot 0: the memorized frame nearest the next pose, reached by no action
+                    index = nearest_pose_index(memory_poses, next_pose.float())
+                    conditions[role] = {
+                        "context": torch.cat([memory_frames[index][:, None].to(frames), frames[:, -(k - 1):]], dim=1),
+                        "actions": torch.cat([torch.zeros_like(step_actions[:, :1]), step_actions[:, -k:]], dim=1),
+                        "poses": torch.cat([self.pose_features(memory_poses[index][:, None]).to(step_poses),
+                                            step_poses[:, -k:]], dim=1),
+                    }
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device).clamp(-1.0, 1.0)

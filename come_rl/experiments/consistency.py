@@ -14,7 +14,8 @@ one by LPIPS (AlexNet), SSIM and PSNR, over all frames and over *revisit* frames
 ``revisit_distance`` cells and ``revisit_degrees`` of heading of a pose in the memorized part (what memory could know).
 
 Rows (``compositions=``, comma-separated names of :data:`COMPOSITIONS`): ``copy_last`` (no model: the last context
-frame, repeated), ``base`` (no memory), ``ltm`` (base + LTM, the checkpoint's rule), ``stm``, ``sltm``, ``stm_ltm``,
+frame, repeated), ``nearest_view`` (no model, pose oracle: for each imagined frame the memorized frame seen nearest its
+real pose, ``come_rl.experts.retrieval``: what a memory lookup alone gives), ``base`` (no memory), ``ltm`` (base + LTM, the checkpoint's rule), ``stm``, ``sltm``, ``stm_ltm``,
 ``come`` (every expert, the checkpoint's rule) and ``naive_poe`` (every expert, plain product of experts). A row whose
 expert the checkpoint lacks is refused before any work, naming the training command.
 
@@ -41,6 +42,7 @@ import torch
 from come_rl.cli_args import parse_cli
 from come_rl.composition import CompositionConfig
 from come_rl.conventions import frames_to_tensor, tensor_to_frames, wrap_angle
+from come_rl.experts.retrieval import nearest_pose_index
 from come_rl.io_utils import atomic_write_text
 from come_rl.results import write_table
 
@@ -51,6 +53,7 @@ SHORT_HORIZON = 8
 # those experts; "naive": a plain product of the experts, every alpha 1, no contrast, unnormalised).
 COMPOSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "copy_last": ((), "none"),
+    "nearest_view": ((), "lookup"),
     "base": (("base",), "checkpoint"),
     "ltm": (("base", "ltm"), "checkpoint"),
     "stm": (("base", "stm"), "checkpoint"),
@@ -134,7 +137,7 @@ def parse_compositions(text: str) -> list[str]:
 def composition_for(name: str, checkpoint_rule: CompositionConfig) -> CompositionConfig | None:
     """The composition of a named row (None for copy_last), from the checkpoint's rule."""
     experts, kind = COMPOSITIONS[name]
-    if kind == "none":
+    if kind in ("none", "lookup"):
         return None
     if kind == "naive":
         return CompositionConfig(experts=list(experts), alphas={role: 1.0 for role in experts},
@@ -274,7 +277,9 @@ class ConsistencyWorker:
         for name in self.names:
             start = time.time()
             composition = composition_for(name, self.rule)
-            if composition is None:
+            if COMPOSITIONS[name][1] == "lookup":  # the memorized frame seen nearest each real pose
+                imagined = frames[:c][nearest_pose_index(poses[:c], poses[c:c + h])]
+            elif composition is None:
                 imagined = np.repeat(frames[c - 1][None], h, axis=0)
             else:
                 wm.use_composition(composition)

@@ -82,6 +82,11 @@ class DiffusionExpert(nn.Module):
         return self.backbone.context_frames
 
     @property
+    def retrieval(self) -> bool:
+        """Whether the first context slot is the pose-retrieved memorized frame (``come_rl.experts.retrieval``)."""
+        return bool(getattr(getattr(self.backbone, "config", None), "retrieval", False))
+
+    @property
     def device(self) -> torch.device:
         """Where the expert's weights are; its inputs are moved there (callers may keep theirs on the CPU)."""
         return devices.module_device(self.backbone)

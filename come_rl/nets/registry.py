@@ -95,6 +95,11 @@ MODEL_PRESETS: dict[str, tuple[str, dict]] = {
     # anchor (come_rl.nets.unet.FlowWarp); train it with target=residual.
     "unet_maze_warp": ("unet", dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[64, 128, 256],
                                     warp_anchor=True)),
+    # Memory Maze spatial expert that retrieves: the motion-prior U-Net whose first context slot is the memorized frame
+    # seen nearest the predicted pose (come_rl.experts.retrieval), then 3 past frames; train it with role=sltm
+    # pose_features=true (init_from an SLTM of unet_maze_warp: it begins as that expert).
+    "unet_maze_retrieval": ("unet", dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=4,
+                                         widths=[64, 128, 256], warp_anchor=True, retrieval=True)),
     # Short-term memory expert for Memory Cards: the sliding-window DiT (window 4 frames, full attention in block 1)
     # over 8 context frames; patch 8 on 48x48 = 36 tokens per frame keeps it CPU-sized.
     "stm_cards": ("stm_cpu", dict(frame_size=48, patch_size=8, context_frames=8, predicted_frames=1, action_dim=5,

@@ -69,6 +69,11 @@ class UNetConfig:
     context_level_at_inference: float = 0.0
     """the level sampling tells the network (no noise is added at sampling: the level only says how far to trust the
     context)."""
+    retrieval: bool = False
+    """the first context slot holds the memorized frame seen nearest the predicted frame's pose, not a past frame
+    (``come_rl.experts.retrieval``); the difference of the two poses' features enters the FiLM conditioning
+    (zero-initialised: warm-started from an expert without it, it begins as that expert with its oldest context
+    frame's weights at zero). Needs pose features (``pose_dim``)."""
 
     def __post_init__(self) -> None:
         if self.frame_size % self.unshuffle:
@@ -78,6 +83,11 @@ class UNetConfig:
             raise ValueError(f"frame_size/unshuffle = {base} must be divisible by 2^(levels-1) = {2 ** (len(self.widths) - 1)}")
         if self.context_frames < 1:
             raise ValueError(f"context_frames must be >= 1, got {self.context_frames}")
+        if self.retrieval and (self.pose_dim == 0 or self.context_frames < (3 if self.warp_anchor else 2)):
+            raise ValueError("retrieval needs pose features (pose_dim > 0: train with pose_features=true) and a context of the retrieved frame plus "
+                             f"{2 if self.warp_anchor else 1} past frame(s) (context_frames >= "
+                             f"{3 if self.warp_anchor else 2}); got pose_dim={self.pose_dim}, "
+                             f"context_frames={self.context_frames}")
 
 
 def _groups(ch: int) -> int:
@@ -190,6 +200,10 @@ class VideoUNet(VideoBackbone):
         # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
         self.action_embed = nn.Linear(2 * config.action_dim, d)
         self.pose_embed = nn.Linear(config.pose_dim, d) if config.pose_dim else None
+        self.retrieval_pose_embed = nn.Linear(config.pose_dim, d) if config.retrieval else None
+        if self.retrieval_pose_embed is not None:
+            nn.init.zeros_(self.retrieval_pose_embed.weight)
+            nn.init.zeros_(self.retrieval_pose_embed.bias)
         self.context_level_embed = nn.Linear(1, d) if config.context_noise else None
         if self.context_level_embed is not None:
             nn.init.zeros_(self.context_level_embed.weight)
@@ -247,6 +261,8 @@ class VideoUNet(VideoBackbone):
             if poses.shape != (b, k + 1, cfg.pose_dim):
                 raise ValueError(f"poses must have shape ({b}, {k + 1}, {cfg.pose_dim}), got {tuple(poses.shape)}")
             cond = cond + self.pose_embed(poses[:, -1]) * keep[:, None]
+            if self.retrieval_pose_embed is not None:  # where the retrieved frame (slot 0) was seen, from here
+                cond = cond + self.retrieval_pose_embed(poses[:, 0] - poses[:, -1]) * keep[:, None]
         cond = cond + drop_context.to(cond.dtype)[:, None] * self.dropped_embed
         if self.context_level_embed is not None:
             if context_level is None:

@@ -1,0 +1,94 @@
+"""Pose-keyed retrieval for the spatial expert: the memorized frame seen nearest the pose to imagine.
+
+A spatial expert built with ``retrieval`` (``UNetConfig.retrieval``) reads, as its first context slot, the frame of the
+episode memory whose recorded pose is nearest the pose of the frame it predicts, and the difference of the two poses
+in its conditioning. The frames after it are its ordinary (temporal) context. On a revisit the retrieved frame shows
+nearly the view to predict, whatever the rollout's own frames have drifted to: memory keyed by absolute pose, as the
+paper's SLTM is, read from the stored frames instead of (or beside) adapter weights. The LoRA memory of the LTM is
+unchanged.
+
+Nearness is one number: the position distance in units of ``POSITION_SCALE`` cells plus the heading difference in
+units of ``HEADING_SCALE`` radians (the revisit tolerances of the consistency experiment: 0.5 cell, 45 degrees).
+
+Training shows the expert what sampling shows it. At imagined step h of a rollout the memory ends h frames before the
+predicted one, so a training clip whose target is frame t retrieves among frames ``0 .. t - 1 - g`` of its episode,
+g drawn uniformly from ``0 .. max_gap - 1`` (:class:`RetrievalClips`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["HEADING_SCALE", "POSITION_SCALE", "RetrievalClips", "nearest_pose_index", "pose_distance"]
+
+POSITION_SCALE = 0.5
+"""cells: a position difference of this size counts 1."""
+HEADING_SCALE = math.pi / 4
+"""radians: a heading difference of this size counts 1."""
+
+
+def pose_distance(memory_poses, query):
+    """Distances (..., N) between poses ``memory_poses`` (N, 3) and ``query`` (..., 3), each (x, y, yaw): the position
+    distance / ``POSITION_SCALE`` plus the wrapped heading difference / ``HEADING_SCALE``. numpy or torch in, same out."""
+    lib = torch if isinstance(memory_poses, torch.Tensor) else np
+    memory = memory_poses[None] if query.ndim == 2 else memory_poses
+    q = query[:, None] if query.ndim == 2 else query[None]
+    position = lib.sqrt(((memory[..., :2] - q[..., :2]) ** 2).sum(-1))
+    turn = memory[..., 2] - q[..., 2]
+    turn = lib.abs(lib.atan2(lib.sin(turn), lib.cos(turn))) if lib is torch else np.abs(np.arctan2(np.sin(turn), np.cos(turn)))
+    return position / POSITION_SCALE + turn / HEADING_SCALE
+
+
+def nearest_pose_index(memory_poses, query):
+    """Index (B,) of the memorized pose nearest each query pose (B, 3) (the first one on ties)."""
+    if len(memory_poses) == 0:
+        raise ValueError("retrieval needs at least one memorized frame with a pose")
+    distances = pose_distance(memory_poses, query)
+    return distances.argmin(-1)
+
+
+class RetrievalClips:
+    """A clip source for an expert with ``retrieval``: the clips of ``source`` (a recorded data set or
+    ``online:memory_maze``) with their first context frame replaced by the retrieved one.
+
+    A clip of L frames from ``source`` is, after ``clips_to_tensors`` drops its first frame, K context frames and the
+    target. Here frame 1 (the first context slot) becomes the episode's frame nearest the target's pose among frames
+    ``0 .. target - 1 - g`` (g uniform in ``0 .. max_gap - 1``, drawn from the same ``rng`` after the clip), its pose
+    the retrieved frame's pose and the action into it zero.
+    """
+
+    def __init__(self, source, max_gap: int = 32):
+        dataset = getattr(source, "dataset", None)
+        if dataset is None or getattr(dataset, "_all_poses", None) is None:
+            raise ValueError("a retrieval expert trains on episodes with poses: pass a collected data set "
+                             "(python -m come_rl.collect env=memory_maze ...) or data=online:memory_maze")
+        if max_gap < 1:
+            raise ValueError(f"max_gap must be >= 1, got {max_gap}")
+        self.source, self.dataset, self.max_gap = source, dataset, max_gap
+        self.action_spec, self.frame_size = source.action_spec, source.frame_size
+
+    def __getattr__(self, name):  # state_dict / load_state_dict of the wrapped source, when it has them
+        if name in ("source", "dataset"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        if length < 3:
+            raise ValueError(f"a retrieval clip needs >= 3 frames (a dropped one, the retrieved one, the target), got {length}")
+        clips = self.source.sample_clips(batch_size, length, rng)
+        gaps = rng.integers(0, self.max_gap, batch_size)
+        ds = self.dataset
+        frames, actions, poses = clips["frames"].copy(), clips["actions"].copy(), clips["poses"].copy()
+        for i in range(batch_size):
+            offset = int(ds._frame_offsets[int(clips["episode"][i])])
+            target = int(clips["start"][i]) + length - 1  # the target's index in its episode
+            last = max(target - 1 - int(gaps[i]), 0)
+            memory = ds._all_poses[offset:offset + last + 1]
+            j = int(nearest_pose_index(memory, poses[i, -1][None])[0])
+            frames[i, 1] = ds._all_frames[offset + j]
+            poses[i, 1] = ds._all_poses[offset + j]
+            actions[i, 0] = 0.0
+        return dict(clips, frames=frames, actions=actions, poses=poses)
