@@ -160,3 +160,30 @@ def test_the_consistency_table_runs_a_retrieval_sltm_and_the_nearest_view_row(tm
     assert by_name["sltm"]["lpips_all"] != by_name["base"]["lpips_all"]
     assert by_name["sltm"]["memorize_seconds"] == 0.0  # its memory is the frames: nothing to fine-tune
     assert 0 <= by_name["nearest_view"]["lpips_all"] <= 1.5
+
+
+def test_the_shipped_maze_checkpoint_composes_all_four_experts_with_the_retrieving_sltm():
+    """The packaged Memory Maze model: its SLTM retrieves (and so does not memorize adapters), every expert loads,
+    and CoME imagines a frame that depends on the memorized view at the imagined pose (frame 0: outside every
+    expert's past frames, reached only by retrieval)."""
+    rule = {"experts": ["base", "ltm", "stm", "sltm"]}
+    wm = WorldModel.load("memory_maze", composition=rule, sampler={"steps": 2}, device="cpu", precision="fp32")
+    assert wm.sltm.retrieval and not wm.composition.sltm_memorizes
+    assert wm.stm.context_frames == 16 and wm.sltm.context_frames == 4
+    target_pose = torch.tensor([4.0, 4.0, 0.5])
+    wm.pose_model = lambda poses, actions: target_pose.expand(poses.shape[0], 3).clone()
+    generator = torch.Generator().manual_seed(0)
+
+    def imagine(view_at_target: torch.Tensor) -> torch.Tensor:
+        wm.reset()
+        frames = torch.rand(20, 3, 64, 64, generator=generator) * 2 - 1
+        frames[0] = view_at_target
+        for i in range(20):
+            pose = target_pose.tolist() if i == 0 else [1.0 + 0.1 * i, 1.0, 0.0]
+            wm.observe(frames[i], None if i == 0 else ActionSpec.discrete(6).encode(1), pose)
+        return wm.imagine(ActionSpec.discrete(6).encode(1)[None, None], seed=0)
+
+    first = imagine(torch.full((3, 64, 64), 0.8))
+    assert first.shape == (1, 1, 3, 64, 64) and torch.isfinite(first).all()
+    generator.manual_seed(0)
+    assert not torch.allclose(imagine(torch.full((3, 64, 64), -0.8)), first, atol=1e-3)
