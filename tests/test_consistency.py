@@ -161,6 +161,13 @@ def test_too_short_data_and_a_missing_expert_are_refused(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="stm"):
         run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=4, horizon=2, compositions="base,stm",
                               out_dir=str(tmp_path / "out"), threads=1))
+    # The driver of a Ray run checks the files without loading any network, with the same message.
+    from come_rl.experiments.consistency import check_experts_present
+
+    with pytest.raises(ValueError, match="no stm.json.*role=stm"):
+        check_experts_present(ConsistencyConfig(checkpoint=str(checkpoint)), ["base", "stm", "ltm"])
+    check_experts_present(ConsistencyConfig(checkpoint=str(checkpoint)), ["copy_last", "base", "ltm"])
+    assert not (tmp_path / "out").exists()  # nothing written by a refused run
 
 
 def test_rows_take_the_checkpoints_rule_and_naive_poe_is_plain():

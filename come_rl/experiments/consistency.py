@@ -150,6 +150,25 @@ def composition_for(name: str, checkpoint_rule: CompositionConfig) -> Compositio
     return CompositionConfig(**rule)
 
 
+def _missing_expert_error(config: ConsistencyConfig, missing: list[str], error) -> ValueError:
+    return ValueError(f"checkpoint {config.checkpoint} lacks an expert these rows need ({error}); train it "
+                      f"(python -m come_rl.train role={'/'.join(missing) or 'base'} ... out=<checkpoint>) or "
+                      f"drop the rows that use it")
+
+
+def check_experts_present(config: ConsistencyConfig, names: list[str]) -> None:
+    """Refuse rows whose expert files the checkpoint lacks, without loading any network (the driver of a Ray run)."""
+    from come_rl.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(config.checkpoint)
+    roles = sorted({role for name in names for role in COMPOSITIONS[name][0]} - {"ltm"} | {"base"})
+    absent = [role for role in roles if not (directory / f"{role}.json").is_file()
+              or not (directory / f"{role}.safetensors").is_file()]
+    if absent:
+        raise _missing_expert_error(config, [role for role in absent if role != "base"],
+                                    f"no {', '.join(f'{role}.json / {role}.safetensors' for role in absent)} in {directory}")
+
+
 def check_config(config: ConsistencyConfig, episode_steps: int | None = None) -> list[str]:
     """Every check that needs no model: settings, and the data's length when known. Returns the row names."""
     names = parse_compositions(config.compositions)
@@ -247,10 +266,7 @@ class ConsistencyWorker:
                                       memorize=dict(config.memorize) or None,
                                       composition=dict(config.composition) or None)
         except FileNotFoundError as error:
-            missing = [role for role in ("stm", "sltm") if role in experts]
-            raise ValueError(f"checkpoint {config.checkpoint} lacks an expert these rows need ({error}); train it "
-                             f"(python -m come_rl.train role={'/'.join(missing) or 'base'} ... out=<checkpoint>) or "
-                             f"drop the rows that use it") from error
+            raise _missing_expert_error(config, [role for role in ("stm", "sltm") if role in experts], error) from error
         self.rule = self.wm.composition
         self.lpips = get_lpips(device=self.wm.device)
 
@@ -442,8 +458,12 @@ def run(config: ConsistencyConfig) -> list[dict]:
 
     check_backend(config.backend, config.workers)
     episodes = load_episodes(config)
-    local = ConsistencyWorker(config, names)  # a missing expert is refused here, before any work
-    factory, factory_args = ((lambda: local), ()) if config.backend == "local" else (ConsistencyWorker, (config, names))
+    if config.backend == "local":
+        local = ConsistencyWorker(config, names)  # a missing expert is refused here, before any work
+        factory, factory_args = (lambda: local), ()
+    else:  # the actors load the model; the driver only checks that the experts are there
+        check_experts_present(config, names)
+        factory, factory_args = ConsistencyWorker, (config, names)
     from come_rl.locks import hold_directory
 
     hold_directory(out, "come_rl.experiments.consistency")  # one writer per results directory
