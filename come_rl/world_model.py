@@ -270,11 +270,12 @@ class WorldModel:
             conditions = {}
             for role, expert in experts.items():
                 k = expert.context_frames
-                conditions[role] = {
-                    "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
-                    "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
-                }
-                if expert.retrieval:  # slot 0: the memorized frame nearest the next pose, reached by no action
+                if not expert.retrieval:
+                    conditions[role] = {
+                        "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
+                        "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
+                    }
+                else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     conditions[role] = {
                         "context": torch.cat([memory_frames[index][:, None].to(frames), frames[:, -(k - 1):]], dim=1),

@@ -129,6 +129,12 @@ def test_imagination_reads_the_memorized_frame_nearest_the_imagined_pose():
         return wm.imagine(ActionSpec.discrete(6).encode(1)[None, None], seed=0)
 
     reference = imagine(0.5, -0.5)
+    # a past handed in (history=) without an episode memory gives the expert nothing to retrieve: a clear error
+    empty = WorldModel(base, ActionSpec.discrete(6), 64, sltm=sltm, composition=rule, sampler=SamplerConfig(steps=2),
+                       pose_model=lambda poses, actions: target_pose.expand(poses.shape[0], 3).clone())
+    history = (torch.zeros(1, 4, 3, 64, 64), torch.zeros(1, 4, 6), torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="retrieves memorized frames by pose"):
+        empty.imagine(ActionSpec.discrete(6).encode(1)[None, None], history=history)
     assert torch.equal(imagine(0.5, 0.9), reference)
     assert not torch.allclose(imagine(-0.9, -0.5), reference, atol=1e-4)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 __all__ = ["HEADING_SCALE", "POSITION_SCALE", "RetrievalClips", "nearest_pose_index", "pose_distance"]
 
@@ -33,12 +32,10 @@ HEADING_SCALE = math.pi / 4
 def pose_distance(memory_poses, query):
     """Distances (..., N) between poses ``memory_poses`` (N, 3) and ``query`` (..., 3), each (x, y, yaw): the position
     distance / ``POSITION_SCALE`` plus the wrapped heading difference / ``HEADING_SCALE``. numpy or torch in, same out."""
-    lib = torch if isinstance(memory_poses, torch.Tensor) else np
     memory = memory_poses[None] if query.ndim == 2 else memory_poses
     q = query[:, None] if query.ndim == 2 else query[None]
-    position = lib.sqrt(((memory[..., :2] - q[..., :2]) ** 2).sum(-1))
-    turn = memory[..., 2] - q[..., 2]
-    turn = lib.abs(lib.atan2(lib.sin(turn), lib.cos(turn))) if lib is torch else np.abs(np.arctan2(np.sin(turn), np.cos(turn)))
+    position = (((memory[..., :2] - q[..., :2]) ** 2).sum(-1)) ** 0.5
+    turn = abs((memory[..., 2] - q[..., 2] + math.pi) % (2 * math.pi) - math.pi)  # wrapped; numpy and torch alike
     return position / POSITION_SCALE + turn / HEADING_SCALE
 
 
