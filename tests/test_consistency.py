@@ -232,3 +232,14 @@ def test_consistency_on_ray_gives_the_local_rows(tmp_path):
     finally:
         ray.shutdown()
     assert [r["lpips_all"] for r in fanned] == [r["lpips_all"] for r in local]
+
+
+def test_a_rows_memory_does_not_depend_on_the_rows_before_it(tmp_path):
+    """The LTM row gives the same numbers whether the base and copy-last rows ran before it or not: the adapters'
+    initial weights are drawn from a per-episode seed right before the reset that precedes memorization."""
+    alone = run(_lora_config(tmp_path, compositions="ltm", out_dir=str(tmp_path / "alone"), episodes=1))
+    after = run(_lora_config(tmp_path, compositions="copy_last,base,ltm", out_dir=str(tmp_path / "after"),
+                             episodes=1))
+    assert alone[0]["composition"] == after[-1]["composition"] == "ltm"
+    assert alone[0]["lpips_all"] == after[-1]["lpips_all"]
+    assert after[-1]["lpips_all"] != after[1]["lpips_all"]  # the LTM changes what is imagined

@@ -281,6 +281,7 @@ class ConsistencyWorker:
         # The adapters' re-initialisation draws from torch's global generator: seeded per episode, an episode's rows do
         # not depend on which episodes ran before it, on which worker, or whether the run was resumed.
         torch.manual_seed(cfg.seed * 1000 + index)
+        self._episode_index = index
         frames, actions, poses = episode["frames"], episode["actions"], episode["poses"]
         c, h = cfg.context, cfg.horizon
         real = frames[c:c + h]
@@ -300,6 +301,9 @@ class ConsistencyWorker:
             else:
                 wm.use_composition(composition)
                 if not memorized:  # observe once; memorize once (the LTM's adapters stay for every later row)
+                    # reset() re-draws the adapters' initial weights from the global generator: seeded right here, the
+                    # memory a row builds does not depend on how many rows reset before it.
+                    torch.manual_seed(cfg.seed * 1000 + index)
                     wm.reset()
                     wm.observe(frames[0], pose=poses[0])
                     for t in range(1, c):
@@ -337,6 +341,7 @@ class ConsistencyWorker:
     def _stream(self, frames, actions, poses, context: int, steps: int | None, generator) -> float:
         """Observe ``frames[:context]`` in chunks of ``stream_chunk``, memorizing after each; the seconds spent."""
         wm, chunk = self.wm, self.config.stream_chunk
+        torch.manual_seed(self.config.seed * 1000 + self._episode_index)  # as in run_episode: rows do not change the memory
         wm.reset()
         wm.observe(frames[0], pose=poses[0])
         seconds = 0.0
