@@ -95,6 +95,11 @@ class TrainConfig:
     """steps per row of train_log.csv (step, seconds, mean loss over those steps)."""
     pose_features: bool = False
     """condition on absolute pose features (SLTM)."""
+    retrieval_stale_fraction: float = 0.0
+    """a retrieving expert (come_rl.experts.retrieval): the share of training clips whose past frames are the frames
+    s steps earlier (s uniform in 1 .. retrieval_max_stale), actions and poses true, as a rollout's drifted frames are,
+    so the expert learns to trust the retrieved view; 0: real past frames only."""
+    retrieval_max_stale: int = 32
     backbone_overrides: dict = field(default_factory=dict)
     online_episodes: int = 0
     """size of the episode pool for online:<env> data (0: the env's default, 1024 for memory_cards, 4 episodes of
@@ -469,7 +474,11 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
         from come_rl.experts.retrieval import RetrievalClips
 
-        source = RetrievalClips(source)
+        source = RetrievalClips(source, stale_fraction=config.retrieval_stale_fraction,
+                                max_stale=config.retrieval_max_stale)
+    elif config.retrieval_stale_fraction:
+        raise ValueError("retrieval_stale_fraction is for a retrieving expert (model=unet_maze_retrieval); "
+                         f"model={config.model} does not retrieve")
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

@@ -260,7 +260,7 @@ class WorldModel:
             if len(self.memory) == 0 or self.memory.poses is None:
                 raise ValueError(f"the {retrievers[0]} expert retrieves memorized frames by pose: observe(frame, action, "
                                  f"pose) the episode first")
-            memory_frames, memory_poses = self.memory.frames, self.memory.poses.float()
+            memory_poses = self.memory.poses.float()  # the frames are gathered by index: only the retrieved ones copied
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
@@ -278,7 +278,8 @@ class WorldModel:
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     conditions[role] = {
-                        "context": torch.cat([memory_frames[index][:, None].to(frames), frames[:, -(k - 1):]], dim=1),
+                        "context": torch.cat([self.memory.gather(index)[:, None].to(frames), frames[:, -(k - 1):]],
+                                             dim=1),
                         "actions": torch.cat([torch.zeros_like(step_actions[:, :1]), step_actions[:, -k:]], dim=1),
                         "poses": torch.cat([self.pose_features(memory_poses[index][:, None]).to(step_poses),
                                             step_poses[:, -k:]], dim=1),

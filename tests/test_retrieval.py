@@ -72,6 +72,25 @@ def test_training_clips_retrieve_the_nearest_pose_from_before_the_gap():
         RetrievalClips(object())
 
 
+def test_stale_clips_show_past_frames_from_earlier_with_the_true_actions_and_poses():
+    fresh = RetrievalClips(_Source(), max_gap=3).sample_clips(512, 6, np.random.default_rng(1))
+    clips = RetrievalClips(_Source(), max_gap=3, stale_fraction=0.5, max_stale=4).sample_clips(
+        512, 6, np.random.default_rng(1))
+    past = clips["frames"][:, 2:5, 0, 0, 0].astype(int)  # slots 2..4 hold frames start + 2 .. start + 4, or earlier
+    true_past = clips["start"][:, None] + np.arange(2, 5)
+    shift = true_past - past
+    assert (shift == shift[:, :1]).all()  # a consecutive run, shifted as a whole
+    stale = shift[:, 0] > 0
+    assert 0.4 < stale.mean() < 0.6 and set(shift[stale, 0].tolist()) <= {1, 2, 3, 4}
+    assert shift[stale, 0].max() == 4 and (past >= 0).all()
+    # Actions, poses, the target and the retrieved frame are a fresh clip's: only the past frames are stale.
+    for key in ("actions", "poses", "start"):
+        assert np.array_equal(clips[key], fresh[key])
+    assert np.array_equal(clips["frames"][:, [0, 1, 5]], fresh["frames"][:, [0, 1, 5]])
+    with pytest.raises(ValueError, match="stale_fraction"):
+        RetrievalClips(_Source(), stale_fraction=1.5)
+
+
 def _retrieval_expert(seed=0, retrieval=True):
     torch.manual_seed(seed)
     config = dict(TINY, context_frames=4, retrieval=True) if retrieval else dict(TINY)

@@ -106,7 +106,7 @@ class EpisodeMemory:
         if weighted:
             candidates = torch.arange(first, latest + 1, device=CPU)
             last = (candidates + length - 1).clamp(1, total - 1)
-            change = (self._gather(last) - self._gather(last - 1)).abs().mean(dim=(1, 2, 3))
+            change = (self.gather(last) - self.gather(last - 1)).abs().mean(dim=(1, 2, 3))
             if change.sum() > 0:
                 picks = torch.multinomial(change / change.sum(), weighted, replacement=True, generator=generator)
                 starts[:weighted] = candidates[picks]
@@ -115,9 +115,9 @@ class EpisodeMemory:
         index = index.clamp(0, total - 1)
         clip_actions = actions[index]
         clip_actions[padded] = 0.0
-        return self._gather(index), clip_actions, None if poses is None else poses[index]
+        return self.gather(index), clip_actions, None if poses is None else poses[index]
 
-    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
         """The frames at ``index`` (any shape) as one tensor (*index.shape, C, H, W): only those frames are copied, so
         a memorization step costs the same at frame 50 and at frame 5000 of an episode (and so does its memory)."""
         flat = index.reshape(-1).tolist()
@@ -199,7 +199,7 @@ class EpisodeMemory:
         end, action = end_index[row], candidates[row if pose_model is None else row % n_act]
         context = end[:, None] - torch.arange(k - 1, -1, -1, device=CPU)[None]  # (B, k) frame indices, oldest first
         actions = self.actions
-        clip_frames = torch.cat([self._gather(context), self._gather(target)[:, None]], dim=1)
+        clip_frames = torch.cat([self.gather(context), self.gather(target)[:, None]], dim=1)
         clip_actions = torch.cat([actions[context], action[:, None]], dim=1)
         clip_poses = torch.cat([poses[context], next_poses[row][:, None]], dim=1)
         return clip_frames, clip_actions, clip_poses

@@ -13,6 +13,13 @@ units of ``HEADING_SCALE`` radians (the revisit tolerances of the consistency ex
 Training shows the expert what sampling shows it. At imagined step h of a rollout the memory ends h frames before the
 predicted one, so a training clip whose target is frame t retrieves among frames ``0 .. t - 1 - g`` of its episode,
 g drawn uniformly from ``0 .. max_gap - 1`` (:class:`RetrievalClips`).
+
+Training on real context alone teaches the expert to ignore what it retrieves: one step ahead, the last real frame
+(warped by the action) is a better guess than the nearest memorized view, and a rollout's own frames are always
+trusted. In a rollout they drift, while the poses (from the pose model) and the retrieved view stay right. With
+``stale_fraction`` > 0 a share of the clips shows exactly that: their past frames are the episode's frames s steps
+earlier (s uniform in ``1 .. max_stale``), their actions and poses the true ones, so the retrieved view and the pose
+difference are the trustworthy cues.
 """
 
 from __future__ import annotations
@@ -54,17 +61,25 @@ class RetrievalClips:
     A clip of L frames from ``source`` is, after ``clips_to_tensors`` drops its first frame, K context frames and the
     target. Here frame 1 (the first context slot) becomes the episode's frame nearest the target's pose among frames
     ``0 .. target - 1 - g`` (g uniform in ``0 .. max_gap - 1``, drawn from the same ``rng`` after the clip), its pose
-    the retrieved frame's pose and the action into it zero.
+    the retrieved frame's pose and the action into it zero. With ``stale_fraction`` > 0 that share of the clips has its
+    past frames (slots after the retrieved one) replaced by the frames ``s`` steps earlier, s uniform in
+    ``1 .. max_stale`` (drawn after g), actions and poses unchanged: the drift of a rollout, see the module docstring.
     """
 
-    def __init__(self, source, max_gap: int = 32):
+    def __init__(self, source, max_gap: int = 32, stale_fraction: float = 0.0, max_stale: int = 32):
         dataset = getattr(source, "dataset", None)
         if dataset is None or getattr(dataset, "_all_poses", None) is None:
             raise ValueError("a retrieval expert trains on episodes with poses: pass a collected data set "
                              "(python -m come_rl.collect env=memory_maze ...) or data=online:memory_maze")
         if max_gap < 1:
             raise ValueError(f"max_gap must be >= 1, got {max_gap}")
+        if not 0.0 <= stale_fraction <= 1.0:
+            raise ValueError(f"stale_fraction must be in [0, 1] (the share of clips with stale past frames), got "
+                             f"{stale_fraction}")
+        if max_stale < 1:
+            raise ValueError(f"max_stale must be >= 1, got {max_stale}")
         self.source, self.dataset, self.max_gap = source, dataset, max_gap
+        self.stale_fraction, self.max_stale = float(stale_fraction), int(max_stale)
         self.action_spec, self.frame_size = source.action_spec, source.frame_size
 
     def __getattr__(self, name):  # state_dict / load_state_dict of the wrapped source, when it has them
@@ -77,15 +92,24 @@ class RetrievalClips:
             raise ValueError(f"a retrieval clip needs >= 3 frames (a dropped one, the retrieved one, the target), got {length}")
         clips = self.source.sample_clips(batch_size, length, rng)
         gaps = rng.integers(0, self.max_gap, batch_size)
+        if self.stale_fraction > 0:  # drawn only when asked: a run without it keeps the random stream it had
+            stale = np.where(rng.random(batch_size) < self.stale_fraction,
+                             rng.integers(1, self.max_stale + 1, batch_size), 0)
+        else:
+            stale = np.zeros(batch_size, dtype=np.int64)
         ds = self.dataset
         frames, actions, poses = clips["frames"].copy(), clips["actions"].copy(), clips["poses"].copy()
         for i in range(batch_size):
             offset = int(ds._frame_offsets[int(clips["episode"][i])])
-            target = int(clips["start"][i]) + length - 1  # the target's index in its episode
+            start = int(clips["start"][i])
+            target = start + length - 1  # the target's index in its episode
             last = max(target - 1 - int(gaps[i]), 0)
             memory = ds._all_poses[offset:offset + last + 1]
             j = int(nearest_pose_index(memory, poses[i, -1][None])[0])
             frames[i, 1] = ds._all_frames[offset + j]
             poses[i, 1] = ds._all_poses[offset + j]
             actions[i, 0] = 0.0
+            s = min(int(stale[i]), start + 2)  # the past frames (clip slots 2 .. length - 2), s steps earlier
+            if s > 0:
+                frames[i, 2:length - 1] = ds._all_frames[offset + start + 2 - s:offset + start + length - 1 - s]
         return dict(clips, frames=frames, actions=actions, poses=poses)
