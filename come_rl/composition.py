@@ -174,17 +174,20 @@ class Composer:
                 raise ValueError(f"no conditioning given for expert term {term.name!r}")
             cond = conditions[term.name]
             context, actions, poses = cond["context"], cond["actions"], cond.get("poses")
+            level = cond.get("context_level")  # (B,) or None: a U-Net's context level input
             b = context.shape[0]
             paired[term.name] = self.needs_unconditional(term)
             if paired[term.name]:
                 # Conditional rows first, unconditional rows second: one batched call per step for both.
                 context, actions = torch.cat([context, context]), torch.cat([actions, actions])
                 poses = None if poses is None else torch.cat([poses, poses])
+                level = None if level is None else torch.cat([level, level])
                 drop = torch.cat([torch.zeros(b, dtype=torch.bool, device=context.device),
                                   torch.ones(b, dtype=torch.bool, device=context.device)])
             else:
                 drop = torch.zeros(b, dtype=torch.bool, device=context.device)
-            states[term.name] = term.expert.prepare(context, actions, poses, drop)
+            states[term.name] = (term.expert.prepare(context, actions, poses, drop) if level is None
+                                 else term.expert.prepare(context, actions, poses, drop, context_level=level))
         return functools.partial(self._denoise, states, paired, skipped)
 
     def _denoise(self, states: dict, paired: dict, skipped: set, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

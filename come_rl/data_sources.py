@@ -206,6 +206,10 @@ class BatchStream:
         clips = self.source.sample_clips(self.batch_size, self.length, self.rng)
         batch = clips_to_tensors(clips, pose_features=self.pose_features)
         noise = self.draw_noise(self.batch_size, tuple(batch[0].shape[2:]))
+        if "staleness" in clips:  # a retrieving expert's stale clips: the level it is told, no noise added
+            if len(noise) > 3:
+                raise ValueError("context_noise and retrieval_stale_fraction both use the context level: pick one")
+            noise = (*noise, torch.from_numpy(clips["staleness"]), None)
         if self.pin:
             batch, noise = (tuple(None if x is None else x.pin_memory() for x in group) for group in (batch, noise))
         return batch, noise

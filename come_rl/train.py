@@ -148,6 +148,13 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
         if name != "unet":
             raise ValueError(f"context_noise needs a U-Net model (unet_* presets), got {config.model}")
         kwargs["context_noise"] = True
+    if config.retrieval_stale_fraction > 0:  # the expert is told how stale its past frames are (come_rl.experts.retrieval)
+        if name != "unet" or not kwargs.get("retrieval"):
+            raise ValueError(f"retrieval_stale_fraction is for a retrieving U-Net (model=unet_maze_retrieval); "
+                             f"model={config.model} does not retrieve")
+        if config.context_noise > 0:
+            raise ValueError("context_noise and retrieval_stale_fraction both use the context level: pick one")
+        kwargs["context_noise"], kwargs["staleness_levels"] = True, config.retrieval_max_stale
     backbone = build_backbone(name, **kwargs)
     if getattr(backbone, "pose_dim", 0) and not config.pose_features:
         raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
@@ -256,7 +263,8 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
             with devices.autocast(device, precision):
                 loss = expert.loss(frames[rows], actions[rows], None if poses is None else poses[rows], t=t[rows],
                                    eps=eps[rows], drop=None if drop is None else drop[rows], network=network,
-                                   **({"context_level": context_noise[0][rows], "context_eps": context_noise[1][rows]}
+                                   **({"context_level": context_noise[0][rows],
+                                       "context_eps": None if context_noise[1] is None else context_noise[1][rows]}
                                       if context_noise else {}))
             (loss / accumulation).backward()
         total += loss.detach().float() / accumulation
@@ -476,9 +484,6 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
 
         source = RetrievalClips(source, stale_fraction=config.retrieval_stale_fraction,
                                 max_stale=config.retrieval_max_stale)
-    elif config.retrieval_stale_fraction:
-        raise ValueError("retrieval_stale_fraction is for a retrieving expert (model=unet_maze_retrieval); "
-                         f"model={config.model} does not retrieve")
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

@@ -284,6 +284,9 @@ class WorldModel:
                         "poses": torch.cat([self.pose_features(memory_poses[index][:, None]).to(step_poses),
                                             step_poses[:, -k:]], dim=1),
                     }
+                    levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
+                    if levels:  # its past frames lag: h of them are imagined (come_rl.experts.retrieval)
+                        conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device).clamp(-1.0, 1.0)

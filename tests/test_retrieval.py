@@ -87,8 +87,62 @@ def test_stale_clips_show_past_frames_from_earlier_with_the_true_actions_and_pos
     for key in ("actions", "poses", "start"):
         assert np.array_equal(clips[key], fresh[key])
     assert np.array_equal(clips["frames"][:, [0, 1, 5]], fresh["frames"][:, [0, 1, 5]])
+    # What the expert is told: the lag over max_stale, 0 for fresh clips.
+    assert np.allclose(clips["staleness"], shift[:, 0] / 4) and "staleness" not in fresh
     with pytest.raises(ValueError, match="stale_fraction"):
         RetrievalClips(_Source(), stale_fraction=1.5)
+
+
+def test_imagination_tells_a_stale_trained_expert_how_many_frames_it_imagined():
+    """A retrieving expert with staleness_levels is told h / levels at imagined step h (0 while its past frames are
+    all real); the level changes what it predicts; an expert without the input is told nothing."""
+    config = dict(TINY, context_frames=4, retrieval=True, context_noise=True, staleness_levels=4)
+    sltm = DiffusionExpert(VideoUNet(UNetConfig(**config)), CosineSchedule(), name="sltm", uses_poses=True,
+                           target="full", prediction="x0").eval()
+    with torch.no_grad():  # every layer away from its (often zero) initialisation, so the level reaches the output
+        for parameter in sltm.backbone.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    told = []
+    prepare = sltm.prepare
+
+    def recording_prepare(*args, context_level=None, **kwargs):
+        told.append(None if context_level is None else context_level.tolist())
+        return prepare(*args, context_level=context_level, **kwargs)
+
+    sltm.prepare = recording_prepare
+    base = DiffusionExpert(VideoUNet(UNetConfig(**dict(TINY, pose_dim=0))), CosineSchedule(), target="full",
+                           prediction="x0").eval()
+    wm = WorldModel(base, ActionSpec.discrete(6), 64, sltm=sltm, sampler=SamplerConfig(steps=2),
+                    composition=CompositionConfig(experts=["base", "sltm"], pairwise=True),
+                    pose_model=lambda poses, actions: poses + 0.1)
+    wm.reset()
+    for i in range(5):
+        wm.observe(torch.full((3, 64, 64), 0.1 * i), None if i == 0 else ActionSpec.discrete(6).encode(1), [i, 0.0, 0.0])
+    actions = torch.as_tensor(ActionSpec.discrete(6).encode(1)).float()[None, None].expand(2, 6, 6)
+    told_first = wm.imagine(actions, seed=0)
+    assert [row[0] for row in told] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # conditional rows; min(h, 4) / 4
+    with torch.no_grad():
+        torch.nn.init.zeros_(sltm.backbone.context_level_embed.weight)
+    told.clear()
+    assert not torch.allclose(wm.imagine(actions, seed=0)[:, 1:], told_first[:, 1:], atol=1e-4)
+    assert torch.allclose(wm.imagine(actions, seed=0)[:, :1], told_first[:, :1], atol=1e-6)  # level 0 at step 0
+    with pytest.raises(ValueError, match="staleness_levels"):
+        UNetConfig(**dict(TINY, context_frames=4, retrieval=True, staleness_levels=4))  # no level input
+
+
+def test_training_on_stale_clips_builds_an_expert_told_the_staleness(tmp_path):
+    from come_rl.train import TrainConfig, build_expert
+
+    config = TrainConfig(model="unet", role="sltm", target="full", prediction="x0", pose_features=True,
+                         retrieval_stale_fraction=0.5, backbone_overrides=dict(TINY, context_frames=4, retrieval=True))
+    expert, _, kwargs = build_expert(config, 6, 64)
+    assert expert.backbone.config.staleness_levels == 32 and expert.backbone.context_level_embed is not None
+    frames, actions, poses = torch.rand(2, 5, 3, 64, 64) * 2 - 1, torch.zeros(2, 5, 6), torch.randn(2, 5, 4)
+    loss = expert.loss(frames, actions, poses, context_level=torch.tensor([0.0, 0.5]), context_eps=None)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="does not retrieve"):
+        build_expert(TrainConfig(model="unet", role="sltm", pose_features=True, retrieval_stale_fraction=0.5,
+                                 backbone_overrides=dict(TINY, context_frames=4)), 6, 64)
 
 
 def _retrieval_expert(seed=0, retrieval=True):

@@ -92,7 +92,7 @@ class DiffusionExpert(nn.Module):
         return devices.module_device(self.backbone)
 
     def prepare(self, context: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor | None = None,
-                drop_context: torch.Tensor | None = None):
+                drop_context: torch.Tensor | None = None, context_level: torch.Tensor | None = None):
         """Process the clean context once.
 
         context: (B, K, C, H, W) in [-1, 1]; actions: (B, K + 1, A), the action that led to each frame, the last row
@@ -102,7 +102,10 @@ class DiffusionExpert(nn.Module):
         context, actions = devices.to_device(context, device), devices.to_device(actions, device)
         poses = devices.to_device(poses, device) if self.uses_poses else None
         drop_context = devices.to_device(drop_context, device)
-        state = self.inference_backbone().prepare(context, actions, poses, drop_context)
+        backbone = self.inference_backbone()
+        state = (backbone.prepare(context, actions, poses, drop_context) if context_level is None  # (B,): a U-Net's
+                 else backbone.prepare(context, actions, poses, drop_context, context_level=devices.to_device(
+                     context_level, device)))  # context level input (UNetConfig.context_noise / staleness_levels)
         anchor = None
         if self.target == "residual":  # the backbone's motion prior when it has one, else the last frame
             anchor = state["anchor"] if isinstance(state, dict) and "anchor" in state else context[:, -1]
@@ -172,8 +175,9 @@ class DiffusionExpert(nn.Module):
                 context_level = devices.rand((b,), generator=generator) * context_noise
                 context_eps = devices.randn(tuple(context.shape), generator=generator)
             level = devices.to_device(context_level, device).float()
-            noise = devices.to_device(context_eps, device)
-            context = context + (level[:, None, None, None, None] * noise.float()).to(context.dtype)
+            if context_eps is not None:  # None: the level is told, nothing added (a staleness, UNetConfig.staleness_levels)
+                noise = devices.to_device(context_eps, device)
+                context = context + (level[:, None, None, None, None] * noise.float()).to(context.dtype)
         anchor = backbone.anchor_frame(context, actions) if hasattr(backbone, "anchor_frame") else None
         motion_loss = None
         if anchor is not None:  # a motion prior: its own photometric loss, and the residual is taken to it

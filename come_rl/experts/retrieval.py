@@ -112,4 +112,7 @@ class RetrievalClips:
             s = min(int(stale[i]), start + 2)  # the past frames (clip slots 2 .. length - 2), s steps earlier
             if s > 0:
                 frames[i, 2:length - 1] = ds._all_frames[offset + start + 2 - s:offset + start + length - 1 - s]
-        return dict(clips, frames=frames, actions=actions, poses=poses)
+        out = dict(clips, frames=frames, actions=actions, poses=poses)
+        if self.stale_fraction > 0:  # what the expert is told (UNetConfig.staleness_levels): the lag / max_stale
+            out["staleness"] = (np.minimum(stale, [int(c) + 2 for c in clips["start"]]) / self.max_stale).astype(np.float32)
+        return out
