@@ -102,7 +102,7 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
         from come_rl.experts.retrieval import RetrievalClips
 
-        source = RetrievalClips(source)
+        source = RetrievalClips(source, blind=getattr(expert.backbone.config, "retrieval_blind", False))
     k = expert.context_frames
     rng = np.random.default_rng(config.seed)
     clips = source.sample_clips(config.clips, k + 2, rng)

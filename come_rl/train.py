@@ -100,6 +100,9 @@ class TrainConfig:
     s steps earlier (s uniform in 1 .. retrieval_max_stale), actions and poses true, as a rollout's drifted frames are,
     so the expert learns to trust the retrieved view; 0: real past frames only."""
     retrieval_max_stale: int = 32
+    retrieval_blind: bool = False
+    """a retrieving expert without past frames (UNetConfig.retrieval_blind): every context slot holds the retrieved
+    view, in training and sampling, so it cannot drift with its own frames."""
     backbone_overrides: dict = field(default_factory=dict)
     online_episodes: int = 0
     """size of the episode pool for online:<env> data (0: the env's default, 1024 for memory_cards, 4 episodes of
@@ -155,6 +158,11 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
         if config.context_noise > 0:
             raise ValueError("context_noise and retrieval_stale_fraction both use the context level: pick one")
         kwargs["context_noise"], kwargs["staleness_levels"] = True, config.retrieval_max_stale
+    if config.retrieval_blind:
+        if name != "unet" or not kwargs.get("retrieval"):
+            raise ValueError(f"retrieval_blind is for a retrieving U-Net (model=unet_maze_retrieval); "
+                             f"model={config.model} does not retrieve")
+        kwargs["retrieval_blind"] = True
     backbone = build_backbone(name, **kwargs)
     if getattr(backbone, "pose_dim", 0) and not config.pose_features:
         raise ValueError(f"model {config.model} is pose-conditioned (pose_dim={backbone.pose_dim}) but pose_features is "
@@ -483,7 +491,7 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         from come_rl.experts.retrieval import RetrievalClips
 
         source = RetrievalClips(source, stale_fraction=config.retrieval_stale_fraction,
-                                max_stale=config.retrieval_max_stale)
+                                max_stale=config.retrieval_max_stale, blind=config.retrieval_blind)
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

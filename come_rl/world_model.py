@@ -275,6 +275,15 @@ class WorldModel:
                         "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                         "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                     }
+                elif getattr(expert.backbone.config, "retrieval_blind", False):  # every slot: the retrieved view
+                    index = nearest_pose_index(memory_poses, next_pose.float())
+                    view, view_pose = self.memory.gather(index).to(frames), self.pose_features(memory_poses[index])
+                    conditions[role] = {
+                        "context": view[:, None].expand(-1, k, *view.shape[1:]).contiguous(),
+                        "actions": torch.cat([torch.zeros_like(step_actions[:, :1]), step_actions[:, -k:]], dim=1),
+                        "poses": torch.cat([view_pose[:, None].expand(-1, k, view_pose.shape[-1]).to(step_poses),
+                                            step_poses[:, -1:]], dim=1),
+                    }
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     conditions[role] = {

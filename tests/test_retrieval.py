@@ -266,3 +266,36 @@ def test_the_shipped_maze_checkpoint_composes_all_four_experts_with_the_retrievi
     assert first.shape == (1, 1, 3, 64, 64) and torch.isfinite(first).all()
     generator.manual_seed(0)
     assert not torch.allclose(imagine(torch.full((3, 64, 64), -0.8)), first, atol=1e-3)
+
+
+def test_a_blind_retrieving_expert_sees_only_the_retrieved_view():
+    """Training clips of a blind expert show the retrieved view (and its pose) in every context slot; imagining with
+    it depends on the memorized view at the imagined pose, not on the past frames."""
+    clips = RetrievalClips(_Source(), max_gap=3, blind=True).sample_clips(64, 6, np.random.default_rng(2))
+    assert (clips["frames"][:, 2:5] == clips["frames"][:, 1:2]).all()
+    assert (clips["poses"][:, 2:5] == clips["poses"][:, 1:2]).all()
+    config = dict(TINY, context_frames=4, retrieval=True, retrieval_blind=True)
+    torch.manual_seed(0)
+    sltm = DiffusionExpert(VideoUNet(UNetConfig(**config)), CosineSchedule(), name="sltm", uses_poses=True,
+                           target="full", prediction="x0").eval()
+    with torch.no_grad():
+        for parameter in sltm.backbone.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    base = DiffusionExpert(VideoUNet(UNetConfig(**dict(TINY, pose_dim=0))), CosineSchedule(), target="full",
+                           prediction="x0").eval()
+
+    def imagine(at_target: float, past: float) -> torch.Tensor:
+        wm = WorldModel(base, ActionSpec.discrete(6), 64, sltm=sltm, sampler=SamplerConfig(steps=2),
+                        composition=CompositionConfig(experts=["base", "sltm"], pairwise=True),
+                        pose_model=lambda poses, actions: torch.tensor([[5.0, 5.0, 0.0]]).expand(poses.shape[0], 3))
+        wm.reset()
+        poses = [[5.0, 5.0, 0.0], [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
+        for i, pose in enumerate(poses):
+            wm.observe(torch.full((3, 64, 64), at_target if i == 0 else past + 0.01 * i),
+                       None if i == 0 else ActionSpec.discrete(6).encode(1), pose)
+        return wm.imagine(ActionSpec.discrete(6).encode(1)[None, None], seed=0)
+
+    assert torch.allclose(imagine(0.5, -0.5), imagine(0.5, 0.3), atol=1e-6)  # the past frames are not read
+    assert not torch.allclose(imagine(0.5, -0.5), imagine(-0.5, -0.5), atol=1e-4)
+    with pytest.raises(ValueError, match="retrieval_blind"):
+        UNetConfig(**dict(TINY, retrieval_blind=True))

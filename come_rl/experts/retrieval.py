@@ -66,7 +66,8 @@ class RetrievalClips:
     ``1 .. max_stale`` (drawn after g), actions and poses unchanged: the drift of a rollout, see the module docstring.
     """
 
-    def __init__(self, source, max_gap: int = 32, stale_fraction: float = 0.0, max_stale: int = 32):
+    def __init__(self, source, max_gap: int = 32, stale_fraction: float = 0.0, max_stale: int = 32,
+                 blind: bool = False):
         dataset = getattr(source, "dataset", None)
         if dataset is None or getattr(dataset, "_all_poses", None) is None:
             raise ValueError("a retrieval expert trains on episodes with poses: pass a collected data set "
@@ -80,6 +81,9 @@ class RetrievalClips:
             raise ValueError(f"max_stale must be >= 1, got {max_stale}")
         self.source, self.dataset, self.max_gap = source, dataset, max_gap
         self.stale_fraction, self.max_stale = float(stale_fraction), int(max_stale)
+        if blind and stale_fraction:
+            raise ValueError("a blind retrieving expert has no past frames to make stale: pick one")
+        self.blind = bool(blind)
         self.action_spec, self.frame_size = source.action_spec, source.frame_size
 
     def __getattr__(self, name):  # state_dict / load_state_dict of the wrapped source, when it has them
@@ -109,6 +113,9 @@ class RetrievalClips:
             frames[i, 1] = ds._all_frames[offset + j]
             poses[i, 1] = ds._all_poses[offset + j]
             actions[i, 0] = 0.0
+            if self.blind:  # no past frames: every slot shows the retrieved view (UNetConfig.retrieval_blind)
+                frames[i, 2:length - 1] = frames[i, 1]
+                poses[i, 2:length - 1] = poses[i, 1]
             s = min(int(stale[i]), start + 2)  # the past frames (clip slots 2 .. length - 2), s steps earlier
             if s > 0:
                 frames[i, 2:length - 1] = ds._all_frames[offset + start + 2 - s:offset + start + length - 1 - s]

@@ -74,6 +74,9 @@ class UNetConfig:
     (``come_rl.experts.retrieval``); the difference of the two poses' features enters the FiLM conditioning
     (zero-initialised: warm-started from an expert without it, it begins as that expert with its oldest context
     frame's weights at zero). Needs pose features (``pose_dim``)."""
+    retrieval_blind: bool = False
+    """a retrieving expert without past frames: every context slot holds the retrieved view (training and sampling
+    alike), so what it predicts depends on the memory and the poses only and cannot drift with its own frames."""
     staleness_levels: int = 0
     """> 0 (a retrieving expert trained with stale clips, ``retrieval_stale_fraction``): the context level
     (``context_noise``'s FiLM input) tells how many steps its past frames lag, divided by this; sampling tells it the
@@ -93,6 +96,8 @@ class UNetConfig:
                              f"{2 if self.warp_anchor else 1} past frame(s) (context_frames >= "
                              f"{3 if self.warp_anchor else 2}); got pose_dim={self.pose_dim}, "
                              f"context_frames={self.context_frames}")
+        if self.retrieval_blind and not self.retrieval:
+            raise ValueError("retrieval_blind is for a retrieving U-Net (retrieval=true)")
         if self.staleness_levels and not (self.retrieval and self.context_noise):
             raise ValueError("staleness_levels is for a retrieving U-Net with a context level input (retrieval=true, "
                              f"context_noise=true); got retrieval={self.retrieval}, context_noise={self.context_noise}")
