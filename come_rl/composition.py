@@ -166,7 +166,7 @@ class Composer:
         """The denoiser of these conditions: conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A),
         poses=(B,K+1,P) or None) per term. Every context is prepared here, once."""
         skipped = self.skipped_terms()
-        states, paired = {}, {}
+        states, paired, gates = {}, {}, {}
         for term in self.terms:
             if term.name in skipped:
                 continue
@@ -175,6 +175,8 @@ class Composer:
             cond = conditions[term.name]
             context, actions, poses = cond["context"], cond["actions"], cond.get("poses")
             level = cond.get("context_level")  # (B,) or None: a U-Net's context level input
+            if cond.get("gate") is not None:  # (B,) in [0, 1]: the share of its weight each sample gives the term
+                gates[term.name] = cond["gate"].float().to(context.device)[:, None, None, None]
             b = context.shape[0]
             paired[term.name] = self.needs_unconditional(term)
             if paired[term.name]:
@@ -188,13 +190,20 @@ class Composer:
                 drop = torch.zeros(b, dtype=torch.bool, device=context.device)
             states[term.name] = (term.expert.prepare(context, actions, poses, drop) if level is None
                                  else term.expert.prepare(context, actions, poses, drop, context_level=level))
-        return functools.partial(self._denoise, states, paired, skipped)
+        return functools.partial(self._denoise, states, paired, skipped, gates)
 
-    def _denoise(self, states: dict, paired: dict, skipped: set, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, states: dict, paired: dict, skipped: set, gates: dict, x_t: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
         conditional: dict[str, torch.Tensor] = {}
         unconditional: dict[str, torch.Tensor] = {}
         level = float(t.max())
         weights = self._weights(level)
+        if gates:  # per-sample weights: a gated term's share goes back to the anchor (pairwise) or out of the sum
+            anchor = self.terms[0].name
+            gated = {name: weights[name] * gate for name, gate in gates.items()}
+            if self.pairwise:
+                gated[anchor] = weights[anchor] + sum(weights[name] - gated[name] for name in gates)
+            weights = {**weights, **gated}
         coefficients = self.conditional_coefficients(level)
         for term in self.terms:
             inactive = coefficients[term.name] == 0.0 and not (weights[term.name] and self.needs_unconditional(term))
@@ -248,6 +257,10 @@ class CompositionConfig:
     active_below: dict[str, float] = field(default_factory=dict)
     """per expert, the noise level t from which up it no longer takes part (e.g. {"stm": 0.8}: the STM only at t < 0.8,
     below the LTM's gate); absent = always."""
+    retrieval_gate: dict[str, float] = field(default_factory=dict)
+    """per retrieving expert (``come_rl.experts.retrieval``), the largest pose distance (position / 0.5 cell + heading
+    / 45 degrees) of its retrieved view at which it takes part, sample by sample (e.g. {"sltm": 1.0}): a view seen far
+    from the imagined pose says little about it; absent = always."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
@@ -263,6 +276,9 @@ class CompositionConfig:
             if role not in EXPERT_ROLES or not 0.0 <= low < high:
                 raise ValueError(f"gate of {role!r}: need a known expert and 0 <= active_from < active_below, got "
                                  f"active_from={low}, active_below={high} (it would never take part)")
+        for role, distance in self.retrieval_gate.items():
+            if role not in EXPERT_ROLES or role == "base" or not distance > 0:
+                raise ValueError(f"retrieval_gate of {role!r}: need a memory expert and a distance > 0, got {distance}")
 
 
 def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert]) -> Composer:

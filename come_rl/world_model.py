@@ -34,7 +34,7 @@ from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
-from come_rl.experts.retrieval import nearest_pose_index
+from come_rl.experts.retrieval import nearest_pose_index, paired_pose_distance
 from come_rl.interfaces import ActionSpec
 
 PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -284,6 +284,7 @@ class WorldModel:
                         "poses": torch.cat([view_pose[:, None].expand(-1, k, view_pose.shape[-1]).to(step_poses),
                                             step_poses[:, -1:]], dim=1),
                     }
+                    self._gate_retrieval(conditions, role, memory_poses[index], next_pose)
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     conditions[role] = {
@@ -293,6 +294,7 @@ class WorldModel:
                         "poses": torch.cat([self.pose_features(memory_poses[index][:, None]).to(step_poses),
                                             step_poses[:, -k:]], dim=1),
                     }
+                    self._gate_retrieval(conditions, role, memory_poses[index], next_pose)
                     levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
                     if levels:  # its past frames lag: h of them are imagined (come_rl.experts.retrieval)
                         conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
@@ -306,6 +308,14 @@ class WorldModel:
                 poses = torch.cat([poses[:, 1:], next_pose[:, None]], dim=1)
         self.last_network_calls = composer.network_calls
         return torch.stack(outputs, dim=1)
+
+    def _gate_retrieval(self, conditions: dict, role: str, retrieved_poses: torch.Tensor, poses: torch.Tensor) -> None:
+        """With ``composition.retrieval_gate[role]``: the expert takes part only in the samples whose retrieved view was
+        seen within that pose distance of the imagined pose (a (B,) gate in its conditions)."""
+        gate = self.composition.retrieval_gate.get(role)
+        if gate is not None:
+            distance = paired_pose_distance(retrieved_poses, poses.float())  # (B,)
+            conditions[role]["gate"] = (distance <= gate).float()
 
     def _validate_history(self, history, batch: int, longest: int):
         if not isinstance(history, (tuple, list)) or len(history) != 3:

@@ -299,3 +299,30 @@ def test_a_blind_retrieving_expert_sees_only_the_retrieved_view():
     assert not torch.allclose(imagine(0.5, -0.5), imagine(-0.5, -0.5), atol=1e-4)
     with pytest.raises(ValueError, match="retrieval_blind"):
         UNetConfig(**dict(TINY, retrieval_blind=True))
+
+
+def test_the_retrieval_gate_silences_the_expert_where_its_view_was_seen_far_away():
+    """retrieval_gate={"sltm": d}: a sample whose retrieved view lies within d of the imagined pose composes as without
+    the gate; one whose view lies farther composes as the base alone (pairwise: the share goes back to the base)."""
+    sltm = _retrieval_expert()
+    base = DiffusionExpert(VideoUNet(UNetConfig(**dict(TINY, pose_dim=0))), CosineSchedule(), target="full",
+                           prediction="x0").eval()
+    torch.nn.init.normal_(base.backbone.out_conv.weight, std=0.05)
+
+    def imagine(experts, gate, first_pose):
+        rule = CompositionConfig(experts=experts, pairwise=True, weights={"base": 1.0, "sltm": 3.0},
+                                 retrieval_gate={} if gate is None else {"sltm": gate})
+        wm = WorldModel(base, ActionSpec.discrete(6), 64, sltm=sltm, composition=rule, sampler=SamplerConfig(steps=2),
+                        pose_model=lambda poses, actions: torch.tensor([[5.0, 5.0, 0.0]]).expand(poses.shape[0], 3))
+        wm.reset()
+        poses = [first_pose, [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
+        for i, pose in enumerate(poses):
+            wm.observe(torch.full((3, 64, 64), 0.1 * i - 0.2), None if i == 0 else ActionSpec.discrete(6).encode(1), pose)
+        return wm.imagine(ActionSpec.discrete(6).encode(1)[None, None], seed=0)
+
+    seen_here, seen_far = [5.0, 5.0, 0.0], [5.0, 1.0, 0.0]
+    assert torch.allclose(imagine(["base", "sltm"], 0.5, seen_here), imagine(["base", "sltm"], None, seen_here), atol=1e-6)
+    assert torch.allclose(imagine(["base", "sltm"], 0.5, seen_far), imagine(["base"], None, seen_far), atol=1e-5)
+    assert not torch.allclose(imagine(["base", "sltm"], None, seen_far), imagine(["base"], None, seen_far), atol=1e-4)
+    with pytest.raises(ValueError, match="retrieval_gate"):
+        CompositionConfig(experts=["base", "sltm"], retrieval_gate={"base": 1.0})

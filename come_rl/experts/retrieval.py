@@ -28,7 +28,8 @@ import math
 
 import numpy as np
 
-__all__ = ["HEADING_SCALE", "POSITION_SCALE", "RetrievalClips", "nearest_pose_index", "pose_distance"]
+__all__ = ["HEADING_SCALE", "POSITION_SCALE", "RetrievalClips", "nearest_pose_index", "paired_pose_distance",
+           "pose_distance"]
 
 POSITION_SCALE = 0.5
 """cells: a position difference of this size counts 1."""
@@ -41,8 +42,13 @@ def pose_distance(memory_poses, query):
     distance / ``POSITION_SCALE`` plus the wrapped heading difference / ``HEADING_SCALE``. numpy or torch in, same out."""
     memory = memory_poses[None] if query.ndim == 2 else memory_poses
     q = query[:, None] if query.ndim == 2 else query[None]
-    position = (((memory[..., :2] - q[..., :2]) ** 2).sum(-1)) ** 0.5
-    turn = abs((memory[..., 2] - q[..., 2] + math.pi) % (2 * math.pi) - math.pi)  # wrapped; numpy and torch alike
+    return paired_pose_distance(memory, q)
+
+
+def paired_pose_distance(a, b):
+    """The distance of each pose of ``a`` to the pose of ``b`` at the same place (..., 3) -> (...); broadcasts."""
+    position = (((a[..., :2] - b[..., :2]) ** 2).sum(-1)) ** 0.5
+    turn = abs((a[..., 2] - b[..., 2] + math.pi) % (2 * math.pi) - math.pi)  # wrapped; numpy and torch alike
     return position / POSITION_SCALE + turn / HEADING_SCALE
 
 
