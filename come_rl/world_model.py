@@ -275,24 +275,17 @@ class WorldModel:
                         "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                         "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                     }
-                elif getattr(expert.backbone.config, "retrieval_blind", False):  # every slot: the retrieved view
-                    index = nearest_pose_index(memory_poses, next_pose.float())
-                    view, view_pose = self.memory.gather(index).to(frames), self.pose_features(memory_poses[index])
-                    conditions[role] = {
-                        "context": view[:, None].expand(-1, k, *view.shape[1:]).contiguous(),
-                        "actions": torch.cat([torch.zeros_like(step_actions[:, :1]), step_actions[:, -k:]], dim=1),
-                        "poses": torch.cat([view_pose[:, None].expand(-1, k, view_pose.shape[-1]).to(step_poses),
-                                            step_poses[:, -1:]], dim=1),
-                    }
-                    self._gate_retrieval(conditions, role, memory_poses[index], next_pose)
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
+                    view, view_pose = self.memory.gather(index)[:, None].to(frames), self.pose_features(
+                        memory_poses[index][:, None]).to(step_poses)
+                    blind = getattr(expert.backbone.config, "retrieval_blind", False)  # every slot: the retrieved view
                     conditions[role] = {
-                        "context": torch.cat([self.memory.gather(index)[:, None].to(frames), frames[:, -(k - 1):]],
-                                             dim=1),
+                        "context": (view.expand(-1, k, *view.shape[2:]).contiguous() if blind
+                                    else torch.cat([view, frames[:, -(k - 1):]], dim=1)),
                         "actions": torch.cat([torch.zeros_like(step_actions[:, :1]), step_actions[:, -k:]], dim=1),
-                        "poses": torch.cat([self.pose_features(memory_poses[index][:, None]).to(step_poses),
-                                            step_poses[:, -k:]], dim=1),
+                        "poses": torch.cat([view_pose.expand(-1, k, view_pose.shape[-1]), step_poses[:, -1:]], dim=1)
+                        if blind else torch.cat([view_pose, step_poses[:, -k:]], dim=1),
                     }
                     self._gate_retrieval(conditions, role, memory_poses[index], next_pose)
                     levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
