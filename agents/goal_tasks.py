@@ -251,6 +251,8 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
         "lpips_to_goal": final_lpips,
         "mean_plan_seconds": float(np.mean(plan_times)) if plan_times else 0.0,
         "memorize_calls": sum(row["memorized"] for row in step_rows),
+        # a place-aware objective says whether the world model's memory told it where the goal is
+        **({"knows_place": bool(agent.objective.knows_place)} if hasattr(agent.objective, "knows_place") else {}),
         **preload_row,
     }
     return EpisodeResult(step_rows, episode_row, real_frames, imagined_frames, executed)

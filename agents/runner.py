@@ -54,6 +54,8 @@ def summarize(episode_rows: Sequence[dict]) -> dict:
         "lpips_to_goal": mean("lpips_to_goal"),
         "mean_plan_seconds": mean("mean_plan_seconds"),
         **({"preload_seconds": mean("preload/seconds")} if episode_rows and "preload/seconds" in episode_rows[0] else {}),
+        # the share of episodes whose objective found the goal's place in the world model's memory
+        **({"knows_place": mean("knows_place")} if episode_rows and "knows_place" in episode_rows[0] else {}),
     }
 
 

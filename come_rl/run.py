@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def device_settings(cfg: DictConfig) -> dict:
             "compile": compile_value}
 
 
-def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> Any:
+def build_world_model(model_cfg: DictConfig, placement: dict | None = None, env: gym.Env | None = None) -> Any:
     """``model._target_`` called: with a ``checkpoint`` key it is a loader (``WorldModel.load``) given the resolved
     checkpoint, ``experts=``, ``composition=``, ``memorize=`` and ``sampler=``; without one, a model built from its
     settings (the point mass).
@@ -134,6 +135,8 @@ def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> A
     ``model.experts`` picks the composition (``[base]`` is the no-memory ablation, ``[base, ltm]`` CoME's
     default); ``model.sampler_steps`` the denoising steps per imagined frame. ``placement`` (:func:`device_settings`)
     go to a loader that takes ``device`` (``WorldModel.load``); a model without a checkpoint runs where it runs.
+    ``env``: the bare env the agent acts in, given to a model without a checkpoint that takes ``env`` (the exact
+    model ``model=memory_maze_simulator``: the simulator imagines from the env's own physics state).
     """
     if "loader" in model_cfg:
         raise ValueError("model.loader is now model._target_ (e.g. model._target_=come_rl.world_model.WorldModel.load)")
@@ -142,7 +145,10 @@ def build_world_model(model_cfg: DictConfig, placement: dict | None = None) -> A
                          "come_rl.world_model.WorldModel.load)")
     target = _import_target(str(model_cfg._target_), "model")
     if "checkpoint" not in model_cfg:
-        return _call_target(target, OmegaConf.to_container(model_cfg, resolve=True))
+        settings = OmegaConf.to_container(model_cfg, resolve=True)
+        if env is not None and _takes(target, "env"):
+            settings["env"] = env
+        return _call_target(target, settings)
     checkpoint = resolve_checkpoint(str(model_cfg.checkpoint))
     settings = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs = {key: settings[key] for key in MODEL_LOAD_KEYS if settings.get(key) is not None}
@@ -378,7 +384,7 @@ def build_goal_player(cfg: DictConfig, settings: dict) -> tuple[GoalEpisodePlaye
     torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
     env = build_env(cfg.env)
-    world_model = build_world_model(cfg.model, settings)
+    world_model = build_world_model(cfg.model, settings, env=env)
     check_compatible(env, world_model)
     agent = build_agent(cfg.agent, world_model, planner)
     frame_key, pose_key = observation_keys(cfg)
@@ -447,10 +453,8 @@ def run(cfg: DictConfig) -> dict:
         env = build_env(cfg.env)
     policy = instantiate(task_cfg.reference_policy) if task_cfg.get("reference_policy") else None
     seeds = [episode_seeds(int(cfg.run.seed), index) for index in range(int(cfg.run.episodes))]
-    tasks = [record_reference_task(env, seed=episode.env, policy_seed=episode.policy,
-                                   goal_offset=int(task_cfg.goal_offset), policy=policy, frame_key=frame_key,
-                                   pose_key=pose_key, min_goal_distance=float(task_cfg.get("min_goal_distance", 0.0)))
-             for episode in seeds]
+    tasks = [record_task(env, episode, int(task_cfg.goal_offset), policy, frame_key, pose_key,
+                         float(task_cfg.get("min_goal_distance", 0.0))) for episode in seeds]
     if backend == "local":
         def play(indices):
             for index in indices:
@@ -482,16 +486,46 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+# a start whose every reference path stays near it (a dead end the policy keeps turning in) is replaced by another maze
+TASK_REDRAWS = 3
+
+
+def record_task(env: gym.Env, episode, goal_offset: int, policy, frame_key: str | None, pose_key: str,
+                min_goal_distance: float):
+    """The episode's goal task from its env seed; where no reference path from that start ends ``min_goal_distance``
+    away, the start is redrawn from the episode's own seed stream (up to ``TASK_REDRAWS`` times, each logged), so one
+    awkward start does not stop a run and every other episode keeps its task."""
+    error = None
+    for redraw in range(TASK_REDRAWS + 1):
+        seed = episode.env if redraw == 0 else derive_seed(episode.env, "redraw", redraw) % 2**31
+        try:
+            return record_reference_task(env, seed=seed, policy_seed=episode.policy, goal_offset=goal_offset,
+                                         policy=policy, frame_key=frame_key, pose_key=pose_key,
+                                         min_goal_distance=min_goal_distance)
+        except ValueError as failure:
+            error = failure
+            if redraw < TASK_REDRAWS:
+                log.warning("%s; the episode starts from env seed %d instead", failure,
+                            derive_seed(episode.env, "redraw", redraw + 1) % 2**31)
+    raise error
+
+
 def reached_sentence(summary: dict, threshold: float, experts: list[str]) -> str:
-    """One line for a person: what the agent reached, and where memory's effect is measured."""
+    """What the agent reached, whether memory told it where the goal is, and the command of the other side of the
+    memory ablation on the same episodes (same seeds)."""
     episodes = int(summary["episodes"])
     hits = round(float(summary["success_rate"]) * episodes)
     line = (f"reached the goal (within {threshold:g}) in {hits}/{episodes} episodes; mean distance to the goal "
             f"{float(summary['start_distance']):.2f} at the start -> {float(summary['final_distance']):.2f} at the end")
     if experts:
-        ablation = "[base]" if "ltm" in experts else "[base,ltm]"
-        line += (f" (experts {'+'.join(experts)}; the same run without memory: model.experts={ablation}). "
-                 "Where memory decides, over 32 episodes: python -m agents.find_object")
+        remembers = "ltm" in experts or "sltm" in experts
+        line += f" (experts {'+'.join(experts)}: {'with' if remembers else 'without'} long-term memory"
+        knows = summary.get("knows_place")
+        if knows is not None and not math.isnan(float(knows)):
+            line += f"; the goal's place found in memory in {round(float(knows) * episodes)}/{episodes}"
+        ablation = "[base]" if remembers else "[base,ltm]"
+        line += (f")\nthe same episodes {'without' if remembers else 'with'} memory: add model.experts={ablation} to "
+                 f"this command")
     return line
 
 

@@ -31,7 +31,7 @@ from come_rl import devices
 from come_rl.checkpoint import load_expert, resolve_checkpoint
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
 from come_rl.diffusion import SamplerConfig, sample
-from come_rl.experts.episode_memory import EpisodeMemory, to_frame_tensor
+from come_rl.experts.episode_memory import EpisodeMemory, PlaceMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
 from come_rl.experts.retrieval import nearest_pose_index, paired_pose_distance
@@ -90,7 +90,10 @@ class WorldModel:
                                  "sltm_memorizes=false")
             self.sltm = LongTermMemoryExpert(self.sltm, self.memorize_config, name="sltm")
         self.memory = EpisodeMemory(self.frame_shape, action_spec)
+        # what the long-term memory memorized, by place (kept across segments); how much of this segment it holds
+        self.places, self._segment_in_places = PlaceMemory(), 0
         self.last_network_calls = 0
+        self.last_poses: torch.Tensor | None = None  # (B, H, 3) poses of the last imagined frames (with a pose model)
         self.use_compile(compile)
 
     def use_composition(self, composition: CompositionConfig | dict) -> None:
@@ -132,14 +135,17 @@ class WorldModel:
     def reset(self) -> None:
         """Start a new episode: empty the memory and re-initialise the LTM's adapters."""
         self.memory.clear()
+        self.places.clear()
+        self._segment_in_places = 0
         for expert in (self.ltm, self.sltm):
             if isinstance(expert, LongTermMemoryExpert):
                 expert.reset()
 
     def begin_segment(self) -> None:
         """Start a new stretch of observations in the same episode (e.g. the agent is put back at the start):
-        the short-term context restarts, but what the LTM has memorized stays in its adapters."""
+        the short-term context restarts, but what the LTM has memorized stays in its adapters (and its places)."""
         self.memory.clear()
+        self._segment_in_places = 0
 
     def observe(self, frame, action=None, pose=None) -> None:
         """Append one observation: frame uint8 (H, W, 3) or float (3, H, W) in [-1, 1]; action (A,) = the action
@@ -169,17 +175,24 @@ class WorldModel:
             raise ValueError("memorize() on an empty memory: observe frames of the episode first")
         if memorizing_sltm and self.memory.poses is None:  # checked before any expert changes
             raise ValueError("the SLTM memorizes with poses: observe(frame, action, pose) every frame")
+        # revisit clips ask a pose model where each action leads from a pose alone; one that reads the frame too (the
+        # odometry head) is not asked: the recorded steps are used, as without a pose model
+        pose_model = None if getattr(self.pose_model, "reads_context", False) else self.pose_model
         for expert in (self.ltm, self.sltm if memorizing_sltm else None):  # every check before any weight changes
             if expert is not None:
-                expert.check_memorize(self.memory, steps, self.pose_model, **overrides)
+                expert.check_memorize(self.memory, steps, pose_model, **overrides)
         stats = {}
         if self.ltm is not None:
-            stats = self.ltm.memorize(self.memory, steps, generator=generator, pose_model=self.pose_model,
+            stats = self.ltm.memorize(self.memory, steps, generator=generator, pose_model=pose_model,
                                       precision=self.precision, **overrides)
         if memorizing_sltm:
             stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator,
-                                                        pose_model=self.pose_model, precision=self.precision,
+                                                        pose_model=pose_model, precision=self.precision,
                                                         **overrides))
+        if self.memory.poses is not None and len(self.memory) > self._segment_in_places:  # where the new frames were seen
+            new = range(self._segment_in_places, len(self.memory))
+            self.places.add(self.memory.gather(torch.tensor(list(new))), self.memory.poses[list(new)])
+            self._segment_in_places = len(self.memory)
         return stats
 
     # ------------------------------------------------------------------------------------------------ imagine
@@ -254,6 +267,9 @@ class WorldModel:
                 raise ValueError("the SLTM needs poses: pass pose= to observe()")
             if self.pose_model is None:
                 raise ValueError("the SLTM needs the poses of imagined frames: give the WorldModel a pose_model")
+        # with a pose model and observed poses, every imagined frame gets its pose (last_poses), whoever reads it
+        tracks_poses = self.pose_model is not None and poses is not None
+        imagined_poses = []
         composer = self._composer()
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
         if retrievers:  # the memorized frames and poses that a retrieval expert reads (come_rl.experts.retrieval)
@@ -264,8 +280,10 @@ class WorldModel:
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
+            if tracks_poses:
+                next_pose = self._next_pose(poses, actions[:, h], frames)
+                imagined_poses.append(next_pose.float().cpu())
             if needs_poses:
-                next_pose = self.pose_model(poses[:, -1], actions[:, h])
                 step_poses = self.pose_features(torch.cat([poses, next_pose[:, None]], dim=1))
             conditions = {}
             for role, expert in experts.items():
@@ -297,10 +315,26 @@ class WorldModel:
             outputs.append(next_frame)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
-            if needs_poses:
-                poses = torch.cat([poses[:, 1:], next_pose[:, None]], dim=1)
+            if tracks_poses:
+                poses = torch.cat([poses[:, 1:], next_pose[:, None].to(poses)], dim=1)
         self.last_network_calls = composer.network_calls
+        self.last_poses = torch.stack(imagined_poses, dim=1) if tracks_poses else None
         return torch.stack(outputs, dim=1)
+
+    def _next_pose(self, poses: torch.Tensor, action: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The pose model's pose after ``action`` (B, A) from the last of ``poses`` (B, L, 3); a pose model that
+        ``reads_context`` (``come_rl.odometry.OdometryPoseModel``) also gets the pose before it and the frame now."""
+        if getattr(self.pose_model, "reads_context", False):
+            previous = poses[:, -2] if poses.shape[1] > 1 else None
+            return self.pose_model(poses[:, -1], action, previous=previous, frame=frames[:, -1])
+        return self.pose_model(poses[:, -1], action)
+
+    def current_pose(self) -> np.ndarray:
+        """(x, y, yaw) of the last observed frame (what a place-aware objective plans from)."""
+        poses = self.memory.poses
+        if poses is None:
+            raise RuntimeError("no pose observed: observe(frame, action, pose) the episode's frames with their poses")
+        return poses[-1].double().numpy()
 
     def _gate_retrieval(self, conditions: dict, role: str, retrieved_poses: torch.Tensor, poses: torch.Tensor) -> None:
         """With ``composition.retrieval_gate[role]``: the expert takes part only in the samples whose retrieved view was
@@ -387,6 +421,11 @@ class WorldModel:
                 optional[role], _ = load_expert(directory, role)
         action_spec_dict = spec.get("action_spec") or settings.get("action_spec")
         action_spec = ActionSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in action_spec_dict.items()})
+        if pose_model is None and (directory / "odometry.json").is_file():  # the checkpoint's own odometry head
+            from come_rl.odometry import load_odometry
+
+            pose_model = load_odometry(directory)
+            pose_model.net.to(target_device)
         model = cls(
             base, action_spec, int(spec.get("frame_size") or settings["frame_size"]),
             composition=comp_cfg,

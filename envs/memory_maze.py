@@ -348,9 +348,15 @@ class MazeSimulatorModel:
         self.last_network_calls = 0
         self.last_poses = None
         self._last_pose: np.ndarray | None = None
+        # what it "memorizes" is only where it saw what (the places a place-aware objective looks the goal up in)
+        from come_rl.experts.episode_memory import PlaceMemory
+
+        self.places = PlaceMemory()
+        self._segment: list[tuple[np.ndarray, np.ndarray]] = []
 
     def reset(self) -> None:
-        pass
+        self.places.clear()
+        self._segment = []
 
     def current_pose(self) -> np.ndarray:
         """(x, y, yaw) of the agent now: the pose last given to ``observe``."""
@@ -359,13 +365,25 @@ class MazeSimulatorModel:
         return self._last_pose
 
     def begin_segment(self) -> None:
-        pass
+        self._segment = []
 
     def observe(self, frame, action=None, pose=None) -> None:
         if pose is not None:
             self._last_pose = np.asarray(pose, np.float32)
+            self._segment.append((np.asarray(frame), self._last_pose.copy()))
 
     def memorize(self, steps: int | None = None, generator=None, **overrides) -> dict:
+        """The simulator needs no memory of how things look; it keeps where it saw what (``places``), as a model with
+        a long-term memory does, so that a place-aware objective finds the goal with either."""
+        import torch
+
+        from come_rl.conventions import frames_to_tensor
+
+        if self._segment:
+            frames = np.stack([frame for frame, _ in self._segment])
+            frames = frames_to_tensor(frames) if frames.dtype == np.uint8 else torch.as_tensor(frames)
+            self.places.add(frames, torch.as_tensor(np.stack([pose for _, pose in self._segment])))
+            self._segment = []
         return {"steps": 0, "seconds": 0.0, "note": "the simulator needs no memory"}
 
     def _random_states(self) -> list:

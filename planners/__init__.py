@@ -8,7 +8,7 @@ from planners.base import ActionSpec, Objective, Planner, SamplingPlanner, score
 from planners.cem import CEMPlanner
 from planners.mppi import MPPIPlanner
 from planners.nwm import NWMPlanner
-from planners.objectives import CallableObjective, LPIPSGoalObjective, PixelGoalObjective
+from planners.objectives import CallableObjective, LPIPSGoalObjective, PathObjective, PixelGoalObjective, PlaceObjective
 from planners.random_shooting import RandomShootingPlanner
 
 __all__ = [
@@ -19,7 +19,9 @@ __all__ = [
     "MPPIPlanner",
     "NWMPlanner",
     "Objective",
+    "PathObjective",
     "PixelGoalObjective",
+    "PlaceObjective",
     "Planner",
     "RandomShootingPlanner",
     "SamplingPlanner",

@@ -14,6 +14,7 @@ benchmark can tell how much of a planning call the world model takes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -209,6 +210,67 @@ class PathObjective:
                 scores = scores - self.lpips_weight * self.lpips(last, self.goal.unsqueeze(0).expand_as(last)).double()
         self.timings["score_s"] += time.perf_counter() - start
         return scores.float()
+
+
+class PlaceObjective:
+    """Goal scoring that asks the world model's memory where the goal is: reach the place the goal view was seen.
+
+    At construction (once per goal) the goal image is looked up among the places the world model has memorized
+    (``world_model.places``, ``come_rl.experts.episode_memory.PlaceMemory``: every memorized frame with its pose): the
+    memorized frame nearest the goal in pixels, if its mean squared difference is at most ``match_mse`` (a goal view
+    the agent has seen), gives the goal's place; the route is the memorized poses between the place nearest the agent
+    now and the goal's (in the order seen, or backwards when the goal was seen before it). Candidates are then scored by
+    :class:`PathObjective` on that route: minus the distance of their imagined final pose (the world model's
+    ``last_poses``: its odometry head, or the simulator's exact poses) to the waypoint ``lookahead`` cells ahead, minus
+    ``lpips_weight`` times the LPIPS of the last imagined frame to the goal view.
+
+    A world model with nothing memorized (no long-term memory: ``model.experts=[base]``; or the goal never seen), or
+    one that cannot pose its imagined frames (no pose model), cannot say where the goal is: the objective is then
+    :class:`LPIPSGoalObjective` (``repeats``, ``frames``), NWM's scoring by the goal view alone, ``knows_place`` is
+    False and ``reason`` says why.
+    """
+
+    def __init__(self, world_model, goal_frame: Any, lookahead: float = 1.0, lpips_weight: float = 0.0,
+                 match_mse: float = 1e-3, repeats: int = 1, frames: str = "last",
+                 generator: torch.Generator | None = None, lpips: Callable | None = None) -> None:
+        if not float(match_mse) >= 0:
+            raise ValueError(f"match_mse must be >= 0 (mean squared difference in [-1, 1] pixels), got {match_mse!r}")
+        goal = frame_to_tensor(goal_frame)
+        places = getattr(world_model, "places", None)
+        self.goal_index, self.goal_match_mse, self.route = None, math.nan, None
+        if places is not None and len(places) > 0:
+            memorized = places.frames.to(torch.float32)
+            if tuple(memorized.shape[1:]) != tuple(goal.shape):
+                raise ValueError(f"the goal image has shape {tuple(goal.shape)}, the memorized frames "
+                                 f"{tuple(memorized.shape[1:])}; give a goal of the world model's frame size")
+            errors = ((memorized - goal[None]) ** 2).flatten(1).mean(dim=1)
+            index = int(torch.argmin(errors))
+            self.goal_match_mse = float(errors[index])
+            if self.goal_match_mse <= float(match_mse):
+                self.goal_index = index
+                poses = places.poses
+                here = np.asarray(world_model.current_pose(), np.float64)[:2]
+                start = int(np.argmin(np.linalg.norm(poses[:, :2] - here, axis=1)))
+                self.route = poses[start:index + 1] if start <= index else poses[index:start + 1][::-1].copy()
+        # the simulator reports its imagined poses itself; a WorldModel needs a pose model (its odometry head)
+        reports_poses = getattr(world_model, "pose_model", True) is not None
+        self.knows_place = self.route is not None and reports_poses
+        self.reason = ("the goal's place is in memory" if self.knows_place
+                       else "nothing memorized" if places is None or len(places) == 0
+                       else f"the goal view is not among the memorized frames (nearest: mean squared difference "
+                            f"{self.goal_match_mse:.4g} > match_mse {match_mse:g})" if self.route is None
+                       else "the world model has no pose model for imagined frames (train an odometry head: "
+                            "python -m come_rl.odometry)")
+        if self.knows_place:
+            self.inner = PathObjective(world_model, goal, self.route, lookahead=lookahead, lpips_weight=lpips_weight,
+                                       generator=generator)
+        else:
+            self.inner = LPIPSGoalObjective(world_model, goal, repeats=repeats, lpips=lpips, generator=generator,
+                                            frames=frames)
+        self.timings = self.inner.timings
+
+    def __call__(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.inner(actions)
 
 
 class CallableObjective:

@@ -224,3 +224,38 @@ def to_frame_tensor(frame, frame_shape: tuple[int, int, int]) -> torch.Tensor:
             raise ValueError("float frames must lie in [-1, 1]; pass uint8 arrays for [0, 255] images")
         return frame
     raise TypeError(f"a frame must be a uint8 numpy array or a float tensor, got {type(frame).__name__}")
+
+
+class PlaceMemory:
+    """The places a world model has memorized: every frame it memorized, with the pose it was seen from, kept across
+    the segments of an episode (``begin_segment`` empties the short-term store, not this) and emptied at ``reset``.
+
+    It is the long-term memory's index by place: the adapters hold what the frames looked like, this holds where they
+    were seen, so a planner can ask where a goal view was seen and which way led there
+    (``planners.objectives.PlaceObjective``). A model without a long-term memory memorizes nothing and has no places.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._frames: list[torch.Tensor] = []
+        self._poses: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add(self, frames: torch.Tensor, poses: torch.Tensor) -> None:
+        """frames (N, C, H, W) in [-1, 1] and poses (N, 3), in the order they were seen."""
+        if len(frames) != len(poses):
+            raise ValueError(f"PlaceMemory.add got {len(frames)} frames and {len(poses)} poses; give one pose per frame")
+        self._frames.extend(frames.to(CPU))
+        self._poses.extend(poses.to(CPU, torch.float64))
+
+    @property
+    def frames(self) -> torch.Tensor:
+        return torch.stack(self._frames)
+
+    @property
+    def poses(self) -> np.ndarray:
+        return torch.stack(self._poses).numpy()
