@@ -172,7 +172,12 @@ def build_agent(agent_cfg: DictConfig, world_model: Any, planner: Any) -> Any:
                          "agent._target_ (e.g. agents.mpc.MPCAgent)")
     target = _import_target(str(agent_cfg._target_), "agent")
     settings = OmegaConf.to_container(agent_cfg, resolve=True)
-    objective_factory: Callable = instantiate(agent_cfg.objective)
+    objective_cfg = OmegaConf.to_container(agent_cfg.objective, resolve=True)
+    objective_target = _import_target(str(objective_cfg["_target_"]), "agent.objective")
+    dropped = [key for key in objective_cfg if not key.startswith("_") and not _takes(objective_target, key)]
+    if dropped:  # agent.objective._target_=MyObjective on top of the default objective's settings
+        log.warning("agent.objective: %s does not take %s; dropped", objective_cfg["_target_"], dropped)
+    objective_factory: Callable = instantiate({k: v for k, v in objective_cfg.items() if k not in dropped})
     settings = {key: value for key, value in settings.items() if key != "objective"}
     return _call_target(target, {**settings, "world_model": world_model, "planner": planner,
                                  "objective_factory": objective_factory})
