@@ -172,15 +172,21 @@ def build_agent(agent_cfg: DictConfig, world_model: Any, planner: Any) -> Any:
                          "agent._target_ (e.g. agents.mpc.MPCAgent)")
     target = _import_target(str(agent_cfg._target_), "agent")
     settings = OmegaConf.to_container(agent_cfg, resolve=True)
-    objective_cfg = OmegaConf.to_container(agent_cfg.objective, resolve=True)
-    objective_target = _import_target(str(objective_cfg["_target_"]), "agent.objective")
-    dropped = [key for key in objective_cfg if not key.startswith("_") and not _takes(objective_target, key)]
-    if dropped:  # agent.objective._target_=MyObjective on top of the default objective's settings
-        log.warning("agent.objective: %s does not take %s; dropped", objective_cfg["_target_"], dropped)
-    objective_factory: Callable = instantiate({k: v for k, v in objective_cfg.items() if k not in dropped})
+    objective_factory = build_objective_factory(agent_cfg.objective)
     settings = {key: value for key, value in settings.items() if key != "objective"}
     return _call_target(target, {**settings, "world_model": world_model, "planner": planner,
                                  "objective_factory": objective_factory})
+
+
+def build_objective_factory(objective: DictConfig) -> Callable:
+    """``agent.objective`` instantiated (a ``_partial_`` factory); keys its ``_target_`` does not take are dropped with a
+    warning, so that ``agent.objective._target_=MyObjective`` works on top of the default objective's settings."""
+    objective_cfg = OmegaConf.to_container(objective, resolve=True)
+    target = _import_target(str(objective_cfg["_target_"]), "agent.objective")
+    dropped = [key for key in objective_cfg if not key.startswith("_") and not _takes(target, key)]
+    if dropped:
+        log.warning("agent.objective: %s does not take %s; dropped", objective_cfg["_target_"], dropped)
+    return instantiate({key: value for key, value in objective_cfg.items() if key not in dropped})
 
 
 def _takes(function: Callable, name: str) -> bool:
@@ -265,7 +271,7 @@ def run_recon(cfg: DictConfig) -> dict:
         resolve_checkpoint(str(cfg.model.checkpoint))
     torch.set_num_threads(cfg.run.threads)
     planner = build_planner(cfg.planner)
-    objective_factory: Callable = instantiate(cfg.agent.objective)
+    objective_factory = build_objective_factory(cfg.agent.objective)
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     # finished cases are recorded under out_dir/episode_records: a rerun of the command skips them (a kill loses at
     # most the case in progress); env.max_cases may grow between runs, any other change is refused

@@ -190,8 +190,8 @@ class WorldModel:
                                                         pose_model=pose_model, precision=self.precision,
                                                         **overrides))
         if self.memory.poses is not None and len(self.memory) > self._segment_in_places:  # where the new frames were seen
-            new = range(self._segment_in_places, len(self.memory))
-            self.places.add(self.memory.gather(torch.tensor(list(new))), self.memory.poses[list(new)])
+            new = torch.arange(self._segment_in_places, len(self.memory), device="cpu")
+            self.places.add(self.memory.gather(new), self.memory.poses[new])
             self._segment_in_places = len(self.memory)
         return stats
 

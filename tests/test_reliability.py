@@ -94,6 +94,11 @@ def test_shipped_checkpoints_carry_sums_and_verify() -> None:
         for role in roles:
             spec = json.loads((directory / f"{role}.json").read_text())
             assert spec.get("sha256") == sha256_file(directory / f"{role}.safetensors"), (directory, role)
+            if role == "odometry":  # the pose model, not an expert: its own loader checks the sum
+                from come_rl.odometry import load_odometry
+
+                load_odometry(directory)
+                continue
             _, loaded_spec = load_expert(directory, role)  # verifies the sum and the finiteness
             assert loaded_spec["role"] == role
 
