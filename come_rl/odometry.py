@@ -154,7 +154,7 @@ def load_odometry(directory: str | Path) -> OdometryPoseModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from come_rl.io_utils import sha256_file
+    from come_rl.checkpoint import check_finite, verify_sha256
 
     directory = Path(directory)
     weights, recipe = directory / f"{ODOMETRY_NAME}.safetensors", directory / f"{ODOMETRY_NAME}.json"
@@ -168,13 +168,12 @@ def load_odometry(directory: str | Path) -> OdometryPoseModel:
         raise ValueError(f"{recipe} is not valid JSON ({error}); retrain the odometry head or re-copy the file") from error
     if spec.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{recipe} has format_version {spec.get('format_version')}, this come_rl reads {FORMAT_VERSION}")
-    if spec.get("sha256") and sha256_file(weights) != spec["sha256"]:
-        raise ValueError(f"{weights} does not match the SHA-256 recorded in {recipe.name}: the file is corrupt or was "
-                         f"modified; retrain the odometry head or re-copy the checkpoint")
+    verify_sha256(weights, recipe, spec)  # the experts' check: a recorded sum the file does not have is refused
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"cannot read {weights} ({error}); retrain the odometry head or re-copy it") from error
+    check_finite(weights, state)
     net = OdometryNet(OdometryConfig(**spec["config"]))
     net.load_state_dict(state)
     return OdometryPoseModel(net)
