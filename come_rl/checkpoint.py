@@ -294,6 +294,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from error
 
 
+def _verify_plain_weights(directory: Path, role: str) -> None:
+    """Check a non-expert weight file (the odometry head) the way its own loader does: recorded sum, finite weights.
+
+    Kept here rather than calling ``come_rl.odometry.load_odometry``, which imports this module (no import circle).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, recipe = directory / f"{role}.safetensors", directory / f"{role}.json"
+    try:
+        spec = json.loads(recipe.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{recipe} is not valid JSON ({error}); re-copy the checkpoint directory") from error
+    verify_sha256(weights, recipe, spec)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error}); re-copy the checkpoint") from error
+    check_finite(weights, state)
+
+
 def _run_checkpoint_command(command: str, directories: list[Path], force: bool) -> None:
     for directory in directories:
         if command == "sign":
@@ -302,10 +323,8 @@ def _run_checkpoint_command(command: str, directories: list[Path], force: bool) 
         else:
             roles = [recipe.stem for recipe, _ in _expert_recipes(directory)]
             for role in roles:
-                if role == "odometry":  # the pose model (come_rl.odometry), not an expert: its loader checks the sum
-                    from come_rl.odometry import load_odometry
-
-                    load_odometry(directory)
+                if role == "odometry":  # the pose model (come_rl.odometry), not an expert: sum and finite weights
+                    _verify_plain_weights(directory, role)
                     print(f"{directory}/{role}: ok (sha256 verified)")
                     continue
                 _, spec = load_expert(directory, role)
