@@ -71,8 +71,10 @@ from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.conventions import wrap_angle
 
-AGENTS = ("random", "base", "ltm", "come", "exact", "exact_path", "oracle")
-WORLD_MODEL_AGENTS = ("base", "ltm", "come")
+AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "exact_path", "oracle")
+DEFAULT_AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "oracle")
+WORLD_MODEL_AGENTS = ("base", "base_places", "ltm", "come")
+OBJECTIVES = ("place", "lpips")
 # The egocentric camera's vertical field of view is 80 degrees (dm_control's jumping_ball.xml) on a square image, so
 # +-40 degrees horizontally; the "in view" cone is wider by 20 degrees so that a goal at its edge counts as visible.
 VIEW_HALF_ANGLE = math.radians(60.0)
@@ -294,10 +296,11 @@ class WorldModelReturnAgent:
     """
 
     def __init__(self, name: str, world_model, horizon: int = 4, replan_every: int = 2, population: int = 24,
-                 elites: int = 4, iterations: int = 1, memorize_steps: int = 25, objective: str = "lpips"):
+                 elites: int = 4, iterations: int = 1, memorize_steps: int = 25, objective: str = "place",
+                 lookahead: float = 1.0, places_only: bool = False, turn_weight: float = 0.0):
         from agents.mpc import MPCAgent
         from planners.cem import CEMPlanner
-        from planners.objectives import LPIPSGoalObjective
+        from planners.objectives import LPIPSGoalObjective, PlaceObjective
 
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
@@ -305,12 +308,18 @@ class WorldModelReturnAgent:
         composition = getattr(world_model, "composition", None)
         self.experts = "+".join(composition.experts) if composition is not None else world_model.label
         planner = CEMPlanner(population=population, elites=elites, iterations=iterations, warm_start_shift=replan_every)
-        if objective not in ("lpips", "path"):
-            raise ValueError(f"objective must be 'lpips' (to the goal view) or 'path' (along the memorized path to the "
-                             f"goal's place), got {objective!r}")
-        self.objective = objective
-        self.mpc = MPCAgent(world_model, planner, functools.partial(LPIPSGoalObjective, repeats=1), horizon=horizon,
-                            replan_every=replan_every)
+        if objective not in (*OBJECTIVES, "path"):
+            raise ValueError(f"objective must be 'place' (the goal's place looked up in what the world model memorized), "
+                             f"'lpips' (to the goal view) or 'path' (along the oracle's reference path back), got "
+                             f"{objective!r}")
+        self.objective, self.places_only = objective, bool(places_only)
+        if self.places_only:
+            self.experts += "+places"
+        factory = (functools.partial(PlaceObjective, lookahead=lookahead, repeats=1, turn_weight=turn_weight)
+                   if objective == "place"
+                   else functools.partial(LPIPSGoalObjective, repeats=1))
+        self.mpc = MPCAgent(world_model, planner, factory, horizon=horizon, replan_every=replan_every)
+        self.knows_place = math.nan
         self.replanned, self.last_plan_seconds = False, 0.0
 
     def begin(self, task: ReturnTask, seeds: EpisodeSeeds) -> dict:
@@ -321,15 +330,21 @@ class WorldModelReturnAgent:
         for frame, action, pose in zip(task.frames[1:], task.actions, task.poses[1:]):
             wm.observe(frame, spec.encode(action), pose.astype(np.float32))
         memorize_seconds = 0.0
-        if self.memorize_steps and "ltm" in getattr(getattr(wm, "composition", None), "experts", ()):
+        composition = getattr(wm, "composition", None)
+        if composition is None:  # the simulator: memorize() only keeps where it saw what
+            wm.memorize()
+        elif self.memorize_steps and "ltm" in composition.experts:
             start = time.perf_counter()
             wm.memorize(steps=self.memorize_steps, generator=torch_generator(seeds.memorize))
             memorize_seconds = time.perf_counter() - start
+        if self.places_only:  # the base_places control: a place memory without any long-term memory expert
+            wm.record_places()
         if self.objective == "path":  # the memorized way back: exploration poses from here to the goal's place
             from planners.objectives import PathObjective
 
             self.mpc.objective_factory = functools.partial(PathObjective, path=task.return_reference, lookahead=1.0)
         self.mpc.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
+        self.knows_place = float(getattr(self.mpc.objective, "knows_place", math.nan))
         self.gif_generator = torch_generator(seeds.rollout_gif)
         self._plan_frames: list[np.ndarray] = []
         return {"memorize_seconds": memorize_seconds}
@@ -385,7 +400,8 @@ def run_episode(env, agent, seeds: EpisodeSeeds, config: ReturnConfig, lpips=Non
            "lpips_to_goal": math.nan, "lpips_imagined_real": math.nan,
            "seconds_per_decision": float(np.mean(plan_seconds)) if plan_seconds else 0.0,
            "decisions": len(plan_seconds),
-           "memorize_seconds": float(begun.get("memorize_seconds", 0.0))}
+           "memorize_seconds": float(begun.get("memorize_seconds", 0.0)),
+           "knows_place": float(getattr(agent, "knows_place", math.nan))}
     if lpips is not None:
         with torch.no_grad():
             goal = frames_to_model_tensor(task.goal_frame[None])
@@ -418,7 +434,7 @@ class ReturnConfig(FanoutSettings):
     """
 
     checkpoint: str = "memory_maze"
-    agents: str = ",".join(AGENTS)
+    agents: str = ",".join(DEFAULT_AGENTS)
     episodes: int = 20
     seed: int = 9000
     """episode i: env seed seed + i, other streams from come_rl.seeding (9000+: never used for tuning)."""
@@ -437,6 +453,14 @@ class ReturnConfig(FanoutSettings):
     iterations: int = 1
     sampler_steps: int = 4
     memorize_steps: int = 25
+    objective: str = "place"
+    """place: agent=cem's default (planners.objectives.PlaceObjective: the goal's place looked up in the places the
+    world model memorized, scored by imagined poses along the memorized way there; LPIPS to the goal view when nothing
+    is memorized, as for ``base``); lpips: NWM's LPIPS to the goal view for every agent."""
+    lookahead: float = 1.0
+    """the place objective's waypoint distance ahead along the memorized route (maze cells), agent=cem's."""
+    turn_weight: float = 0.6
+    """the place objective's price of the final heading's angle off the waypoint (cells per radian), agent=cem's."""
     max_attempts: int = 20
     lpips_metric: bool = True
     gifs: bool = True
@@ -478,7 +502,11 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
     if not 0 < config.success_distance <= config.min_goal_distance:
         raise ValueError(f"need 0 < success_distance <= min_goal_distance (a goal inside the success radius at the "
                          f"start is no task), got {config.success_distance} and {config.min_goal_distance}")
-    experts: dict[str, list[str]] = {"base": ["base"], "ltm": ["base", "ltm"]}
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+    if isinstance(config.lookahead, bool) or not float(config.lookahead) > 0:
+        raise ValueError(f"lookahead must be a distance > 0 (maze cells), got {config.lookahead!r}")
+    experts: dict[str, list[str]] = {"base": ["base"], "base_places": ["base"], "ltm": ["base", "ltm"]}
     notes = []
     if any(n in WORLD_MODEL_AGENTS for n in names):
         experts["come"] = checkpoint_experts(config.checkpoint)
@@ -501,12 +529,15 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
             raise ValueError("the exact-model agent imagines with the env it acts in: pass env=")
         return WorldModelReturnAgent(name, MazeSimulatorModel(env), config.horizon, config.replan_every,
                                      config.population, config.elites, config.iterations, 0,
-                                     objective="path" if name == "exact_path" else "lpips")
+                                     objective="path" if name == "exact_path" else config.objective,
+                                     lookahead=config.lookahead, turn_weight=config.turn_weight)
     from come_rl.world_model import WorldModel
 
     wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})
     return WorldModelReturnAgent(name, wm, config.horizon, config.replan_every, config.population, config.elites,
-                                 config.iterations, config.memorize_steps if "ltm" in experts else 0)
+                                 config.iterations, config.memorize_steps if "ltm" in experts else 0,
+                                 objective=config.objective, lookahead=config.lookahead, turn_weight=config.turn_weight,
+                                 places_only=name == "base_places")
 
 
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
@@ -605,7 +636,7 @@ def write_results(results: dict[str, list[tuple[dict, list]]], config: ReturnCon
 def summarize(rows: list[dict]) -> dict:
     """One agent's episodes -> success rate with its Wilson 95 % interval and the (NaN-aware) means."""
     def mean(key: str) -> float:
-        values = [float(r[key]) for r in rows if not math.isnan(float(r[key]))]
+        values = [float(r.get(key, math.nan)) for r in rows if not math.isnan(float(r.get(key, math.nan)))]
         return float(np.mean(values)) if values else math.nan
 
     hits = sum(r["success"] for r in rows)
@@ -614,7 +645,7 @@ def summarize(rows: list[dict]) -> dict:
             "success_rate": hits / len(rows), "ci95_low": low, "ci95_high": high,
             **{key: mean(key) for key in ("final_distance", "min_distance", "start_distance", "ate", "rpe",
                                           "lpips_to_goal", "lpips_imagined_real", "seconds_per_decision",
-                                          "memorize_seconds")}}
+                                          "memorize_seconds", "knows_place")}}
 
 
 def plot(summaries: list[dict], path: Path, config: ReturnConfig) -> None:

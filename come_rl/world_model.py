@@ -189,11 +189,20 @@ class WorldModel:
             stats = dict(stats, sltm=self.sltm.memorize(self.memory, steps, generator=generator,
                                                         pose_model=pose_model, precision=self.precision,
                                                         **overrides))
-        if self.memory.poses is not None and len(self.memory) > self._segment_in_places:  # where the new frames were seen
-            new = torch.arange(self._segment_in_places, len(self.memory), device="cpu")
-            self.places.add(self.memory.gather(new), self.memory.poses[new])
-            self._segment_in_places = len(self.memory)
+        self.record_places()
         return stats
+
+    def record_places(self) -> int:
+        """Add the frames observed since the last call (with their poses) to ``places``, where the episode saw what;
+        ``memorize`` calls it. A model without long-term memory keeps no places unless this is called: the
+        ``base_places`` control of ``agents.return_to_place`` (the base's imagination with a place memory). Returns
+        how many places were added (0 when the frames came without poses)."""
+        if self.memory.poses is None or len(self.memory) <= self._segment_in_places:
+            return 0
+        new = torch.arange(self._segment_in_places, len(self.memory), device="cpu")
+        self.places.add(self.memory.gather(new), self.memory.poses[new])
+        self._segment_in_places = len(self.memory)
+        return len(new)
 
     # ------------------------------------------------------------------------------------------------ imagine
     def _validate_actions(self, actions) -> torch.Tensor:

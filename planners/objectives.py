@@ -155,14 +155,17 @@ class PathObjective:
     every call the waypoint is the first path pose at least ``lookahead`` maze cells further along the path (by arc
     length; an exploration turns in place for many steps) than the path pose nearest the agent's current position
     (``world_model.current_pose()``), the path's end if none is, and a candidate scores minus the distance of its imagined final
-    position to that waypoint (``world_model.last_poses``, filled by ``imagine``), minus ``lpips_weight`` times the
-    LPIPS of its last imagined frame to the goal view (the last-metre term; 0 switches it off). The world model must
-    report imagined poses: the simulator does (``envs.memory_maze.MazeSimulatorModel``); a learned model needs a pose
-    head.
+    position to that waypoint (``world_model.last_poses``, filled by ``imagine``), minus ``turn_weight`` times the
+    angle (radians) between its imagined final heading and the bearing to the waypoint, minus ``lpips_weight`` times
+    the LPIPS of its last imagined frame to the goal view (the last-metre term; 0 switches it off). The turn term
+    makes the score a cost-to-go: a short horizon that only turns moves no nearer, so without it every candidate
+    facing away from the goal ties with standing still (in Memory Maze a step moves up to ~0.2 cells or turns
+    ~0.32 rad, so 0.6 cells per radian prices a turn as the steps it takes). The world model must report imagined
+    poses: the simulator does (``envs.memory_maze.MazeSimulatorModel``); a learned model needs a pose head.
     """
 
     def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, turn_weight: float = 0.0) -> None:
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
@@ -172,7 +175,10 @@ class PathObjective:
             if not callable(getattr(world_model, name, None)):
                 raise ValueError(f"PathObjective needs a world model that reports poses ({name}() is missing): the "
                                  "simulator (envs.memory_maze.MazeSimulatorModel) or a model with a pose head")
+        if isinstance(turn_weight, bool) or not float(turn_weight) >= 0:
+            raise ValueError(f"turn_weight must be >= 0 (maze cells per radian of turning), got {turn_weight!r}")
         self.world_model, self.path, self.lookahead = world_model, path, float(lookahead)
+        self.turn_weight = float(turn_weight)
         steps = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
         self.arc = np.concatenate([[0.0], np.cumsum(steps)])  # path length up to each pose
         self.goal = frame_to_tensor(goal_frame)
@@ -202,8 +208,13 @@ class PathObjective:
         if poses is None:
             raise ValueError("the world model's imagine() reported no poses (last_poses); PathObjective needs them")
         start = time.perf_counter()
-        final = torch.as_tensor(np.asarray(poses), dtype=torch.float64)[:, -1, :2]
-        scores = -torch.linalg.norm(final - torch.as_tensor(target[:2]), dim=1)
+        final = torch.as_tensor(np.asarray(poses), dtype=torch.float64)[:, -1]
+        offset = torch.as_tensor(target[:2]) - final[:, :2]
+        scores = -torch.linalg.norm(offset, dim=1)
+        if self.turn_weight:
+            bearing = torch.atan2(offset[:, 1], offset[:, 0])
+            turn = torch.remainder(bearing - final[:, 2] + math.pi, 2 * math.pi) - math.pi
+            scores = scores - self.turn_weight * turn.abs()
         if self.lpips is not None:
             with torch.no_grad():
                 last = frames[:, -1].to(torch.float32)
@@ -222,7 +233,8 @@ class PlaceObjective:
     now and the goal's (in the order seen, or backwards when the goal was seen before it). Candidates are then scored by
     :class:`PathObjective` on that route: minus the distance of their imagined final pose (the world model's
     ``last_poses``: its odometry head, or the simulator's exact poses) to the waypoint ``lookahead`` cells ahead, minus
-    ``lpips_weight`` times the LPIPS of the last imagined frame to the goal view.
+    ``turn_weight`` times its final heading's angle off the waypoint, minus ``lpips_weight`` times the LPIPS of the last
+    imagined frame to the goal view.
 
     A world model with nothing memorized (no long-term memory: ``model.experts=[base]``; or the goal never seen), or
     one that cannot pose its imagined frames (no pose model), cannot say where the goal is: the objective is then
@@ -232,7 +244,8 @@ class PlaceObjective:
 
     def __init__(self, world_model, goal_frame: Any, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  match_mse: float = 1e-3, repeats: int = 1, frames: str = "last",
-                 generator: torch.Generator | None = None, lpips: Callable | None = None) -> None:
+                 generator: torch.Generator | None = None, lpips: Callable | None = None,
+                 turn_weight: float = 0.0) -> None:
         if not float(match_mse) >= 0:
             raise ValueError(f"match_mse must be >= 0 (mean squared difference in [-1, 1] pixels), got {match_mse!r}")
         goal = frame_to_tensor(goal_frame)
@@ -263,7 +276,7 @@ class PlaceObjective:
                             "python -m come_rl.odometry)")
         if self.knows_place:
             self.inner = PathObjective(world_model, goal, self.route, lookahead=lookahead, lpips_weight=lpips_weight,
-                                       generator=generator)
+                                       generator=generator, turn_weight=turn_weight)
         else:
             self.inner = LPIPSGoalObjective(world_model, goal, repeats=repeats, lpips=lpips, generator=generator,
                                             frames=frames)

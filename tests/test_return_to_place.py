@@ -89,10 +89,13 @@ def test_the_oracle_returns_and_random_is_seeded(maze_env):
 
 
 def test_the_world_model_agent_and_the_outputs(tmp_path):
-    config = ReturnConfig(agents="base", episodes=1, decisions=1, horizon=1, replan_every=1, population=2,
+    config = ReturnConfig(agents="base,base_places", episodes=1, decisions=1, horizon=1, replan_every=1, population=2,
                           elites=1, sampler_steps=1, memorize_steps=0, threads=1, out_dir=str(tmp_path))
     rows = {row["agent"]: row for row in evaluate(config, progress=False)}
     assert rows["base"]["experts"] == "base" and rows["base"]["seconds_per_decision"] > 0
+    # no memory: the place objective cannot find the goal and scores by LPIPS; the same base with a place memory can
+    assert rows["base"]["knows_place"] == 0.0
+    assert rows["base_places"]["experts"] == "base+places" and rows["base_places"]["knows_place"] == 1.0
     assert np.isfinite(rows["base"]["lpips_imagined_real"]) and np.isfinite(rows["base"]["lpips_to_goal"])
     assert rows["base"]["ci95_low"] <= rows["base"]["success_rate"] <= rows["base"]["ci95_high"]
     names = {p.name for p in tmp_path.iterdir()}
@@ -106,6 +109,8 @@ def test_the_world_model_agent_and_the_outputs(tmp_path):
     (dict(agents=""), "unknown agents"),
     (dict(success_distance=3.0), "success_distance <= min_goal_distance"),
     (dict(replan_every=5), "replan_every <= horizon"),
+    (dict(objective="telepathy"), "objective must be one of"),
+    (dict(lookahead=0.0), "lookahead must be a distance > 0"),
 ])
 def test_bad_settings_fail_before_any_episode(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -226,6 +231,18 @@ def test_the_place_objective_prefers_the_rollout_that_reaches_the_waypoint():
     assert model.last_poses.shape == (2, 4, 3)
     with pytest.raises(ValueError, match="path must be finite"):
         PathObjective(model, frame, np.zeros((3, 2)))
+    # A waypoint behind the agent: turning towards it moves no nearer, so only the turn term tells turning from waiting.
+    behind = np.stack([np.r_[start[:2] - heading * 0.1 * k, start[2]] for k in range(12)])
+    waiting_or_turning = torch.zeros(2, 4, 6)
+    waiting_or_turning[0, :, 0] = 1  # noop
+    waiting_or_turning[1, :, TURN_LEFT] = 1
+    blind = PathObjective(model, frame, behind, lookahead=0.4)(waiting_or_turning)
+    assert abs(float(blind[1] - blind[0])) < 0.05
+    turned = np.abs(np.asarray(model.last_poses)[1, -1, 2] - start[2])
+    pricing = PathObjective(model, frame, behind, lookahead=0.4, turn_weight=0.6)(waiting_or_turning)
+    assert float(pricing[1] - pricing[0]) == pytest.approx(0.6 * min(turned, 2 * np.pi - turned), abs=0.1)
+    with pytest.raises(ValueError, match="turn_weight must be >= 0"):
+        PathObjective(model, frame, path, turn_weight=-1.0)
 
 
 def test_the_exact_model_with_the_place_objective_reaches_the_goal(tmp_path):
