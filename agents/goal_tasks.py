@@ -15,6 +15,7 @@ One protocol serves Memory Maze, the point mass and (open loop) RECON-style case
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import torch
 from agents.mpc import MPCAgent
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.seeding import EpisodeSeeds, torch_generator
+
+log = logging.getLogger(__name__)
 
 # policy(info, rng) -> env action
 ReferencePolicy = Callable[[dict, np.random.Generator], Any]
@@ -149,6 +152,19 @@ def _model_frame_to_uint8(frame: torch.Tensor) -> np.ndarray:
     return tensor_to_frames(frame)
 
 
+def _say_why_the_place_is_unknown(agent: MPCAgent, episode_index: int) -> None:
+    """A place-aware objective that could not find the goal in memory scores by LPIPS to the goal view instead; that is
+    the design for a model without memory (the no-memory ablation: logged at INFO), a warning otherwise (the goal
+    view was not memorized, or the model cannot pose its imagined frames), with the objective's reason and fix."""
+    objective = agent.objective
+    if getattr(objective, "knows_place", True):
+        return
+    places = getattr(agent.world_model, "places", None)
+    level = logging.INFO if places is None or len(places) == 0 else logging.WARNING
+    log.log(level, "episode %d: the goal's place is unknown (%s); scoring by LPIPS to the goal view", episode_index,
+            getattr(objective, "reason", "no reason given"))
+
+
 def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: int, success_threshold: float,
                      episode_index: int = 0, lpips: Callable | None = None, record_frames: bool = True,
                      frame_key: str | None = None, pose_key: str = "pose", preload_memory: bool = False,
@@ -197,6 +213,7 @@ def run_goal_episode(env: gym.Env, agent: MPCAgent, task: GoalTask, max_steps: i
         agent.reset(goal_frame=task.goal_frame)
     else:
         agent.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
+    _say_why_the_place_is_unknown(agent, episode_index)
     poses = [_pose(info, pose_key)]
     real_frames = [_frame(observation, frame_key)]
     imagined_frames = [real_frames[0]]

@@ -98,8 +98,14 @@ def test_the_world_model_keeps_the_places_it_memorized_and_imagines_poses(maze_e
         assert len(wm.places) == 0
 
 
-def test_the_place_objective_finds_the_goal_in_memory_and_prefers_reaching_its_place(maze_env):
+def test_the_place_objective_finds_the_goal_in_memory_and_prefers_reaching_its_place(maze_env, caplog):
+    import functools
+    import logging
+
+    from agents.goal_tasks import _say_why_the_place_is_unknown
+    from agents.mpc import MPCAgent
     from planners.objectives import LPIPSGoalObjective, PlaceObjective
+    from planners.random_shooting import RandomShootingPlanner
 
     model = MazeSimulatorModel(maze_env)
     frame, info = maze_env.reset(seed=424244)
@@ -129,5 +135,13 @@ def test_the_place_objective_finds_the_goal_in_memory_and_prefers_reaching_its_p
     assert scores[0] > scores[1] and scores[0] > scores[2], scores
     other = np.full_like(goal_frame, 17)
     assert not PlaceObjective(model, other, lpips=lambda a, b: torch.zeros(len(a))).knows_place
+    # an episode whose goal was never memorized says so (a warning: the model has places, just not this one)
+    agent = MPCAgent(model, RandomShootingPlanner(population=2),
+                     functools.partial(PlaceObjective, lpips=lambda a, b: torch.zeros(len(a))), horizon=2)
+    agent.reset(goal_frame=other)
+    with caplog.at_level(logging.INFO, logger="agents.goal_tasks"):
+        _say_why_the_place_is_unknown(agent, 3)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "episode 3" in caplog.text and "not among the memorized frames" in caplog.text
     with pytest.raises(ValueError, match="match_mse"):
         PlaceObjective(model, goal_frame, match_mse=-1.0)
