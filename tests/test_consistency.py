@@ -106,6 +106,10 @@ def test_every_expert_loads_and_composes_in_the_consistency_table(tmp_path):
     lpips = {name: row["lpips_all"] for name, row in by_name.items()}
     assert len(set(lpips.values())) == len(names), lpips  # every expert changes what is imagined
     assert by_name["sltm"]["memorize_seconds"] > 0 and by_name["stm"]["memorize_seconds"] == 0.0
+    # poses inferred on the imagined frames need an odometry head, which this checkpoint lacks: said before any episode
+    with pytest.raises(ValueError, match="no odometry head"):
+        run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
+                              compositions="sltm", poses="odometry", out_dir=str(tmp_path / "odo"), seed=40000))
     # without an LTM row the LTM is not loaded: the SLTM memorizes alone
     alone = run(ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
                                   compositions="base,sltm", out_dir=str(tmp_path / "alone"), seed=40000, gif=False))
@@ -148,6 +152,7 @@ def test_the_consistency_command_writes_its_table(tmp_path):
     (dict(compositions="base,teleport"), "unknown"),
     (dict(horizon=0), "horizon must be >= 1"),
     (dict(context=2), "at least 3 frames"),
+    (dict(poses="gps"), "poses must be recorded"),
 ])
 def test_bad_settings_are_refused_before_any_work(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -92,6 +92,10 @@ class ConsistencyConfig:
     contexts: str = ""
     """comma-separated context lengths (the paper's Figure 1): one run per length into ``out_dir/context_<n>``, then
     ``context_curve.csv`` / ``.md`` / ``.png`` in ``out_dir``; empty: one run with ``context``."""
+    poses: str = "recorded"
+    """where the SLTM's poses of the imagined frames come from: recorded (the real poses of the replayed actions, a
+    pose oracle: :class:`RecordedPoses`) or odometry (the checkpoint's odometry head on the imagined frames, as when
+    planning: no oracle)."""
     revisit_distance: float = 0.5
     revisit_degrees: float = 45.0
     require_revisits: bool = False
@@ -175,6 +179,9 @@ def check_config(config: ConsistencyConfig, episode_steps: int | None = None) ->
     for key in ("episodes", "context", "horizon"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+    if config.poses not in ("recorded", "odometry"):
+        raise ValueError(f"poses must be recorded (the real poses: a pose oracle) or odometry (the checkpoint's "
+                         f"odometry head on the imagined frames), got {config.poses!r}")
     if config.stream_chunk < 0:
         raise ValueError(f"stream_chunk must be >= 0 (0: memorize once at the end), got {config.stream_chunk}")
     if config.context < 3:
@@ -268,6 +275,10 @@ class ConsistencyWorker:
         except FileNotFoundError as error:
             raise _missing_expert_error(config, [role for role in ("stm", "sltm") if role in experts], error) from error
         self.rule = self.wm.composition
+        if config.poses == "odometry" and self.wm.pose_model is None:
+            raise ValueError(f"poses=odometry, but checkpoint {config.checkpoint} has no odometry head "
+                             f"(odometry.json / odometry.safetensors); train one with python -m come_rl.odometry, or "
+                             f"use poses=recorded")
         self.lpips = get_lpips(device=self.wm.device)
 
     def run(self, task: tuple[int, dict]) -> tuple[int, list[dict], dict[str, np.ndarray]]:
@@ -319,7 +330,8 @@ class ConsistencyWorker:
                                                  + float(stats.get("sltm", {}).get("seconds", 0.0)), 2)  # LTM + SLTM
                     memorized = True
                     start = time.time()  # the imagination's seconds, memorization reported apart
-                wm.pose_model = RecordedPoses(poses[c:c + h])
+                if cfg.poses == "recorded":
+                    wm.pose_model = RecordedPoses(poses[c:c + h])
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
             per_frame = score_frames(imagined, real, self.lpips)
             row = episode_row(name, index, episode["seed"], per_frame, revisit)
