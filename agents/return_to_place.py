@@ -297,7 +297,8 @@ class WorldModelReturnAgent:
 
     def __init__(self, name: str, world_model, horizon: int = 4, replan_every: int = 2, population: int = 24,
                  elites: int = 4, iterations: int = 1, memorize_steps: int = 25, objective: str = "place",
-                 lookahead: float = 1.0, places_only: bool = False, turn_weight: float = 0.0):
+                 lookahead: float = 1.0, places_only: bool = False, turn_weight: float = 0.0,
+                 scoring: str = "waypoint"):
         from agents.mpc import MPCAgent
         from planners.cem import CEMPlanner
         from planners.objectives import LPIPSGoalObjective, PlaceObjective
@@ -315,7 +316,8 @@ class WorldModelReturnAgent:
         self.objective, self.places_only = objective, bool(places_only)
         if self.places_only:
             self.experts += "+places"
-        factory = (functools.partial(PlaceObjective, lookahead=lookahead, repeats=1, turn_weight=turn_weight)
+        factory = (functools.partial(PlaceObjective, lookahead=lookahead, repeats=1, turn_weight=turn_weight,
+                                     scoring=scoring)
                    if objective == "place"
                    else functools.partial(LPIPSGoalObjective, repeats=1))
         self.mpc = MPCAgent(world_model, planner, factory, horizon=horizon, replan_every=replan_every)
@@ -461,6 +463,9 @@ class ReturnConfig(FanoutSettings):
     """the place objective's waypoint distance ahead along the memorized route (maze cells), agent=cem's."""
     turn_weight: float = 0.6
     """the place objective's price of the final heading's angle off the waypoint (cells per radian), agent=cem's."""
+    scoring: str = "waypoint"
+    """the place objective's scoring (planners.objectives.PathObjective): waypoint (the distance to a waypoint
+    ``lookahead`` ahead on the memorized route) or graph (the cost-to-go along the graph of memorized places)."""
     max_attempts: int = 20
     lpips_metric: bool = True
     gifs: bool = True
@@ -530,14 +535,15 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
         return WorldModelReturnAgent(name, MazeSimulatorModel(env), config.horizon, config.replan_every,
                                      config.population, config.elites, config.iterations, 0,
                                      objective="path" if name == "exact_path" else config.objective,
-                                     lookahead=config.lookahead, turn_weight=config.turn_weight)
+                                     lookahead=config.lookahead, turn_weight=config.turn_weight,
+                                     scoring=config.scoring)
     from come_rl.world_model import WorldModel
 
     wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})
     return WorldModelReturnAgent(name, wm, config.horizon, config.replan_every, config.population, config.elites,
                                  config.iterations, config.memorize_steps if "ltm" in experts else 0,
                                  objective=config.objective, lookahead=config.lookahead, turn_weight=config.turn_weight,
-                                 places_only=name == "base_places")
+                                 places_only=name == "base_places", scoring=config.scoring)
 
 
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume

@@ -24,6 +24,9 @@ import torch
 
 from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import WorldModelProtocol
+from planners.place_graph import PlaceGraph
+
+SCORINGS = ("waypoint", "graph")
 
 
 def frame_to_tensor(frame: Any) -> torch.Tensor:
@@ -162,10 +165,20 @@ class PathObjective:
     facing away from the goal ties with standing still (in Memory Maze a step moves up to ~0.2 cells or turns
     ~0.32 rad, so 0.6 cells per radian prices a turn as the steps it takes). The world model must report imagined
     poses: the simulator does (``envs.memory_maze.MazeSimulatorModel``); a learned model needs a pose head.
+
+    ``scoring="graph"`` replaces the distance to a waypoint by the cost-to-go of
+    :class:`planners.place_graph.PlaceGraph`: the path's poses become a graph (consecutive poses joined, and poses
+    within 0.3 cells of each other: the walk's loops and folds are cut short), ``goal_index`` (default: the last pose)
+    is the goal's node, and a candidate scores minus its imagined final position's distance to the goal along that
+    graph, minus the turn term towards the point ``lookahead`` cells along the graph's way from there (weighed down
+    within ``lookahead`` of the goal, where the bearing means little). With waypoints a fixed distance ahead of the
+    nearest path pose, an agent where the path folds back, or facing a waypoint around a wall's corner, can find every
+    candidate scoring worse than standing still; the cost-to-go has no such fixed target.
     """
 
     def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
-                 generator: torch.Generator | None = None, turn_weight: float = 0.0) -> None:
+                 generator: torch.Generator | None = None, turn_weight: float = 0.0, scoring: str = "waypoint",
+                 goal_index: int = -1) -> None:
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
@@ -177,8 +190,12 @@ class PathObjective:
                                  "simulator (envs.memory_maze.MazeSimulatorModel) or a model with a pose head")
         if isinstance(turn_weight, bool) or not float(turn_weight) >= 0:
             raise ValueError(f"turn_weight must be >= 0 (maze cells per radian of turning), got {turn_weight!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS} (waypoint: the distance to a waypoint ahead on the path; "
+                             f"graph: the cost-to-go along the graph of the path's poses), got {scoring!r}")
         self.world_model, self.path, self.lookahead = world_model, path, float(lookahead)
-        self.turn_weight = float(turn_weight)
+        self.turn_weight, self.scoring = float(turn_weight), scoring
+        self.graph = PlaceGraph(path, goal_index) if scoring == "graph" else None
         steps = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
         self.arc = np.concatenate([[0.0], np.cumsum(steps)])  # path length up to each pose
         self.goal = frame_to_tensor(goal_frame)
@@ -192,13 +209,15 @@ class PathObjective:
 
     def waypoint(self) -> np.ndarray:
         position = np.asarray(self.world_model.current_pose(), np.float64)[:2]
+        if self.graph is not None:
+            return self.graph.waypoint(position, self.lookahead)
         nearest = int(np.argmin(np.linalg.norm(self.path[:, :2] - position, axis=1)))
         ahead = np.nonzero(self.arc >= self.arc[nearest] + self.lookahead)[0]
         return self.path[ahead[0]] if len(ahead) else self.path[-1]
 
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        target = self.waypoint()
+        target = self.waypoint() if self.graph is None else None
         with torch.no_grad():
             frames = self.world_model.imagine(actions, generator=self.generator)
         self.timings["imagine_s"] += time.perf_counter() - start
@@ -209,12 +228,19 @@ class PathObjective:
             raise ValueError("the world model's imagine() reported no poses (last_poses); PathObjective needs them")
         start = time.perf_counter()
         final = torch.as_tensor(np.asarray(poses), dtype=torch.float64)[:, -1]
-        offset = torch.as_tensor(target[:2]) - final[:, :2]
-        scores = -torch.linalg.norm(offset, dim=1)
+        if self.graph is None:
+            offset = torch.as_tensor(target[:2]) - final[:, :2]
+            scores = -torch.linalg.norm(offset, dim=1)
+            turn_share = torch.ones_like(scores)
+        else:  # the cost-to-go along walked ways; the turn term towards where that way leads
+            cost = torch.as_tensor(self.graph.cost_to_go(final[:, :2].numpy()))
+            targets = np.stack([self.graph.waypoint(p, self.lookahead)[:2] for p in final[:, :2].numpy()])
+            offset = torch.as_tensor(targets) - final[:, :2]
+            scores, turn_share = -cost, torch.clamp(cost / self.lookahead, max=1.0)
         if self.turn_weight:
             bearing = torch.atan2(offset[:, 1], offset[:, 0])
             turn = torch.remainder(bearing - final[:, 2] + math.pi, 2 * math.pi) - math.pi
-            scores = scores - self.turn_weight * turn.abs()
+            scores = scores - self.turn_weight * turn_share * turn.abs()
         if self.lpips is not None:
             with torch.no_grad():
                 last = frames[:, -1].to(torch.float32)
@@ -234,7 +260,9 @@ class PlaceObjective:
     :class:`PathObjective` on that route: minus the distance of their imagined final pose (the world model's
     ``last_poses``: its odometry head, or the simulator's exact poses) to the waypoint ``lookahead`` cells ahead, minus
     ``turn_weight`` times its final heading's angle off the waypoint, minus ``lpips_weight`` times the LPIPS of the last
-    imagined frame to the goal view.
+    imagined frame to the goal view. With ``scoring="graph"`` every memorized place takes part: the route is the
+    shortest way along :class:`planners.place_graph.PlaceGraph` (the walk, cut short where a place was seen twice) and
+    candidates score by their cost-to-go on it (see :class:`PathObjective`).
 
     A world model with nothing memorized (no long-term memory: ``model.experts=[base]``; or the goal never seen), or
     one that cannot pose its imagined frames (no pose model), cannot say where the goal is: the objective is then
@@ -245,12 +273,14 @@ class PlaceObjective:
     def __init__(self, world_model, goal_frame: Any, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  match_mse: float = 1e-3, repeats: int = 1, frames: str = "last",
                  generator: torch.Generator | None = None, lpips: Callable | None = None,
-                 turn_weight: float = 0.0) -> None:
+                 turn_weight: float = 0.0, scoring: str = "waypoint") -> None:
         if not float(match_mse) >= 0:
             raise ValueError(f"match_mse must be >= 0 (mean squared difference in [-1, 1] pixels), got {match_mse!r}")
         goal = frame_to_tensor(goal_frame)
         places = getattr(world_model, "places", None)
-        self.goal_index, self.goal_match_mse, self.route = None, math.nan, None
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.goal_index, self.goal_match_mse, self.route, self.graph = None, math.nan, None, None
         if places is not None and len(places) > 0:
             memorized = places.frames.to(torch.float32)
             if tuple(memorized.shape[1:]) != tuple(goal.shape):
@@ -263,8 +293,12 @@ class PlaceObjective:
                 self.goal_index = index
                 poses = places.poses
                 here = np.asarray(world_model.current_pose(), np.float64)[:2]
-                start = int(np.argmin(np.linalg.norm(poses[:, :2] - here, axis=1)))
-                self.route = poses[start:index + 1] if start <= index else poses[index:start + 1][::-1].copy()
+                if scoring == "graph":  # every memorized place, joined where walked or seen twice
+                    self.graph = PlaceGraph(poses, index)
+                    self.route = self.graph.route(here)
+                else:
+                    start = int(np.argmin(np.linalg.norm(poses[:, :2] - here, axis=1)))
+                    self.route = poses[start:index + 1] if start <= index else poses[index:start + 1][::-1].copy()
         # the simulator reports its imagined poses itself; a WorldModel needs a pose model (its odometry head)
         reports_poses = getattr(world_model, "pose_model", True) is not None
         self.knows_place = self.route is not None and reports_poses
@@ -275,8 +309,10 @@ class PlaceObjective:
                        else "the world model has no pose model for imagined frames (train an odometry head: "
                             "python -m come_rl.odometry)")
         if self.knows_place:
-            self.inner = PathObjective(world_model, goal, self.route, lookahead=lookahead, lpips_weight=lpips_weight,
-                                       generator=generator, turn_weight=turn_weight)
+            path, goal_index = (places.poses, self.goal_index) if scoring == "graph" else (self.route, -1)
+            self.inner = PathObjective(world_model, goal, path, lookahead=lookahead, lpips_weight=lpips_weight,
+                                       generator=generator, turn_weight=turn_weight, scoring=scoring,
+                                       goal_index=goal_index)
         else:
             self.inner = LPIPSGoalObjective(world_model, goal, repeats=repeats, lpips=lpips, generator=generator,
                                             frames=frames)
