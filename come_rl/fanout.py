@@ -8,6 +8,12 @@ backend, so the tables written from it are the same for the same seeds. ``backen
 actors (one CPU each, ``threads`` torch threads each, a GPU each with ``gpus_per_worker``) and hands tasks to whichever
 is free; ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` when it is set, else starts a local one. Each result
 must not depend on which worker ran it or on what ran before on that worker: episodes seed everything they draw.
+
+A worker that dies (its process killed, out of memory, its node gone) is restarted by Ray (it builds its world model
+again) and the task it was running is played again from the start, up to ``retries`` times per worker; since an
+episode seeds everything it draws, the replay gives the row the first attempt would have. Past that, the run stops
+with :class:`WorkerDied`, which names the task; what finished before is kept by the caller (per-episode records), so
+the same command resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ from typing import Any
 from tqdm import tqdm
 
 BACKENDS = ("local", "ray")
+RETRIES = 3
+"""restarts of a dead Ray worker, and replays of the task it was running (``retries`` of run_tasks / iter_tasks)."""
+
+
+class WorkerDied(RuntimeError):
+    """A Ray worker died more often than ``retries`` allows while it ran a task."""
 
 
 @dataclass
@@ -97,19 +109,22 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def run_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], backend: str = "local",
               workers: int = 1, threads: int = 1, gpus_per_worker: float = 0.0, desc: str | None = None,
-              progress: bool = True) -> list[Any]:
+              progress: bool = True, retries: int = RETRIES) -> list[Any]:
     """``[factory(*args).run(task) for task in tasks]``, in order, locally or on ``workers`` Ray actors."""
     return list(iter_tasks(factory, args, tasks, backend=backend, workers=workers, threads=threads,
-                           gpus_per_worker=gpus_per_worker, desc=desc, progress=progress))
+                           gpus_per_worker=gpus_per_worker, desc=desc, progress=progress, retries=retries))
 
 
 def iter_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], backend: str = "local",
                workers: int = 1, threads: int = 1, gpus_per_worker: float = 0.0, desc: str | None = None,
-               progress: bool = True) -> Iterator[Any]:
+               progress: bool = True, retries: int = RETRIES) -> Iterator[Any]:
     """:func:`run_tasks` as a generator: each result is yielded, in task order, as soon as it and those before it are
     done, so a caller records finished episodes while later ones still run (a kill loses only unfinished ones).
-    The Ray actors live until the generator is exhausted or closed."""
+    The Ray actors live until the generator is exhausted or closed; a dead one is restarted and its task replayed up
+    to ``retries`` times (module docstring), then :class:`WorkerDied`."""
     check_backend(backend, workers)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0 (restarts of a dead Ray worker), got {retries!r}")
     tasks = list(tasks)
     if not tasks:  # nothing to play (a resumed run that had finished): start no worker
         return
@@ -122,13 +137,25 @@ def iter_tasks(factory: Callable[..., Any], args: tuple, tasks: Sequence[Any], b
     from ray.util import ActorPool
 
     init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(workers, 1))
-    actor_class = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_ThreadedWorker)
+    # a dead actor is restarted (its __init__ runs again) and the call it was serving is resent, `retries` times
+    actor_class = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=retries,
+                             max_task_retries=retries)(_ThreadedWorker)
     actors = [actor_class.remote(factory, args, threads) for _ in range(min(workers, max(len(tasks), 1)))]
     try:
         pool = ActorPool(actors)
         results = pool.map(lambda actor, task: actor.run.remote(task), tasks)  # in task order
-        yield from tqdm(results, total=len(tasks), desc=f"{desc} (ray x{len(actors)})" if desc else None,
-                        disable=not progress)
+        done = 0
+        try:
+            for result in tqdm(results, total=len(tasks), desc=f"{desc} (ray x{len(actors)})" if desc else None,
+                               disable=not progress):
+                yield result
+                done += 1
+        except ray.exceptions.RayActorError as error:
+            raise WorkerDied(
+                f"a Ray worker died more than retries={retries} times while running task {tasks[done]!r} "
+                f"({type(error).__name__}); the {done} task(s) before it finished. Rerun the same command to resume "
+                f"(finished episodes are recorded), with fewer workers or more memory per worker if workers are being "
+                f"killed for memory") from error
     finally:
         for actor in actors:
             ray.kill(actor)

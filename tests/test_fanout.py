@@ -40,3 +40,49 @@ def test_an_unreachable_ray_address_is_a_clear_error_not_a_hang(monkeypatch):
     with pytest.raises(ValueError, match="not host:port"):
         check_ray_address("just-a-host")
     check_ray_address("auto")  # left to Ray
+
+
+class _DiesOnce:
+    """Kills its own process the first time it runs task 2 (a worker killed mid-episode), or every time (always)."""
+
+    def __init__(self, marker_dir, always=False):
+        self.marker_dir, self.always = marker_dir, always
+
+    def run(self, task):
+        import os
+        from pathlib import Path
+
+        marker = Path(self.marker_dir) / f"task{task}.died"
+        if task == 2 and (self.always or not marker.exists()):
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return task * task
+
+
+def test_a_dead_ray_worker_is_restarted_and_its_task_replayed_or_the_run_stops_naming_it(tmp_path):
+    """One Ray session (its start is most of the cost): a worker killed mid-task once, then one that keeps dying."""
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    from come_rl.fanout import WorkerDied, iter_tasks
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests folder
+    try:
+        rows = run_tasks(_DiesOnce, (str(tmp_path),), [1, 2, 3, 4], backend="ray", workers=2, threads=1,
+                         progress=False)
+        assert rows == [1, 4, 9, 16]
+        assert (tmp_path / "task2.died").exists()  # it did die once, and the replay gave the same row
+        finished = []
+        with pytest.raises(WorkerDied, match=r"more than retries=1 times while running task 2 .*the 1 task\(s\) "
+                                             r"before it finished. Rerun the same command to resume"):
+            for row in iter_tasks(_DiesOnce, (str(tmp_path), True), [1, 2, 3], backend="ray", workers=1, threads=1,
+                                  progress=False, retries=1):
+                finished.append(row)
+        assert finished == [1]
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        ray.shutdown()
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        run_tasks(_DiesOnce, (str(tmp_path),), [1], backend="ray", retries=-1)
