@@ -23,7 +23,10 @@ generators (so the generators, the online pool and the checkpoint are identical 
 rows, ``batch_size / (world size x grad_accum_steps)`` clips per micro-batch; DDP averages the gradients. N processes
 therefore train the weights one process does (to float rounding), a killed run resumes with the same world size or
 another, and changing the number of GPUs needs no new learning rate. Rank 0 alone reads the resume state (and sends
-it to the others), writes checkpoints and logs.
+it to the others), writes checkpoints and logs. A rank that dies or stalls (its node gone, a hung GPU) does not leave
+the others waiting on a collective forever: each waits at most ``dist_timeout_s`` seconds, then fails with an error
+that names the step and says to rerun the command, which resumes from the last checkpoint (torchrun stops the other
+ranks when one fails).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import gc
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import sys
@@ -91,6 +95,9 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     checkpoint_seconds: float = 120.0
+    dist_timeout_s: float = 600.0
+    """under torchrun: the longest a rank waits on a collective for the others (a dead or stalled rank) before it fails
+    with a resume hint; above the longest step and checkpoint write of a healthy run."""
     log_every: int = 50
     """steps per row of train_log.csv (step, seconds, mean loss over those steps)."""
     pose_features: bool = False
@@ -287,6 +294,15 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
     return value
 
 
+def _is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a process group's (a peer gone, a timeout) rather than the training's own."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in ("gloo", "nccl", "timed out", "connection closed", "connection reset",
+                                         "broken pipe"))
+
+
 def _max_over_ranks(value: float, context: DistributedContext, device: torch.device) -> float:
     """The largest ``value`` of all ranks (ranks decide together when the time budget is spent)."""
     if context.world_size == 1:
@@ -441,6 +457,9 @@ def train_expert(config: TrainConfig) -> TrainResult:
     """:func:`train`, returning this rank's expert as well (the distributed tests compare the ranks' weights)."""
     if config.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
+    if not config.dist_timeout_s > 0:
+        raise ValueError(f"dist_timeout_s must be > 0 seconds (how long a rank waits for the others), got "
+                         f"{config.dist_timeout_s}")
     context = distributed_context()
     micro_batch = micro_batch_size(config, context.world_size)
     device = training_device(config.device, context)
@@ -449,12 +468,21 @@ def train_expert(config: TrainConfig) -> TrainResult:
     if joined:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=config.dist_timeout_s))
     finished = False
     try:
         result = _train(config, context, micro_batch, device, precision)
         finished = True
         return result
+    except (RuntimeError, dist.DistError) as error:
+        if context.world_size > 1 and _is_collective_failure(error):
+            raise RuntimeError(
+                f"rank {context.rank}: a collective with the other ranks failed or waited more than dist_timeout_s="
+                f"{config.dist_timeout_s:g} s (another rank died or stalled: {str(error).splitlines()[0][:200]}). What "
+                f"was last checkpointed in out={config.out} is kept; run the same command again to resume from there"
+            ) from error
+        raise
     finally:
         if joined:
             # DDP's reducer (kept alive by reference cycles) must go while its process group still exists: freed at

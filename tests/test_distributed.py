@@ -143,3 +143,54 @@ def test_bad_devices_are_refused_with_the_fix(tmp_path: Path) -> None:
         if not devices.cpu_supports_bf16():
             with pytest.raises(ValueError, match="precision=bf16 on the CPU needs oneDNN bfloat16 kernels"):
                 train_expert(parse_overrides(_args(tmp_path, "precision=bf16", "steps=1")))
+
+
+def _stalling_rank(rank: int, port: int, args: list[str], result_dir: str) -> None:
+    """A rank of a 2-rank run; rank 1 stalls in its second step (a hung GPU, a node cut off: alive, silent)."""
+    import come_rl.train as train_module
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    if rank == 1:
+        step_once = train_module.training_step
+
+        def stall_at_step_1(*call_args):
+            if call_args[-1] == 1:
+                import time
+
+                time.sleep(3600)
+            return step_once(*call_args)
+
+        train_module.training_step = stall_at_step_1
+    try:
+        train_expert(parse_overrides(args))
+    except RuntimeError as error:
+        (Path(result_dir) / f"rank{rank}.error").write_text(str(error))
+        raise SystemExit(3) from error
+
+
+def test_a_stalled_rank_makes_the_others_fail_with_a_resume_hint_not_hang(tmp_path: Path) -> None:
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    args = _args(tmp_path / "ddp", "batch_size=4", "steps=4", "dist_timeout_s=3")
+    port = _free_port()
+    ranks = [context.Process(target=_stalling_rank, args=(rank, port, args, str(tmp_path))) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    start = time.monotonic()
+    ranks[0].join(timeout=240)
+    try:
+        assert ranks[0].exitcode == 3, f"rank 0 did not fail on its own (exit code {ranks[0].exitcode})"
+        message = (tmp_path / "rank0.error").read_text()
+        assert "rank 0: a collective with the other ranks failed or waited more than dist_timeout_s=3 s" in message
+        assert "run the same command again to resume from there" in message
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+            process.join()
+    assert time.monotonic() - start < 240
+    with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
+        train_expert(parse_overrides(_args(tmp_path / "x", "dist_timeout_s=0")))
