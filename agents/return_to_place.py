@@ -463,7 +463,7 @@ class ReturnConfig(FanoutSettings):
     """the place objective's waypoint distance ahead along the memorized route (maze cells), agent=cem's."""
     turn_weight: float = 0.6
     """the place objective's price of the final heading's angle off the waypoint (cells per radian), agent=cem's."""
-    scoring: str = "waypoint"
+    scoring: str = "graph"
     """the place objective's scoring (planners.objectives.PathObjective): waypoint (the distance to a waypoint
     ``lookahead`` ahead on the memorized route) or graph (the cost-to-go along the graph of memorized places)."""
     max_attempts: int = 20
@@ -509,6 +509,12 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
                          f"start is no task), got {config.success_distance} and {config.min_goal_distance}")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+    from planners.objectives import SCORINGS
+
+    if config.scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS} (graph: the cost-to-go along the graph of memorized "
+                         f"places; waypoint: the distance to a waypoint ahead on the memorized route), got "
+                         f"{config.scoring!r}")
     if isinstance(config.lookahead, bool) or not float(config.lookahead) > 0:
         raise ValueError(f"lookahead must be a distance > 0 (maze cells), got {config.lookahead!r}")
     experts: dict[str, list[str]] = {"base": ["base"], "base_places": ["base"], "ltm": ["base", "ltm"]}

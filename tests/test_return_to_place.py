@@ -110,6 +110,7 @@ def test_the_world_model_agent_and_the_outputs(tmp_path):
     (dict(success_distance=3.0), "success_distance <= min_goal_distance"),
     (dict(replan_every=5), "replan_every <= horizon"),
     (dict(objective="telepathy"), "objective must be one of"),
+    (dict(scoring="euclid"), "scoring must be one of"),
     (dict(lookahead=0.0), "lookahead must be a distance > 0"),
 ])
 def test_bad_settings_fail_before_any_episode(tmp_path, overrides, message):
