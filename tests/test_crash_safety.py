@@ -3,8 +3,10 @@
 Each test starts a real subprocess of a command (``come_rl.run``, ``come_rl.train``, ``come_rl.collect``) with a budget
 of seconds, waits until it has finished some unit of work (an episode record, a checkpoint, a shard in the manifest),
 kills it with SIGKILL after a random further delay, runs the same command to the end and compares its final table with
-an uninterrupted run's (outside timing columns). The delay is drawn per run and shown in every assertion message, so a
-failure names the moment that broke it. The command runs in a directory of its own with a relative output path, so
+an uninterrupted run's (outside timing columns). The delay is drawn from a generator seeded by the test's name and
+``COME_RL_CRASH_SEED`` (default 0; set it to draw other moments) and shown with the seed in every assertion message,
+so a failure names the moment that broke it and the seed that draws that delay again (the work done by then still
+depends on the machine's speed, which the window scales with). The command runs in a directory of its own with a relative output path, so
 that paths written into the outputs (``out=`` in a manifest or a checkpoint's config) are the same for both runs.
 
 How each test was checked to fail (each break made by hand, run, seen to fail, undone):
@@ -70,14 +72,16 @@ def kill_at_random_moment(module: str, args: list[str], cwd: Path, progressed: C
         while not progressed():
             assert process.poll() is None, f"{module} ended ({process.returncode}) before any progress: " + \
                 (cwd / "killed_run.log").read_text()[-3000:]
-            assert time.monotonic() - started < 240, f"{module} made no progress in 240 s"
+            assert time.monotonic() - started < 480, f"{module} made no progress in 480 s"
             time.sleep(0.01)
-        delay = random.uniform(0.0, window)
+        seed = f"{os.environ.get('COME_RL_CRASH_SEED', '0')}:{module}"
+        delay = random.Random(seed).uniform(0.0, window)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not nearly_done() and process.poll() is None:
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
-        moment = f"killed {time.monotonic() - started:.2f} s after start, {delay:.2f} s drawn after the first progress"
+        moment = (f"killed {time.monotonic() - started:.2f} s after start, {delay:.2f} s drawn after the first progress "
+                  f"(delay seed {seed!r}: COME_RL_CRASH_SEED={os.environ.get('COME_RL_CRASH_SEED', '0')})")
     finally:
         if process.poll() is None:
             process.kill()
