@@ -128,17 +128,26 @@ class Composer:
         return term.alpha != 1.0 and term.baseline == "unconditional"
 
     def conditional_coefficients(self, t: float | None = None) -> dict[str, float]:
-        """The total linear coefficient of each term's conditional prediction in the composed eps.
+        """The total linear coefficient of each term's conditional prediction in the composed eps (before
+        ``normalize``'s division, which scales every coefficient alike).
 
-        A shared baseline adds w_k (1 - alpha_k) to the coefficient of the term it borrows from. With the paper's
-        eq. 4 and alpha_LTM = 2 the base's conditional coefficient is w_base + w_LTM (1 - 2) = 0: the base pass
-        cancels and need not be run at all.
+        Read off the rule itself: :func:`compose_noise_predictions` is linear in the predictions, so feeding it a 1 for
+        one term's conditional prediction (and for every baseline that shares it) and 0 for every other prediction
+        gives that term's coefficient. A shared baseline thus adds w_k (1 - alpha_k) to the coefficient of the term it
+        borrows from: with the paper's eq. 4 and alpha_LTM = 2 the base's conditional coefficient is
+        w_base + w_LTM (1 - 2) = 0, and the base pass cancels and need not be run at all. Which passes a step runs
+        (:meth:`skipped_terms`, ``_denoise``) follows from these numbers, so a change of the rule changes them too.
         """
         weights = self._weights(t)
-        coefficients = {term.name: weights[term.name] * term.alpha for term in self.terms}
-        for term in self.terms:
-            if term.baseline != "unconditional":
-                coefficients[term.baseline] += weights[term.name] * (1.0 - term.alpha)
+        names = [term.name for term in self.terms]
+        coefficients = {}
+        for name in names:
+            probe = {other: torch.tensor(1.0 if other == name else 0.0, dtype=torch.float64) for other in names}
+            baselines = [torch.zeros((), dtype=torch.float64) if term.baseline == "unconditional"
+                         else probe[term.baseline] for term in self.terms]
+            coefficients[name] = float(compose_noise_predictions(
+                [probe[term.name] for term in self.terms], baselines, [term.alpha for term in self.terms],
+                [weights[term.name] for term in self.terms], normalize=False))
         return coefficients
 
     def _weights(self, t: float | None) -> dict[str, float]:
@@ -227,6 +236,45 @@ class Composer:
         )
 
 
+class ReferenceComposer(Composer):
+    """The reference a plain implementation runs (as the authors' code and NWM do): at every denoising step every
+    expert's context is prepared anew and every (expert, condition) pair is its own network call, the LTM's baseline
+    (the base's conditional prediction) included, and no pass is skipped. Same rule, same numbers, more work: what the
+    batched, cached :class:`Composer` saves (``python -m come_rl.bench world_model``; the tests run every shipped rule
+    through both). Per-sample gates (``retrieval_gate``) and context levels are not supported here."""
+
+    def bind(self, conditions: dict):
+        for name, condition in conditions.items():
+            if condition.get("gate") is not None or condition.get("context_level") is not None:
+                raise ValueError(f"the reference composer has no per-sample gates or context levels (term {name!r})")
+        return functools.partial(self._reference_denoise, conditions)
+
+    def _predict(self, conditions: dict, term: ExpertTerm, x_t: torch.Tensor, t: torch.Tensor,
+                 drop: bool) -> torch.Tensor:
+        condition = conditions[term.name]
+        rows = condition["context"].shape[0]
+        state = term.expert.prepare(condition["context"], condition["actions"], condition.get("poses"),
+                                    torch.full((rows,), drop, dtype=torch.bool, device=condition["context"].device))
+        self.network_calls += 1
+        return term.expert.predict_eps(state, x_t, t)
+
+    def _reference_denoise(self, conditions: dict, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        by_name = {term.name: term for term in self.terms}
+        conditional = {term.name: self._predict(conditions, term, x_t, t, False) for term in self.terms}
+        baselines = []
+        for term in self.terms:
+            if term.alpha == 1.0:
+                baselines.append(None)
+            elif term.baseline == "unconditional":
+                baselines.append(self._predict(conditions, term, x_t, t, True))
+            else:  # the baseline expert's conditional pass, run again
+                baselines.append(self._predict(conditions, by_name[term.baseline], x_t, t, False))
+        weights = self._weights(float(t.max()))
+        return compose_noise_predictions([conditional[term.name] for term in self.terms], baselines,
+                                         [term.alpha for term in self.terms],
+                                         [weights[term.name] for term in self.terms], self.normalize)
+
+
 EXPERT_ROLES = ("base", "ltm", "stm", "sltm")
 
 
@@ -281,13 +329,15 @@ class CompositionConfig:
                 raise ValueError(f"retrieval_gate of {role!r}: need a memory expert and a distance > 0, got {distance}")
 
 
-def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert]) -> Composer:
+def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert],
+                   reference: bool = False) -> Composer:
     """The :class:`Composer` of ``config`` over ``experts`` (role -> expert): the base first (the pairwise anchor),
-    the LTM's baseline per ``config.ltm_baseline``, every other expert against its own unconditional mode."""
+    the LTM's baseline per ``config.ltm_baseline``, every other expert against its own unconditional mode.
+    ``reference=True``: the :class:`ReferenceComposer` of the same rule (every pass run, nothing shared)."""
     terms = []
     for role in ["base", *(r for r in config.experts if r != "base")]:
         baseline = config.ltm_baseline if role == "ltm" else "unconditional"
         terms.append(ExpertTerm(role, experts[role], config.alphas.get(role, 1.0), config.weights.get(role, 1.0),
                                 baseline, config.active_from.get(role, 0.0),
                                 config.active_below.get(role, float("inf"))))
-    return Composer(terms, normalize=config.normalize, pairwise=config.pairwise)
+    return (ReferenceComposer if reference else Composer)(terms, normalize=config.normalize, pairwise=config.pairwise)

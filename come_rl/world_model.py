@@ -70,6 +70,7 @@ class WorldModel:
         self.precision = devices.resolve_precision(precision, self.device)
         self.action_spec, self.frame_shape = action_spec, (3, frame_size, frame_size)
         self.composition = composition or CompositionConfig()
+        self.reference_composer = False  # use_composition(..., reference=True): every pass run (the benchmark's control)
         self.sampler = sampler or SamplerConfig()
         self.memorize_config = memorize_config or MemorizeConfig()
         self.pose_model = pose_model
@@ -96,17 +97,19 @@ class WorldModel:
         self.last_poses: torch.Tensor | None = None  # (B, H, 3) poses of the last imagined frames (with a pose model)
         self.use_compile(compile)
 
-    def use_composition(self, composition: CompositionConfig | dict) -> None:
+    def use_composition(self, composition: CompositionConfig | dict, reference: bool = False) -> None:
         """Switch the rule that composes the loaded experts (e.g. one row of an ablation), keeping the episode memory and
         what the LTM memorized. Every enabled expert must be loaded: the STM / SLTM from the checkpoint, the LTM by
-        loading with "ltm" among the experts."""
+        loading with "ltm" among the experts. ``reference=True`` runs the same rule through
+        ``come_rl.composition.ReferenceComposer`` (every network pass run anew, nothing shared or skipped: the
+        benchmark's control; same numbers, more time)."""
         if isinstance(composition, dict):
             composition = CompositionConfig(**composition)
         for role in composition.experts:
             if role != "base" and getattr(self, role) is None:
                 raise ValueError(f"composition enables {role!r} but this world model was loaded without it; load it "
                                  f"with experts=[..., {role!r}] (the STM / SLTM must be in the checkpoint)")
-        self.composition = composition
+        self.composition, self.reference_composer = composition, bool(reference)
 
     def use_compile(self, enabled: bool) -> None:
         """Run every expert's denoising network through ``torch.compile`` (``come_rl.devices``) or not, from the next
@@ -229,7 +232,7 @@ class WorldModel:
         return actions
 
     def _composer(self) -> Composer:
-        return build_composer(self.composition, self.experts)
+        return build_composer(self.composition, self.experts, reference=self.reference_composer)
 
     @property
     def context_length(self) -> int:

@@ -49,7 +49,7 @@ def test_the_world_model_benchmark_matches_the_naive_reference(tmp_path):
 
 def test_the_memorization_benchmark_times_each_recipe_against_both_sampling_steps(tmp_path):
     """Each recipe gets a row with its trained-parameter count and its step against base + LTM's and CoME's sampling
-    steps at its own batch; CoME's sampling step costs more than base + LTM's (more network rows)."""
+    steps at its own batch; CoME's sampling step runs more network calls than base + LTM's (what its extra time is)."""
     from come_rl.bench.memorize import DECODER, MemorizeBenchConfig, bench_memorize
 
     rows = bench_memorize(MemorizeBenchConfig(recipes={"every weight": {"batch_size": 4},
@@ -61,7 +61,8 @@ def test_the_memorization_benchmark_times_each_recipe_against_both_sampling_step
     for row in rows:
         assert row["batch"] == 4 and row["memorize_ms_per_step"] > 0
         assert row["x_base+ltm_sampling_step"] == pytest.approx(row["memorize_ms_per_step"] / row["sampling_step_ms_base+ltm"])
-        assert row["sampling_step_ms_CoME"] > row["sampling_step_ms_base+ltm"]
+        assert row["sampling_step_ms_CoME"] > 0 and row["sampling_step_ms_base+ltm"] > 0  # times: reported, not tested
+        assert row["network_calls_per_step_CoME"] > row["network_calls_per_step_base+ltm"] >= 1
     assert "bench memorize" in (tmp_path / "memorize.md").read_text()
     with pytest.raises(ValueError, match="recipes"):
         MemorizeBenchConfig(recipes={"x": 3})

@@ -73,6 +73,7 @@ def bench_memorize(config: MemorizeBenchConfig) -> list[dict]:
     dim = models["base+ltm"].action_spec.dim
     sampling = {(name, b): [] for name in models for b in batches}
     memorizing = {name: [] for name in recipes}
+    calls: dict[str, float] = {}  # network calls per sampling step (what the time depends on, not the machine's load)
     trainable = {}
     for model in models.values():
         model.memorize(steps=1)  # the LTM differs from the base, as after memorization
@@ -84,6 +85,7 @@ def bench_memorize(config: MemorizeBenchConfig) -> list[dict]:
             start = time.perf_counter()
             models[name].imagine(actions, seed=round_)
             times.append((time.perf_counter() - start) / config.sampler_steps)
+            calls[name] = models[name].last_network_calls / config.sampler_steps
         model = models["base+ltm"]
         shipped_ltm = model.ltm
         for name, recipe in recipes.items():
@@ -100,6 +102,7 @@ def bench_memorize(config: MemorizeBenchConfig) -> list[dict]:
                      "batch": recipe.batch_size, "memorize_ms_per_step": 1000 * step,
                      "sampling_step_ms_base+ltm": 1000 * base_ltm, "x_base+ltm_sampling_step": step / base_ltm,
                      "sampling_step_ms_CoME": 1000 * come, "x_CoME_sampling_step": step / come,
+                     "network_calls_per_step_base+ltm": calls["base+ltm"], "network_calls_per_step_CoME": calls["CoME"],
                      "threads": config.threads, "rounds": config.rounds})
     out = Path(config.out_dir)
     write_table(out / "memorize.csv", rows, md_path=out / "memorize.md",

@@ -5,7 +5,6 @@ measured in the same run, and memorization time per gradient step against a samp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import resource
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from come_rl.composition import Composer, compose_noise_predictions
 from come_rl import devices
 from come_rl.devices import matmul_peak_gflops, synchronize
 from come_rl.diffusion import CosineSchedule
@@ -55,40 +53,6 @@ def _transformer_expert(preset: str, role: str, frame_size: int, action_dim: int
 def _filled_model(config: WorldModelBenchConfig, experts: list[str], stm=None, sltm=None) -> WorldModel:
     return filled_cards_model(config.checkpoint, config.steps, experts, stm, sltm, config.device, config.precision,
                               config.compile)
-
-
-class NaiveComposer(Composer):
-    """The reference a plain implementation runs (as the authors' code and NWM do): at every denoising step every
-    expert's context is prepared anew and every (expert, condition) pair is its own network call, the LTM's baseline
-    (the base's conditional prediction) included, and no pass is skipped. Same rule, same numbers (the benchmark
-    records the largest difference), more work: what the batched, cached :class:`Composer` saves."""
-
-    def bind(self, conditions: dict):
-        return functools.partial(self._naive_denoise, conditions)
-
-    def _predict(self, conditions: dict, term, x_t: torch.Tensor, t: torch.Tensor, drop: bool) -> torch.Tensor:
-        condition = conditions[term.name]
-        rows = condition["context"].shape[0]
-        state = term.expert.prepare(condition["context"], condition["actions"], condition.get("poses"),
-                                    torch.full((rows,), drop, dtype=torch.bool, device=condition["context"].device))
-        self.network_calls += 1
-        return term.expert.predict_eps(state, x_t, t)
-
-    def _naive_denoise(self, conditions: dict, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        by_name = {term.name: term for term in self.terms}
-        conditional = {term.name: self._predict(conditions, term, x_t, t, False) for term in self.terms}
-        baselines = []
-        for term in self.terms:
-            if term.alpha == 1.0:
-                baselines.append(None)
-            elif term.baseline == "unconditional":
-                baselines.append(self._predict(conditions, term, x_t, t, True))
-            else:  # the baseline expert's conditional pass, run again
-                baselines.append(self._predict(conditions, by_name[term.baseline], x_t, t, False))
-        weights = self._weights(float(t.max()))
-        return compose_noise_predictions([conditional[term.name] for term in self.terms], baselines,
-                                         [term.alpha for term in self.terms],
-                                         [weights[term.name] for term in self.terms], self.normalize)
 
 
 def _time_imagine(model: WorldModel, actions: torch.Tensor, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -154,12 +118,10 @@ def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
             model.memorize(steps=2)  # non-zero adapters, as after memorization
         seconds, frames = _time_imagine(model, actions, config.repeats, device)
         calls_per_step = model.last_network_calls / (config.horizon * config.steps)
-        fast_composer = model._composer
-        model._composer = lambda fast=fast_composer: NaiveComposer(fast().terms, normalize=fast().normalize,
-                                                                   pairwise=fast().pairwise)
+        model.use_composition(model.composition, reference=True)  # the same rule, every pass run anew
         naive_seconds, naive_frames = _time_imagine(model, actions, config.repeats, device)
         naive_calls_per_step = model.last_network_calls / (config.horizon * config.steps)
-        model._composer = fast_composer
+        model.use_composition(model.composition)
         with FlopCounterMode(display=False) as counter:
             model.imagine(actions[:, :1], seed=0)
         flops_per_frame = counter.get_total_flops() / config.batch
