@@ -521,6 +521,17 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
     notes = []
     if any(n in WORLD_MODEL_AGENTS for n in names):
         experts["come"] = checkpoint_experts(config.checkpoint)
+        placed = [n for n in names if n in ("base_places", "ltm", "come")]
+        if config.objective == "place" and placed:
+            from come_rl.checkpoint import resolve_checkpoint
+            from come_rl.odometry import ODOMETRY_NAME
+
+            directory = resolve_checkpoint(config.checkpoint)
+            if not (directory / f"{ODOMETRY_NAME}.json").exists():
+                raise ValueError(f"agents {placed} score by the places they memorized, which needs poses of imagined "
+                                 f"frames, but checkpoint {config.checkpoint!r} ({directory}) has no odometry head: "
+                                 f"train one (python -m come_rl.odometry data=<collected maze data> out={directory}) "
+                                 f"or pass objective=lpips")
         if "come" in names and "ltm" in names and experts["come"] == experts["ltm"]:
             names.remove("come")
             notes.append(f"come = {'+'.join(experts['come'])} on checkpoint {config.checkpoint} (no stm/sltm trained): "

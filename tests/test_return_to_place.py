@@ -252,3 +252,20 @@ def test_the_exact_model_with_the_place_objective_reaches_the_goal(tmp_path):
                           gifs=False, out_dir=str(tmp_path))
     rows = evaluate(config, progress=False)
     assert rows[0]["agent"] == "exact" and rows[0]["successes"] == 1 and rows[0]["knows_place"] == 1.0, rows
+
+
+def test_a_checkpoint_without_a_pose_head_is_refused_for_the_place_objective(tmp_path):
+    """Agents that score by memorized places need poses of imagined frames: a checkpoint without the odometry head is
+    refused before any episode, naming the command that trains one (or objective=lpips)."""
+    from come_rl.checkpoint import resolve_checkpoint
+
+    shipped = resolve_checkpoint("memory_maze")
+    posed = tmp_path / "no_pose_head"
+    posed.mkdir()
+    for path in shipped.iterdir():
+        if not path.name.startswith("odometry."):
+            (posed / path.name).symlink_to(path.resolve())
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no odometry head: train one \(python -m come_rl.odometry .*objective=lpips"):
+        evaluate(ReturnConfig(checkpoint=str(posed), agents="ltm", out_dir=str(out)))
+    assert not out.exists() or not any(out.iterdir())
