@@ -1,6 +1,6 @@
 """Memory Maze, return to a seen place: the goal is a view from earlier in the same episode, out of view now.
 
-    python -m agents.return_to_place                                   # all agents, 20 held-out episodes each
+    python -m agents.return_to_place episodes=32 seed=9200             # all agents, 32 held-out episodes each
     python -m agents.return_to_place agents=random,oracle episodes=5   # the baselines only (no world model, fast)
     python -m agents.return_to_place agents=base,ltm episodes=20 decisions=12 population=24 sampler_steps=4
 
@@ -23,19 +23,23 @@ One episode (everything derives from ``seed + episode`` through ``come_rl.seedin
    every agent). **Success: the final position is less than ``success_distance`` = 1.0 maze cell (one cell width) from
    the position where the goal view was recorded** (the heading is not scored).
 
-Agents (``agents=``): ``random`` (uniform random actions, seeded), ``base`` (the CEM MPC planner of ``agent=cem``:
-LPIPS of the imagined last frame to the goal image, world model ``experts=[base]``, no memory), ``ltm`` (the same
-with ``experts=[base, ltm]``, memorized on the exploration; a decision costs what the base's does: with
-alpha_LTM = 2 and the base as the LTM's baseline the base's pass cancels, see ``come_rl.composition``), ``come``
-(every expert the checkpoint has: for the shipped ``memory_maze`` checkpoint that is base + ltm, since no STM/SLTM
-was trained for Memory Maze; then ``come`` is the ``ltm`` configuration and is not run twice: its row is the ``ltm``
-row, which the table title says), ``oracle`` (knows the goal position and the layout: follows the shortest grid
-path: the ceiling of the task under the budget, so a low number of a world-model agent is the model's or the
-planner's, not the task's), ``exact`` (the ``base`` agent's planner and objective with the simulator as the world
-model, ``envs.memory_maze.MazeSimulatorModel``: imagination is exact, so its rate bounds what any learned model can
-give this planner and objective), ``exact_path`` (the simulator with a place-aware objective,
-``planners.objectives.PathObjective``: the waypoint 1 cell ahead along the memorized exploration path back to the
-goal's place; it separates what the LPIPS objective costs from what the horizon costs).
+Agents (``agents=``): ``random`` (uniform random actions, seeded); ``base`` (the CEM MPC planner of ``agent=cem``,
+world model ``experts=[base]``: it memorizes nothing, so it has no places and scores by LPIPS of the imagined last frame
+to the goal image, NWM's objective); ``base_places`` (the base's imagination with a place memory and no LTM:
+``WorldModel.record_places``); ``ltm`` (``experts=[base, ltm]``, the shipped default composition, memorized on the
+exploration); ``come`` (every expert the checkpoint has: base + LTM + STM + SLTM for the shipped maze checkpoint);
+``exact`` (the same planner and objective with the simulator as the world model, ``envs.memory_maze.
+MazeSimulatorModel``: imagination is exact, so its rate bounds what any learned model gives this planner and
+objective); ``exact_path`` (the simulator scored along the oracle's reference path back); ``oracle`` (knows the goal
+position and the layout and follows the shortest grid path: the ceiling of the task under the budget).
+
+Objective (``objective=place``, ``agent=cem``'s default; ``planners.objectives.PlaceObjective``): the goal image is
+looked up among the frames the world model memorized, which gives the goal's place; with ``scoring=graph`` (the
+default) candidates score by the cost-to-go of their imagined final pose (the checkpoint's odometry head on the
+imagined frames; the simulator's own poses for ``exact``) along the graph of memorized places
+(``planners.place_graph``), minus ``turn_weight`` times the heading's angle off the way; ``scoring=waypoint`` scores
+the distance to a waypoint ``lookahead`` cells ahead on the memorized route instead. ``objective=lpips``: LPIPS to the
+goal view for every agent.
 
 Metrics (``results/return_to_place/``: ``episodes.csv``/``.md``, ``summary.csv``/``.md``, ``success.png``, one success
 and one failure GIF per agent, ``<agent>_success.gif`` / ``<agent>_failure.gif``: real | imagined | goal, exploration
