@@ -142,8 +142,9 @@ class Composer:
         names = [term.name for term in self.terms]
         coefficients = {}
         for name in names:
-            probe = {other: torch.tensor(1.0 if other == name else 0.0, dtype=torch.float64) for other in names}
-            baselines = [torch.zeros((), dtype=torch.float64) if term.baseline == "unconditional"
+            probe = {other: torch.tensor(1.0 if other == name else 0.0, dtype=torch.float64, device="cpu")
+                     for other in names}
+            baselines = [torch.zeros((), dtype=torch.float64, device="cpu") if term.baseline == "unconditional"
                          else probe[term.baseline] for term in self.terms]
             coefficients[name] = float(compose_noise_predictions(
                 [probe[term.name] for term in self.terms], baselines, [term.alpha for term in self.terms],

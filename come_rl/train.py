@@ -299,8 +299,8 @@ def _is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, dist.DistError):
         return True
     text = str(error).lower()
-    return any(mark in text for mark in ("gloo", "nccl", "timed out", "connection closed", "connection reset",
-                                         "broken pipe"))
+    return any(mark in text for mark in ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure",
+                                         "broken pipe", "peer"))
 
 
 def _max_over_ranks(value: float, context: DistributedContext, device: torch.device) -> float:
