@@ -123,6 +123,7 @@ class Composer:
                              f"got {terms[0].name!r} with alpha {terms[0].alpha}")
         self.terms, self.normalize, self.pairwise = list(terms), normalize and not pairwise, pairwise
         self.network_calls = 0
+        self._coefficients: dict[float | None, dict[str, float]] = {}  # conditional_coefficients by noise level
 
     def needs_unconditional(self, term: ExpertTerm) -> bool:
         return term.alpha != 1.0 and term.baseline == "unconditional"
@@ -138,6 +139,9 @@ class Composer:
         w_base + w_LTM (1 - 2) = 0, and the base pass cancels and need not be run at all. Which passes a step runs
         (:meth:`skipped_terms`, ``_denoise``) follows from these numbers, so a change of the rule changes them too.
         """
+        key = None if t is None else float(t)
+        if key in self._coefficients:  # a sampler asks at the same levels every step of every frame
+            return dict(self._coefficients[key])
         weights = self._weights(t)
         names = [term.name for term in self.terms]
         coefficients = {}
@@ -149,6 +153,7 @@ class Composer:
             coefficients[name] = float(compose_noise_predictions(
                 [probe[term.name] for term in self.terms], baselines, [term.alpha for term in self.terms],
                 [weights[term.name] for term in self.terms], normalize=False))
+        self._coefficients[key] = dict(coefficients)
         return coefficients
 
     def _weights(self, t: float | None) -> dict[str, float]:

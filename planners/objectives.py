@@ -178,7 +178,7 @@ class PathObjective:
 
     def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  generator: torch.Generator | None = None, turn_weight: float = 0.0, scoring: str = "waypoint",
-                 goal_index: int = -1) -> None:
+                 goal_index: int = -1, graph: PlaceGraph | None = None) -> None:
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
@@ -195,7 +195,8 @@ class PathObjective:
                              f"graph: the cost-to-go along the graph of the path's poses), got {scoring!r}")
         self.world_model, self.path, self.lookahead = world_model, path, float(lookahead)
         self.turn_weight, self.scoring = float(turn_weight), scoring
-        self.graph = PlaceGraph(path, goal_index) if scoring == "graph" else None
+        # graph: the PlaceGraph of these poses already built (PlaceObjective builds it to find the route)
+        self.graph = (graph if graph is not None else PlaceGraph(path, goal_index)) if scoring == "graph" else None
         steps = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
         self.arc = np.concatenate([[0.0], np.cumsum(steps)])  # path length up to each pose
         self.goal = frame_to_tensor(goal_frame)
@@ -233,9 +234,10 @@ class PathObjective:
             scores = -torch.linalg.norm(offset, dim=1)
             turn_share = torch.ones_like(scores)
         else:  # the cost-to-go along walked ways; the turn term towards where that way leads
-            cost = torch.as_tensor(self.graph.cost_to_go(final[:, :2].numpy()))
-            targets = np.stack([self.graph.waypoint(p, self.lookahead)[:2] for p in final[:, :2].numpy()])
+            costs, nodes = self.graph.assign(final[:, :2].numpy())
+            targets = np.stack([self.graph.ahead(n, c, self.lookahead)[:2] for n, c in zip(nodes, costs)])
             offset = torch.as_tensor(targets) - final[:, :2]
+            cost = torch.as_tensor(costs)
             scores, turn_share = -cost, torch.clamp(cost / self.lookahead, max=1.0)
         if self.turn_weight:
             bearing = torch.atan2(offset[:, 1], offset[:, 0])
@@ -312,7 +314,7 @@ class PlaceObjective:
             path, goal_index = (places.poses, self.goal_index) if scoring == "graph" else (self.route, -1)
             self.inner = PathObjective(world_model, goal, path, lookahead=lookahead, lpips_weight=lpips_weight,
                                        generator=generator, turn_weight=turn_weight, scoring=scoring,
-                                       goal_index=goal_index)
+                                       goal_index=goal_index, graph=self.graph)
         else:
             self.inner = LPIPSGoalObjective(world_model, goal, repeats=repeats, lpips=lpips, generator=generator,
                                             frames=frames)

@@ -75,8 +75,8 @@ class PlaceGraph:
     def __len__(self) -> int:
         return len(self.poses)
 
-    def _assign(self, positions) -> tuple[np.ndarray, np.ndarray]:
-        """(cost-to-go (B,), node giving it (B,)) for positions (B, 2)."""
+    def assign(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(cost-to-go (B,), the node giving it (B,)) for positions (B, 2) (or (2,)): see :meth:`cost_to_go`."""
         positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
         distance = np.linalg.norm(positions[:, None] - self.poses[None, :, :2], axis=-1)
         on_way = np.where(distance <= self.reach, distance + self.to_goal[None], np.inf)
@@ -89,20 +89,25 @@ class PlaceGraph:
         """Cells to the goal's place along walked ways, for positions (B, 2) (or (2,)). A node no walked way joins
         to the goal (a gap in the memory) costs the farthest joined node's cost plus ``off_way_factor`` times its
         straight distance to the goal."""
-        return self._assign(positions)[0]
+        return self.assign(positions)[0]
 
     def route(self, position) -> np.ndarray:
         """The memorized poses of the shortest walked way from where ``position`` (2,) joins the graph to the goal."""
-        _, node = self._assign(np.asarray(position, dtype=np.float64)[None, :2])
+        _, node = self.assign(position)
         nodes = [int(node[0])]
         while self.parent[nodes[-1]] >= 0:
             nodes.append(int(self.parent[nodes[-1]]))
         return self.poses[nodes]
 
-    def waypoint(self, position, lookahead: float) -> np.ndarray:
-        """The pose ``lookahead`` cells along the shortest way to the goal from where ``position`` (2,) joins it."""
-        cost, node = self._assign(np.asarray(position, dtype=np.float64)[None, :2])
-        node, start = int(node[0]), float(cost[0])  # covered: from the position itself, through the node it joins at
-        while self.parent[node] >= 0 and start - self.to_goal[node] < float(lookahead) - 1e-9:
+    def ahead(self, node: int, cost: float, lookahead: float) -> np.ndarray:
+        """The pose ``lookahead`` cells along the shortest way from a position of cost-to-go ``cost`` that joins the
+        graph at ``node`` (what :meth:`assign` gives): covered counts from the position itself."""
+        node = int(node)
+        while self.parent[node] >= 0 and float(cost) - self.to_goal[node] < float(lookahead) - 1e-9:
             node = int(self.parent[node])
         return self.poses[node]
+
+    def waypoint(self, position, lookahead: float) -> np.ndarray:
+        """The pose ``lookahead`` cells along the shortest way to the goal from where ``position`` (2,) joins it."""
+        cost, node = self.assign(position)
+        return self.ahead(node[0], cost[0], lookahead)
