@@ -25,6 +25,7 @@ only w / 2: measured, it recalled less). It is a choice of weights, so the same 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -315,6 +316,14 @@ class CompositionConfig:
     """per retrieving expert (``come_rl.experts.retrieval``), the largest pose distance (position / 0.5 cell + heading
     / 45 degrees) of its retrieved view at which it takes part, sample by sample (e.g. {"sltm": 1.0}): a view seen far
     from the imagined pose says little about it; absent = always."""
+    anchor: float = 0.0
+    """re-anchor the rollout at revisits (not in the paper; a memory read by pose, like the retrieving SLTM's): an
+    imagined frame whose pose (from the pose model) lies within ``anchor`` cells and ``anchor_degrees`` of heading of a
+    memorized pose enters the context of the next steps as that memorized frame (the nearest such). The frame returned
+    is still the sampled one; what drifted is replaced by what was seen. 0: off. Needs observed poses and a pose
+    model."""
+    anchor_degrees: float = 15.0
+    """the heading tolerance of ``anchor`` (a view turned by 45 degrees shows another half of the scene)."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
@@ -330,6 +339,10 @@ class CompositionConfig:
             if role not in EXPERT_ROLES or not 0.0 <= low < high:
                 raise ValueError(f"gate of {role!r}: need a known expert and 0 <= active_from < active_below, got "
                                  f"active_from={low}, active_below={high} (it would never take part)")
+        if not (self.anchor >= 0.0 and math.isfinite(self.anchor)):
+            raise ValueError(f"anchor must be a distance in cells >= 0 (0: off), got {self.anchor}")
+        if not 0.0 < self.anchor_degrees <= 180.0:
+            raise ValueError(f"anchor_degrees must be in (0, 180], got {self.anchor_degrees}")
         for role, distance in self.retrieval_gate.items():
             if role not in EXPERT_ROLES or role == "base" or not distance > 0:
                 raise ValueError(f"retrieval_gate of {role!r}: need a memory expert and a distance > 0, got {distance}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class WorldModel:
         self.places, self._segment_in_places = PlaceMemory(), 0
         self.last_network_calls = 0
         self.last_poses: torch.Tensor | None = None  # (B, H, 3) poses of the last imagined frames (with a pose model)
+        self.last_anchored = torch.zeros(0, 0, dtype=torch.bool)  # (B, H): which imagined frames were re-anchored
         self.use_compile(compile)
 
     def use_composition(self, composition: CompositionConfig | dict, reference: bool = False) -> None:
@@ -284,11 +286,17 @@ class WorldModel:
         imagined_poses = []
         composer = self._composer()
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
-        if retrievers:  # the memorized frames and poses that a retrieval expert reads (come_rl.experts.retrieval)
+        anchor = self.composition.anchor
+        if anchor > 0 and not tracks_poses:
+            raise ValueError(f"composition anchor={anchor} re-anchors the rollout by pose: observe(frame, action, pose) "
+                             f"the episode and give the WorldModel a pose_model (the checkpoint's odometry head), or "
+                             f"set anchor=0")
+        if retrievers or anchor > 0:  # the memorized frames and poses read by pose (come_rl.experts.retrieval)
             if len(self.memory) == 0 or self.memory.poses is None:
-                raise ValueError(f"the {retrievers[0]} expert retrieves memorized frames by pose: observe(frame, action, "
-                                 f"pose) the episode first")
+                raise ValueError(f"the {retrievers[0] if retrievers else 'anchor'} reads memorized frames by pose: "
+                                 f"observe(frame, action, pose) the episode first")
             memory_poses = self.memory.poses.float()  # the frames are gathered by index: only the retrieved ones copied
+        self.last_anchored = torch.zeros(batch, horizon, dtype=torch.bool)
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
@@ -325,6 +333,8 @@ class WorldModel:
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device).clamp(-1.0, 1.0)
             outputs.append(next_frame)
+            if anchor > 0:  # a revisit: the next steps see the memorized view instead of the sampled frame
+                next_frame = self._anchor(next_frame, memory_poses, next_pose, h)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
             if tracks_poses:
@@ -332,6 +342,23 @@ class WorldModel:
         self.last_network_calls = composer.network_calls
         self.last_poses = torch.stack(imagined_poses, dim=1) if tracks_poses else None
         return torch.stack(outputs, dim=1)
+
+    def _anchor(self, frame: torch.Tensor, memory_poses: torch.Tensor, pose: torch.Tensor, step: int) -> torch.Tensor:
+        """``frame`` (B, C, H, W) with the rows whose ``pose`` (B, 3) lies within ``composition.anchor`` cells and
+        ``anchor_degrees`` of a memorized pose replaced by the nearest such memorized frame; marks them in
+        ``last_anchored``."""
+        pose = pose.float()
+        position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)  # (B, N)
+        turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+        within = (position <= self.composition.anchor) & (turn <= math.radians(self.composition.anchor_degrees))
+        score = torch.where(within, position / self.composition.anchor + turn / math.radians(
+            self.composition.anchor_degrees), torch.full_like(position, float("inf")))
+        index, close = score.argmin(-1), within.any(-1)  # (B,)
+        self.last_anchored[:, step] = close.cpu()
+        if not bool(close.any()):
+            return frame
+        view = self.memory.gather(index).to(frame)
+        return torch.where(close.to(frame.device)[:, None, None, None], view, frame)
 
     def _next_pose(self, poses: torch.Tensor, action: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """The pose model's pose after ``action`` (B, A) from the last of ``poses`` (B, L, 3); a pose model that

@@ -16,14 +16,17 @@ one by LPIPS (AlexNet), SSIM and PSNR, over all frames and over *revisit* frames
 Rows (``compositions=``, comma-separated names of :data:`COMPOSITIONS`): ``copy_last`` (no model: the last context
 frame, repeated), ``nearest_view`` (no model, pose oracle: for each imagined frame the memorized frame seen nearest its
 real pose, ``come_rl.experts.retrieval``: what a memory lookup alone gives), ``base`` (no memory), ``ltm`` (base + LTM, the checkpoint's rule), ``stm``, ``sltm``, ``stm_ltm``,
-``come`` (every expert, the checkpoint's rule) and ``naive_poe`` (every expert, plain product of experts). A row whose
+``come`` (every expert, the checkpoint's rule), ``naive_poe`` (every expert, plain product of experts), and
+``base_anchor`` / ``sltm_anchor`` / ``come_anchor`` (those rows re-anchored on memorized frames at revisits,
+``CompositionConfig.anchor``, with the tolerances ``anchor=`` cells and ``anchor_degrees=``; the ``anchored_frames``
+column counts the imagined frames replaced in the context). A row whose
 expert the checkpoint lacks is refused before any work, naming the training command.
 
 Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) with ``lpips_all, lpips_revisit,
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
 has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
 ``episode_records/`` (one atomic file per finished (episode, composition): a killed run resumes where it stopped);
-``rollout.gif`` (real | base | CoME, or the last row without CoME; first episode).
+``rollout.gif`` (real | base | CoME | re-anchored CoME, those that are rows, or the last row; first episode).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ COMPOSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "stm_ltm": (("base", "ltm", "stm"), "checkpoint"),
     "come": (("base", "ltm", "stm", "sltm"), "checkpoint"),
     "naive_poe": (("base", "ltm", "stm", "sltm"), "naive"),
+    # the checkpoint's rule re-anchored at revisits with the row key anchor= (CompositionConfig.anchor)
+    "base_anchor": (("base",), "anchor"),
+    "sltm_anchor": (("base", "sltm"), "anchor"),
+    "come_anchor": (("base", "ltm", "stm", "sltm"), "anchor"),
 }
 
 
@@ -84,6 +91,11 @@ class ConsistencyConfig:
     """overrides of the checkpoint's memorization recipe (MemorizeConfig fields), e.g. '{"lr": 1e-4}'."""
     composition: dict = field(default_factory=dict)
     """overrides of the checkpoint's composition rule (CompositionConfig fields) that the named rows start from."""
+    anchor: float = 0.3
+    """cells: the ``*_anchor`` rows re-anchor the rollout on a memorized frame seen within this distance and
+    ``anchor_degrees`` (``CompositionConfig.anchor``; the other rows keep the checkpoint's anchor if they have the
+    SLTM, none if not)."""
+    anchor_degrees: float = 15.0
     sampler_steps: int = 0
     """denoising steps per frame (0: the checkpoint's)."""
     stream_chunk: int = 0
@@ -138,8 +150,11 @@ def parse_compositions(text: str) -> list[str]:
     return names
 
 
-def composition_for(name: str, checkpoint_rule: CompositionConfig) -> CompositionConfig | None:
-    """The composition of a named row (None for copy_last), from the checkpoint's rule."""
+def composition_for(name: str, checkpoint_rule: CompositionConfig, anchor: float = 0.3,
+                    anchor_degrees: float = 15.0) -> CompositionConfig | None:
+    """The composition of a named row (None for copy_last), from the checkpoint's rule; ``anchor`` / ``anchor_degrees``:
+    the re-anchoring tolerances of the ``*_anchor`` rows. Re-anchoring is a spatial memory: rows without the SLTM
+    leave it off."""
     experts, kind = COMPOSITIONS[name]
     if kind in ("none", "lookup"):
         return None
@@ -151,6 +166,10 @@ def composition_for(name: str, checkpoint_rule: CompositionConfig) -> Compositio
     rule["experts"] = list(experts)
     for key in ("active_from", "active_below"):  # gates of experts this row leaves out do not apply
         rule[key] = {role: value for role, value in (rule.get(key) or {}).items() if role in experts}
+    if kind == "anchor":
+        rule["anchor"], rule["anchor_degrees"] = anchor, anchor_degrees
+    elif "sltm" not in experts:
+        rule["anchor"] = 0.0
     return CompositionConfig(**rule)
 
 
@@ -184,6 +203,8 @@ def check_config(config: ConsistencyConfig, episode_steps: int | None = None) ->
                          f"odometry head on the imagined frames), got {config.poses!r}")
     if config.stream_chunk < 0:
         raise ValueError(f"stream_chunk must be >= 0 (0: memorize once at the end), got {config.stream_chunk}")
+    if not config.anchor > 0 and any(COMPOSITIONS[name][1] == "anchor" for name in names):
+        raise ValueError(f"anchor must be > 0 cells for the *_anchor rows, got {config.anchor}")
     if config.context < 3:
         raise ValueError(f"context must hold at least 3 frames (the base's context), got {config.context}")
     if episode_steps is not None and config.context + config.horizon > episode_steps + 1:
@@ -303,8 +324,8 @@ class ConsistencyWorker:
         future = torch.from_numpy(np.ascontiguousarray(actions[c - 1:c - 1 + h], dtype=np.float32))[None]
         rows, rollouts, memorized, memorize_seconds = [], {"real": real}, False, 0.0
         for name in self.names:
-            start = time.time()
-            composition = composition_for(name, self.rule)
+            start, anchored = time.time(), 0
+            composition = composition_for(name, self.rule, cfg.anchor, cfg.anchor_degrees)
             if COMPOSITIONS[name][1] == "lookup":  # the memorized frame seen nearest each real pose
                 imagined = frames[:c][nearest_pose_index(poses[:c], poses[c:c + h])]
             elif composition is None:
@@ -333,10 +354,12 @@ class ConsistencyWorker:
                 if cfg.poses == "recorded":
                     wm.pose_model = RecordedPoses(poses[c:c + h])
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
+                anchored = int(wm.last_anchored.sum())
             per_frame = score_frames(imagined, real, self.lpips)
             row = episode_row(name, index, episode["seed"], per_frame, revisit)
             row["lpips_per_frame"] = " ".join(f"{v:.4f}" for v in per_frame["lpips"])
             row["seconds"] = round(time.time() - start, 2)
+            row["anchored_frames"] = anchored
             row["memorize_seconds"] = memorize_seconds if composition is not None and self._memorizes(composition) else 0.0
             rows.append(row)
             rollouts[name] = imagined
@@ -514,8 +537,9 @@ def run(config: ConsistencyConfig) -> list[dict]:
         if first_rollouts:
             from come_rl.visualize import save_rollout_gif
 
-            last = "come" if "come" in first_rollouts else names[-1]  # real | base | CoME when CoME is a row
-            shown = ["real"] + [n for n in ("base", last) if n in first_rollouts and n != "copy_last"]
+            # real | base | CoME (and re-anchored CoME) when they are rows, else real | base | the last row
+            models = [n for n in ("come", "come_anchor") if n in first_rollouts] or [names[-1]]
+            shown = ["real"] + [n for n in ("base", *models) if n in first_rollouts and n != "copy_last"]
             save_rollout_gif(out / "rollout.gif", [first_rollouts[n] for n in dict.fromkeys(shown)])
     return rows
 

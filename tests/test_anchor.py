@@ -1,0 +1,96 @@
+"""Re-anchoring a rollout at revisits (CompositionConfig.anchor): a memorized frame replaces a drifted one."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from come_rl.diffusion import CosineSchedule, SamplerConfig
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.interfaces import ActionSpec
+from come_rl.nets.unet import UNetConfig, VideoUNet
+from come_rl.world_model import CompositionConfig, WorldModel
+
+TINY = dict(frame_size=64, unshuffle=4, action_dim=6, context_frames=3, widths=[8, 16], cond_dim=16, pose_dim=0)
+ACTION = torch.as_tensor(ActionSpec.discrete(6).encode(1), dtype=torch.float32)
+
+
+def _base() -> DiffusionExpert:
+    torch.manual_seed(0)
+    base = DiffusionExpert(VideoUNet(UNetConfig(**TINY)), CosineSchedule(), target="full", prediction="x0").eval()
+    torch.nn.init.normal_(base.backbone.out_conv.weight, std=0.05)
+    return base
+
+
+def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3):
+    """Observe five frames; frame 0 (value ``memorized_value``) was seen at (5, 5, 0). Every imagined frame is posed at
+    ``imagined_pose``."""
+    pose = torch.tensor(imagined_pose, dtype=torch.float32)
+    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor),
+                    sampler=SamplerConfig(steps=2), pose_model=lambda poses, actions: pose.expand(poses.shape[0], 3))
+    wm.reset()
+    poses = [[5.0, 5.0, 0.0], [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
+    for i, p in enumerate(poses):
+        value = memorized_value if i == 0 else 0.1 * i - 0.2
+        wm.observe(torch.full((3, 64, 64), value), None if i == 0 else ACTION, p)
+    frames = wm.imagine(ACTION[None, None].expand(2, horizon, 6), seed=0)
+    return frames, wm.last_anchored.clone()
+
+
+def test_a_revisit_puts_the_memorized_frame_into_the_context_of_the_next_steps():
+    base = _base()
+    plain, _ = _imagine(base, 0.0, [5.1, 5.0, 0.0], 0.5)
+    anchored, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5)
+    other_memory, _ = _imagine(base, 1.0, [5.1, 5.0, 0.0], -0.7)
+    assert marks.shape == (2, 3) and bool(marks.all())  # 0.1 cell away: within 1.0 cell of (5, 5, 0)
+    assert torch.equal(anchored[:, 0], plain[:, 0])  # the frame returned is the sampled one
+    assert not torch.allclose(anchored[:, 1], plain[:, 1], atol=1e-4)  # the next step reads the memorized view
+    assert not torch.allclose(anchored[:, 1], other_memory[:, 1], atol=1e-4)  # ... and what that view shows
+
+
+def test_far_from_every_memorized_pose_nothing_is_anchored():
+    base = _base()
+    plain, _ = _imagine(base, 0.0, [8.0, 8.0, 0.0], 0.5)
+    anchored, marks = _imagine(base, 1.0, [8.0, 8.0, 0.0], 0.5)
+    assert not bool(marks.any())
+    assert torch.equal(anchored, plain)
+    tight, marks = _imagine(base, 0.05, [5.1, 5.0, 0.0], 0.5)  # 0.1 cell > 0.05: not close enough
+    assert not bool(marks.any()) and torch.equal(tight, _imagine(base, 0.0, [5.1, 5.0, 0.0], 0.5)[0])
+    turned, marks = _imagine(base, 1.0, [5.0, 5.0, 0.5], 0.5)  # 29 degrees > the default 15
+    assert not bool(marks.any()) and torch.equal(turned, _imagine(base, 0.0, [5.0, 5.0, 0.5], 0.5)[0])
+
+
+def test_anchoring_needs_poses_and_a_valid_distance():
+    base = _base()
+    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=1.0),
+                    sampler=SamplerConfig(steps=2))
+    wm.reset()
+    for i in range(4):
+        wm.observe(torch.zeros(3, 64, 64), None if i == 0 else ACTION, [float(i), 0.0, 0.0])
+    with pytest.raises(ValueError, match="pose_model"):
+        wm.imagine(ACTION[None, None])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="anchor must be"):
+            CompositionConfig(experts=["base"], anchor=bad)
+    with pytest.raises(ValueError, match="anchor_degrees"):
+        CompositionConfig(experts=["base"], anchor=0.3, anchor_degrees=0.0)
+
+
+def test_the_consistency_table_has_re_anchored_rows(tmp_path):
+    """base_anchor re-anchors where the imagined poses come back near the memorized ones; base never does."""
+    from come_rl.checkpoint import expert_spec
+    from come_rl.experiments.consistency import ConsistencyConfig, run
+
+    base = _base()
+    base.spec = expert_spec(base, "unet", TINY, extra={"action_spec": {"kind": "discrete", "dim": 6}, "frame_size": 64})
+    WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"]),
+               sampler=SamplerConfig(steps=2)).save(tmp_path / "ckpt")
+    config = ConsistencyConfig(checkpoint=str(tmp_path / "ckpt"), episodes=1, context=12, horizon=4, threads=1,
+                               compositions="base,base_anchor", anchor=2.0, anchor_degrees=180.0, seed=40000,
+                               out_dir=str(tmp_path / "out"), gif=False)
+    by_name = {row["composition"]: row for row in run(config)}
+    assert by_name["base"]["anchored_frames"] == 0
+    assert by_name["base_anchor"]["anchored_frames"] == 4  # within 2 cells of the 12 observed poses, any heading
+    assert by_name["base_anchor"]["lpips_all"] != by_name["base"]["lpips_all"]
+    with pytest.raises(ValueError, match="anchor must be > 0"):
+        run(dataclasses.replace(config, anchor=0.0))
