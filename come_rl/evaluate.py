@@ -88,10 +88,9 @@ def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
     return kinds
 
 
-def evaluate(config: EvaluateConfig) -> list[dict]:
-    from come_rl.metrics.lpips_metric import get_lpips
-    from come_rl.results import write_table
-
+def load_model_and_clips(config: EvaluateConfig) -> tuple[WorldModel, object, object, dict, tuple]:
+    """The world model, the expert scored, the data source, the held-out clips and their tensors (frames, actions,
+    poses): the same clips for the same ``seed`` and ``clips``, whatever is scored on them."""
     torch.set_num_threads(config.threads)
     if config.expert not in ("base", "stm", "sltm"):
         raise ValueError(f"expert must be base, stm or sltm, got {config.expert!r}")
@@ -103,44 +102,66 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
         from come_rl.experts.retrieval import RetrievalClips
 
         source = RetrievalClips(source, blind=getattr(expert.backbone.config, "retrieval_blind", False))
-    k = expert.context_frames
     rng = np.random.default_rng(config.seed)
-    clips = source.sample_clips(config.clips, k + 2, rng)
-    frames, actions, poses = clips_to_tensors(clips, pose_features=expert.uses_poses)
+    clips = source.sample_clips(config.clips, expert.context_frames + 2, rng)
+    return wm, expert, source, clips, clips_to_tensors(clips, pose_features=expert.uses_poses)
+
+
+def predict_next_frames(wm: WorldModel, expert, tensors: tuple, sampler, seed: int, batch_size: int) -> torch.Tensor:
+    """The expert's sampled next frame (clips, C, H, W) in [-1, 1] after each clip's context, with ``sampler``."""
+    from come_rl.diffusion import sample
+
+    frames, actions, poses = tensors
+    k = expert.context_frames
     predictions = []
-    generator = torch.Generator().manual_seed(config.seed)
-    for start in range(0, config.clips, config.batch_size):
-        sl = slice(start, start + config.batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(frames), batch_size):
+        sl = slice(start, start + batch_size)
         with torch.no_grad(), devices.autocast(wm.device, wm.precision):
             state = expert.prepare(frames[sl, :k], actions[sl], None if poses is None else poses[sl])
-            from come_rl.diffusion import sample
-
             predicted = sample(lambda x, t, state=state: expert.predict_eps(state, x, t),
-                               (frames[sl].shape[0], *wm.frame_shape), expert.schedule, wm.sampler, generator,
+                               (frames[sl].shape[0], *wm.frame_shape), expert.schedule, sampler, generator,
                                device=wm.device)
         predictions.append(predicted.clamp(-1, 1).cpu())
-    predicted = torch.cat(predictions)
+    return torch.cat(predictions)
+
+
+def score_by_kind(predicted: torch.Tensor, tensors: tuple, k: int, kinds: dict[str, np.ndarray], lpips) -> list[dict]:
+    """MSE (on [0, 1] images, the paper's scale) and LPIPS of ``predicted`` and of copy-last-frame per transition
+    kind (``transition_kinds``)."""
+    frames = tensors[0]
     target, last = frames[:, k], frames[:, k - 1]
-    lpips = get_lpips(device=wm.device)
-    # MSE on [0, 1] images (the paper's scale).
     mse_model = ((predicted - target) / 2).pow(2).flatten(1).mean(1).numpy()
     mse_copy = ((last - target) / 2).pow(2).flatten(1).mean(1).numpy()
     lp_model = lpips(predicted, target).numpy()
     lp_copy = lpips(last, target).numpy()
-    # a memorizing SLTM (sltm_memorizes) is a wrapper around the trained expert: its recipe is the source's
-    spec = wm.base_spec if config.expert == "base" else getattr(expert, "source", expert).spec
     rows = []
-    for kind, mask in transition_kinds(clips, data_env_name(source, config.data) or config.data).items():
+    for kind, mask in kinds.items():
         if mask.sum() == 0:
             continue
         rows.append({
-            "checkpoint": Path(config.checkpoint).name, "expert": config.expert, "kind": kind, "clips": int(mask.sum()),
+            "kind": kind, "clips": int(mask.sum()),
             "mse_model": float(mse_model[mask].mean()), "mse_copy_last": float(mse_copy[mask].mean()),
             "mse_ratio_copy_over_model": float(mse_copy[mask].mean() / max(mse_model[mask].mean(), 1e-12)),
             "lpips_model": float(lp_model[mask].mean()), "lpips_copy_last": float(lp_copy[mask].mean()),
-            "parameters_M": round(spec.get("parameters", 0) / 1e6, 2), "train_minutes": round(spec.get("minutes", 0), 1),
-            "train_steps": spec.get("step", 0), "resolution": spec.get("frame_size"), "sampler_steps": config.sampler_steps,
         })
+    return rows
+
+
+def evaluate(config: EvaluateConfig) -> list[dict]:
+    from come_rl.metrics.lpips_metric import get_lpips
+    from come_rl.results import write_table
+
+    wm, expert, source, clips, tensors = load_model_and_clips(config)
+    k = expert.context_frames
+    predicted = predict_next_frames(wm, expert, tensors, wm.sampler, config.seed, config.batch_size)
+    kinds = transition_kinds(clips, data_env_name(source, config.data) or config.data)
+    # a memorizing SLTM (sltm_memorizes) is a wrapper around the trained expert: its recipe is the source's
+    spec = wm.base_spec if config.expert == "base" else getattr(expert, "source", expert).spec
+    rows = [{"checkpoint": Path(config.checkpoint).name, "expert": config.expert, **row,
+             "parameters_M": round(spec.get("parameters", 0) / 1e6, 2), "train_minutes": round(spec.get("minutes", 0), 1),
+             "train_steps": spec.get("step", 0), "resolution": spec.get("frame_size"), "sampler_steps": config.sampler_steps}
+            for row in score_by_kind(predicted, tensors, k, kinds, get_lpips(device=wm.device))]
     name = config.name or Path(config.checkpoint).name + ("" if config.expert == "base" else f"_{config.expert}")
     out = Path(config.out_dir)
     csv = out / f"{name}_one_step.csv"
@@ -149,7 +170,8 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
                                f"{config.checkpoint} expert={config.expert} data={config.data} clips={config.clips}`; "
                                f"{k} context frames)")
-    _save_examples(predicted[:8], target[:8], last[:8], out / f"{name}_one_step_examples.png")
+    frames = tensors[0]
+    _save_examples(predicted[:8], frames[:8, k], frames[:8, k - 1], out / f"{name}_one_step_examples.png")
     if config.expert == "base":
         _save_rollout(wm, source, config, out / f"{name}_rollout.gif")
     return rows
