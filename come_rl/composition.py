@@ -320,8 +320,9 @@ class CompositionConfig:
     """re-anchor the rollout at revisits (not in the paper; a memory read by pose, like the retrieving SLTM's): an
     imagined frame whose pose (from the pose model) lies within ``anchor`` cells and ``anchor_degrees`` of heading of a
     memorized pose enters the context of the next steps as that memorized frame (the nearest such). The frame returned
-    is still the sampled one; what drifted is replaced by what was seen. 0: off. Needs observed poses and a pose
-    model."""
+    is still the sampled one; what drifted is replaced by what was seen. 0: off. It reads poses: a rollout from an
+    episode observed without poses, or by a world model without a pose model, is not re-anchored (``last_anchored``
+    says which frames were)."""
     anchor_degrees: float = 15.0
     """the heading tolerance of ``anchor`` (a view turned by 45 degrees shows another half of the scene)."""
     pairwise: bool = False

@@ -286,11 +286,8 @@ class WorldModel:
         imagined_poses = []
         composer = self._composer()
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
-        anchor = self.composition.anchor
-        if anchor > 0 and not tracks_poses:
-            raise ValueError(f"composition anchor={anchor} re-anchors the rollout by pose: observe(frame, action, pose) "
-                             f"the episode and give the WorldModel a pose_model (the checkpoint's odometry head), or "
-                             f"set anchor=0")
+        # re-anchoring reads poses: without observed poses and a pose model there is nothing to anchor by (off)
+        anchor = self.composition.anchor if tracks_poses else 0.0
         if retrievers or anchor > 0:  # the memorized frames and poses read by pose (come_rl.experts.retrieval)
             if len(self.memory) == 0 or self.memory.poses is None:
                 raise ValueError(f"the {retrievers[0] if retrievers else 'anchor'} reads memorized frames by pose: "

@@ -60,15 +60,18 @@ def test_far_from_every_memorized_pose_nothing_is_anchored():
     assert not bool(marks.any()) and torch.equal(turned, _imagine(base, 0.0, [5.0, 5.0, 0.5], 0.5)[0])
 
 
-def test_anchoring_needs_poses_and_a_valid_distance():
+def test_without_a_pose_model_nothing_is_anchored_and_bad_tolerances_are_refused():
     base = _base()
-    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=1.0),
-                    sampler=SamplerConfig(steps=2))
-    wm.reset()
-    for i in range(4):
-        wm.observe(torch.zeros(3, 64, 64), None if i == 0 else ACTION, [float(i), 0.0, 0.0])
-    with pytest.raises(ValueError, match="pose_model"):
-        wm.imagine(ACTION[None, None])
+    frames = {}
+    for anchor in (0.0, 1.0):
+        wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor),
+                        sampler=SamplerConfig(steps=2))
+        wm.reset()
+        for i in range(4):
+            wm.observe(torch.full((3, 64, 64), 0.1 * i), None if i == 0 else ACTION, [0.0, 0.0, 0.0])
+        frames[anchor] = wm.imagine(ACTION[None, None].expand(1, 2, 6), seed=0)
+        assert not bool(wm.last_anchored.any())
+    assert torch.equal(frames[0.0], frames[1.0])
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="anchor must be"):
             CompositionConfig(experts=["base"], anchor=bad)
