@@ -424,10 +424,12 @@ def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in names:
+    colors = plt.get_cmap("tab20").colors  # more rows than the default cycle's 10 colours; re-anchored rows dashed
+    for i, name in enumerate(names):
         curves = [np.array([float(v) for v in r["lpips_per_frame"].split()]) for r in rows if r["composition"] == name]
         if curves:
-            ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, axis=0), label=name)
+            ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, axis=0), label=name, color=colors[(2 * i) % 20
+                    if i < 10 else (2 * i + 1) % 20], linestyle="--" if name.endswith("_anchor") else "-")
     ax.set_xlabel("imagined step after the context")
     ax.set_ylabel("LPIPS to the real frame (lower is better)")
     ax.set_title(title.split(":")[0], fontsize=9)
