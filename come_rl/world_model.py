@@ -96,7 +96,7 @@ class WorldModel:
         self.places, self._segment_in_places = PlaceMemory(), 0
         self.last_network_calls = 0
         self.last_poses: torch.Tensor | None = None  # (B, H, 3) poses of the last imagined frames (with a pose model)
-        self.last_anchored = torch.zeros(0, 0, dtype=torch.bool)  # (B, H): which imagined frames were re-anchored
+        self.last_anchored = torch.zeros(0, 0, dtype=torch.bool, device="cpu")  # (B, H): which imagined frames were re-anchored
         self.use_compile(compile)
 
     def use_composition(self, composition: CompositionConfig | dict, reference: bool = False) -> None:
@@ -286,14 +286,15 @@ class WorldModel:
         imagined_poses = []
         composer = self._composer()
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
-        # re-anchoring reads poses: without observed poses and a pose model there is nothing to anchor by (off)
-        anchor = self.composition.anchor if tracks_poses else 0.0
-        if retrievers or anchor > 0:  # the memorized frames and poses read by pose (come_rl.experts.retrieval)
-            if len(self.memory) == 0 or self.memory.poses is None:
-                raise ValueError(f"the {retrievers[0] if retrievers else 'anchor'} reads memorized frames by pose: "
-                                 f"observe(frame, action, pose) the episode first")
-            memory_poses = self.memory.poses.float()  # the frames are gathered by index: only the retrieved ones copied
-        self.last_anchored = torch.zeros(batch, horizon, dtype=torch.bool)
+        memorized_poses = len(self.memory) > 0 and self.memory.poses is not None
+        # re-anchoring reads poses: without memorized poses and a pose model there is nothing to anchor by (off)
+        anchor = self.composition.anchor if tracks_poses and memorized_poses else 0.0
+        if retrievers and not memorized_poses:
+            raise ValueError(f"the {retrievers[0]} expert retrieves memorized frames by pose: observe(frame, action, "
+                             f"pose) the episode first")
+        if retrievers or anchor > 0:  # the frames are gathered by index: only the retrieved ones copied
+            memory_poses = self.memory.poses.float()
+        self.last_anchored = torch.zeros(batch, horizon, dtype=torch.bool, device="cpu")
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
