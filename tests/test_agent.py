@@ -81,7 +81,7 @@ def test_mpc_agent_reaches_goal_with_pixel_objective() -> None:
 
 
 def test_mpc_agent_reaches_goal_with_lpips_objective() -> None:
-    pytest.importorskip("come_rl.metrics.lpips_metric")
+    import come_rl.metrics.lpips_metric  # noqa: F401
     env, world_model = PointMassEnv(), PointMassWorldModel()
     planner = CEMPlanner(population=100, elites=10, iterations=5, seed=1)
     # NWM-style: plan the 8 steps to the goal once (replan_every = horizon), score the last frame

@@ -147,7 +147,7 @@ def test_memory_maze_offline_format_is_read(tmp_path):
 
 
 def test_memory_maze_collection_records_poses(tmp_path):
-    pytest.importorskip("memory_maze")
+    import memory_maze  # noqa: F401  (a hard dependency: a broken install fails here, never skips)
     out = tmp_path / "maze"
     assert main([f"out={out}", "env=memory_maze", "episodes=1", "steps=6", "seed=2"]) == 0
     data = EpisodeDataset(out)

@@ -9,13 +9,12 @@ episode 2's own memorization (a leftover AdamW state or step count would change 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from envs.memory_cards import MemoryCardsEnv
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
-pytest.importorskip("peft")
+import peft  # noqa: F401  (a hard dependency: a broken install fails here, never skips)
 
 MEMORIZE_EVERY, MEMORIZE_STEPS, EPISODE_STEPS = 4, 2, 8
 

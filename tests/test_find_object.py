@@ -115,7 +115,6 @@ def test_agent_with_an_exact_world_model_finds_the_object():
 @pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it
 def test_ray_backend_gives_the_local_tables(tmp_path):
     """Episodes fanned out over 2 Ray actors (a local cluster of 2 CPUs) give the same rows as the local run."""
-    pytest.importorskip("ray")
     import ray
 
     common = dict(agents="random,base", episodes=3, seed=40, sampler_steps=1, threads=1)

@@ -307,7 +307,6 @@ def test_recall_runs_end_to_end_on_the_shipped_model(tmp_path):
 @pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it
 def test_recall_on_ray_gives_the_local_table(tmp_path):
     """Episodes fanned out over 2 Ray actors (a local 2-CPU cluster) give the local run's recall rows."""
-    pytest.importorskip("ray")
     import ray
 
     from come_rl.experiments.recall import RecallConfig, run

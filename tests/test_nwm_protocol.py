@@ -154,7 +154,6 @@ def test_bad_arguments() -> None:
 @pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it
 def test_cases_on_ray_give_the_local_rows(cards_data: Path, tmp_path: Path) -> None:
     """Cases fanned out over 2 Ray actors (a local 2-CPU cluster) give the rows of the local run, timing aside."""
-    pytest.importorskip("ray")
     import ray
 
     from agents.nwm_protocol import main

@@ -131,7 +131,6 @@ def test_the_command_line_reports_bad_input(tmp_path):
 @pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it
 def test_ray_backend_gives_the_local_rows(tmp_path):
     """Episodes fanned out over 2 Ray actors (a local 2-CPU cluster) give the same rows as the local run."""
-    pytest.importorskip("ray")
     import ray
 
     common = dict(agents="random,base", episodes=2, decisions=1, horizon=1, replan_every=1, population=2, elites=1,
