@@ -209,25 +209,17 @@ def plot(rows: list[dict], names: list[str], iterations: int, path: Path, title:
 
 
 def run(config: StreamingConfig) -> list[dict]:
+    from tqdm import tqdm
+
+    from come_rl.episode_records import RECORDS_DIR, check_records
+
     names = check_config(config)
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
-    records = out / "episode_records"
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "threads"}
-    settings_path = out / "streaming_config.json"
-    if settings_path.exists():
-        before = json.loads(settings_path.read_text())
-        if before != settings:
-            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-            raise ValueError(f"{out} holds a run with other settings {diff}; pick another out_dir or delete it")
-    episodes = load_episodes(_consistency_config(config, names))  # too-short data is refused here, before any work
+    records = out / RECORDS_DIR
+    episodes = load_episodes(_consistency_config(config, names))  # too-short or missing data: refused, nothing written
+    check_records(out, config, resume_free_keys=("threads", "out_dir"))  # a rerun with other settings: refused here
     worker = StreamingWorker(config, names)
-    from come_rl.locks import hold_directory
-    from tqdm import tqdm
-
-    hold_directory(out, "come_rl.experiments.streaming")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(settings_path, json.dumps(settings, indent=1))
     done = {}
     for index, episode in enumerate(tqdm(episodes, desc="streaming episodes")):
         path = records / f"episode_{index}.json"
@@ -240,7 +232,8 @@ def run(config: StreamingConfig) -> list[dict]:
     title = (f"Memory Maze streaming consistency: {config.episodes} episodes (seeds {config.seed}+), {config.warmup} "
              f"frames, then {config.iterations} x (memorize the last {config.window} for {config.memorize_steps} steps, "
              f"imagine {config.chunk}, observe them); mean ± 95 % t interval over episodes. `python -m "
-             f"come_rl.experiments.streaming " + " ".join(f"{k}={v}" for k, v in settings.items()) + "`")
+             f"come_rl.experiments.streaming " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()
+                                                        if k != "threads") + "`")
     write_table(out / "streaming.csv", rows)
     write_table(out / "streaming_summary.csv", summary_rows(rows, names, config.iterations),
                 md_path=out / "streaming.md", title=title)
