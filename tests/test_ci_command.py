@@ -24,7 +24,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     printed = subprocess.run([str(REPO_ROOT / ".ci" / "run"), "--print-command"], check=True,
                              capture_output=True, text=True).stdout.strip()
     assert printed == readme_block("test-command")
-    assert printed.startswith(SETUP) and printed.endswith("python -m pytest -q -n 2")
+    assert printed.startswith(SETUP) and printed.endswith("python -m pytest -q -n 2 --durations=25")
 
 
 def test_main_command_uses_the_same_setup() -> None:
