@@ -50,8 +50,9 @@ from come_rl.data.episodes import (
     verify_shard,
     write_manifest,
 )
+from envs.registry import ENVS, env_entry
 
-ENV_NAMES = ("memory_maze", "memory_cards")
+ENV_NAMES = tuple(ENVS)
 # Parameters that define the content of a data set; a resumed run must agree on all of them.
 _IDENTITY_KEYS = ("env", "steps", "seed", "episodes_per_shard", "maze_size", "image_size")
 
@@ -61,7 +62,7 @@ class CollectConfig:
     """``python -m come_rl.collect key=value ...`` (the toolkit's one ``key=value`` parser)."""
 
     env: str = ""
-    """memory_maze or memory_cards; required."""
+    """a name of envs.registry (memory_maze, memory_cards); required."""
     out: str = ""
     """the data set directory (rerunning with the same out resumes); required."""
     episodes: int = 0
@@ -73,7 +74,7 @@ class CollectConfig:
     episodes_per_shard: int = 4
     maze_size: int = 9
     image_size: int = 0
-    """0: 64 for Memory Maze, 48 for Memory Cards."""
+    """0: the env's default (envs.registry: 64 for Memory Maze, 48 for Memory Cards)."""
 
     def __post_init__(self) -> None:
         for required in ("env", "episodes", "steps", "out"):
@@ -95,34 +96,19 @@ USAGE = ("usage: python -m come_rl.collect env=memory_maze episodes=N steps=T ou
 def parse_arguments(argv: list[str]) -> dict[str, Any]:
     """``["env=memory_maze", "episodes=4", ...]`` -> the validated config dict :func:`collect` takes."""
     config = dataclasses.asdict(parse_dataclass(argv, CollectConfig))
-    if not config["image_size"]:
-        config["image_size"] = 64 if config["env"] == "memory_maze" else 48
-    if config["env"] == "memory_cards":
+    entry = env_entry(config["env"])
+    config["image_size"] = config["image_size"] or entry.image_size
+    if "maze_size" not in entry.collect_keys:
         config["maze_size"] = 0  # not used; fixed so that it never makes two runs look different
     return config
 
 
 # --------------------------------------------------------------------------------------- env + policy
 def make_env_and_policy(config: dict[str, Any]):
-    """The env of ``config`` and a ``policy(info, rng) -> action`` callable with a ``reset()``."""
-    if config["env"] == "memory_maze":
-        from envs.memory_maze import ExploringRandomPolicy, MemoryMazeEnv
-
-        env = MemoryMazeEnv(maze_size=config["maze_size"], image_size=config["image_size"],
-                            max_episode_steps=config["steps"])
-        return env, ExploringRandomPolicy()
-    from envs.memory_cards import MemoryCardsEnv
-
-    env = MemoryCardsEnv(size=config["image_size"], max_steps=config["steps"])
-
-    class _CardsPolicy:
-        def reset(self) -> None:
-            pass
-
-        def __call__(self, info: dict, rng: np.random.Generator) -> int:
-            return env.random_policy_action(rng)
-
-    return env, _CardsPolicy()
+    """The env of ``config`` and a ``policy(info, rng) -> action`` callable with a ``reset()`` (envs.registry)."""
+    entry = env_entry(config["env"])
+    return entry.collector(config["steps"], config["image_size"],
+                           **{key: config[key] for key in entry.collect_keys if key in config})
 
 
 def record_episode(env, policy, steps: int, seed: int, index: int, progress=None) -> Episode:
@@ -215,8 +201,7 @@ def collect(config: dict[str, Any]) -> dict[str, Any]:
     manifest.update(
         identity=identity,
         env=config["env"],
-        env_kwargs={"maze_size": config["maze_size"], "image_size": config["image_size"]}
-        if config["env"] == "memory_maze" else {"size": config["image_size"]},
+        env_kwargs=env_entry(config["env"]).manifest_env_kwargs(config["image_size"], maze_size=config["maze_size"]),
         total_episodes=config["episodes"],
         steps_per_episode=config["steps"],
         episodes_per_shard=config["episodes_per_shard"],
@@ -268,11 +253,8 @@ def collect(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe_action_spec(config: dict[str, Any]) -> dict[str, Any]:
-    if config["env"] == "memory_maze":
-        from envs.memory_maze import ACTION_MEANINGS
-    else:
-        from envs.memory_cards import ACTION_MEANINGS
-    return {"kind": "discrete", "dim": len(ACTION_MEANINGS), "meanings": list(ACTION_MEANINGS)}
+    meanings = env_entry(config["env"]).action_meanings()
+    return {"kind": "discrete", "dim": len(meanings), "meanings": list(meanings)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from come_rl import conventions
 from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import ActionSpec
+from envs.registry import env_entry
 
 
 class OnlineEpisodePool:
@@ -22,24 +23,18 @@ class OnlineEpisodePool:
     is real env output and the pool keeps changing, so the model never sees the same episode for long.
     """
 
-    def __init__(self, env_name: str, episodes: int = 1024, steps: int = 64, refresh: int = 2, seed: int = 0,
-                 env_kwargs: dict | None = None):
-        if env_name != "memory_cards":
-            raise ValueError(f"unknown online data source online:{env_name}; known: online:memory_cards, "
-                             f"{', '.join('online:' + name for name in SEEDED_POOL_DEFAULTS)}; or collect a data set "
-                             f"with `python -m come_rl.collect env=<env> ...` and pass its directory")
-        from envs.memory_cards import MemoryCardsEnv
-
-        self.env = MemoryCardsEnv(max_steps=10**9, **(env_kwargs or {}))
+    def __init__(self, env_name: str, episodes: int = 1024, steps: int = 64, refresh: int = 2, seed: int = 0):
+        entry = env_entry(env_name, need="refreshed")
+        self.env, self.policy = entry.collector(10**9)
         self.action_spec: ActionSpec = self.env.action_spec
-        self.frame_size = self.env.size
-        self.steps, self.refresh = steps, refresh
+        self.frame_size = int(self.env.observation_space.shape[0])
+        self.env_name, self.steps, self.refresh = env_name, steps, refresh
         self.rng = np.random.default_rng(seed)
         self.frames = np.empty((episodes, steps + 1, self.frame_size, self.frame_size, 3), np.uint8)
         self.actions = np.empty((episodes, steps, self.action_spec.dim), np.float32)
         self.poses = np.empty((episodes, steps + 1, 3), np.float32)
         self.slot_rng_states: list[dict] = [{} for _ in range(episodes)]  # self.rng's state when each slot was filled
-        for i in tqdm(range(episodes), desc="generating memory_cards episodes", leave=False):
+        for i in tqdm(range(episodes), desc=f"generating {env_name} episodes", leave=False):
             self._fill(i)
         self._next = 0
 
@@ -55,7 +50,7 @@ class OnlineEpisodePool:
             raise ValueError(f"the saved pool has {len(state['slot_rng_states'])} episodes, this one "
                              f"{len(self.frames)}; resume with the same online_episodes")
         changed = [i for i, slot in enumerate(state["slot_rng_states"]) if slot != self.slot_rng_states[i]]
-        for index in tqdm(changed, desc="regenerating memory_cards episodes", leave=False):
+        for index in tqdm(changed, desc=f"regenerating {self.env_name} episodes", leave=False):
             self.rng.bit_generator.state = state["slot_rng_states"][index]
             self._fill(index)
         self.rng.bit_generator.state = state["rng"]
@@ -66,7 +61,7 @@ class OnlineEpisodePool:
         frame, info = self.env.reset(seed=int(self.rng.integers(2**31)))
         self.frames[index, 0], self.poses[index, 0] = frame, info["pose"]
         for t in range(self.steps):
-            action = self.env.random_policy_action(self.rng)
+            action = self.policy(info, self.rng)
             frame, _, _, _, info = self.env.step(action)
             self.frames[index, t + 1], self.poses[index, t + 1] = frame, info["pose"]
             self.actions[index, t] = self.action_spec.encode(action)
@@ -85,11 +80,6 @@ class OnlineEpisodePool:
         }
 
 
-# Envs whose episodes are generated from seeds in a fixed pool: they render far slower than Memory Cards (Memory Maze:
-# ~22 frames per second per core), so the pool is generated once and not refreshed. Defaults: episodes, steps.
-SEEDED_POOL_DEFAULTS: dict[str, tuple[int, int]] = {"memory_maze": (4, 1000)}
-
-
 class SeededEpisodePool:
     """``online:memory_maze``: ``episodes`` episodes of the exploring policy, episode i from seed ``seed + i``, exactly
     as ``python -m come_rl.collect env=memory_maze seed=<seed> steps=<steps>`` records them (same env, policy and
@@ -99,16 +89,14 @@ class SeededEpisodePool:
     poses included, for the consistency experiment)."""
 
     def __init__(self, env_name: str, episodes: int | None = None, steps: int | None = None, seed: int = 0):
-        from come_rl.collect import make_env_and_policy, record_episode
+        from come_rl.collect import record_episode
         from come_rl.data.episodes import EpisodeDataset
 
-        if env_name not in SEEDED_POOL_DEFAULTS:
-            raise ValueError(f"no seeded episode pool for {env_name!r}; known: {sorted(SEEDED_POOL_DEFAULTS)}")
-        default_episodes, default_steps = SEEDED_POOL_DEFAULTS[env_name]
-        episodes, steps = episodes or default_episodes, steps or default_steps
+        entry = env_entry(env_name, need="seeded")
+        episodes, steps = episodes or entry.online_episodes, steps or entry.online_steps
         if episodes < 1 or steps < 1:
             raise ValueError(f"online:{env_name} needs episodes >= 1 and steps >= 1, got {episodes} and {steps}")
-        env, policy = make_env_and_policy({"env": env_name, "maze_size": 9, "image_size": 64, "steps": steps})
+        env, policy = entry.collector(steps)
         self.action_spec: ActionSpec = env.action_spec
         bar = tqdm(total=episodes * steps, desc=f"generating {env_name} episodes (seeds {seed}..{seed + episodes - 1})",
                    unit="step", leave=False)
@@ -145,9 +133,14 @@ def open_data_source(spec: str, seed: int = 0, online_episodes: int = 0):
     :class:`SeededEpisodePool`)."""
     if spec.startswith("online:"):
         env_name = spec.split(":", 1)[1]
-        if env_name in SEEDED_POOL_DEFAULTS:
+        try:
+            entry = env_entry(env_name)
+        except ValueError as error:
+            raise ValueError(f"unknown online data source {spec}: {error}; or collect a data set with "
+                             "`python -m come_rl.collect env=<env> ...` and pass its directory") from error
+        if entry.online == "seeded":
             return SeededEpisodePool(env_name, episodes=online_episodes or None, seed=seed)
-        return OnlineEpisodePool(env_name, episodes=online_episodes or 1024, seed=seed)
+        return OnlineEpisodePool(env_name, episodes=online_episodes or entry.online_episodes, seed=seed)
     return DatasetSource(spec)
 
 

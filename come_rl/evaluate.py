@@ -23,6 +23,7 @@ from come_rl import devices
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.cli_args import parse_cli
 from come_rl.world_model import WorldModel
+from envs.registry import ENVS, env_name_of_data
 
 
 @dataclass
@@ -48,40 +49,22 @@ class EvaluateConfig:
 
 
 def data_env_name(source, data: str) -> str:
-    """The env a data source holds: from ``online:<env>`` or a collected data set's manifest ("" if unknown)."""
-    if data.startswith("online:"):
-        return data.split(":", 1)[1]
+    """The registered env a data source holds (envs.registry): from ``online:<env>`` or a collected data set's
+    manifest ("" if unknown)."""
     dataset = getattr(source, "dataset", None)
-    meta = getattr(dataset, "meta", None) or {}
-    return str(meta.get("env", "memory_maze" if meta.get("source") == "memory_maze_offline" else ""))
+    return env_name_of_data(data, getattr(dataset, "meta", None))
 
 
-def transition_kinds(clips: dict, data: str) -> dict[str, np.ndarray]:
-    """Boolean masks over clips by the kind of the predicted transition (``data``: the env name or data spec).
-
-    Memory Cards: moves, uncovers, covers. Memory Maze: turns (turn left/right in place), moves (forward, with or
-    without a turn) and frames whose view changed at all."""
+def transition_kinds(clips: dict, env_name: str) -> dict[str, np.ndarray]:
+    """Boolean masks over clips by the kind of the predicted transition (``env_name``: a name of envs.registry, or ""
+    for an unknown env). Memory Cards: moves, uncovers, covers. Memory Maze: turns (turn left/right in place), moves
+    (forward, with or without a turn) and frames whose view changed at all. Unknown: view changed, static."""
     last_action = clips["actions"][:, -1].argmax(-1)
     changed = np.any(clips["frames"][:, -1] != clips["frames"][:, -2], axis=(1, 2, 3))
     kinds = {"all": np.ones(len(last_action), bool)}
-    if "memory_cards" in data:
-        from envs.memory_cards import TOGGLE
-
-        # A toggle that made the frame change and increased brightness variation = an uncover; classify by pixels:
-        # an uncovered tile loses the grey cover colour.
-        grey = np.all(clips["frames"][..., :] == np.array([120, 120, 128], np.uint8), axis=-1).sum(axis=(-1, -2))
-        uncovered = (last_action == TOGGLE) & (grey[:, -1] < grey[:, -2])
-        kinds["move"] = (last_action != TOGGLE) & changed
-        kinds["uncover"] = uncovered
-        kinds["cover"] = (last_action == TOGGLE) & (grey[:, -1] > grey[:, -2])
-    elif "memory_maze" in data:
-        from envs.memory_maze import ACTION_MEANINGS
-
-        turns = [ACTION_MEANINGS.index(name) for name in ("turn_left", "turn_right")]
-        moves = [ACTION_MEANINGS.index(name) for name in ("forward", "forward_left", "forward_right")]
-        kinds["turn"] = np.isin(last_action, turns)
-        kinds["move"] = np.isin(last_action, moves)
-        kinds["view_change"] = changed
+    entry = ENVS.get(env_name)
+    if entry is not None and entry.kinds is not None:
+        kinds.update(entry.kinds(clips, last_action, changed))
     else:
         kinds["view_change"] = changed
         kinds["static"] = ~changed
@@ -155,7 +138,7 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     wm, expert, source, clips, tensors = load_model_and_clips(config)
     k = expert.context_frames
     predicted = predict_next_frames(wm, expert, tensors, wm.sampler, config.seed, config.batch_size)
-    kinds = transition_kinds(clips, data_env_name(source, config.data) or config.data)
+    kinds = transition_kinds(clips, data_env_name(source, config.data))
     # a memorizing SLTM (sltm_memorizes) is a wrapper around the trained expert: its recipe is the source's
     spec = wm.base_spec if config.expert == "base" else getattr(expert, "source", expert).spec
     rows = [{"checkpoint": Path(config.checkpoint).name, "expert": config.expert, **row,

@@ -296,3 +296,22 @@ def _inside(renderer: MemoryCardsEnv) -> tuple[slice, slice]:
     """The inside of a tile (within its margin)."""
     m = renderer.margin
     return slice(m, -m), slice(m, -m)
+
+
+class CardsRandomPolicy:
+    """The paper's random policy as a ``policy(info, rng) -> action`` of the collector (no state between steps)."""
+
+    def __init__(self, env: MemoryCardsEnv):
+        self.env = env
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, info: dict, rng: np.random.Generator) -> int:
+        return self.env.random_policy_action(rng)
+
+
+def collection_env_and_policy(steps: int, image_size: int = 48):
+    """The env and policy that record Memory Cards data sets (``python -m come_rl.collect``, envs.registry)."""
+    env = MemoryCardsEnv(size=image_size, max_steps=steps)
+    return env, CardsRandomPolicy(env)

@@ -444,3 +444,10 @@ class MazeSimulatorModel:
             env._steps, env._last_image = steps, last_image
         self.last_poses = torch.from_numpy(poses)
         return frames_to_tensor(frames.reshape(-1, *frames.shape[2:])).reshape(*actions.shape[:2], *self.frame_shape)
+
+
+def collection_env_and_policy(steps: int, image_size: int = 64, maze_size: int = 9):
+    """The env and policy that record Memory Maze data sets (``python -m come_rl.collect``, ``data=online:memory_maze``):
+    episodes of ``steps`` actions of :class:`ExploringRandomPolicy` (envs.registry)."""
+    env = MemoryMazeEnv(maze_size=maze_size, image_size=image_size, max_episode_steps=steps)
+    return env, ExploringRandomPolicy()

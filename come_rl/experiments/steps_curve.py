@@ -69,7 +69,7 @@ def run(config: StepsCurveConfig) -> list[dict]:
                                      clips=config.clips, batch_size=config.batch_size, seed=config.seed,
                                      threads=config.threads, device=config.device, precision=config.precision)
     wm, expert, source, clips, tensors = load_model_and_clips(evaluate_config)
-    kinds = transition_kinds(clips, data_env_name(source, config.data) or config.data)
+    kinds = transition_kinds(clips, data_env_name(source, config.data))
     lpips = get_lpips(device=wm.device)
     rows = []
     for method in methods:
