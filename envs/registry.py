@@ -70,9 +70,10 @@ def _maze_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> di
 
 
 def _cards_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> dict[str, np.ndarray]:
-    toggle = ENVS["memory_cards"].action_meanings().index("toggle")
+    from envs.memory_cards import _COVER, TOGGLE as toggle
+
     # An uncovered tile loses the grey cover colour: classify toggles by the count of cover-grey pixels.
-    grey = np.all(clips["frames"] == np.array([120, 120, 128], np.uint8), axis=-1).sum(axis=(-1, -2))
+    grey = np.all(clips["frames"] == _COVER, axis=-1).sum(axis=(-1, -2))
     return {"move": (last_action != toggle) & changed,
             "uncover": (last_action == toggle) & (grey[:, -1] < grey[:, -2]),
             "cover": (last_action == toggle) & (grey[:, -1] > grey[:, -2])}
