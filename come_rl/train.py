@@ -78,6 +78,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 200
+    lr_decay: str = "none"
+    """"none": lr after warm-up to the end; "cosine": lr falls on a half cosine from the end of warm-up to
+    ``lr_final`` x lr at ``steps`` (needs a finite ``steps``; step-based, so a resumed run follows the same curve)."""
+    lr_final: float = 0.05
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     drop_prob: float = 0.1
@@ -435,7 +439,24 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    """The learning rate of ``step``: linear warm-up over ``warmup_steps``, then constant or a cosine decay to
+    ``lr_final`` x ``lr`` at ``steps`` (``lr_decay``)."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_decay == "none" or step < config.warmup_steps:
+        return config.lr * warm
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_lr_schedule(config: TrainConfig) -> None:
+    if config.lr_decay not in ("none", "cosine"):
+        raise ValueError(f"lr_decay must be none or cosine, got {config.lr_decay!r}")
+    if config.lr_decay == "cosine" and config.steps >= 10**9:
+        raise ValueError("lr_decay=cosine decays over steps=: give the run's step count (e.g. steps=20000); "
+                         "minutes= still stops it early")
+    if not 0.0 <= config.lr_final <= 1.0:
+        raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {config.lr_final}")
 
 
 @dataclass
@@ -457,6 +478,7 @@ def train_expert(config: TrainConfig) -> TrainResult:
     """:func:`train`, returning this rank's expert as well (the distributed tests compare the ranks' weights)."""
     if config.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
+    check_lr_schedule(config)
     if not config.dist_timeout_s > 0:
         raise ValueError(f"dist_timeout_s must be > 0 seconds (how long a rank waits for the others), got "
                          f"{config.dist_timeout_s}")

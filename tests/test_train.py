@@ -170,3 +170,18 @@ def test_batches_made_ahead_by_a_thread_train_the_same_weights_and_resume(tmp_pa
     assert all(inline[key].equal(resumed[key]) for key in inline)
     with pytest.raises(ValueError, match="data_workers must be 0"):
         train(parse_overrides([*common, f"out={tmp_path / 'bad'}", "steps=1", "data_workers=2"]))
+
+
+def test_cosine_learning_rate_decay_follows_its_curve_and_refuses_an_open_end(tmp_path):
+    from come_rl.train import lr_at
+
+    config = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, lr_decay="cosine", lr_final=0.1)
+    assert lr_at(0, config) == pytest.approx(1e-4)  # warm-up as before
+    assert lr_at(10, config) == pytest.approx(1e-3)
+    assert lr_at(60, config) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: the mean of both ends
+    assert lr_at(110, config) == pytest.approx(1e-4) and lr_at(500, config) == pytest.approx(1e-4)
+    assert lr_at(60, TrainConfig(lr=1e-3, warmup_steps=10, steps=110)) == pytest.approx(1e-3)  # none: constant
+    with pytest.raises(ValueError, match="give the run's step count"):
+        train(TrainConfig(lr_decay="cosine", out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="lr_decay must be none or cosine"):
+        train(TrainConfig(lr_decay="linear", steps=10, out=str(tmp_path / "o")))
