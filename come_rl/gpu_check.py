@@ -9,8 +9,7 @@ Steps, each a subprocess of this interpreter with its own time limit, run in ord
 1. ``cuda_tests``: the CUDA tests of the suite (``tests/test_devices.py -k cuda``: imagine and memorize on the GPU match
    the CPU in fp32; a checkpoint trained on the GPU loads on the CPU).
 2. ``bench_fp32`` / ``bench_bf16``: ``python -m come_rl.bench world_model`` with ``device=cuda`` in fp32 and in bf16
-   autocast (imagined frames per second of every composition, network calls per step, peak memory) of
-   ``checkpoint`` (the Memory Cards world model unless told otherwise).
+   autocast (imagined frames per second of every composition, network calls per step, peak memory).
 3. ``torchrun_train``: a short training run under ``torchrun`` on one GPU (``unet_cards`` on ``online:memory_cards``,
    bf16, ``train_minutes``), which writes a checkpoint, its held-out evaluation and a rollout GIF.
 
@@ -49,8 +48,6 @@ class GPUCheckConfig:
     """the torchrun training run's budget."""
     step_timeout_s: float = 240.0
     """the longest a step may take before it is stopped and reported as timed out."""
-    checkpoint: str = "come_rl/checkpoints/memory_cards"
-    """the world model the benchmarks time (come_rl/checkpoints/memory_maze for the maze's)."""
     dry_run: bool = False
     """write the plan (device "dry-run", every step's command, nothing run); needs no GPU."""
 
@@ -73,7 +70,7 @@ def plan(config: GPUCheckConfig, folder: Path) -> list[tuple[str, list[str]]]:
     steps = [("cuda_tests", [python, "-m", "pytest", "-q", "tests/test_devices.py", "-k", "cuda"])]
     for precision in ("fp32", "bf16"):
         steps.append((f"bench_{precision}", [python, "-m", "come_rl.bench", "world_model", "device=cuda",
-                                             f"precision={precision}", f"checkpoint={config.checkpoint}", f"out_dir={folder / f'bench_{precision}'}"]))
+                                             f"precision={precision}", f"out_dir={folder / f'bench_{precision}'}"]))
     steps.append(("torchrun_train", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
                                      "come_rl.train", "model=unet_cards", "data=online:memory_cards",
                                      f"minutes={config.train_minutes}", "device=cuda", "precision=bf16",

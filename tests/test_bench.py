@@ -119,3 +119,10 @@ def test_the_decision_benchmark_splits_a_default_decision_and_compares_precision
         bench_decision(DecisionBenchConfig(variants=["bf16", "fp16"], out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="is not a come_rl checkout .* git worktree add"):
         bench_decision(DecisionBenchConfig(reference_tree=str(tmp_path), out_dir=str(tmp_path)))
+
+
+def test_the_world_model_benchmark_refuses_a_maze_checkpoint_naming_the_fix():
+    from come_rl.bench.common import filled_cards_model
+
+    with pytest.raises(ValueError, match="pass a Memory Cards checkpoint"):
+        filled_cards_model("come_rl/checkpoints/memory_maze", steps=2, experts=["base"])

@@ -391,7 +391,7 @@ def test_pairwise_composition_leaves_base_plus_ltm_bit_identical_and_changes_com
         wm.memorize(steps=2, generator=torch.Generator().manual_seed(0))
         actions = torch.eye(5)[[4, 1]][None].repeat(2, 1, 1)
         pairwise = wm.imagine(actions, seed=3)
-        wm.composition = dataclasses.replace(wm.composition, pairwise=False)
+        wm.use_composition(dataclasses.replace(wm.composition, pairwise=False))
         outputs[len(experts)] = (pairwise, wm.imagine(actions, seed=3))
     assert torch.equal(*outputs[2])
     assert not torch.equal(*outputs[4])
