@@ -48,7 +48,7 @@ from envs.memory_wrapper import WorldModelMemoryWrapper
 log = logging.getLogger("come_rl.run")
 
 # keys of an env config that describe the task, not the env's constructor
-ENV_RESERVED_KEYS = ("observation", "task")
+ENV_RESERVED_KEYS = ("observation", "task", "evaluation")
 
 
 def _import_target(target: str, what: str) -> Any:
@@ -429,14 +429,22 @@ class GoalEpisodeWorker:
         return self.player.play(index, task, seeds)
 
 
+EVALUATIONS = ("goal_reaching", "find_object", "recon")
+"""What ``come_rl.run`` plays, chosen by the env config's ``evaluation`` key: goal-reaching episodes (the default),
+Memory Cards' find-the-object episodes (:func:`run_find_object`) or NWM's open-loop RECON protocol (:func:`run_recon`)."""
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the configured goal-reaching evaluation; return the summary row."""
     settings = device_settings(cfg)  # a bad device= fails before any work
     # run.threads=auto becomes a count here, once: the tables and run_config.json record the count the run used
     cfg.run.threads = resolve_threads(cfg.run.threads)
     seed_global_generators(cfg.run.seed)
-    special = ("recon" if cfg.env.get("protocol") == "recon"
-               else "find_object" if cfg.env.get("task", {}).get("kind") == "find_object" else None)
+    evaluation = str(cfg.env.get("evaluation", "goal_reaching"))
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"env.evaluation={evaluation!r} is not an evaluation of come_rl.run; the env config must name one "
+                         f"of {list(EVALUATIONS)} (goal_reaching when it names none)")
+    special = None if evaluation == "goal_reaching" else evaluation
     if special and str(cfg.run.get("backend", "local")) != "local":
         fanned = {"recon": "python -m agents.nwm_protocol ... backend=ray workers=N",
                   "find_object": "python -m agents.find_object ... backend=ray workers=N"}[special]

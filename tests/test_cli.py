@@ -77,6 +77,7 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path) -> None:
         (["env=memory_maze", "model.checkpoint=/nonexistent/model"], FileNotFoundError,
          "model.checkpoint='/nonexistent/model' does not exist"),
         ([*TINY, "planner._target_=no_such_module.Planner"], ValueError, "could not be imported"),
+        ([*TINY, "+env.evaluation=tour"], ValueError, r"env.evaluation='tour' is not an evaluation of come_rl.run"),
     ]
     for overrides, error, match in cases:
         cfg = compose_config([*overrides, f"run.out_dir={tmp_path / 'never'}"])
