@@ -228,3 +228,15 @@ def test_a_model_or_agent_config_without_its_target_gets_a_clear_error() -> None
         build_world_model(OmegaConf.create({"checkpoint": "memory_cards"}))
     with pytest.raises(ValueError, match="the agent config has no _target_"):
         build_agent(OmegaConf.create({"horizon": 4}), world_model=None, planner=None)
+
+
+def test_the_agents_share_the_cem_settings_and_differ_in_their_planner() -> None:
+    from omegaconf import OmegaConf
+
+    cem = compose_config(["agent=cem"])
+    for name, planner in (("mppi", "planners.mppi.MPPIPlanner"), ("random_shooting", "planners.random_shooting.RandomShootingPlanner")):
+        cfg = compose_config([f"agent={name}"])
+        assert OmegaConf.to_container(cfg.agent) == OmegaConf.to_container(cem.agent)
+        assert cfg.planner._target_ == planner != cem.planner._target_
+    # an override of agent=mppi changes only that run's agent
+    assert compose_config(["agent=mppi", "agent.horizon=6"]).agent.horizon == 6 and cem.agent.horizon == 4
