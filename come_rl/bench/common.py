@@ -63,16 +63,16 @@ def filled_cards_model(checkpoint: str, steps: int, experts: list[str], stm=None
     from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
 
     wm = WorldModel.load(checkpoint, experts=["base"], sampler={"steps": steps}, device=device)
+    env = MemoryCardsEnv(size=wm.frame_shape[-1])  # checked before the composed model is built
+    if wm.action_spec.dim != env.action_spec.dim:
+        raise ValueError(f"the world-model benchmark feeds Memory Cards episodes, but {checkpoint} takes "
+                         f"{wm.action_spec.dim} actions (Memory Cards has {env.action_spec.dim}): pass a Memory "
+                         "Cards checkpoint, e.g. checkpoint=come_rl/checkpoints/memory_cards")
     # the checkpoint's own composition rule (alphas, gates, pairwise) with the asked experts: its cost is the shipped one
     model = WorldModel(wm.base, wm.action_spec, wm.frame_shape[-1], stm=stm, sltm=sltm,
                        composition=dataclasses.replace(wm.composition, experts=experts), sampler=wm.sampler,
                        memorize_config=wm.memorize_config, pose_model=cursor_pose_model, device=wm.device,
                        precision=precision, compile=compile)
-    env = MemoryCardsEnv(size=wm.frame_shape[-1])
-    if wm.action_spec.dim != env.action_spec.dim:
-        raise ValueError(f"the world-model benchmark feeds Memory Cards episodes, but {checkpoint} takes "
-                         f"{wm.action_spec.dim} actions (Memory Cards has {env.action_spec.dim}): pass a Memory "
-                         "Cards checkpoint, e.g. checkpoint=come_rl/checkpoints/memory_cards")
     frame, info = env.reset(seed=0)
     rng = np.random.default_rng(0)
     model.reset()
