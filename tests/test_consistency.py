@@ -148,6 +148,39 @@ def test_the_consistency_command_writes_its_table(tmp_path):
         run(ConsistencyConfig(**dict(config.__dict__, horizon=4)))
 
 
+def test_rule_variants_share_the_rows_memorization(tmp_path):
+    """A variant is its row's rule with overrides, scored on the same memorized adapters: with no override it gives
+    the row's numbers exactly; another LTM contrast gives other frames."""
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    variants = {"ltm_same": {"of": "ltm"}, "ltm_plain": {"of": "ltm", "alphas": {"ltm": 1.0}}}
+    config = ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1, gif=False,
+                               compositions="ltm,ltm_same,ltm_plain", variants=variants,
+                               out_dir=str(tmp_path / "out"), seed=40000)
+    rows = {r["composition"]: r for r in run(config)}
+    assert rows["ltm_same"]["lpips_all"] == rows["ltm"]["lpips_all"]
+    assert rows["ltm_plain"]["lpips_all"] != rows["ltm"]["lpips_all"]
+    rule = CompositionConfig(experts=["base", "ltm", "stm", "sltm"], alphas={"base": 1.0, "ltm": 2.0, "stm": 1.0},
+                             weights={"base": 1.0, "ltm": 1.0, "stm": 3.0, "sltm": 3.0}, pairwise=True,
+                             active_from={"ltm": 0.5, "stm": 0.5}, anchor=0.35)
+    varied = composition_for("come_x", rule, variants={"come_x": {"of": "come", "alphas": {"ltm": 3.0},
+                                                                  "active_from": {"ltm": 0.0}}})
+    assert varied.alphas["ltm"] == 3.0 and varied.alphas["stm"] == 1.0  # merged, not replaced
+    assert varied.active_from == {"ltm": 0.0, "stm": 0.5} and varied.experts == ["base", "ltm", "stm", "sltm"]
+    assert composition_for("ltm_x", rule, variants={"ltm_x": {"of": "ltm"}}).experts == ["base", "ltm"]
+
+
+@pytest.mark.parametrize("variants, message", [
+    ({"come": {"of": "ltm"}}, "already a named row"),
+    ({"v": {"of": "copy_last"}}, "needs \"of\""),
+    ({"v": {"alphas": {"ltm": 3.0}}}, "needs \"of\""),
+    ({"v": {"of": "come", "experts": ["base"]}}, "not composition fields"),
+    ({"v": {"of": "come", "alpha": 3.0}}, "not composition fields"),
+])
+def test_bad_variants_are_refused_before_any_work(variants, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(ConsistencyConfig(compositions="base," + next(iter(variants)), variants=variants))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(compositions="base,teleport"), "unknown"),
     (dict(horizon=0), "horizon must be >= 1"),

@@ -91,6 +91,11 @@ class ConsistencyConfig:
     """overrides of the checkpoint's memorization recipe (MemorizeConfig fields), e.g. '{"lr": 1e-4}'."""
     composition: dict = field(default_factory=dict)
     """overrides of the checkpoint's composition rule (CompositionConfig fields) that the named rows start from."""
+    variants: dict = field(default_factory=dict)
+    """extra rows, name -> {"of": a named row, CompositionConfig field overrides}: rule variants scored on the same
+    episodes and the same memorization as the named rows (one memorization per episode serves every row), e.g.
+    '{"come_ltm3": {"of": "come", "alphas": {"ltm": 3.0}}}'; dict fields (alphas, weights, active_from, ...) are merged
+    into the row's, others replaced. List a variant in ``compositions=`` like a named row."""
     anchor: float = 0.3
     """cells: the ``*_anchor`` rows re-anchor the rollout on a memorized frame seen within this distance and
     ``anchor_degrees`` (``CompositionConfig.anchor``; the other rows keep the checkpoint's anchor if they have the
@@ -142,19 +147,51 @@ def revisit_mask(memorized_poses: np.ndarray, query_poses: np.ndarray, distance:
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
-def parse_compositions(text: str) -> list[str]:
+def check_variants(variants: dict | None) -> dict:
+    """The ``variants=`` rows, checked: each names the row it varies (``of``, a model row of :data:`COMPOSITIONS`) and
+    overrides only CompositionConfig fields other than ``experts``."""
+    variants = dict(variants or {})
+    fields = {f.name for f in dataclasses.fields(CompositionConfig)} - {"experts"}
+    for name, spec in variants.items():
+        if name in COMPOSITIONS:
+            raise ValueError(f"variants: {name!r} is already a named row; give the variant another name")
+        if not isinstance(spec, dict) or spec.get("of") not in COMPOSITIONS \
+                or COMPOSITIONS[spec["of"]][1] in ("none", "lookup"):
+            models = [n for n, (_, kind) in COMPOSITIONS.items() if kind not in ("none", "lookup")]
+            raise ValueError(f"variants: {name!r} needs \"of\": one of {models} (the row it varies), got {spec!r}")
+        unknown = sorted(set(spec) - {"of"} - fields)
+        if unknown:
+            raise ValueError(f"variants: {name!r} overrides {unknown}, which are not composition fields; choose from "
+                             f"{sorted(fields)} (the experts come from its \"of\" row)")
+    return variants
+
+
+def row_spec(name: str, variants: dict | None = None) -> tuple[tuple[str, ...], str]:
+    """(experts, kind) of a named row or of a variant (its ``of`` row's)."""
+    return COMPOSITIONS[variants[name]["of"]] if variants and name in variants else COMPOSITIONS[name]
+
+
+def parse_compositions(text: str, variants: dict | None = None) -> list[str]:
     names = [name.strip() for name in str(text).split(",") if name.strip()]
-    unknown = [name for name in names if name not in COMPOSITIONS]
+    known = [*COMPOSITIONS, *(variants or {})]
+    unknown = [name for name in names if name not in known]
     if not names or unknown:
-        raise ValueError(f"compositions={text!r}: unknown {unknown or 'empty list'}; choose from {list(COMPOSITIONS)}")
+        raise ValueError(f"compositions={text!r}: unknown {unknown or 'empty list'}; choose from {known} "
+                         f"(or define a rule variant with variants=)")
     return names
 
 
 def composition_for(name: str, checkpoint_rule: CompositionConfig, anchor: float = 0.3,
-                    anchor_degrees: float = 15.0) -> CompositionConfig | None:
+                    anchor_degrees: float = 15.0, variants: dict | None = None) -> CompositionConfig | None:
     """The composition of a named row (None for copy_last), from the checkpoint's rule; ``anchor`` / ``anchor_degrees``:
     the re-anchoring tolerances of the ``*_anchor`` rows. Re-anchoring is a spatial memory: rows without the SLTM
-    leave it off."""
+    leave it off. A variant (``variants``) is its ``of`` row's composition with its overrides."""
+    if variants and name in variants:
+        spec = dict(variants[name])
+        rule = dataclasses.asdict(composition_for(spec.pop("of"), checkpoint_rule, anchor, anchor_degrees))
+        for key, value in spec.items():
+            rule[key] = {**(rule.get(key) or {}), **value} if isinstance(value, dict) else value
+        return CompositionConfig(**rule)
     experts, kind = COMPOSITIONS[name]
     if kind in ("none", "lookup"):
         return None
@@ -184,7 +221,7 @@ def check_experts_present(config: ConsistencyConfig, names: list[str]) -> None:
     from come_rl.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(config.checkpoint)
-    roles = sorted({role for name in names for role in COMPOSITIONS[name][0]} - {"ltm"} | {"base"})
+    roles = sorted({role for name in names for role in row_spec(name, config.variants)[0]} - {"ltm"} | {"base"})
     absent = [role for role in roles if not (directory / f"{role}.json").is_file()
               or not (directory / f"{role}.safetensors").is_file()]
     if absent:
@@ -194,7 +231,7 @@ def check_experts_present(config: ConsistencyConfig, names: list[str]) -> None:
 
 def check_config(config: ConsistencyConfig, episode_steps: int | None = None) -> list[str]:
     """Every check that needs no model: settings, and the data's length when known. Returns the row names."""
-    names = parse_compositions(config.compositions)
+    names = parse_compositions(config.compositions, check_variants(config.variants))
     for key in ("episodes", "context", "horizon"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
@@ -203,7 +240,7 @@ def check_config(config: ConsistencyConfig, episode_steps: int | None = None) ->
                          f"odometry head on the imagined frames), got {config.poses!r}")
     if config.stream_chunk < 0:
         raise ValueError(f"stream_chunk must be >= 0 (0: memorize once at the end), got {config.stream_chunk}")
-    if not config.anchor > 0 and any(COMPOSITIONS[name][1] == "anchor" for name in names):
+    if not config.anchor > 0 and any(row_spec(name, config.variants)[1] == "anchor" for name in names):
         raise ValueError(f"anchor must be > 0 cells for the *_anchor rows, got {config.anchor}")
     if config.context < 3:
         raise ValueError(f"context must hold at least 3 frames (the base's context), got {config.context}")
@@ -285,8 +322,8 @@ class ConsistencyWorker:
         from come_rl.world_model import WorldModel
 
         self.config, self.names = config, names
-        experts = sorted({role for name in names for role in COMPOSITIONS[name][0]} - {"ltm"} | {"base"})
-        needs_ltm = any("ltm" in COMPOSITIONS[name][0] for name in names)
+        experts = sorted({role for name in names for role in row_spec(name, config.variants)[0]} - {"ltm"} | {"base"})
+        needs_ltm = any("ltm" in row_spec(name, config.variants)[0] for name in names)
         sampler = {"steps": config.sampler_steps} if config.sampler_steps else None
         try:
             self.wm = WorldModel.load(config.checkpoint, experts=experts + (["ltm"] if needs_ltm else []),
@@ -325,8 +362,8 @@ class ConsistencyWorker:
         rows, rollouts, memorized, memorize_seconds = [], {"real": real}, False, 0.0
         for name in self.names:
             start, anchored = time.time(), 0
-            composition = composition_for(name, self.rule, cfg.anchor, cfg.anchor_degrees)
-            if COMPOSITIONS[name][1] == "lookup":  # the memorized frame seen nearest each real pose
+            composition = composition_for(name, self.rule, cfg.anchor, cfg.anchor_degrees, cfg.variants)
+            if row_spec(name, cfg.variants)[1] == "lookup":  # the memorized frame seen nearest each real pose
                 imagined = frames[:c][nearest_pose_index(poses[:c], poses[c:c + h])]
             elif composition is None:
                 imagined = np.repeat(frames[c - 1][None], h, axis=0)
