@@ -31,7 +31,7 @@ INVERSE_ACTIONS = (DOWN, UP, RIGHT, LEFT, TOGGLE)
 RANDOM_POLICY_PROBS = np.array([0.15, 0.15, 0.15, 0.15, 0.40])
 
 _BACKGROUND = np.array([24, 24, 32], dtype=np.uint8)
-_COVER = np.array([120, 120, 128], dtype=np.uint8)
+COVER_COLOR = np.array([120, 120, 128], dtype=np.uint8)
 _CURSOR = np.array([255, 255, 255], dtype=np.uint8)
 _OBJECT_COLORS = np.array(
     [[230, 60, 60], [60, 200, 70], [70, 110, 240], [240, 210, 50],
@@ -152,7 +152,7 @@ class MemoryCardsEnv(gym.Env):
         tile[:] = _BACKGROUND
         m = self.margin
         if content < 0:
-            tile[m:-m, m:-m] = _COVER
+            tile[m:-m, m:-m] = COVER_COLOR
         else:
             inner = tile[m:-m, m:-m]
             inner[self._masks[content]] = _OBJECT_COLORS[content]
@@ -288,7 +288,7 @@ class MemoryCardsWorldModel:
                 out[b, t] = r.render_frame()
                 unknown = (self.known < 0) & ~r.covered
                 for row_, col_ in zip(*np.nonzero(unknown)):  # uncovered but never seen: imagined grey
-                    out[b, t][r.tile_slice(row_, col_)][_inside(r)] = _COVER
+                    out[b, t][r.tile_slice(row_, col_)][_inside(r)] = COVER_COLOR
         return frames_to_tensor(out)
 
 

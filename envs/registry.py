@@ -70,10 +70,10 @@ def _maze_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> di
 
 
 def _cards_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> dict[str, np.ndarray]:
-    from envs.memory_cards import _COVER, TOGGLE as toggle
+    from envs.memory_cards import COVER_COLOR, TOGGLE as toggle
 
     # An uncovered tile loses the grey cover colour: classify toggles by the count of cover-grey pixels.
-    grey = np.all(clips["frames"] == _COVER, axis=-1).sum(axis=(-1, -2))
+    grey = np.all(clips["frames"] == COVER_COLOR, axis=-1).sum(axis=(-1, -2))
     return {"move": (last_action != toggle) & changed,
             "uncover": (last_action == toggle) & (grey[:, -1] < grey[:, -2]),
             "cover": (last_action == toggle) & (grey[:, -1] > grey[:, -2])}
