@@ -36,6 +36,17 @@ def test_revisit_mask_on_hand_made_poses():
         revisit_mask(memorized, np.array([[np.nan, 0, 0]]))
 
 
+def test_pooled_revisit_weighs_each_revisit_frame_once():
+    from come_rl.experiments.consistency import pooled_revisit
+
+    rows = [{"lpips_revisit": 0.1, "revisit_frames": 30}, {"lpips_revisit": 0.4, "revisit_frames": 3},
+            {"lpips_revisit": "", "revisit_frames": 0}]
+    mean, low, high = pooled_revisit(rows)
+    assert mean == pytest.approx((0.1 * 30 + 0.4 * 3) / 33)  # the per-episode mean would be 0.25
+    assert 0.1 - 1e-9 <= low <= mean <= high <= 0.4 + 1e-9 and pooled_revisit(rows) == (mean, low, high)
+    assert math.isnan(pooled_revisit(rows[2:])[0])
+
+
 def test_online_memory_maze_gives_the_same_clips_for_the_same_seed():
     from come_rl.collect import make_env_and_policy, record_episode
     from come_rl.data_sources import SeededEpisodePool

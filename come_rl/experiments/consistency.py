@@ -25,7 +25,9 @@ expert the checkpoint lacks is refused before any work, naming the training comm
 Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) with ``lpips_all, lpips_revisit,
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
 has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
-``episode_records/`` (one atomic file per finished (episode, composition): a killed run resumes where it stopped);
+``lpips_revisit_pooled`` in the summary: LPIPS over all revisit frames pooled (an episode weighs by its revisit
+frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic file per finished (episode,
+composition): a killed run resumes where it stopped);
 ``rollout.gif`` (real | base | CoME | re-anchored CoME, those that are rows, or the last row; first episode).
 """
 
@@ -449,8 +451,28 @@ def summary_rows(rows: list[dict], names: list[str]) -> list[dict]:
         for key in [f"{m}_{p}" for m in METRICS for p in ("all", "revisit")] + [f"lpips_first{SHORT_HORIZON}"]:
             mean, half = mean_interval([r.get(key, "") for r in mine])
             summary[key] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
+        mean, low, high = pooled_revisit(mine)
+        summary["lpips_revisit_pooled"] = f"{mean:.4f} [{low:.4f}, {high:.4f}]" if math.isfinite(low) else f"{mean:.4f}"
         out.append(summary)
     return out
+
+
+def pooled_revisit(rows: list[dict], resamples: int = 2000) -> tuple[float, float, float]:
+    """LPIPS over every revisit frame of the rows' episodes pooled (each frame counts once, so an episode with 30
+    revisit frames weighs 10x one with 3, where ``lpips_revisit`` averages episodes), with a 95 % bootstrap interval
+    over episodes (percentile, fixed seed: the same rows give the same interval). (nan, nan, nan) without revisits."""
+    pairs = np.array([(float(r["lpips_revisit"]), int(r["revisit_frames"])) for r in rows
+                      if r.get("lpips_revisit", "") != "" and int(r["revisit_frames"]) > 0], dtype=np.float64).reshape(-1, 2)
+    if len(pairs) == 0:
+        return float("nan"), float("nan"), float("nan")
+    values, frames = pairs[:, 0], pairs[:, 1]
+    mean = float((values * frames).sum() / frames.sum())
+    if len(pairs) < 2:
+        return mean, float("nan"), float("nan")
+    picks = np.random.default_rng(0).integers(0, len(pairs), size=(resamples, len(pairs)))
+    boot = (values[picks] * frames[picks]).sum(axis=1) / frames[picks].sum(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return mean, float(low), float(high)
 
 
 def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -> None:
