@@ -4,7 +4,7 @@ Usage:
     python -m come_rl.experiments.consistency                                   # shipped maze model, held-out seeds
     python -m come_rl.experiments.consistency episodes=16 context=400 horizon=32 seed=40000 \\
         compositions=copy_last,base,ltm out_dir=results/consistency
-    python -m come_rl.experiments.consistency episodes=8 compositions=base,come,come_tight \
+    python -m come_rl.experiments.consistency episodes=8 compositions=base,come,come_tight \\
         variants='{"come_tight": {"of": "come", "anchor": 0.25, "anchor_degrees": 10}}'   # a rule variant, same memory
 
 Per held-out episode (generated from ``seed``, ``seed + 1``, ... as ``online:memory_maze`` and ``come_rl.collect``
