@@ -42,6 +42,7 @@ from come_rl.fanout import FanoutSettings
 from come_rl.interfaces import ActionSpec
 from come_rl.results import write_protocol_results
 from come_rl.seeding import derive_seed
+from come_rl.targets import load_planner
 from envs.memory_wrapper import observe_trajectory
 
 PLANNER_NAMES = ("cem", "random_shooting", "mppi", "nwm")
@@ -137,19 +138,22 @@ def observe_case(world_model: Any, frames: np.ndarray, actions: np.ndarray, pose
     return {}
 
 
-def build_planner(name: str, population: int, elites: int, iterations: int, seed: int) -> Any:
-    """The planners of the table at a given budget (``nwm`` proposes every constant action for discrete spaces)."""
-    from planners import CEMPlanner, MPPIPlanner, NWMPlanner, RandomShootingPlanner
+# the table's budget (population, elites, iterations) in each planner's own settings; the rest as conf/planner sets it
+BUDGET_KEYS = {
+    "cem": lambda population, elites, iterations: dict(population=population, elites=elites, iterations=iterations),
+    "random_shooting": lambda population, elites, iterations: dict(population=population),
+    "mppi": lambda population, elites, iterations: dict(population=population, iterations=iterations),
+    # nwm proposes every constant action for discrete spaces; one rollout per proposal at this budget
+    "nwm": lambda population, elites, iterations: dict(num_samples=population, top_k=min(elites, population),
+                                                       repeats=1),
+}
 
-    if name == "cem":
-        return CEMPlanner(population=population, elites=elites, iterations=iterations, seed=seed)
-    if name == "random_shooting":
-        return RandomShootingPlanner(population=population, seed=seed)
-    if name == "mppi":
-        return MPPIPlanner(population=population, iterations=iterations, seed=seed)
-    if name == "nwm":
-        return NWMPlanner(num_samples=population, top_k=min(elites, population), repeats=1, seed=seed)
-    raise ValueError(f"unknown planner {name!r}; choose from {', '.join(PLANNER_NAMES)}")
+
+def build_planner(name: str, population: int, elites: int, iterations: int, seed: int) -> Any:
+    """The planner ``name`` of come_rl/conf/planner at the table's budget (:data:`BUDGET_KEYS`)."""
+    if name not in BUDGET_KEYS:
+        raise ValueError(f"unknown planner {name!r}; choose from {', '.join(PLANNER_NAMES)}")
+    return load_planner(name, seed=seed, **BUDGET_KEYS[name](population, elites, iterations))
 
 
 # ------------------------------------------------------------------------------------------------ env replay

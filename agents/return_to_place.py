@@ -73,6 +73,7 @@ from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
+from come_rl.targets import load_planner
 from come_rl.conventions import wrap_angle
 
 AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "exact_path", "oracle")
@@ -304,7 +305,6 @@ class WorldModelReturnAgent:
                  lookahead: float = 1.0, places_only: bool = False, turn_weight: float = 0.0,
                  scoring: str = "waypoint"):
         from agents.mpc import MPCAgent
-        from planners.cem import CEMPlanner
         from planners.objectives import LPIPSGoalObjective, PlaceObjective
 
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
@@ -312,7 +312,8 @@ class WorldModelReturnAgent:
         self.name, self.world_model, self.memorize_steps = name, world_model, int(memorize_steps)
         composition = getattr(world_model, "composition", None)
         self.experts = "+".join(composition.experts) if composition is not None else world_model.label
-        planner = CEMPlanner(population=population, elites=elites, iterations=iterations, warm_start_shift=replan_every)
+        planner = load_planner("cem", replan_every=replan_every, population=population, elites=elites,
+                               iterations=iterations)
         if objective not in (*OBJECTIVES, "path"):
             raise ValueError(f"objective must be 'place' (the goal's place looked up in what the world model memorized), "
                              f"'lpips' (to the goal view) or 'path' (along the oracle's reference path back), got "

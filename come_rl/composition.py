@@ -20,6 +20,13 @@ base's prediction what its normalised composition with the base alone adds,
 a product p_base * prod_k (p_k' / p_base) of the pairwise compositions p_k'. With one expert it is the normalised rule;
 with several, each keeps the contrast it was tuned with (the normalised mean over 4 terms gives an LTM of alpha 2 w
 only w / 2: measured, it recalled less). It is a choice of weights, so the same network calls serve it.
+
+Summing the memory terms' deltas overshoots where several experts correct the base the same way (measured on the maze:
+the STM and SLTM terms made an LTM worse). ``combine`` chooses how the pairwise deltas d_k = w_k / (w_base + w_k) *
+(term_k - eps_base) add up, element by element: "sum" (the rule above, linear), "mean" (their mean over the active
+memory terms), "max" (the delta of largest magnitude: each element follows the expert that moves it most), "agree"
+(where every delta has the same sign, the largest of them; elsewhere their sum). With one active memory term every
+choice is the rule above.
 """
 
 from __future__ import annotations
@@ -71,6 +78,28 @@ def compose_noise_predictions(
     return total
 
 
+COMBINE_MODES = ("sum", "mean", "max", "agree")
+
+
+def combine_deltas(deltas: Sequence[torch.Tensor], mode: str = "sum") -> torch.Tensor:
+    """How the memory experts' pairwise deltas (each of one shape) add up, element by element (module docstring)."""
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"unknown combine mode {mode!r}; choose one of {COMBINE_MODES}")
+    if not deltas:
+        raise ValueError("combine_deltas needs at least one delta")
+    stacked = torch.stack(list(deltas))  # (K, ...)
+    total = stacked.sum(0)
+    if mode == "sum" or len(deltas) == 1:
+        return total
+    if mode == "mean":
+        return total / len(deltas)
+    largest = stacked.gather(0, stacked.abs().argmax(0, keepdim=True))[0]
+    if mode == "max":
+        return largest
+    agree = (stacked > 0).all(0) | (stacked < 0).all(0)
+    return torch.where(agree, largest, total)
+
+
 @dataclass
 class ExpertTerm:
     """One factor of the composition.
@@ -111,7 +140,13 @@ class Composer:
     :meth:`conditional_coefficients`). ``network_calls`` counts the calls of every denoiser it bound.
     """
 
-    def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False, pairwise: bool = False):
+    def __init__(self, terms: Sequence[ExpertTerm], normalize: bool = False, pairwise: bool = False,
+                 combine: str = "sum"):
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {combine!r}; choose one of {COMBINE_MODES}")
+        if combine != "sum" and not pairwise:
+            raise ValueError(f"combine={combine!r} combines the pairwise deltas of the memory experts: it needs "
+                             f"pairwise=True")
         names = [term.name for term in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"expert term names must be unique, got {names}")
@@ -123,6 +158,7 @@ class Composer:
             raise ValueError(f"pairwise composition anchors on its first term, which must be a plain expert (alpha 1), "
                              f"got {terms[0].name!r} with alpha {terms[0].alpha}")
         self.terms, self.normalize, self.pairwise = list(terms), normalize and not pairwise, pairwise
+        self.combine = combine
         self.network_calls = 0
         self._coefficients: dict[float | None, dict[str, float]] = {}  # conditional_coefficients by noise level
 
@@ -174,8 +210,31 @@ class Composer:
                  | {term.active_below for term in self.terms if term.active_below != float("inf")})
         levels = [None, *gates, *(gate - 1e-6 for gate in gates)]
         per_level = [self.conditional_coefficients(level) for level in levels]
+        needs_anchor = any(self.combines_nonlinearly(level) for level in levels)
         return {term.name for term in self.terms
-                if all(c[term.name] == 0.0 for c in per_level) and not self.needs_unconditional(term)}
+                if all(c[term.name] == 0.0 for c in per_level) and not self.needs_unconditional(term)
+                and not (needs_anchor and term is self.terms[0])}
+
+    def combines_nonlinearly(self, t: float | None) -> bool:
+        """Does the step at noise level t combine two or more memory deltas by a ``combine`` other than "sum"? Then
+        the anchor's own pass is needed whatever its linear coefficient (each delta is measured from it)."""
+        if self.combine == "sum":
+            return False
+        weights = self._weights(t)
+        return sum(1 for term in self.terms[1:] if weights[term.name] != 0.0) >= 2
+
+    def _combined(self, conditional: dict, baselines: list, weights: dict) -> torch.Tensor:
+        """The pairwise rule with ``combine``: eps_base + combine_k(w_k' * (term_k - eps_base))."""
+        anchor = conditional[self.terms[0].name]
+        deltas = []
+        for term, baseline in zip(self.terms[1:], baselines[1:]):
+            weight = weights[term.name]
+            if isinstance(weight, float) and weight == 0.0:
+                continue
+            eps = conditional[term.name]
+            value = eps if term.alpha == 1.0 else term.alpha * eps + (1.0 - term.alpha) * baseline
+            deltas.append(weight * (value - anchor))
+        return anchor + combine_deltas(deltas, self.combine)
 
     def bind(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                     torch.Tensor]:
@@ -221,8 +280,10 @@ class Composer:
                 gated[anchor] = weights[anchor] + sum(weights[name] - gated[name] for name in gates)
             weights = {**weights, **gated}
         coefficients = self.conditional_coefficients(level)
+        nonlinear = self.combines_nonlinearly(level)
         for term in self.terms:
             inactive = coefficients[term.name] == 0.0 and not (weights[term.name] and self.needs_unconditional(term))
+            inactive = inactive and not (nonlinear and term is self.terms[0])
             if term.name in skipped or inactive:
                 conditional[term.name] = torch.zeros_like(x_t)
                 unconditional[term.name] = torch.zeros_like(x_t)
@@ -237,6 +298,8 @@ class Composer:
             unconditional.get(term.name) if term.baseline == "unconditional" else conditional[term.baseline]
             for term in self.terms
         ]
+        if nonlinear:
+            return self._combined(conditional, baselines, weights)
         return compose_noise_predictions(
             [conditional[term.name] for term in self.terms], baselines,
             [term.alpha for term in self.terms], [weights[term.name] for term in self.terms], self.normalize,
@@ -277,6 +340,8 @@ class ReferenceComposer(Composer):
             else:  # the baseline expert's conditional pass, run again
                 baselines.append(self._predict(conditions, by_name[term.baseline], x_t, t, False))
         weights = self._weights(float(t.max()))
+        if self.combines_nonlinearly(float(t.max())):
+            return self._combined(conditional, baselines, weights)
         return compose_noise_predictions([conditional[term.name] for term in self.terms], baselines,
                                          [term.alpha for term in self.terms],
                                          [weights[term.name] for term in self.terms], self.normalize)
@@ -328,6 +393,13 @@ class CompositionConfig:
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
+    combine: str = "sum"
+    """with ``pairwise``, how the memory experts' deltas add up, element by element: "sum" (linear), "mean", "max"
+    (the largest in magnitude), "agree" (the largest where all agree in sign, else the sum); module docstring."""
+    anchor_seed: float = 0.0
+    """with ``anchor``, the noise level t0 in (0, 1) from which a frame whose pose matches a memorized one is sampled
+    from that memorized view (SDEdit: at t0 the sample is replaced by alpha_t0 * view + sigma_t0 * its initial noise,
+    and the experts denoise the rest); not in the paper. 0: off (the matched view only enters the context after)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.experts) - set(EXPERT_ROLES)
@@ -344,6 +416,12 @@ class CompositionConfig:
             raise ValueError(f"anchor must be a distance in cells >= 0 (0: off), got {self.anchor}")
         if not 0.0 < self.anchor_degrees <= 180.0:
             raise ValueError(f"anchor_degrees must be in (0, 180], got {self.anchor_degrees}")
+        if self.combine not in COMBINE_MODES or (self.combine != "sum" and not self.pairwise):
+            raise ValueError(f"combine must be one of {COMBINE_MODES} (other than sum only with pairwise: true), got "
+                             f"{self.combine!r} with pairwise={self.pairwise}")
+        if not 0.0 <= self.anchor_seed < 1.0 or (self.anchor_seed > 0 and not self.anchor > 0):
+            raise ValueError(f"anchor_seed must be a noise level in [0, 1) (0: off) and needs anchor > 0, got "
+                             f"anchor_seed={self.anchor_seed}, anchor={self.anchor}")
         for role, distance in self.retrieval_gate.items():
             if role not in EXPERT_ROLES or role == "base" or not distance > 0:
                 raise ValueError(f"retrieval_gate of {role!r}: need a memory expert and a distance > 0, got {distance}")
@@ -360,4 +438,5 @@ def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert
         terms.append(ExpertTerm(role, experts[role], config.alphas.get(role, 1.0), config.weights.get(role, 1.0),
                                 baseline, config.active_from.get(role, 0.0),
                                 config.active_below.get(role, float("inf"))))
-    return (ReferenceComposer if reference else Composer)(terms, normalize=config.normalize, pairwise=config.pairwise)
+    return (ReferenceComposer if reference else Composer)(terms, normalize=config.normalize, pairwise=config.pairwise,
+                                                          combine=config.combine)

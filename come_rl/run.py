@@ -43,6 +43,7 @@ from come_rl.devices import resolve_device, resolve_precision, resolve_threads
 from come_rl.episode_records import check_records
 from come_rl.fanout import check_backend, iter_tasks
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
+from come_rl.targets import build_planner, call_target, import_target
 from envs.memory_wrapper import WorldModelMemoryWrapper
 
 log = logging.getLogger("come_rl.run")
@@ -51,55 +52,12 @@ log = logging.getLogger("come_rl.run")
 ENV_RESERVED_KEYS = ("observation", "task", "evaluation")
 
 
-def _import_target(target: str, what: str) -> Any:
-    try:
-        return hydra.utils.get_object(target)
-    except Exception as error:  # ImportError, AttributeError, ... : say which key and how to fix it
-        raise ValueError(
-            f"{what}._target_={target!r} could not be imported ({type(error).__name__}: {error}); "
-            f"give a dotted path to a class or function importable from {Path.cwd()}"
-        ) from error
-
-
-def _call_target(target: Callable, settings: dict) -> Any:
-    """``target(**settings)`` with nested ``_target_`` values instantiated; errors keep their own type
-    and message (Hydra's ``instantiate`` would wrap a ValueError in an InstantiationException)."""
-    kwargs = {key: instantiate(value) if isinstance(value, dict) and "_target_" in value else value
-              for key, value in settings.items() if key != "_target_"}
-    return target(**kwargs)
-
-
-def build_planner(planner_cfg: DictConfig) -> Any:
-    """Instantiate the planner; keys its constructor does not take are dropped with a warning.
-
-    Dropping them is what makes ``planner._target_=my_module.MyPlanner`` work on top of the default
-    planner's settings (population, elites, ...), which a custom planner need not accept.
-    """
-    if "_target_" not in planner_cfg:
-        raise ValueError("the planner config has no _target_; pick planner=cem|mppi|random_shooting|nwm or set planner._target_")
-    target = _import_target(planner_cfg._target_, "planner")
-    settings = OmegaConf.to_container(planner_cfg, resolve=True)
-    parameters = inspect.signature(target).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        dropped = [key for key in settings if key != "_target_" and key not in parameters]
-        if dropped:
-            log.warning("planner %s does not take %s; these settings are ignored", planner_cfg._target_, dropped)
-        settings = {key: value for key, value in settings.items() if key not in dropped}
-    planner = _call_target(target, settings)
-    if not callable(getattr(planner, "plan", None)) or not callable(getattr(planner, "reset", None)):
-        raise TypeError(
-            f"planner {planner_cfg._target_} must have plan(objective, action_spec, horizon) -> (horizon, action_dim) "
-            "and reset(); see planners.base"
-        )
-    return planner
-
-
 def build_env(env_cfg: DictConfig) -> gym.Env:
     if "_target_" not in env_cfg:
         raise ValueError("the env config has no _target_; pick env=memory_maze|memory_cards|point_mass")
-    target = _import_target(env_cfg._target_, "env")
+    target = import_target(env_cfg._target_, "env")
     settings = {k: v for k, v in OmegaConf.to_container(env_cfg, resolve=True).items() if k not in ENV_RESERVED_KEYS}
-    return _call_target(target, settings)
+    return call_target(target, settings)
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -143,12 +101,12 @@ def build_world_model(model_cfg: DictConfig, placement: dict | None = None, env:
     if "_target_" not in model_cfg:
         raise ValueError("the model config needs a _target_ (with checkpoint: a loader such as "
                          "come_rl.world_model.WorldModel.load)")
-    target = _import_target(str(model_cfg._target_), "model")
+    target = import_target(str(model_cfg._target_), "model")
     if "checkpoint" not in model_cfg:
         settings = OmegaConf.to_container(model_cfg, resolve=True)
         if env is not None and _takes(target, "env"):
             settings["env"] = env
-        return _call_target(target, settings)
+        return call_target(target, settings)
     checkpoint = resolve_checkpoint(str(model_cfg.checkpoint))
     settings = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs = {key: settings[key] for key in MODEL_LOAD_KEYS if settings.get(key) is not None}
@@ -170,11 +128,11 @@ def build_agent(agent_cfg: DictConfig, world_model: Any, planner: Any) -> Any:
     if "_target_" not in agent_cfg:
         raise ValueError("the agent config has no _target_; pick agent=cem|mppi|random_shooting|nwm or set "
                          "agent._target_ (e.g. agents.mpc.MPCAgent)")
-    target = _import_target(str(agent_cfg._target_), "agent")
+    target = import_target(str(agent_cfg._target_), "agent")
     settings = OmegaConf.to_container(agent_cfg, resolve=True)
     objective_factory = build_objective_factory(agent_cfg.objective)
     settings = {key: value for key, value in settings.items() if key != "objective"}
-    return _call_target(target, {**settings, "world_model": world_model, "planner": planner,
+    return call_target(target, {**settings, "world_model": world_model, "planner": planner,
                                  "objective_factory": objective_factory})
 
 
@@ -182,7 +140,7 @@ def build_objective_factory(objective: DictConfig) -> Callable:
     """``agent.objective`` instantiated (a ``_partial_`` factory); keys its ``_target_`` does not take are dropped with a
     warning, so that ``agent.objective._target_=MyObjective`` works on top of the default objective's settings."""
     objective_cfg = OmegaConf.to_container(objective, resolve=True)
-    target = _import_target(str(objective_cfg["_target_"]), "agent.objective")
+    target = import_target(str(objective_cfg["_target_"]), "agent.objective")
     dropped = [key for key in objective_cfg if not key.startswith("_") and not _takes(target, key)]
     if dropped:
         log.warning("agent.objective: %s does not take %s; dropped", objective_cfg["_target_"], dropped)

@@ -327,9 +327,14 @@ class WorldModel:
                     levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
                     if levels:  # its past frames lag: h of them are imagined (come_rl.experts.retrieval)
                         conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
+            seed_x0 = None
+            if anchor > 0 and self.composition.anchor_seed > 0:  # a revisit: sampled from the memorized view
+                index, close = self._anchor_match(memory_poses, next_pose)
+                if bool(close.any()):
+                    seed_x0 = (self.memory.gather(index).to(frames), close, self.composition.anchor_seed)
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
-                                generator, device=device).clamp(-1.0, 1.0)
+                                generator, device=device, seed_x0=seed_x0).clamp(-1.0, 1.0)
             outputs.append(next_frame)
             if anchor > 0:  # a revisit: the next steps see the memorized view instead of the sampled frame
                 next_frame = self._anchor(next_frame, memory_poses, next_pose, h)
@@ -345,18 +350,23 @@ class WorldModel:
         """``frame`` (B, C, H, W) with the rows whose ``pose`` (B, 3) lies within ``composition.anchor`` cells and
         ``anchor_degrees`` of a memorized pose replaced by the nearest such memorized frame; marks them in
         ``last_anchored``."""
+        index, close = self._anchor_match(memory_poses, pose)
+        self.last_anchored[:, step] = close.cpu()
+        if not bool(close.any()):
+            return frame
+        view = self.memory.gather(index).to(frame)
+        return torch.where(close.to(frame.device)[:, None, None, None], view, frame)
+
+    def _anchor_match(self, memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (B,), close (B,)): the memorized pose nearest ``pose`` (B, 3) within ``composition.anchor`` cells and
+        ``anchor_degrees``, and whether there is one."""
         pose = pose.float()
         position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)  # (B, N)
         turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
         within = (position <= self.composition.anchor) & (turn <= math.radians(self.composition.anchor_degrees))
         score = torch.where(within, position / self.composition.anchor + turn / math.radians(
             self.composition.anchor_degrees), torch.full_like(position, float("inf")))
-        index, close = score.argmin(-1), within.any(-1)  # (B,)
-        self.last_anchored[:, step] = close.cpu()
-        if not bool(close.any()):
-            return frame
-        view = self.memory.gather(index).to(frame)
-        return torch.where(close.to(frame.device)[:, None, None, None], view, frame)
+        return score.argmin(-1), within.any(-1)
 
     def _next_pose(self, poses: torch.Tensor, action: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """The pose model's pose after ``action`` (B, A) from the last of ``poses`` (B, L, 3); a pose model that

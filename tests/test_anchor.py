@@ -22,12 +22,13 @@ def _base() -> DiffusionExpert:
     return base
 
 
-def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3):
+def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3, anchor_seed: float = 0.0):
     """Observe five frames; frame 0 (value ``memorized_value``) was seen at (5, 5, 0). Every imagined frame is posed at
     ``imagined_pose``."""
     pose = torch.tensor(imagined_pose, dtype=torch.float32)
-    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor),
-                    sampler=SamplerConfig(steps=2), pose_model=lambda poses, actions: pose.expand(poses.shape[0], 3))
+    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor,
+                                                                                   anchor_seed=anchor_seed),
+                    sampler=SamplerConfig(steps=4), pose_model=lambda poses, actions: pose.expand(poses.shape[0], 3))
     wm.reset()
     poses = [[5.0, 5.0, 0.0], [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
     for i, p in enumerate(poses):
@@ -46,6 +47,25 @@ def test_a_revisit_puts_the_memorized_frame_into_the_context_of_the_next_steps()
     assert torch.equal(anchored[:, 0], plain[:, 0])  # the frame returned is the sampled one
     assert not torch.allclose(anchored[:, 1], plain[:, 1], atol=1e-4)  # the next step reads the memorized view
     assert not torch.allclose(anchored[:, 1], other_memory[:, 1], atol=1e-4)  # ... and what that view shows
+
+
+def test_anchor_seed_samples_a_revisited_frame_from_the_memorized_view():
+    """anchor_seed: the frame at a revisit is itself sampled from the memorized view (restarted at t0), so it moves
+    toward what was seen there; far from every memorized pose nothing changes."""
+    torch.manual_seed(0)  # a v-prediction expert with a zero output: eps = sigma_t x_t, the exact denoiser of N(0, I)
+    base = DiffusionExpert(VideoUNet(UNetConfig(**TINY)), CosineSchedule(), target="full", prediction="v").eval()
+    torch.nn.init.zeros_(base.backbone.out_conv.weight)
+    torch.nn.init.zeros_(base.backbone.out_conv.bias)
+    anchored, _ = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5)
+    seeded, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, anchor_seed=0.25)
+    assert bool(marks.all())
+    assert (seeded[:, 0] - 0.5).abs().mean() < 0.7 * (anchored[:, 0] - 0.5).abs().mean()
+    far, _ = _imagine(base, 1.0, [8.0, 8.0, 0.0], 0.5)
+    assert torch.equal(_imagine(base, 1.0, [8.0, 8.0, 0.0], 0.5, anchor_seed=0.5)[0], far)
+    with pytest.raises(ValueError, match="anchor_seed"):
+        CompositionConfig(experts=["base"], anchor_seed=0.5)  # no anchor
+    with pytest.raises(ValueError, match="anchor_seed"):
+        CompositionConfig(experts=["base"], anchor=0.3, anchor_seed=1.0)
 
 
 def test_far_from_every_memorized_pose_nothing_is_anchored():

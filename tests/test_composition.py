@@ -262,3 +262,55 @@ def test_every_shipped_rule_gives_what_the_reference_composer_gives(checkpoint, 
         t = torch.full((3,), float(level))
         assert torch.allclose(fast_denoise(x, t), reference_denoise(x, t), atol=1e-6), (checkpoint, enabled, level)
     assert fast.network_calls < reference.network_calls  # what the batching saves
+
+
+def test_combine_modes_by_hand_and_one_memory_term_is_the_pairwise_rule():
+    """combine= adds the pairwise deltas of the memory experts element by element: sum (linear), mean, max (the delta
+    of largest magnitude), agree (the largest where all agree in sign, else the sum)."""
+    from come_rl.composition import combine_deltas
+
+    a, b = torch.tensor([1.0, -1.0, 2.0, -3.0]), torch.tensor([2.0, 1.0, -1.0, -1.0])
+    assert torch.equal(combine_deltas([a, b], "sum"), torch.tensor([3.0, 0.0, 1.0, -4.0]))
+    assert torch.equal(combine_deltas([a, b], "mean"), torch.tensor([1.5, 0.0, 0.5, -2.0]))
+    assert torch.equal(combine_deltas([a, b], "max"), torch.tensor([2.0, -1.0, 2.0, -3.0]))
+    assert torch.equal(combine_deltas([a, b], "agree"), torch.tensor([2.0, 0.0, 1.0, -3.0]))
+    with pytest.raises(ValueError, match="unknown combine mode"):
+        combine_deltas([a], "median")
+
+    base, ltm, stm = CountingExpert(1.0), CountingExpert(2.0), CountingExpert(3.0)
+    cond = {"context": torch.zeros(4, 1, 1), "actions": torch.zeros(4, 2, 1)}
+    x = torch.ones(4, 1)
+
+    def eps(combine, names=("base", "ltm", "stm"), t=0.0):
+        terms = {"base": ExpertTerm("base", base, 1.0), "ltm": ExpertTerm("ltm", ltm, 2.0, baseline="base"),
+                 "stm": ExpertTerm("stm", stm, 1.0, weight=3.0)}
+        composer = Composer([terms[n] for n in names], pairwise=True, combine=combine)
+        return composer.bind({n: cond for n in names})(x, torch.full((4,), t))
+
+    # at x = 1: base 1; ltm term 2*2 - 1 = 3, share 1/2 -> delta 1; stm term 3, share 3/4 -> delta 1.5
+    for combine, want in (("sum", 1 + 1 + 1.5), ("mean", 1 + 1.25), ("max", 1 + 1.5), ("agree", 1 + 1.5)):
+        assert torch.allclose(eps(combine), torch.full((4, 1), want)), combine
+    base.calls = 0
+    for combine in ("mean", "max", "agree"):  # one memory term: every mode is the pairwise rule, base pass skipped
+        assert torch.allclose(eps(combine, ("base", "ltm")), eps("sum", ("base", "ltm")))
+    assert base.calls == 0
+    with pytest.raises(ValueError, match="needs pairwise"):
+        Composer([ExpertTerm("base", base, 1.0), ExpertTerm("stm", stm, 1.0)], combine="max")
+
+
+def test_every_combine_mode_runs_the_same_through_the_reference_composer():
+    from come_rl.composition import CompositionConfig, build_composer
+
+    experts = {role: CountingExpert(scale) for role, scale in (("base", 1.0), ("ltm", 2.0), ("stm", -3.0),
+                                                                ("sltm", 0.5))}
+    cond = {"context": torch.zeros(3, 1, 1), "actions": torch.zeros(3, 2, 1)}
+    x = torch.randn(3, 1, generator=torch.Generator().manual_seed(0))
+    for combine in ("mean", "max", "agree"):
+        config = CompositionConfig(experts=["base", "ltm", "stm", "sltm"], alphas={"ltm": 2.0, "stm": 1.5},
+                                   pairwise=True, combine=combine, active_from={"ltm": 0.5})
+        for t in (0.2, 0.8):
+            fast = build_composer(config, experts).bind({r: cond for r in experts})(x, torch.full((3,), t))
+            slow = build_composer(config, experts, reference=True).bind({r: cond for r in experts})(x, torch.full((3,), t))
+            assert torch.allclose(fast, slow, atol=1e-6), (combine, t)
+    with pytest.raises(ValueError, match="combine must be"):
+        CompositionConfig(combine="max")  # pairwise is off

@@ -112,7 +112,7 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     from come_rl.checkpoint import resolve_checkpoint
     from come_rl.metrics.lpips_metric import get_lpips
     from come_rl.results import write_table
-    from planners.cem import CEMPlanner
+    from come_rl.targets import load_planner
     from planners.objectives import LPIPSGoalObjective
 
     unknown = [v for v in config.variants if v not in ("fp32", "bf16", "compile")]
@@ -139,8 +139,8 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     for round_ in tqdm(range(config.decisions + 1), desc="decision benchmark rounds"):
         for variant in variants:
             use(variant)
-            planner = CEMPlanner(population=config.population, elites=config.elites, iterations=config.iterations,
-                                 seed=round_)
+            planner = load_planner("cem", seed=round_, population=config.population, elites=config.elites,
+                                   iterations=config.iterations)
             objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
             start = time.perf_counter()
             plan = planner.plan(objective, spec, config.horizon)

@@ -18,30 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from come_rl.results import append_rows, write_markdown_table
+from come_rl.targets import load_planner
 from envs.point_mass import PointMassEnv, PointMassWorldModel
 from planners.objectives import LPIPSGoalObjective
 
-CONF = Path(__file__).parents[1] / "conf"
 
 
-def planner_settings(name: str, seed: int = 0, replan_every: int = 2) -> dict:
-    settings = OmegaConf.to_container(OmegaConf.load(CONF / "planner" / f"{name}.yaml"))
-    for key, value in list(settings.items()):
-        if value == "${run.seed}":
-            settings[key] = seed
-        elif value == "${agent.replan_every}":
-            settings[key] = replan_every
-    return settings
-
-
-def build(settings: dict):
-    from hydra.utils import get_object
-
-    target = get_object(settings.pop("_target_"))
-    return target(**settings)
 
 
 def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: bool, device: str = "cpu") -> list[dict]:
@@ -52,10 +36,9 @@ def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: boo
     world_model = PointMassWorldModel(size=64, discrete=discrete)
     rows = []
     for name in ("random_shooting", "cem", "mppi", "nwm"):
-        settings = planner_settings(name)
-        if name == "nwm" and not discrete:  # NWM's RECON mu/sigma are 3-D; the point mass moves in 2-D
-            settings["mu"], settings["sigma"] = [0.0, 0.0], [0.1, 0.1]
-        planner = build(settings)
+        # NWM's RECON mu/sigma are 3-D; the point mass moves in 2-D
+        overrides = dict(mu=[0.0, 0.0], sigma=[0.1, 0.1]) if name == "nwm" and not discrete else {}
+        planner = load_planner(name, replan_every=2, **overrides)
         totals, imagine, score, candidates = [], 0.0, 0.0, 0
         for decision in range(decisions + 1):  # decision 0 warms up (LPIPS, allocator)
             observation, info = env.reset(seed=decision)

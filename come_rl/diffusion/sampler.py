@@ -67,6 +67,7 @@ def sample(
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    seed_x0: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Draw one batch of samples of ``shape`` (batch first) by integrating the reverse diffusion.
 
@@ -79,19 +80,34 @@ def sample(
         x_init: start from this pure-noise sample instead of drawing one.
         device: where the sample lives (the denoiser's device; default: x_init's, else the CPU). Noise is drawn on
             the generator's device and copied there, so a seed gives the same noise on every device.
+        seed_x0: (x0 (shape), rows (batch,) bool, t0): the chosen rows restart from ``x0`` at noise level t0 (SDEdit,
+            Meng et al. 2022): at the first step at or below t0 their sample becomes alpha_t0 * x0 + sigma_t0 * (their
+            initial noise), and the denoiser takes them the rest of the way. DDIM only.
     """
     config = config or SamplerConfig()
     if device is None:
         device = x_init.device if x_init is not None else torch.device("cpu")
     device = torch.device(device)
     x = devices.randn(shape, generator, device) if x_init is None else x_init.to(device).clone()
+    if seed_x0 is not None:
+        seed_frames, seed_rows, seed_level = seed_x0
+        if config.method != "ddim":
+            raise ValueError(f"seed_x0 (sampling from a memorized view) needs the ddim sampler, not {config.method!r}")
+        if not 0.0 < seed_level < 1.0:
+            raise ValueError(f"seed_x0's level t0 must be in (0, 1), got {seed_level}")
+        seed_rows = seed_rows.to(device).view(-1, *([1] * (x.dim() - 1)))
+        noise = x.clone()
     if config.method != "ddim":
         return _sample_ode(denoiser, x, schedule, config)
     batch = shape[0]
     times = torch.linspace(1.0, 0.0, config.steps + 1, device=device)
+    seeded = seed_x0 is None
     for i in range(config.steps):
         t, s = times[i].expand(batch), times[i + 1].expand(batch)
         alpha_t, sigma_t = schedule.alpha_sigma(t)
+        if not seeded and float(times[i]) <= seed_level + 1e-6:
+            restart = _bcast(alpha_t, x) * seed_frames.to(x) + _bcast(sigma_t, x) * noise
+            x, seeded = torch.where(seed_rows, restart, x), True
         eps = denoiser(x, t)
         x0 = eps_to_x0(eps, x, alpha_t, sigma_t)
         if config.clip_x0 > 0:
