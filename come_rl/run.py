@@ -518,27 +518,28 @@ def _choices() -> dict:
 
 @dataclass
 class RunSettings:
-    """``run.*``: where results go and how the episodes are played (``come_rl/conf/config.yaml`` documents each)."""
+    """``run.*``: where results go and how the episodes are played. Types only: every value, with what it means, is
+    written once, in ``come_rl/conf/config.yaml``."""
 
     name: str = MISSING
     out_dir: str = MISSING
-    episodes: int = 2
-    seed: int = 0
-    gif_episodes: int = 1
-    lpips_metric: bool = True
-    threads: Any = 1  # a count or "auto"
-    progress: bool = True
-    backend: str = "local"
-    workers: int = 2
-    gpus_per_worker: float = 0.0
+    episodes: int = MISSING
+    seed: int = MISSING
+    gif_episodes: int = MISSING
+    lpips_metric: bool = MISSING
+    threads: Any = MISSING  # a count or "auto"
+    progress: bool = MISSING
+    backend: str = MISSING
+    workers: int = MISSING
+    gpus_per_worker: float = MISSING
 
 
 @dataclass
 class MemorySettings:
-    """``memory.*``: the memory wrapper's streaming memorization."""
+    """``memory.*``: the memory wrapper's streaming memorization (values in ``come_rl/conf/config.yaml``)."""
 
-    memorize_every: int = 50
-    memorize_steps: int = 25
+    memorize_every: int = MISSING
+    memorize_steps: int = MISSING
 
 
 @dataclass
@@ -551,10 +552,10 @@ class RunConfig:
     model: Any = MISSING
     agent: Any = MISSING
     planner: Any = MISSING
-    data_dir: Optional[str] = None  # noqa: UP007 - OmegaConf reads typing.Optional
-    device: str = "auto"
-    precision: str = "auto"
-    compile: Any = False  # checked by device_settings, whose error says what to give
+    data_dir: Optional[str] = MISSING  # noqa: UP007 - OmegaConf reads typing.Optional
+    device: str = MISSING
+    precision: str = MISSING
+    compile: Any = MISSING  # checked by device_settings, whose error says what to give
     run: RunSettings = field(default_factory=RunSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
 
