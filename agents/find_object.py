@@ -31,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
-from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import tensor_to_frames
-from come_rl.results import wilson_interval, write_table
+from come_rl.evaluation import play_agents, write_success_results
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
 from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv
 
@@ -215,6 +214,9 @@ def build_agent(name: str, config: FindConfig):
                                samples=config.samples)
 
 
+# the summary's means over each agent's episodes
+SUMMARY_MEANS = ("tile_distance_to_goal", "seconds_per_decision", "memorize_seconds")
+
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
 RESUME_FREE_KEYS = ("agents", "episodes", *FANOUT_KEYS, "out_dir")
 
@@ -223,16 +225,16 @@ class FindWorker:
     """One agent and its env, built once per process (a Ray actor with backend=ray); ``run(seed)`` plays one episode
     (or reads its record back when ``records`` names the run's directory)."""
 
-    def __init__(self, name: str, config: FindConfig, records: str | None = None):
+    def __init__(self, name: str, config: FindConfig | None, records: str | None = None, agent=None,
+                 make_env=MemoryCardsFindEnv):
         self.name, self.records = name, None if records is None else Path(records)
-        self.agent, self.env = build_agent(name, config), MemoryCardsFindEnv()
+        self.agent, self.env = agent if agent is not None else build_agent(name, config), make_env()
 
     def run(self, seed: int) -> tuple[dict, list]:
         return recorded_episode(self.records, f"{self.name}_{seed}", lambda: run_episode(self.env, self.agent, seed))
 
 
 def evaluate(config: FindConfig) -> list[dict]:
-
     names = [n.strip() for n in config.agents.split(",") if n.strip()]
     unknown = [n for n in names if n not in AGENTS]
     if unknown or not names:
@@ -247,79 +249,29 @@ def evaluate(config: FindConfig) -> list[dict]:
              f"{config.samples} imagined samples per tile): `{command}`")
     out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
     check_records(out, config, RESUME_FREE_KEYS)
-    if config.backend == "local":
-        return evaluate_agents([build_agent(name, config) for name in names], config.episodes, config.seed, out, title,
-                               records=out)
-    results = {name: run_tasks(FindWorker, (name, config, str(out)), seeds, backend=config.backend,
-                               workers=config.workers, threads=config.threads, desc=f"find the object: {name}")
-               for name in names}
+    results = play_agents(FindWorker, lambda name: (name, config, str(out)), names, seeds, config,
+                          desc="find the object")
     return write_results(results, out, title)
 
 
 def evaluate_agents(agents: list, episodes: int, seed: int, out: Path, title: str, progress: bool = True,
                     make_env=MemoryCardsFindEnv, records: Path | None = None) -> list[dict]:
-    """Run ``episodes`` episodes (seeds seed, seed + 1, ...) per agent in this process; write episodes/summary tables,
-    the bar plot and one success and one failure GIF per agent into ``out``; return the summary rows. With
-    ``records`` (checked by ``check_records``), finished episodes are recorded there and not played again."""
-    results = {}
-    for agent in agents:
-        env = make_env()
-        results[agent.name] = [
-            recorded_episode(records, f"{agent.name}_{seed + episode}",
-                             lambda episode=episode: run_episode(env, agent, seed + episode))  # noqa: B023
-            for episode in tqdm(range(episodes), desc=f"find the object: {agent.name}", disable=not progress)]
+    """Run ``episodes`` episodes (seeds seed, seed + 1, ...) of each (already built) agent in this process; write
+    episodes/summary tables, the bar plot and one success and one failure GIF per agent into ``out``; return the
+    summary rows. With ``records`` (checked by ``check_records``), finished episodes are recorded there and not played
+    again."""
+    by_name = {agent.name: agent for agent in agents}
+    results = play_agents(FindWorker, lambda name: (name, None, None if records is None else str(records),
+                                                    by_name[name], make_env),
+                          list(by_name), range(seed, seed + episodes), FanoutSettings(backend="local"),
+                          desc="find the object", progress=progress)
     return write_results(results, out, title)
 
 
 def write_results(results: dict[str, list[tuple[dict, list]]], out: Path, title: str) -> list[dict]:
-    """{agent name: [(episode row, GIF frames) per episode]} -> tables, bar plot, GIFs; the summary rows."""
-    from come_rl.visualize import save_rollout_gif
-
-    rows, summaries = [], []
-    for name, episodes in results.items():
-        agent_rows = [row for row, _ in episodes]
-        gifs = {}
-        for row, gif in episodes:
-            gifs.setdefault(row["success"], gif)
-        rows += agent_rows
-        hits = sum(r["success"] for r in agent_rows)
-        low, high = wilson_interval(hits, len(agent_rows))
-        summaries.append({"agent": name, "episodes": len(agent_rows), "successes": hits,
-                          "success_rate": hits / len(agent_rows), "ci95_low": low, "ci95_high": high,
-                          "tile_distance_to_goal": float(np.mean([r["tile_distance_to_goal"] for r in agent_rows])),
-                          "seconds_per_decision": float(np.mean([r["seconds_per_decision"] for r in agent_rows])),
-                          "memorize_seconds": float(np.mean([r["memorize_seconds"] for r in agent_rows]))})
-        for stale in ("success", "failure"):  # a GIF of an earlier run would pass for this run's
-            (out / f"{name}_{stale}.gif").unlink(missing_ok=True)
-        for success, gif in gifs.items():
-            save_rollout_gif(out / f"{name}_{'success' if success else 'failure'}.gif", [np.stack(gif)])
-    write_table(out / "episodes.csv", rows, md_path=out / "episodes.md", title=title + " (per episode)")
-    write_table(out / "summary.csv", summaries, md_path=out / "summary.md", title=title)
-    _plot(summaries, out / "success.png")
-    return summaries
-
-
-def _plot(summaries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(len(summaries))
-    rates = np.array([s["success_rate"] for s in summaries])
-    err = np.array([[s["success_rate"] - s["ci95_low"] for s in summaries], [s["ci95_high"] - s["success_rate"] for s in summaries]])
-    ax.bar(x, rates, yerr=err, capsize=4, color="tab:blue")
-    ax.axhline(2 / 16, color="k", ls=":", lw=1, label="chance 2/16")
-    ax.set_xticks(x, [s["agent"] for s in summaries])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("success rate (95 % CI)")
-    ax.set_title(f"Memory Cards: find the object ({summaries[0]['episodes']} episodes each)")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """{agent name: [(episode row, GIF frames) per episode]} -> tables, bar plot, GIFs (``come_rl.evaluation``)."""
+    return write_success_results(results, out, title, mean_keys=SUMMARY_MEANS,
+                                 plot_title="Memory Cards: find the object", chance=2 / 16, chance_label="2/16")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,12 +66,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from come_rl.episode_records import check_records, recorded_episode
-from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import tensor_to_frames
-from come_rl.results import wilson_interval, write_table
+from come_rl.evaluation import play_agents, summarize_successes, write_success_results
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.targets import load_planner
 from come_rl.conventions import wrap_angle
@@ -568,6 +567,10 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
                                  places_only=name == "base_places", scoring=config.scoring)
 
 
+# the summary's means over each agent's episodes (NaN-aware)
+SUMMARY_MEANS = ("final_distance", "min_distance", "start_distance", "ate", "rpe", "lpips_to_goal",
+                 "lpips_imagined_real", "seconds_per_decision", "memorize_seconds", "knows_place")
+
 # settings that change no episode's numbers: a rerun into the same out_dir may change them and still resume
 RESUME_FREE_KEYS = ("agents", "episodes", *FANOUT_KEYS, "out_dir", "gifs")
 
@@ -618,94 +621,34 @@ def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
              + "".join(f"; {note}" for note in notes) + f"): `{command}`")
     out = Path(config.out_dir)
     check_records(out, config, RESUME_FREE_KEYS)
-    if config.backend == "local":
-        workers = [ReturnWorker(name, experts.get(name), config, str(out))
-                   for name in names]  # every checkpoint loads first
-        results = {}
-        try:
-            for worker in workers:
-                results[worker.agent.name] = [worker.run(episode) for episode in
-                                              tqdm(range(config.episodes), desc=f"return to a seen place: "
-                                                   f"{worker.agent.name}", disable=not progress)]
-        finally:
-            for worker in workers:
-                worker.close()
-    else:
-        results = {name: run_tasks(ReturnWorker, (name, experts.get(name), config, str(out)), range(config.episodes),
-                                   backend=config.backend, workers=config.workers, threads=config.threads,
-                                   desc=f"return to a seen place: {name}", progress=progress) for name in names}
+    results = play_agents(ReturnWorker, lambda name: (name, experts.get(name), config, str(out)), names,
+                          range(config.episodes), config, desc="return to a seen place", progress=progress)
     return write_results(results, config, out, title)
 
 
 def write_results(results: dict[str, list[tuple[dict, list]]], config: ReturnConfig, out: Path,
                   title: str) -> list[dict]:
-    """{agent name: [(episode row, GIF sequences) per episode]} -> tables, bar plot, GIFs; the summary rows."""
-    from come_rl.visualize import save_rollout_gif
-
-    rows, summaries = [], []
-    for name, episodes in results.items():
-        agent_rows = [row for row, _ in episodes]
-        rows += agent_rows
-        summaries.append(summarize(agent_rows))
-        if config.gifs:
-            gifs = {}
-            for row, gif in episodes:
-                gifs.setdefault(row["success"], gif)
-            for stale in ("success", "failure"):  # a GIF of an earlier run would pass for this run's
-                (out / f"{name}_{stale}.gif").unlink(missing_ok=True)
-            for success, gif in gifs.items():
-                save_rollout_gif(out / f"{name}_{'success' if success else 'failure'}.gif", gif)
-    write_table(out / "episodes.csv", rows, md_path=out / "episodes.md", title=title + " (per episode)")
-    write_table(out / "summary.csv", summaries, md_path=out / "summary.md", title=title)
-    plot(summaries, out / "success.png", config)
-    return summaries
+    """{agent name: [(episode row, GIF sequences) per episode]} -> tables, plot, GIFs (``come_rl.evaluation``)."""
+    return write_success_results(results, out, title, mean_keys=SUMMARY_MEANS, label_keys=("experts",),
+                                 gifs=config.gifs, plot_title="return to a seen place",
+                                 extra_panel=functools.partial(_distance_panel, success_distance=config.success_distance))
 
 
 def summarize(rows: list[dict]) -> dict:
     """One agent's episodes -> success rate with its Wilson 95 % interval and the (NaN-aware) means."""
-    def mean(key: str) -> float:
-        values = [float(r.get(key, math.nan)) for r in rows if not math.isnan(float(r.get(key, math.nan)))]
-        return float(np.mean(values)) if values else math.nan
-
-    hits = sum(r["success"] for r in rows)
-    low, high = wilson_interval(hits, len(rows))
-    return {"agent": rows[0]["agent"], "experts": rows[0]["experts"], "episodes": len(rows), "successes": hits,
-            "success_rate": hits / len(rows), "ci95_low": low, "ci95_high": high,
-            **{key: mean(key) for key in ("final_distance", "min_distance", "start_distance", "ate", "rpe",
-                                          "lpips_to_goal", "lpips_imagined_real", "seconds_per_decision",
-                                          "memorize_seconds", "knows_place")}}
+    return summarize_successes(rows[0]["agent"], rows, SUMMARY_MEANS, ("experts",))
 
 
-def plot(summaries: list[dict], path: Path, config: ReturnConfig) -> None:
-    """Success rate with 95 % intervals (left) and mean final vs start distance (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    x = np.arange(len(summaries))
-    labels = [s["agent"] for s in summaries]
-    rates = np.array([s["success_rate"] for s in summaries])
-    err = np.array([rates - [s["ci95_low"] for s in summaries], [s["ci95_high"] for s in summaries] - rates])
-    left.bar(x, rates, yerr=err, capsize=4, color="tab:blue")
-    left.set_xticks(x, labels)
-    left.set_ylim(0, 1)
-    left.set_ylabel("success rate (95 % CI)")
-    left.set_title(f"return to a seen place ({summaries[0]['episodes']} episodes each)")
-    right.bar(x - 0.2, [s["start_distance"] for s in summaries], 0.4, color="0.7", label="start")
-    right.bar(x + 0.2, [s["final_distance"] for s in summaries], 0.4, color="tab:orange", label="final")
-    right.axhline(config.success_distance, color="k", ls=":", lw=1, label="success radius")
-    right.set_xticks(x, labels)
-    right.set_ylabel("distance to goal (maze cells)")
-    right.set_ylim(0, 1.3 * max([s["start_distance"] for s in summaries] + [s["final_distance"] for s in summaries]))
-    right.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    temporary.replace(path)
+def _distance_panel(ax, summaries: list[dict], success_distance: float) -> None:
+    """Mean start vs final distance to the goal per agent, and the success radius."""
+    x, labels = np.arange(len(summaries)), [s["agent"] for s in summaries]
+    ax.bar(x - 0.2, [s["start_distance"] for s in summaries], 0.4, color="0.7", label="start")
+    ax.bar(x + 0.2, [s["final_distance"] for s in summaries], 0.4, color="tab:orange", label="final")
+    ax.axhline(success_distance, color="k", ls=":", lw=1, label="success radius")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("distance to goal (maze cells)")
+    ax.set_ylim(0, 1.3 * max([s["start_distance"] for s in summaries] + [s["final_distance"] for s in summaries]))
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
 
 
 def main(argv: list[str] | None = None) -> None:

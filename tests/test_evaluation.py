@@ -1,0 +1,63 @@
+"""The success-rate evaluation harness (come_rl.evaluation) on a toy worker: fan-out, summary, tables, GIFs, plot."""
+
+import math
+
+import numpy as np
+import pytest
+
+from come_rl.evaluation import nan_mean, play_agents, summarize_successes, write_success_results
+from come_rl.fanout import FanoutSettings
+from come_rl.results import read_rows, wilson_interval
+
+
+class CoinWorker:
+    """Succeeds on even tasks when ``name`` is 'even', never otherwise; one grey frame per episode as its GIF."""
+
+    closed = []
+
+    def __init__(self, name: str, level: int):
+        self.name, self.level = name, level
+
+    def run(self, task: int):
+        success = self.name == "even" and task % 2 == 0
+        row = {"agent": self.name, "episode": task, "success": success, "steps": float(task),
+               "lpips": math.nan if task == 0 else 0.5}
+        return row, [np.full((8, 8, 3), self.level, np.uint8)] * 2
+
+    def close(self):
+        CoinWorker.closed.append(self.name)
+
+
+def test_play_agents_builds_each_worker_once_and_closes_it():
+    CoinWorker.closed = []
+    results = play_agents(CoinWorker, lambda name: (name, 100), ["even", "never"], range(4),
+                          FanoutSettings(backend="local"), desc="toy", progress=False)
+    assert [row["success"] for row, _ in results["even"]] == [True, False, True, False]
+    assert not any(row["success"] for row, _ in results["never"])
+    assert CoinWorker.closed == ["even", "never"]
+
+
+def test_summary_tables_gifs_and_plot(tmp_path):
+    results = play_agents(CoinWorker, lambda name: (name, 50), ["even", "never"], range(5),
+                          FanoutSettings(backend="local"), desc="toy", progress=False)
+    (tmp_path / "never_success.gif").write_bytes(b"stale")  # an earlier run's GIF must not pass for this run's
+    summaries = write_success_results(results, tmp_path, "toy", mean_keys=("steps", "lpips"), plot_title="toy",
+                                      chance=0.25)
+    even = summaries[0]
+    assert (even["agent"], even["episodes"], even["successes"]) == ("even", 5, 3)
+    assert (even["ci95_low"], even["ci95_high"]) == pytest.approx(wilson_interval(3, 5))
+    assert even["steps"] == pytest.approx(2.0) and even["lpips"] == pytest.approx(0.5)  # NaN of task 0 left out
+    assert (tmp_path / "even_success.gif").is_file() and (tmp_path / "even_failure.gif").is_file()
+    assert not (tmp_path / "never_success.gif").exists() and (tmp_path / "never_failure.gif").is_file()
+    assert (tmp_path / "success.png").stat().st_size > 1000
+    _, rows = read_rows(tmp_path / "episodes.csv")
+    assert len(rows) == 10
+    _, summary_rows = read_rows(tmp_path / "summary.csv")
+    assert [r["successes"] for r in summary_rows] == ["3", "0"]
+
+
+def test_summaries_refuse_an_agent_without_episodes_and_nan_mean_ignores_missing_values():
+    with pytest.raises(ValueError, match="no episodes"):
+        summarize_successes("empty", [])
+    assert math.isnan(nan_mean([{"x": math.nan}, {}], "x"))
+    assert nan_mean([{"x": 1.0}, {"x": 3.0}, {}], "x") == 2.0
