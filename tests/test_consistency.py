@@ -163,13 +163,16 @@ def test_rule_variants_share_the_rows_memorization(tmp_path):
     """A variant is its row's rule with overrides, scored on the same memorized adapters: with no override it gives
     the row's numbers exactly; another LTM contrast gives other frames."""
     checkpoint = tiny_checkpoint(tmp_path / "ckpt")
-    variants = {"ltm_same": {"of": "ltm"}, "ltm_plain": {"of": "ltm", "alphas": {"ltm": 1.0}}}
+    variants = {"ltm_same": {"of": "ltm"}, "ltm_plain": {"of": "ltm", "alphas": {"ltm": 1.0}},
+                "ltm_1step": {"of": "ltm", "sampler_steps": 1}, "ltm_after": {"of": "ltm"}}
     config = ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1, gif=False,
-                               compositions="ltm,ltm_same,ltm_plain", variants=variants,
+                               compositions="ltm,ltm_same,ltm_plain,ltm_1step,ltm_after", variants=variants,
                                out_dir=str(tmp_path / "out"), seed=40000)
     rows = {r["composition"]: r for r in run(config)}
     assert rows["ltm_same"]["lpips_all"] == rows["ltm"]["lpips_all"]
     assert rows["ltm_plain"]["lpips_all"] != rows["ltm"]["lpips_all"]
+    assert rows["ltm_1step"]["lpips_all"] != rows["ltm"]["lpips_all"]  # one denoising step: other frames
+    assert rows["ltm_after"]["lpips_all"] == rows["ltm"]["lpips_all"]  # the run's sampler is back for later rows
     rule = CompositionConfig(experts=["base", "ltm", "stm", "sltm"], alphas={"base": 1.0, "ltm": 2.0, "stm": 1.0},
                              weights={"base": 1.0, "ltm": 1.0, "stm": 3.0, "sltm": 3.0}, pairwise=True,
                              active_from={"ltm": 0.5, "stm": 0.5}, anchor=0.35)
@@ -186,6 +189,7 @@ def test_rule_variants_share_the_rows_memorization(tmp_path):
     ({"v": {"alphas": {"ltm": 3.0}}}, "needs \"of\""),
     ({"v": {"of": "come", "experts": ["base"]}}, "not composition fields"),
     ({"v": {"of": "come", "alpha": 3.0}}, "not composition fields"),
+    ({"v": {"of": "come", "sampler_steps": 0}}, "sampler_steps=0"),
 ])
 def test_bad_variants_are_refused_before_any_work(variants, message):
     with pytest.raises(ValueError, match=message):

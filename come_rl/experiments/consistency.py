@@ -155,7 +155,7 @@ def check_variants(variants: dict | None) -> dict:
     """The ``variants=`` rows, checked: each names the row it varies (``of``, a model row of :data:`COMPOSITIONS`) and
     overrides only CompositionConfig fields other than ``experts``."""
     variants = dict(variants or {})
-    fields = {f.name for f in dataclasses.fields(CompositionConfig)} - {"experts"}
+    fields = ({f.name for f in dataclasses.fields(CompositionConfig)} - {"experts"}) | {"sampler_steps"}
     for name, spec in variants.items():
         if name in COMPOSITIONS:
             raise ValueError(f"variants: {name!r} is already a named row; give the variant another name")
@@ -167,12 +167,21 @@ def check_variants(variants: dict | None) -> dict:
         if unknown:
             raise ValueError(f"variants: {name!r} overrides {unknown}, which are not composition fields; choose from "
                              f"{sorted(fields)} (the experts come from its \"of\" row)")
+        steps = spec.get("sampler_steps", 1)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"variants: {name!r} has sampler_steps={steps!r}; give an integer >= 1 (denoising steps "
+                             f"per imagined frame)")
     return variants
 
 
 def row_spec(name: str, variants: dict | None = None) -> tuple[tuple[str, ...], str]:
     """(experts, kind) of a named row or of a variant (its ``of`` row's)."""
     return COMPOSITIONS[variants[name]["of"]] if variants and name in variants else COMPOSITIONS[name]
+
+
+def row_sampler_steps(name: str, variants: dict | None = None) -> int | None:
+    """The denoising steps a variant row samples with (``"sampler_steps"`` in its spec), None: the run's."""
+    return (variants or {}).get(name, {}).get("sampler_steps")
 
 
 def parse_compositions(text: str, variants: dict | None = None) -> list[str]:
@@ -192,6 +201,7 @@ def composition_for(name: str, checkpoint_rule: CompositionConfig, anchor: float
     leave it off. A variant (``variants``) is its ``of`` row's composition with its overrides."""
     if variants and name in variants:
         spec = dict(variants[name])
+        spec.pop("sampler_steps", None)  # the row's sampler, not its rule (row_sampler_steps)
         rule = dataclasses.asdict(composition_for(spec.pop("of"), checkpoint_rule, anchor, anchor_degrees))
         for key, value in spec.items():
             rule[key] = {**(rule.get(key) or {}), **value} if isinstance(value, dict) else value
@@ -336,7 +346,7 @@ class ConsistencyWorker:
                                       composition=dict(config.composition) or None)
         except FileNotFoundError as error:
             raise _missing_expert_error(config, [role for role in ("stm", "sltm") if role in experts], error) from error
-        self.rule = self.wm.composition
+        self.rule, self.sampler = self.wm.composition, self.wm.sampler
         if config.poses == "odometry" and self.wm.pose_model is None:
             raise ValueError(f"poses=odometry, but checkpoint {config.checkpoint} has no odometry head "
                              f"(odometry.json / odometry.safetensors); train one with python -m come_rl.odometry, or "
@@ -394,6 +404,8 @@ class ConsistencyWorker:
                     start = time.time()  # the imagination's seconds, memorization reported apart
                 if cfg.poses == "recorded":
                     wm.pose_model = RecordedPoses(poses[c:c + h])
+                steps = row_sampler_steps(name, cfg.variants)
+                wm.sampler = self.sampler if steps is None else dataclasses.replace(self.sampler, steps=steps)
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
                 anchored = int(wm.last_anchored.sum())
             per_frame = score_frames(imagined, real, self.lpips)
