@@ -563,7 +563,9 @@ def run(config: ConsistencyConfig) -> list[dict]:
     records = out / "episode_records"
     settings = dataclasses.asdict(config)
     settings_path = out / "consistency_config.json"
-    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif", "backend", "workers")}
+    # settings that change no episode's rows: a rerun may change them and resume (episode i is the same episode
+    # whatever the count: a run may be extended, or cut short and its first episodes tabled)
+    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif", "backend", "workers", "episodes")}
     if settings_path.exists():
         before = json.loads(settings_path.read_text())
         if before != resumable:
