@@ -121,6 +121,20 @@ def test_the_decision_benchmark_splits_a_default_decision_and_compares_precision
         bench_decision(DecisionBenchConfig(reference_tree=str(tmp_path), out_dir=str(tmp_path)))
 
 
+def test_the_decision_steps_benchmark_times_each_step_count_in_one_run(tmp_path):
+    from come_rl.bench.decision import DecisionStepsBenchConfig, bench_decision_steps
+
+    rows = bench_decision_steps(DecisionStepsBenchConfig(steps="1,2", population=4, elites=2, horizon=2, decisions=1,
+                                                         out_dir=str(tmp_path)))
+    assert [row["denoising_steps"] for row in rows] == [1, 2]
+    assert rows[0]["decision_x_1_steps"] == 1.0 and rows[1]["median_decision_s"] > 0
+    assert "by denoising steps" in (tmp_path / "decision_steps.md").read_text()
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        bench_decision_steps(DecisionStepsBenchConfig(steps="1,x", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="integers >= 1"):
+        bench_decision_steps(DecisionStepsBenchConfig(steps="0", out_dir=str(tmp_path)))
+
+
 def test_the_world_model_benchmark_refuses_a_maze_checkpoint_naming_the_fix():
     from come_rl.bench.common import filled_cards_model
 

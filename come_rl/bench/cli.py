@@ -16,6 +16,7 @@ BENCHMARKS = {
     "long_episode": ("long_episode", "bench_long_episode", "LongEpisodeBenchConfig"),
     "dit": ("dit", "bench_dit", "DitBenchConfig"),
     "decision": ("decision", "bench_decision", "DecisionBenchConfig"),
+    "decision_steps": ("decision", "bench_decision_steps", "DecisionStepsBenchConfig"),
 }
 SUBCOMMANDS = tuple(BENCHMARKS)
 

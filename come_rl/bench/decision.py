@@ -199,3 +199,66 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
                       + (f"; skipped: {skipped} (no bfloat16 kernels)" if skipped else "")
                       + "; `python -m come_rl.bench decision`)")
     return rows
+
+
+@dataclass
+class DecisionStepsBenchConfig:
+    checkpoint: str = "memory_maze"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    steps: str = "1,2,4,10"
+    """denoising steps per imagined frame, comma-separated; 4 is the default run's (model/memory_maze.yaml)."""
+    population: int = 24
+    elites: int = 4
+    iterations: int = 1
+    horizon: int = 4
+    decisions: int = 5
+    """timed decisions per step count (rounds alternate the step counts, after one warm-up round)."""
+    threads: int = 1
+    out_dir: str = "results/bench"
+
+
+def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
+    """The default run's CEM decision (fp32, base + LTM after memorization) at each denoising step count, alternated
+    in one run: seconds per decision and their ratio to the default's 4 steps (the step count's quality is measured
+    apart: ``come_rl.experiments.steps_curve``, ``come_rl.experiments.consistency``)."""
+    from come_rl.checkpoint import resolve_checkpoint
+    from come_rl.diffusion import SamplerConfig
+    from come_rl.metrics.lpips_metric import get_lpips
+    from come_rl.results import write_table
+    from come_rl.targets import load_planner
+    from planners.objectives import LPIPSGoalObjective
+
+    try:
+        counts = [int(s) for s in str(config.steps).split(",") if s.strip()]
+    except ValueError as error:
+        raise ValueError(f"steps={config.steps!r}: give comma-separated integers >= 1, e.g. steps=1,2,4,10") from error
+    if not counts or min(counts) < 1 or config.decisions < 1:
+        raise ValueError(f"steps={config.steps!r} must be integers >= 1 and decisions >= 1, got {config.decisions}")
+    torch.set_num_threads(int(config.threads))
+    directory = resolve_checkpoint(config.checkpoint)
+    model, goal = default_decision_model(directory, counts[0])
+    lpips = get_lpips(device="cpu")
+    times: dict[int, list[float]] = {k: [] for k in counts}
+    for round_ in tqdm(range(config.decisions + 1), desc="decision by denoising steps, rounds"):
+        for k in counts:
+            model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
+            planner = load_planner("cem", seed=round_, population=config.population, elites=config.elites,
+                                   iterations=config.iterations)
+            objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+            start = time.perf_counter()
+            planner.plan(objective, model.action_spec, config.horizon)
+            if round_:
+                times[k].append(time.perf_counter() - start)
+    reference = 4 if 4 in counts else counts[0]
+    rows = [{"denoising_steps": k, "decisions": config.decisions, "population": config.population,
+             "horizon": config.horizon, "threads": config.threads,
+             "median_decision_s": float(np.median(times[k])),
+             f"decision_x_{reference}_steps": float(np.median(times[k]) / np.median(times[reference]))}
+            for k in counts]
+    out = Path(config.out_dir)
+    write_table(out / "decision_steps.csv", rows, md_path=out / "decision_steps.md",
+                title=f"One CEM decision of the default run by denoising steps ({directory.name}, base + LTM after "
+                      f"memorization, fp32, population {config.population} x horizon {config.horizon}, "
+                      f"{config.threads} thread(s); medians of {config.decisions} decisions, step counts alternated in "
+                      f"one run; `python -m come_rl.bench decision_steps steps={config.steps}`)")
+    return rows
