@@ -157,6 +157,12 @@ def test_the_consistency_command_writes_its_table(tmp_path):
     assert [r["lpips_all"] for r in again] == [r["lpips_all"] for r in rows]
     with pytest.raises(ValueError, match="other settings"):
         run(ConsistencyConfig(**dict(config.__dict__, horizon=4)))
+    # The episode count is not a setting of any episode: a run may be extended (episode 0 is read back, not replayed)
+    # or cut short and tabled; the table's command names the count.
+    longer = run(ConsistencyConfig(**dict(config.__dict__, episodes=2)))
+    assert [r["lpips_all"] for r in longer[:3]] == [r["lpips_all"] for r in rows] and len(longer) == 6
+    assert "episodes=2 " in (tmp_path / "out" / "consistency.md").read_text()
+    assert [r["lpips_all"] for r in run(config)] == [r["lpips_all"] for r in rows]
 
 
 def test_rule_variants_share_the_rows_memorization(tmp_path):

@@ -603,7 +603,7 @@ def run(config: ConsistencyConfig) -> list[dict]:
              f"frames observed and memorized, {config.horizon} imagined open loop; mean ± 95 % t interval over "
              f"episodes; revisit = real pose within {config.revisit_distance} cell and {config.revisit_degrees:g} "
              f"degrees of a memorized pose. `python -m come_rl.experiments.consistency "
-             + " ".join(f"{k}={v}" for k, v in resumable.items()) + "`")
+             + " ".join(f"{k}={v}" for k, v in settings.items() if k in resumable or k == "episodes") + "`")
     write_table(out / "consistency.csv", rows)
     plot_per_frame(rows, names, out / "consistency_lpips.png", title)
     write_table(out / "consistency_summary.csv", summary_rows(rows, names), md_path=out / "consistency.md", title=title)
