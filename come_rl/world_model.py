@@ -327,17 +327,21 @@ class WorldModel:
                     levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
                     if levels:  # its past frames lag: h of them are imagined (come_rl.experts.retrieval)
                         conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
-            seed_x0 = None
-            if anchor > 0 and self.composition.anchor_seed > 0:  # a revisit: sampled from the memorized view
+            seed_x0, view = None, None
+            if anchor > 0:  # a revisit: the memorized view seen nearest the next pose, gathered once for this step
                 index, close = self._anchor_match(memory_poses, next_pose)
+                self.last_anchored[:, h] = close.cpu()
                 if bool(close.any()):
-                    seed_x0 = (self.memory.gather(index).to(frames), close, self.composition.anchor_seed)
+                    view = self.memory.gather(index).to(frames)
+                    if self.composition.anchor_seed > 0:  # the frame itself is sampled from that view
+                        seed_x0 = (view, close, self.composition.anchor_seed)
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device, seed_x0=seed_x0).clamp(-1.0, 1.0)
             outputs.append(next_frame)
-            if anchor > 0:  # a revisit: the next steps see the memorized view instead of the sampled frame
-                next_frame = self._anchor(next_frame, memory_poses, next_pose, h)
+            if view is not None:  # a revisit: the next steps see the memorized view instead of the sampled frame
+                next_frame = torch.where(close.to(next_frame.device)[:, None, None, None], view.to(next_frame),
+                                         next_frame)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
             if tracks_poses:
@@ -345,17 +349,6 @@ class WorldModel:
         self.last_network_calls = composer.network_calls
         self.last_poses = torch.stack(imagined_poses, dim=1) if tracks_poses else None
         return torch.stack(outputs, dim=1)
-
-    def _anchor(self, frame: torch.Tensor, memory_poses: torch.Tensor, pose: torch.Tensor, step: int) -> torch.Tensor:
-        """``frame`` (B, C, H, W) with the rows whose ``pose`` (B, 3) lies within ``composition.anchor`` cells and
-        ``anchor_degrees`` of a memorized pose replaced by the nearest such memorized frame; marks them in
-        ``last_anchored``."""
-        index, close = self._anchor_match(memory_poses, pose)
-        self.last_anchored[:, step] = close.cpu()
-        if not bool(close.any()):
-            return frame
-        view = self.memory.gather(index).to(frame)
-        return torch.where(close.to(frame.device)[:, None, None, None], view, frame)
 
     def _anchor_match(self, memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (B,), close (B,)): the memorized pose nearest ``pose`` (B, 3) within ``composition.anchor`` cells and
