@@ -35,8 +35,10 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 
 from come_rl.experts.expert import DiffusionExpert
 
@@ -440,3 +442,63 @@ def build_composer(config: CompositionConfig, experts: dict[str, DiffusionExpert
                                 config.active_below.get(role, float("inf"))))
     return (ReferenceComposer if reference else Composer)(terms, normalize=config.normalize, pairwise=config.pairwise,
                                                           combine=config.combine)
+
+
+COMPOSITIONS_CONF_DIR = Path(__file__).resolve().parent / "conf" / "compositions"
+
+
+@dataclass(frozen=True)
+class NamedCompositions:
+    """Named rules of one study, written once in ``come_rl/conf/compositions/<name>.yaml``: ``rules`` (name ->
+    :class:`CompositionConfig` fields), ``sets`` (a word -> names), and the names of the shipped rule and the
+    no-memory rule."""
+
+    source: Path
+    rules: dict[str, dict]
+    sets: dict[str, list[str]]
+    shipped: str
+    no_memory: str
+
+    def config(self, name: str) -> CompositionConfig:
+        return CompositionConfig(**self.rules[name])
+
+    def resolve(self, spec: str) -> list[str]:
+        """A set name, one rule name, or names separated by ";" (names may contain commas) -> rule names."""
+        if spec in self.sets:
+            names = list(self.sets[spec])
+        elif spec in self.rules:
+            names = [spec]
+        else:
+            names = [name.strip() for name in spec.split(";") if name.strip()]
+        unknown = [name for name in names if name not in self.rules]
+        if unknown or not names:
+            raise ValueError(f"unknown compositions {unknown}; use a set ({', '.join(self.sets)}) or names from "
+                             f"{list(self.rules)} ({self.source})")
+        return names
+
+
+def load_named_compositions(name: str | Path) -> NamedCompositions:
+    """``come_rl/conf/compositions/<name>.yaml`` (or a path to such a file), every rule checked by building its
+    :class:`CompositionConfig`, every set and the shipped / no-memory names checked against the rules."""
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else COMPOSITIONS_CONF_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in COMPOSITIONS_CONF_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no composition file {path}; named sets: {known}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(spec, dict) or not isinstance(spec.get("compositions"), dict):
+        raise ValueError(f"{path} must hold a mapping `compositions: {{name: {{CompositionConfig fields}}}}`")
+    rules = {str(key): dict(value) for key, value in spec["compositions"].items()}
+    for key, value in rules.items():
+        try:
+            CompositionConfig(**value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: composition {key!r} is not a valid CompositionConfig: {error}") from error
+    sets = {str(key): list(value) for key, value in (spec.get("sets") or {}).items()}
+    named = [*(n for names in sets.values() for n in names), spec.get("shipped", ""), spec.get("no_memory", "")]
+    unknown = sorted({n for n in named if n and n not in rules})
+    if unknown:
+        raise ValueError(f"{path}: sets / shipped / no_memory name compositions it does not define: {unknown}")
+    return NamedCompositions(path, rules, sets, str(spec.get("shipped", "")), str(spec.get("no_memory", "")))

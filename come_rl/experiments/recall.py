@@ -34,73 +34,20 @@ from come_rl.fanout import FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.cli_args import parse_cli
+from come_rl.composition import load_named_compositions
 from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE, MemoryCardsEnv, cursor_pose_model, path_to_tile, zigzag_recall_actions
 
 STRICT_THRESHOLD = 2e-5
 
 
-def _poce(w: float, **extra) -> dict:
-    # With the LTM's baseline = the base's conditional pass and normalize=True, alpha = 2 w gives the authors' rule
-    # eps = eps_base + w (eps_ltm - eps_base).
-    alphas = dict({"base": 1.0, "ltm": 2.0 * w}, **extra.pop("alphas", {}))
-    return dict(dict(experts=["base", "ltm"], normalize=True, ltm_baseline="base"), alphas=alphas, **extra)
-
-
-COMPOSITIONS = {
-    "no memory (base)": dict(experts=["base"]),
-    "LTM alone": _poce(1.0),
-    "PoE base x LTM": _poce(0.5),
-    "PoCE w=1.5": _poce(1.5),
-    "PoCE w=2": _poce(2.0),
-    "PoCE w=2.5": _poce(2.5),
-    "PoCE w=3": _poce(3.0),
-    # The LTM only at high noise levels: it sets the content (which object), the base draws the details. The shipped
-    # default gates at t >= 0.8 (memorized at t in [0.5, 1]); t >= 0.9 went with the earlier U[0.95, 1] memorization.
-    "LTM alone, gated t>=0.9": _poce(1.0, active_from={"ltm": 0.9}),
-    "PoCE w=2.5, gated t>=0.9": _poce(2.5, active_from={"ltm": 0.9}),
-    "PoCE w=4, gated t>=0.9": _poce(4.0, active_from={"ltm": 0.9}),
-    "PoCE w=2.5, gated t>=0.8": _poce(2.5, active_from={"ltm": 0.8}),
-    "PoCE w=4, gated t>=0.8": _poce(4.0, active_from={"ltm": 0.8}),
-    # The full composition: the LTM's contrastive term beside the STM's and SLTM's (alpha 2 against their own
-    # unconditional modes), all normalised; and the same without the LTM (what the short-term experts recall alone).
-    "base+STM+SLTM (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
-                                   normalize=True),
-    "CoME (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
-                                                          alphas={"stm": 2.0, "sltm": 2.0}, active_from={"ltm": 0.8}),
-    # Normalised over 4 terms, an LTM alpha of 2 w gives the LTM's contrast only w / 2 (eps = eps_base + alpha / n
-    # (eps_ltm - eps_base) + ... when the STM and SLTM predict near the base); alpha = 4 w keeps the w of the 2-term rule.
-    "CoME, LTM contrast kept (alpha 4w, w=2.5, gated t>=0.8) + STM + SLTM": _poce(
-        2.5, experts=["base", "ltm", "stm", "sltm"], alphas={"ltm": 10.0, "stm": 2.0, "sltm": 2.0},
-        active_from={"ltm": 0.8}),
-    # Each expert adds to the base what it adds with the base alone (CompositionConfig.pairwise): the LTM keeps w = 2.5,
-    # the STM and SLTM their alpha-2 contrasts, with no re-tuned alpha.
-    "CoME pairwise (PoCE w=2.5, gated t>=0.8 + STM + SLTM)": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
-                                                                   alphas={"stm": 2.0, "sltm": 2.0},
-                                                                   active_from={"ltm": 0.8}, pairwise=True),
-    # The cheaper CoME: the STM and SLTM as plain factors (alpha 1: no unconditional rows, 4 instead of 6 batch rows of
-    # network work per denoising step).
-    "CoME pairwise, STM and SLTM alpha 1": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
-                                                  alphas={"stm": 1.0, "sltm": 1.0}, active_from={"ltm": 0.8},
-                                                  pairwise=True),
-    # Split gates: the LTM's pair (base + LTM) at t >= 0.8, the STM and SLTM (alpha 1) below it, where the base's
-    # coefficient is 0: two network rows at every denoising step (CoME at 2x the base instead of 2.6x).
-    "CoME split: LTM t>=0.8, STM and SLTM alpha 1 below": _poce(2.5, experts=["base", "ltm", "stm", "sltm"],
-                                                                 alphas={"stm": 1.0, "sltm": 1.0},
-                                                                 active_from={"ltm": 0.8},
-                                                                 active_below={"stm": 0.8, "sltm": 0.8}, pairwise=True),
-    "base+STM+SLTM pairwise (no LTM)": dict(experts=["base", "stm", "sltm"], alphas={"base": 1.0, "stm": 2.0, "sltm": 2.0},
-                                            normalize=True, pairwise=True),
-}
-COMPOSITION_SETS = {
-    "sweep": ["no memory (base)", "LTM alone", "PoCE w=1.5", "PoCE w=2.5, gated t>=0.9", "PoCE w=2.5, gated t>=0.8"],
-    "ltm": [name for name in COMPOSITIONS if "STM" not in name],
-    # what the issue asks for: no memory, LTM, PoE, PoCE w = 1.5..3, the shipped gated PoCE, and with the STM + SLTM
-    "all": [name for name in COMPOSITIONS if "t>=0.9" not in name and "w=4" not in name],
-}
-NO_MEMORY = "no memory (base)"
-SHIPPED_DEFAULT = "PoCE w=2.5, gated t>=0.8"  # the composition in come_rl/checkpoints/memory_cards/world_model.json
-NEEDS_NO_MEMORIZATION = {NO_MEMORY, "base+STM+SLTM (no LTM)", "base+STM+SLTM pairwise (no LTM)"}
+# The study's named rules live in come_rl/conf/compositions/memory_cards_recall.yaml (one file, checked on load).
+NAMED = load_named_compositions("memory_cards_recall")
+COMPOSITIONS, COMPOSITION_SETS = NAMED.rules, NAMED.sets
+NO_MEMORY = NAMED.no_memory
+SHIPPED_DEFAULT = NAMED.shipped  # the composition in come_rl/checkpoints/memory_cards/world_model.json
+NEEDS_NO_MEMORIZATION = {name for name, rule in COMPOSITIONS.items()
+                         if "ltm" not in rule["experts"] and not rule.get("sltm_memorizes", False)}
 
 
 @dataclass
@@ -142,17 +89,7 @@ def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, r
 
 def resolve_compositions(spec: str) -> list[str]:
     """A set name, one composition name, or names separated by ";" (names may contain commas)."""
-    if spec in COMPOSITION_SETS:
-        names = COMPOSITION_SETS[spec]
-    elif spec in COMPOSITIONS:
-        names = [spec]
-    else:
-        names = [name.strip() for name in spec.split(";") if name.strip()]
-    unknown = [name for name in names if name not in COMPOSITIONS]
-    if unknown or not names:
-        raise ValueError(f"unknown compositions {unknown}; use a set ({', '.join(COMPOSITION_SETS)}) or names from "
-                         f"{list(COMPOSITIONS)}")
-    return names
+    return NAMED.resolve(spec)
 
 
 def validate(config: RecallConfig) -> tuple[list[int], list[str], list[str]]:
