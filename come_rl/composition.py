@@ -402,6 +402,19 @@ class CompositionConfig:
     """with ``anchor``, the noise level t0 in (0, 1) from which a frame whose pose matches a memorized one is sampled
     from that memorized view (SDEdit: at t0 the sample is replaced by alpha_t0 * view + sigma_t0 * its initial noise,
     and the experts denoise the rest); not in the paper. 0: off (the matched view only enters the context after)."""
+    anchor_pose: bool = False
+    """with ``anchor``, a re-anchored frame enters the pose track with the pose it was memorized at, not the pose model's
+    estimate (a loop closure: the odometry's drift is reset where the rollout is known to be). False: the estimate."""
+    anchor_appearance: float = 0.0
+    """with ``anchor``, also re-anchor where the sampled frame looks like a memorized view seen near the imagined pose:
+    among the memorized poses within ``anchor_search`` cells and ``anchor_search_degrees`` of heading, the view whose
+    4x4-average-pooled image is nearest the sampled frame's (mean squared error of [-1, 1] pixels), when that error is
+    <= ``anchor_appearance``. A wider pose window than ``anchor``'s, where appearance rules out the views of another
+    part of the scene. 0: off (pose alone decides)."""
+    anchor_search: float = 1.0
+    """cells: the pose window of ``anchor_appearance``."""
+    anchor_search_degrees: float = 45.0
+    """degrees: the pose window of ``anchor_appearance``."""
 
     def __post_init__(self) -> None:
         unknown = set(self.experts) - set(EXPERT_ROLES)
@@ -424,6 +437,15 @@ class CompositionConfig:
         if not 0.0 <= self.anchor_seed < 1.0 or (self.anchor_seed > 0 and not self.anchor > 0):
             raise ValueError(f"anchor_seed must be a noise level in [0, 1) (0: off) and needs anchor > 0, got "
                              f"anchor_seed={self.anchor_seed}, anchor={self.anchor}")
+        if not (self.anchor_appearance >= 0.0 and math.isfinite(self.anchor_appearance)) or (
+                self.anchor_appearance > 0 and not self.anchor > 0):
+            raise ValueError(f"anchor_appearance must be a mean squared error >= 0 (0: off) and needs anchor > 0, got "
+                             f"anchor_appearance={self.anchor_appearance}, anchor={self.anchor}")
+        if self.anchor_pose and not self.anchor > 0:
+            raise ValueError("anchor_pose needs anchor > 0 (it sets the pose of a re-anchored frame)")
+        if not (self.anchor_search > 0 and math.isfinite(self.anchor_search)) or not 0.0 < self.anchor_search_degrees <= 180.0:
+            raise ValueError(f"anchor_search must be > 0 cells and anchor_search_degrees in (0, 180], got "
+                             f"{self.anchor_search}, {self.anchor_search_degrees}")
         for role, distance in self.retrieval_gate.items():
             if role not in EXPERT_ROLES or role == "base" or not distance > 0:
                 raise ValueError(f"retrieval_gate of {role!r}: need a memory expert and a distance > 0, got {distance}")

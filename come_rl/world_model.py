@@ -42,6 +42,12 @@ PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """pose_model(poses (B, 3), actions (B, A)) -> next poses (B, 3): how imagined actions move the agent (SLTM)."""
 
 
+
+def _thumbnails(frames: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) frames -> (N, C * H / 4 * W / 4) float: each frame 4x4-average-pooled (the appearance that
+    re-anchoring compares: layout and colours, not texture)."""
+    return torch.nn.functional.avg_pool2d(frames.float(), 4).flatten(1)
+
 class WorldModel:
     """See the module docstring. Build it with :meth:`load` or from experts directly."""
 
@@ -295,6 +301,9 @@ class WorldModel:
         if retrievers or anchor > 0:  # the frames are gathered by index: only the retrieved ones copied
             memory_poses = self.memory.poses.float()
         self.last_anchored = torch.zeros(batch, horizon, dtype=torch.bool, device="cpu")
+        appearance = self.composition.anchor_appearance if anchor > 0 else 0.0
+        if appearance > 0:  # every memorized view, pooled 4x4, once per call: what a sampled frame is compared with
+            thumbs = _thumbnails(self.memory.frames.to(device))
         outputs = []
         for h in range(horizon):
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
@@ -330,7 +339,6 @@ class WorldModel:
             seed_x0, view = None, None
             if anchor > 0:  # a revisit: the memorized view seen nearest the next pose, gathered once for this step
                 index, close = self._anchor_match(memory_poses, next_pose)
-                self.last_anchored[:, h] = close.cpu()
                 if bool(close.any()):
                     view = self.memory.gather(index).to(frames)
                     if self.composition.anchor_seed > 0:  # the frame itself is sampled from that view
@@ -339,9 +347,21 @@ class WorldModel:
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device, seed_x0=seed_x0).clamp(-1.0, 1.0)
             outputs.append(next_frame)
+            if appearance > 0:  # a revisit seen in the sampled frame: a nearby memorized view that looks like it
+                looked, looks = self._appearance_match(memory_poses, thumbs, next_pose, next_frame, appearance)
+                looks &= ~close.to(looks.device)
+                if bool(looks.any()):
+                    index = torch.where(looks.to(index.device), looked.to(index.device), index)
+                    close = close | looks.to(close.device)
+                    view = self.memory.gather(index).to(frames)
+            if anchor > 0:
+                self.last_anchored[:, h] = close.cpu()
             if view is not None:  # a revisit: the next steps see the memorized view instead of the sampled frame
                 next_frame = torch.where(close.to(next_frame.device)[:, None, None, None], view.to(next_frame),
                                          next_frame)
+                if self.composition.anchor_pose:  # ... seen from the pose it was memorized at (a loop closure)
+                    next_pose = torch.where(close.to(next_pose.device)[:, None],
+                                            memory_poses[index.to(memory_poses.device)].to(next_pose), next_pose)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
             if tracks_poses:
@@ -360,6 +380,21 @@ class WorldModel:
         score = torch.where(within, position / self.composition.anchor + turn / math.radians(
             self.composition.anchor_degrees), torch.full_like(position, float("inf")))
         return score.argmin(-1), within.any(-1)
+
+    def _appearance_match(self, memory_poses: torch.Tensor, thumbs: torch.Tensor, pose: torch.Tensor,
+                          frame: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (B,), looks (B,)): among the memorized poses within ``anchor_search`` cells and
+        ``anchor_search_degrees`` of ``pose`` (B, 3), the view whose thumbnail is nearest ``frame``'s (B, C, H, W),
+        and whether its mean squared error is <= ``threshold``."""
+        pose = pose.float().to(memory_poses.device)
+        position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)  # (B, N)
+        turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+        window = (position <= self.composition.anchor_search) & (
+            turn <= math.radians(self.composition.anchor_search_degrees))
+        error = (_thumbnails(frame)[:, None] - thumbs[None]).pow(2).mean(-1).to(window.device)  # (B, N)
+        error = torch.where(window, error, torch.full_like(error, float("inf")))
+        best, index = error.min(-1)
+        return index, best <= threshold
 
     def _next_pose(self, poses: torch.Tensor, action: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """The pose model's pose after ``action`` (B, A) from the last of ``poses`` (B, L, 3); a pose model that

@@ -117,3 +117,76 @@ def test_the_consistency_table_has_re_anchored_rows(tmp_path):
     assert by_name["base_anchor"]["lpips_all"] != by_name["base"]["lpips_all"]
     with pytest.raises(ValueError, match="anchor must be > 0"):
         run(dataclasses.replace(config, anchor=0.0))
+
+
+def _observe_and_imagine(base, composition: CompositionConfig, memorized: list, imagined_pose, horizon: int = 2,
+                         pose_model=None):
+    """Observe ``memorized`` [(value, pose)] then three context frames far away (values -0.2..0, poses near (1, 1));
+    every imagined frame is posed at ``imagined_pose`` unless a ``pose_model`` is given."""
+    if pose_model is None:
+        pose = torch.tensor(imagined_pose, dtype=torch.float32)
+
+        def pose_model(poses, actions):
+            return pose.expand(poses.shape[0], 3)
+    wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=composition, sampler=SamplerConfig(steps=4),
+                    pose_model=pose_model)
+    wm.reset()
+    seen = [*memorized, *((0.1 * i - 0.2, [1.0 + i, 1.0, 0.0]) for i in range(3))]
+    for i, (value, p) in enumerate(seen):
+        wm.observe(torch.full((3, 64, 64), float(value)), None if i == 0 else ACTION, p)
+    frames = wm.imagine(ACTION[None, None].expand(2, horizon, 6), seed=0)
+    return frames, wm.last_anchored.clone(), wm.last_poses.clone()
+
+
+def test_anchor_appearance_re_anchors_on_the_nearby_view_that_looks_like_the_sampled_frame():
+    """Two views lie in the wider pose window and none within the pose tolerance: the one that looks like the sampled
+    frame (grey, as this near-zero model samples) is chosen, not the bright one; a strict threshold chooses none."""
+    base = _base()
+    rule = dict(experts=["base"], anchor=0.1, anchor_search=1.0, anchor_search_degrees=45.0)
+    pose = [5.25, 5.0, 0.0]
+    plain, marks, _ = _observe_and_imagine(base, CompositionConfig(**rule), [(0.9, [5.0, 5.0, 0.0]),
+                                                                             (0.0, [5.5, 5.0, 0.0])], pose)
+    assert not bool(marks.any())  # 0.25 cell from each: outside the pose tolerance of 0.1
+    both, marks, _ = _observe_and_imagine(base, CompositionConfig(**rule, anchor_appearance=10.0),
+                                          [(0.9, [5.0, 5.0, 0.0]), (0.0, [5.5, 5.0, 0.0])], pose)
+    assert bool(marks.all())
+    grey_only, _, _ = _observe_and_imagine(base, CompositionConfig(**rule, anchor_appearance=10.0),
+                                           [(0.9, [9.0, 9.0, 0.0]), (0.0, [5.5, 5.0, 0.0])], pose)
+    bright_only, _, _ = _observe_and_imagine(base, CompositionConfig(**rule, anchor_appearance=10.0),
+                                             [(0.9, [5.0, 5.0, 0.0]), (0.0, [9.5, 9.0, 0.0])], pose)
+    assert torch.equal(both, grey_only)  # the grey view was chosen ...
+    assert not torch.allclose(both[:, 1], bright_only[:, 1], atol=1e-4)  # ... which differs from the bright one
+    assert not torch.allclose(both[:, 1], plain[:, 1], atol=1e-4)
+    assert torch.equal(both[:, 0], plain[:, 0])  # the frame returned is the sampled one
+    strict, marks, _ = _observe_and_imagine(base, CompositionConfig(**rule, anchor_appearance=1e-9),
+                                            [(0.9, [5.0, 5.0, 0.0]), (0.0, [5.5, 5.0, 0.0])], pose)
+    assert not bool(marks.any()) and torch.equal(strict, plain)
+    narrow, marks, _ = _observe_and_imagine(base, CompositionConfig(**dict(rule, anchor_search=0.2),
+                                                                    anchor_appearance=10.0),
+                                            [(0.9, [5.0, 5.0, 0.0]), (0.0, [5.5, 5.0, 0.0])], pose)
+    assert not bool(marks.any()) and torch.equal(narrow, plain)  # no view within 0.2 cell
+    with pytest.raises(ValueError, match="anchor_appearance"):
+        CompositionConfig(experts=["base"], anchor_appearance=0.1)  # no anchor
+    with pytest.raises(ValueError, match="anchor_search"):
+        CompositionConfig(experts=["base"], anchor=0.3, anchor_search=0.0)
+
+
+def test_anchor_pose_puts_the_memorized_pose_into_the_pose_track():
+    """A pose model that steps +0.2 in x from the last pose: after a re-anchored step, the next pose is stepped from
+    the memorized pose (a loop closure) with anchor_pose, from the estimate without."""
+    base = _base()
+    step = torch.tensor([0.2, 0.0, 0.0])
+
+    def stepper(poses, actions):
+        return poses + step
+
+    memorized = [(0.5, [3.3, 1.0, 0.0])]  # the last context pose is (3, 1, 0): the first imagined one is (3.2, 1, 0)
+    rule = dict(experts=["base"], anchor=0.15)
+    _, marks, estimate = _observe_and_imagine(base, CompositionConfig(**rule), memorized, None, pose_model=stepper)
+    assert marks[:, 0].all() and torch.allclose(estimate[:, 1], torch.tensor([3.4, 1.0, 0.0]).expand(2, 3))
+    _, marks, closed = _observe_and_imagine(base, CompositionConfig(**rule, anchor_pose=True), memorized, None,
+                                            pose_model=stepper)
+    assert marks[:, 0].all() and torch.allclose(closed[:, 1], torch.tensor([3.5, 1.0, 0.0]).expand(2, 3))
+    assert torch.allclose(closed[:, 0], estimate[:, 0])  # the pose reported for the anchored frame is the estimate
+    with pytest.raises(ValueError, match="anchor_pose"):
+        CompositionConfig(experts=["base"], anchor_pose=True)
