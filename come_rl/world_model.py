@@ -43,6 +43,16 @@ PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 
+def _rigid_shift(track: torch.Tensor, pose: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The (B, L, 3) pose ``track`` moved by the rigid motion (rotation about ``pose``'s position by the heading
+    difference, then translation) that takes ``pose`` (B, 3) to ``target`` (B, 3): relative motions are unchanged."""
+    turn = torch.remainder(target[:, 2] - pose[:, 2] + math.pi, 2 * math.pi) - math.pi  # (B,)
+    cos, sin = torch.cos(turn)[:, None], torch.sin(turn)[:, None]
+    dx, dy = track[..., 0] - pose[:, None, 0], track[..., 1] - pose[:, None, 1]
+    return torch.stack([target[:, None, 0] + cos * dx - sin * dy, target[:, None, 1] + sin * dx + cos * dy,
+                        track[..., 2] + turn[:, None]], dim=-1)
+
+
 def _thumbnails(frames: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) frames -> (N, C * H / 4 * W / 4) float: each frame 4x4-average-pooled (the appearance that
     re-anchoring compares: layout and colours, not texture)."""
@@ -359,9 +369,13 @@ class WorldModel:
             if view is not None:  # a revisit: the next steps see the memorized view instead of the sampled frame
                 next_frame = torch.where(close.to(next_frame.device)[:, None, None, None], view.to(next_frame),
                                          next_frame)
-                if self.composition.anchor_pose:  # ... seen from the pose it was memorized at (a loop closure)
-                    next_pose = torch.where(close.to(next_pose.device)[:, None],
-                                            memory_poses[index.to(memory_poses.device)].to(next_pose), next_pose)
+                if self.composition.anchor_pose and tracks_poses:  # ... seen from its memorized pose (a loop closure)
+                    target = memory_poses[index.to(memory_poses.device)].to(next_pose)
+                    # the whole track moves rigidly with it, so the motion the pose model reads stays what it was
+                    shifted = _rigid_shift(torch.cat([poses, next_pose[:, None].to(poses)], dim=1), next_pose, target)
+                    keep = close.to(poses.device)[:, None, None]
+                    poses = torch.where(keep, shifted[:, :-1].to(poses), poses)
+                    next_pose = torch.where(keep[:, 0], shifted[:, -1].to(next_pose), next_pose)
             frames = torch.cat([frames[:, 1:], next_frame[:, None]], dim=1)
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
             if tracks_poses:

@@ -190,3 +190,26 @@ def test_anchor_pose_puts_the_memorized_pose_into_the_pose_track():
     assert torch.allclose(closed[:, 0], estimate[:, 0])  # the pose reported for the anchored frame is the estimate
     with pytest.raises(ValueError, match="anchor_pose"):
         CompositionConfig(experts=["base"], anchor_pose=True)
+
+
+def test_the_loop_closure_moves_the_pose_track_rigidly():
+    """_rigid_shift takes the estimate to the memorized pose and keeps every motion between the track's poses as the
+    odometry read it (distance, turn, and the heading of each step relative to the pose it starts from)."""
+    import math
+
+    from come_rl.world_model import _rigid_shift
+
+    track = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.3], [1.5, 0.4, 0.9]]])
+    target = torch.tensor([[4.0, 2.0, -2.5]])
+    moved = _rigid_shift(track, track[:, -1], target)
+    assert torch.allclose(moved[:, -1], target, atol=1e-6)
+
+    def body_motion(a, b):  # b relative to a, in a's frame
+        dx, dy = b[0] - a[0], b[1] - a[1]
+        c, s = math.cos(a[2]), math.sin(a[2])
+        return torch.tensor([c * dx + s * dy, -s * dx + c * dy, b[2] - a[2]])
+
+    for i in range(2):
+        assert torch.allclose(body_motion(track[0, i], track[0, i + 1]), body_motion(moved[0, i], moved[0, i + 1]),
+                              atol=1e-5)
+    assert not torch.allclose(moved, track)
