@@ -50,7 +50,7 @@ def _rigid_shift(track: torch.Tensor, pose: torch.Tensor, target: torch.Tensor) 
     cos, sin = torch.cos(turn)[:, None], torch.sin(turn)[:, None]
     dx, dy = track[..., 0] - pose[:, None, 0], track[..., 1] - pose[:, None, 1]
     return torch.stack([target[:, None, 0] + cos * dx - sin * dy, target[:, None, 1] + sin * dx + cos * dy,
-                        track[..., 2] + turn[:, None]], dim=-1)
+                        target[:, None, 2] + (track[..., 2] - pose[:, None, 2])], dim=-1)
 
 
 def _thumbnails(frames: torch.Tensor) -> torch.Tensor:
