@@ -34,6 +34,7 @@ from __future__ import annotations
 import gc
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import math
@@ -55,6 +56,7 @@ from come_rl.nets.registry import MODEL_PRESETS, build_backbone
 from come_rl.checkpoint import expert_spec, load_expert, save_expert, torch_save_atomic
 from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
+from come_rl.distill import distillation_target, grid_levels
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text
 
@@ -131,6 +133,13 @@ class TrainConfig:
     """torch.compile the backbone (opt-in: the first steps pay the compilation)."""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step; each holds batch_size / (world size x grad_accum_steps) clips per rank."""
+    distill_from: str = ""
+    """progressive distillation (``come_rl.distill``): a teacher expert checkpoint (directory, or directory/role). The
+    student starts as a copy of it (same network, target and prediction; ``model`` / ``target`` / ``prediction`` /
+    ``init_from`` do not apply) and learns to take in one DDIM step what the teacher takes in two; sample it with
+    ``distill_steps`` steps. "": ordinary training."""
+    distill_steps: int = 0
+    """the student's DDIM steps (the teacher's are twice as many); needs ``distill_from``."""
     data_workers: int = -1
     """1: a background thread makes the next batches (clips, tensors, noise; pinned for a GPU) while a step trains;
     0: made in the loop; -1 (auto): 1 on CUDA, 0 on the CPU (there a batch costs ~5 % of a step and the thread would
@@ -262,16 +271,22 @@ def draw_training_noise(batch_size: int, frame_shape: tuple[int, ...], drop_prob
 
 def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   batch: tuple, noise: tuple, config: TrainConfig, context: DistributedContext, micro_batch: int,
-                  device: torch.device, precision: str, step: int) -> float:
+                  device: torch.device, precision: str, step: int, teacher: DiffusionExpert | None = None) -> float:
     """One optimizer step on the global ``batch`` (frames, actions, poses) with its ``noise`` (t, eps, drop).
 
     This rank runs its rows of each of the ``grad_accum_steps`` micro-batches (gradients of loss / accumulation summed
     locally; DistributedDataParallel averages them over ranks at the last one), clips the gradient norm to 1 and steps
     the optimizer. Returns the global batch's mean loss, the same number on every rank; a non-finite loss raises on
-    every rank, before the weights change.
+    every rank, before the weights change. With a ``teacher`` (distillation) the levels are moved to the student's
+    DDIM grid and each row regresses the teacher's two-step target (``come_rl.distill``).
     """
     frames, actions, poses = batch
     t, eps, drop, *context_noise = noise  # (level, context eps) with context-noise augmentation
+    targets = None
+    if teacher is not None:
+        t = grid_levels(t, config.distill_steps)
+        with devices.autocast(device, precision):
+            targets = distillation_target(teacher, frames, actions, poses, t, eps, drop, config.distill_steps)
     accumulation = config.grad_accum_steps
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
@@ -282,6 +297,7 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
             with devices.autocast(device, precision):
                 loss = expert.loss(frames[rows], actions[rows], None if poses is None else poses[rows], t=t[rows],
                                    eps=eps[rows], drop=None if drop is None else drop[rows], network=network,
+                                   distill_target=None if targets is None else targets[rows],
                                    **({"context_level": context_noise[0][rows],
                                        "context_eps": None if context_noise[1] is None else context_noise[1][rows]}
                                       if context_noise else {}))
@@ -438,6 +454,48 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
             + (f", {len(initialised)} motion-prior tensors initialised" if initialised else ""))
 
 
+def check_distillation(config: TrainConfig) -> None:
+    """Refuse a distillation asked for half-way, before any work."""
+    if bool(config.distill_from) != (config.distill_steps != 0):
+        raise ValueError(f"distillation needs both distill_from=<teacher checkpoint> and distill_steps=<student DDIM "
+                         f"steps >= 1>, got distill_from={config.distill_from!r}, distill_steps={config.distill_steps}")
+    if config.distill_from and (isinstance(config.distill_steps, bool) or config.distill_steps < 1):
+        raise ValueError(f"distill_steps must be an integer >= 1 (the student's DDIM steps), got {config.distill_steps}")
+    if config.distill_from and config.context_noise > 0:
+        raise ValueError("distillation with context_noise > 0 is not supported: the teacher sees clean contexts; set "
+                         "context_noise=0")
+
+
+def load_teacher(config: TrainConfig, action_spec, frame_size: int) -> tuple[DiffusionExpert, str, dict]:
+    """The teacher expert of ``distill_from`` (directory, or directory/role), checked against the data: the same
+    frame size and action space, and the role this run trains."""
+    path = Path(config.distill_from)
+    directory, role = (path, config.role) if path.is_dir() and (path / f"{config.role}.json").is_file() else (
+        path.parent, path.name)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"distill_from={config.distill_from}: no checkpoint directory {directory}; pass a "
+                                f"trained expert, e.g. come_rl/checkpoints/memory_cards (or .../base)")
+    teacher, spec = load_expert(directory, role)
+    if spec.get("frame_size") not in (None, frame_size):
+        raise ValueError(f"distill_from={config.distill_from} is a {spec['frame_size']}x{spec['frame_size']} model but "
+                         f"data={config.data} has {frame_size}x{frame_size} frames; distill on the data it was trained on")
+    teacher_actions = spec.get("action_spec")
+    if teacher_actions is not None and (teacher_actions.get("kind"), teacher_actions.get("dim")) != (
+            action_spec.kind, action_spec.dim):
+        raise ValueError(f"distill_from={config.distill_from} takes {teacher_actions.get('kind')} actions of dimension "
+                         f"{teacher_actions.get('dim')} but data={config.data} has {action_spec.kind} actions of "
+                         f"dimension {action_spec.dim}; distill on the data it was trained on")
+    if spec["role"] != config.role:
+        raise ValueError(f"distill_from={config.distill_from} is a {spec['role']} expert; pass role={spec['role']}")
+    return teacher, spec["backbone"], spec["backbone_kwargs"]
+
+
+def distillation_record(config: TrainConfig, teacher: DiffusionExpert) -> dict:
+    """What a student's recipe says of its teacher (a resumed run must match it)."""
+    return {"teacher": str(config.distill_from), "teacher_sha256": (teacher.spec or {}).get("sha256"),
+            "teacher_steps": 2 * config.distill_steps, "student_steps": config.distill_steps}
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of ``step``: linear warm-up over ``warmup_steps``, then constant or a cosine decay to
     ``lr_final`` x ``lr`` at ``steps`` (``lr_decay``)."""
@@ -478,6 +536,7 @@ def train_expert(config: TrainConfig) -> TrainResult:
     """:func:`train`, returning this rank's expert as well (the distributed tests compare the ranks' weights)."""
     if config.log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
+    check_distillation(config)
     check_lr_schedule(config)
     if not config.dist_timeout_s > 0:
         raise ValueError(f"dist_timeout_s must be > 0 seconds (how long a rank waits for the others), got "
@@ -534,7 +593,14 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     # it, so that one command trains the same weights (a resumed run loads them; an uninterrupted one must match it),
     # and every rank starts from the same weights.
     torch.manual_seed(config.seed)
-    expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
+    teacher = None
+    if config.distill_from:  # the student is a copy of the teacher (come_rl.distill)
+        teacher, backbone_name, backbone_kwargs = load_teacher(config, source.action_spec, frame_size)
+        expert = copy.deepcopy(teacher)
+        expert.name = config.role
+        teacher.to(device).eval().requires_grad_(False)
+    else:
+        expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
     expert.to(device)
     k = expert.context_frames
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
@@ -549,9 +615,10 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         "data": config.data, "train_config": dataclasses.asdict(config),
         "distributed": {"world_size": context.world_size, "grad_accum_steps": config.grad_accum_steps,
                         "micro_batch": micro_batch, "device": device.type, "precision": precision},
+        **({"distillation": distillation_record(config, teacher)} if teacher is not None else {}),
     })
     state_path = out / f"{config.role}_train_state.pt"
-    if config.init_from and not state_path.is_file():  # a resumed run holds its own weights
+    if config.init_from and teacher is None and not state_path.is_file():  # a resumed run holds its own weights
         copied = warm_start(expert, config.init_from)
         ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
         if main:
@@ -564,6 +631,10 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         if state["spec"]["backbone_kwargs"] != backbone_kwargs:
             raise ValueError(f"{state_path} was trained with a different model ({state['spec']['backbone_kwargs']}); "
                              f"use another out= directory")
+        if state["spec"].get("distillation") != spec.get("distillation"):
+            raise ValueError(f"{state_path} holds a run with distillation {state['spec'].get('distillation')}, not "
+                             f"{spec.get('distillation')} (another teacher or step count); resume with the settings "
+                             f"it was started with, or use another out= directory")
         expert.backbone.load_state_dict(state["model"])
         ema = {name: tensor.to(device) for name, tensor in state["ema"].items()}
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -631,7 +702,7 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         loss = training_step(expert, network, optimizer, batch, noise, config, context, micro_batch, device,
-                             precision, step)
+                             precision, step, teacher=teacher)
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for name, p in expert.backbone.state_dict().items():

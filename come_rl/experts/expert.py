@@ -139,7 +139,8 @@ class DiffusionExpert(nn.Module):
              uniform_fraction: float = 0.0, generator: torch.Generator | None = None,
              eps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
              network: nn.Module | None = None, context_noise: float = 0.0,
-             context_level: torch.Tensor | None = None, context_eps: torch.Tensor | None = None) -> torch.Tensor:
+             context_level: torch.Tensor | None = None, context_eps: torch.Tensor | None = None,
+             distill_target: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion loss (paper eq. 1, in v-form) of predicting the last frame of each clip.
 
         frames: (B, K + 1, C, H, W) in [-1, 1]; actions: (B, K + 1, A); poses: (B, K + 1, P) or None (any device:
@@ -154,6 +155,8 @@ class DiffusionExpert(nn.Module):
         frames get Gaussian noise of a level drawn uniformly from [0, context_noise] (after t, eps and drop, from
         ``generator``), and the network is told the level. The motion prior warps the noisy context, as it warps the
         model's own imperfect frames in a rollout. context_level (B,) / context_eps (B, K, C, H, W): given instead.
+        distill_target: (B, C, H, W) frame-space clean frame to regress instead of the clip's (``come_rl.distill``:
+        the teacher's two-step target); the noisy input is still the clip's frame noised by ``eps`` at ``t``.
         """
         device = self.device
         b = frames.shape[0]
@@ -187,6 +190,10 @@ class DiffusionExpert(nn.Module):
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
+        if distill_target is not None:  # regress the teacher's frame, in this expert's target space, from the same x_t
+            goal = devices.to_device(distill_target, device).to(x0.dtype)
+            x0 = goal - (x_t.new_zeros(()) if self.target == "full" else frames[:, -1] - x0)  # minus the anchor
+            eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
         call = network or self.backbone
         out = (call(x_t[:, None], t, context, actions, poses, drop) if level is None
                else call(x_t[:, None], t, context, actions, poses, drop, context_level=level))[:, 0].float()

@@ -1,0 +1,69 @@
+"""Progressive distillation (Salimans & Ho, 2022) of a diffusion expert: a student learns to take in one DDIM step what
+its teacher takes in two, so a world model imagines with half the denoising steps; repeated, 8 -> 4 -> 2 -> 1.
+
+The student is trained by ``come_rl.train`` (``distill_from=<teacher> distill_steps=N``) with everything training
+has (resume, DDP, EMA, TensorBoard): for a clip, a grid level t = 1 - i / N (i uniform in 0 .. N - 1) and the
+clip's noise give z_t = alpha_t x + sigma_t eps; the teacher takes two deterministic DDIM steps from z_t, to
+t - 1 / (2N) and t - 1 / N, with the sampler's x0 clipping; the student's target is the clean frame x~ from which one
+DDIM step lands where the teacher did (paper eq. 8):
+
+    x~ = (z_end - (sigma_end / sigma_t) z_t) / (alpha_end - (sigma_end / sigma_t) alpha_t)     (x~ = z_end at t_end = 0)
+
+and the student regresses x~ with its own training loss (``DiffusionExpert.loss(distill_target=...)``), so its
+target (full / residual) and prediction (v / x0) are the teacher's. Rows trained in the unconditional mode are
+distilled in that mode too: composition needs both (the contrastive baselines). Every expert of a world model is
+distilled the same way; the composition rule is then applied at each of the student's steps by the sampler, as at
+the teacher's; the long-term memory stays a copy of its (distilled) base memorized by that base's own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from come_rl.diffusion.parametrization import _bcast, eps_to_x0
+from come_rl.experts.expert import DiffusionExpert
+
+
+def grid_levels(t: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniform draws t in [0, 1] -> the DDIM grid levels 1 - i / steps of the sampler (``linspace(1, 0, steps + 1)``),
+    i = floor(t * steps) (uniform over the steps' starting levels)."""
+    if steps < 1:
+        raise ValueError(f"distillation needs a student of >= 1 steps, got {steps}")
+    index = (t * steps).floor().clamp(0, steps - 1)
+    return 1.0 - index / steps
+
+
+def ddim_step(teacher: DiffusionExpert, prepared, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+              clip_x0: float = 1.0) -> torch.Tensor:
+    """One deterministic DDIM step of ``teacher`` from level t to level s (both (B,)), as ``come_rl.diffusion.sample``
+    takes it (x0 clipped, eps re-derived from it); at s = 0 the clean estimate."""
+    alpha_t, sigma_t = teacher.schedule.alpha_sigma(t)
+    eps = teacher.predict_eps(prepared, z, t)
+    x0 = eps_to_x0(eps, z, alpha_t, sigma_t)
+    if clip_x0 > 0:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    eps = (z - _bcast(alpha_t, z) * x0) / _bcast(sigma_t, z)
+    alpha_s, sigma_s = teacher.schedule.alpha_sigma(s)
+    stepped = _bcast(alpha_s, z) * x0 + _bcast(sigma_s, z) * eps
+    return torch.where(_bcast(s <= 0, z), x0, stepped)
+
+
+@torch.no_grad()
+def distillation_target(teacher: DiffusionExpert, frames: torch.Tensor, actions: torch.Tensor,
+                        poses: torch.Tensor | None, t: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor | None,
+                        steps: int, clip_x0: float = 1.0) -> torch.Tensor:
+    """The frame-space target x~ (B, C, H, W) of a student of ``steps`` DDIM steps for clips ``frames`` (B, K + 1, C,
+    H, W) at grid levels ``t`` (B,) with noise ``eps``: what one student step from z_t must predict to land where two
+    teacher steps land. ``drop``: rows in the unconditional mode (the teacher runs them unconditional too)."""
+    device = teacher.device
+    frames, t, eps = frames.to(device), t.to(device).float(), eps.to(device).float()
+    prepared = teacher.prepare(frames[:, :-1], actions, poses, drop_context=drop)  # the context the loss gives
+    alpha_t, sigma_t = teacher.schedule.alpha_sigma(t)
+    z_t = _bcast(alpha_t, eps) * frames[:, -1].float() + _bcast(sigma_t, eps) * eps
+    half, end = t - 0.5 / steps, (t - 1.0 / steps).clamp_min(0.0)
+    z_mid = ddim_step(teacher, prepared, z_t, t, half, clip_x0)
+    z_end = ddim_step(teacher, prepared, z_mid, half, end, clip_x0)
+    alpha_end, sigma_end = teacher.schedule.alpha_sigma(end)
+    ratio = sigma_end / sigma_t
+    target = (z_end - _bcast(ratio, z_t) * z_t) / _bcast(alpha_end - ratio * alpha_t, z_t)
+    return torch.where(_bcast(end <= 0, z_t), z_end, target)
