@@ -13,7 +13,10 @@ Steps, each a subprocess of this interpreter with its own time limit, run in ord
 3. ``torchrun_train``: a short training run under ``torchrun`` on one GPU (``unet_cards`` on ``online:memory_cards``,
    bf16, ``train_minutes``), which writes a checkpoint, its held-out evaluation and a rollout GIF.
 
-Few-step distillation is not part of the toolkit yet, so it is not a step. The report, ``gpu_check.md`` and
+4. ``distill``: a progressive-distillation round (``come_rl.distill``) of the shipped Memory Cards base, an 8-step
+   teacher to a 4-step student, for half of ``train_minutes``, in bf16.
+
+The report, ``gpu_check.md`` and
 ``gpu_check.json`` in ``out_dir/<device name>/``, holds the device (name, capability, memory, torch and CUDA
 versions), and per step its command, exit code, seconds and the tail of its output; every step's own files are in
 the same folder. The default limits add up to under 10 minutes on one recent GPU.
@@ -75,6 +78,11 @@ def plan(config: GPUCheckConfig, folder: Path) -> list[tuple[str, list[str]]]:
                                      "come_rl.train", "model=unet_cards", "data=online:memory_cards",
                                      f"minutes={config.train_minutes}", "device=cuda", "precision=bf16",
                                      f"out={folder / 'train'}"]))
+    steps.append(("distill", [python, "-m", "come_rl.train", "data=online:memory_cards",
+                              f"distill_from={ROOT / 'come_rl' / 'checkpoints' / 'memory_cards' / 'base'}",
+                              "distill_steps=4", "warmup_steps=0", "lr=1e-4", "batch_size=64",
+                              f"minutes={config.train_minutes / 2:g}", "device=cuda", "precision=bf16",
+                              f"out={folder / 'distill'}"]))
     return steps
 
 

@@ -19,7 +19,7 @@ def test_a_dry_run_writes_the_plan_of_every_step(tmp_path):
     saved = json.loads((folder / "gpu_check.json").read_text())
     assert saved == json.loads(json.dumps(report))
     steps = {row["step"]: row for row in saved["steps"]}
-    assert list(steps) == ["cuda_tests", "bench_fp32", "bench_bf16", "torchrun_train"]
+    assert list(steps) == ["cuda_tests", "bench_fp32", "bench_bf16", "torchrun_train", "distill"]
     assert all(row["status"] == "planned" for row in steps.values())
     assert "tests/test_devices.py -k cuda" in steps["cuda_tests"]["command"]
     assert "device=cuda precision=bf16" in steps["bench_bf16"]["command"]
@@ -27,7 +27,8 @@ def test_a_dry_run_writes_the_plan_of_every_step(tmp_path):
     assert "minutes=1.5" in steps["torchrun_train"]["command"]
     assert f"out={folder / 'train'}" in steps["torchrun_train"]["command"]
     table = (folder / "gpu_check.md").read_text()
-    assert table.startswith("# GPU check: dry-run") and table.count("| planned |") == 4
+    assert "distill_steps=4" in steps["distill"]["command"] and f"out={folder / 'distill'}" in steps["distill"]["command"]
+    assert table.startswith("# GPU check: dry-run") and table.count("| planned |") == 5
     # every step's command parses: the benchmark and training accept their keys (--help lists them, exits 0)
     for name in ("bench_fp32", "torchrun_train"):
         module = "come_rl.bench" if name.startswith("bench") else "come_rl.train"
