@@ -238,6 +238,14 @@ def test_rows_take_the_checkpoints_rule_and_naive_poe_is_plain():
     assert set(naive.alphas.values()) == {1.0} and not naive.normalize
     assert composition_for("copy_last", rule) is None
     assert json.dumps(ltm.active_from) == '{"ltm": 0.8}'
+    # a checkpoint rule that re-anchors with every refinement: rows without the SLTM leave all of it off
+    anchored = CompositionConfig(experts=["base", "ltm", "sltm"], anchor=0.35, anchor_seed=0.5, anchor_appearance=0.01,
+                                 anchor_pose=True)
+    for name in ("base", "ltm", "stm_ltm"):
+        row = composition_for(name, anchored)
+        assert (row.anchor, row.anchor_seed, row.anchor_appearance, row.anchor_pose) == (0.0, 0.0, 0.0, False)
+    come = composition_for("come", anchored)
+    assert (come.anchor, come.anchor_appearance, come.anchor_pose) == (0.35, 0.01, True)
 
 
 def test_streaming_memorization_and_the_context_curve(tmp_path, monkeypatch):

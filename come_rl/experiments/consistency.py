@@ -219,8 +219,8 @@ def composition_for(name: str, checkpoint_rule: CompositionConfig, anchor: float
         rule[key] = {role: value for role, value in (rule.get(key) or {}).items() if role in experts}
     if kind == "anchor":
         rule["anchor"], rule["anchor_degrees"] = anchor, anchor_degrees
-    elif "sltm" not in experts:
-        rule["anchor"] = 0.0
+    elif "sltm" not in experts:  # off, with the options that refine it
+        rule.update(anchor=0.0, anchor_seed=0.0, anchor_appearance=0.0, anchor_pose=False)
     return CompositionConfig(**rule)
 
 
