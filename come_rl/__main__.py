@@ -12,6 +12,7 @@ import sys
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("come_rl.run", "goal reaching: an MPC agent plans in the world model while the memory wrapper feeds it"),
     ("come_rl.train", "train an expert (base, stm, sltm) of a world model; resumes; torchrun for DDP"),
+    ("come_rl.distill", "a checkpoint that samples with a distilled expert (train one: come_rl.train distill_from=...)"),
     ("come_rl.evaluate", "one-step error of a trained expert against copy-last-frame on held-out clips"),
     ("come_rl.collect", "record episodes of an env into a data set (shards with SHA-256 manifest)"),
     ("come_rl.bench", "benchmarks: world_model | memorize | planners | threads | long_episode | dit | decision"),

@@ -14,14 +14,27 @@ target (full / residual) and prediction (v / x0) are the teacher's. Rows trained
 distilled in that mode too: composition needs both (the contrastive baselines). Every expert of a world model is
 distilled the same way; the composition rule is then applied at each of the student's steps by the sampler, as at
 the teacher's; the long-term memory stays a copy of its (distilled) base memorized by that base's own loss.
+
+``python -m come_rl.distill teacher=<checkpoint> student=<distilled expert dir> out=<dir>`` writes a world-model
+checkpoint that imagines with the student (:func:`assemble_student`).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
+from come_rl.checkpoint import load_expert
+from come_rl.cli_args import parse_cli
 from come_rl.diffusion.parametrization import _bcast, eps_to_x0
 from come_rl.experts.expert import DiffusionExpert
+from come_rl.io_utils import atomic_write_text
 
 
 def grid_levels(t: torch.Tensor, steps: int) -> torch.Tensor:
@@ -67,3 +80,64 @@ def distillation_target(teacher: DiffusionExpert, frames: torch.Tensor, actions:
     ratio = sigma_end / sigma_t
     target = (z_end - _bcast(ratio, z_t) * z_t) / _bcast(alpha_end - ratio * alpha_t, z_t)
     return torch.where(_bcast(end <= 0, z_t), z_end, target)
+
+
+def assemble_student(teacher: str | Path, student: str | Path, out: str | Path, role: str = "base") -> Path:
+    """A world-model checkpoint that imagines with a distilled expert: a copy of the ``teacher`` checkpoint directory
+    (every expert, odometry head, ``world_model.json``) whose ``role`` expert is the one trained in ``student``
+    (``come_rl.train distill_from=...``), its ``sampler.steps`` set to the student's. Refused (nothing written) when
+    the student was not distilled, or its frame size, action space or network differ from the teacher's expert."""
+    teacher, student, out = Path(teacher), Path(student), Path(out)
+    load_expert(student, role)  # present, readable, its weights' checksum right
+    _, teacher_spec = load_expert(teacher, role)
+    student_spec = json.loads((student / f"{role}.json").read_text())
+    record = student_spec.get("distillation")
+    if not record:
+        raise ValueError(f"{student / (role + '.json')} records no distillation; train the student with "
+                         f"`python -m come_rl.train distill_from=<teacher> distill_steps=N out={student}`")
+    for key, what in (("frame_size", "frame size"), ("action_spec", "action space"), ("backbone_kwargs", "network")):
+        if teacher_spec.get(key) != student_spec.get(key):
+            raise ValueError(f"the student in {student} has {what} {student_spec.get(key)!r} but the teacher checkpoint "
+                             f"{teacher} has {teacher_spec.get(key)!r}; assemble it with the checkpoint it was "
+                             f"distilled from ({record.get('teacher')})")
+    if out.resolve() == teacher.resolve():
+        raise ValueError(f"out={out} is the teacher checkpoint; write the student's checkpoint elsewhere")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as scratch:
+        staged = Path(scratch) / "checkpoint"
+        shutil.copytree(teacher, staged, ignore=shutil.ignore_patterns("*.tmp", "*_train_state.pt", "tensorboard"))
+        for suffix in (".safetensors", ".json"):
+            shutil.copy2(student / f"{role}{suffix}", staged / f"{role}{suffix}")
+        settings_path = staged / "world_model.json"
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        settings["sampler"] = dict(settings.get("sampler") or {}, steps=int(record["student_steps"]))
+        settings["distillation"] = dict(record, student=str(student), role=role)
+        atomic_write_text(settings_path, json.dumps(settings, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), str(out))
+    return out
+
+
+@dataclass
+class AssembleConfig:
+    """``python -m come_rl.distill teacher=<checkpoint> student=<distilled expert dir> out=<new checkpoint>``."""
+
+    teacher: str = ""
+    student: str = ""
+    out: str = ""
+    role: str = "base"
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_cli(sys.argv[1:] if argv is None else argv, AssembleConfig,
+                       "python -m come_rl.distill teacher=<checkpoint> student=<distilled expert dir> out=<dir>")
+    if not (config.teacher and config.student and config.out):
+        raise SystemExit("give teacher=<checkpoint dir> student=<distilled expert dir> out=<new checkpoint dir>")
+    out = assemble_student(config.teacher, config.student, config.out, config.role)
+    steps = json.loads((out / "world_model.json").read_text())["sampler"]["steps"]
+    print(f"wrote {out}: the teacher's checkpoint with the distilled {config.role} expert, sampling with {steps} steps")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,3 +121,35 @@ def test_half_asked_or_mismatched_distillation_is_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="actions of dimension 6"):
         train(parse_overrides([*COMMON, f"out={tmp_path / 't'}", f"distill_from={tmp_path / 'b'}", "distill_steps=1",
                                "steps=1"]))
+
+
+def test_a_student_is_assembled_into_a_checkpoint_that_samples_with_its_steps(tmp_path):
+    """python -m come_rl.distill: the teacher's checkpoint with the student's base and the student's step count; a
+    student of another network, frame size or action space, or one never distilled, is refused and nothing written."""
+    from come_rl.distill import assemble_student, main
+    from come_rl.world_model import WorldModel
+
+    train(parse_overrides([*COMMON, f"out={tmp_path / 'teacher'}", "steps=1"]))
+    (tmp_path / "teacher" / "world_model.json").write_text(json.dumps({"sampler": {"steps": 10}}))
+    train(parse_overrides([*COMMON, f"out={tmp_path / 'student'}", f"distill_from={tmp_path / 'teacher'}",
+                           "distill_steps=2", "steps=1"]))
+    main([f"teacher={tmp_path / 'teacher'}", f"student={tmp_path / 'student'}", f"out={tmp_path / 'ckpt'}"])
+    settings = json.loads((tmp_path / "ckpt" / "world_model.json").read_text())
+    assert settings["sampler"]["steps"] == 2 and settings["distillation"]["teacher_steps"] == 4
+    assert (tmp_path / "ckpt" / "base.safetensors").read_bytes() == (tmp_path / "student" / "base.safetensors").read_bytes()
+    assert WorldModel.load(tmp_path / "ckpt").sampler.steps == 2
+    # refused: a student never distilled; a student of another frame size or action space
+    train(parse_overrides([*COMMON, f"out={tmp_path / 'plain'}", "steps=1"]))
+    with pytest.raises(ValueError, match="records no distillation"):
+        assemble_student(tmp_path / "teacher", tmp_path / "plain", tmp_path / "bad")
+    recipe = tmp_path / "student" / "base.json"
+    spec = json.loads(recipe.read_text())
+    recipe.write_text(json.dumps(dict(spec, frame_size=64)))
+    with pytest.raises(ValueError, match="frame size 64"):
+        assemble_student(tmp_path / "teacher", tmp_path / "student", tmp_path / "bad")
+    recipe.write_text(json.dumps(dict(spec, action_spec={"kind": "discrete", "dim": 6})))
+    with pytest.raises(ValueError, match="action space"):
+        assemble_student(tmp_path / "teacher", tmp_path / "student", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="give teacher="):
+        main([f"teacher={tmp_path / 'teacher'}"])
