@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,8 @@ from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
 from come_rl.cli_args import parse_cli, parse_dataclass
-from come_rl.fanout import FanoutSettings
+from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.interfaces import ActionSpec
 from come_rl.results import write_protocol_results
 from come_rl.seeding import derive_seed
@@ -297,8 +299,6 @@ class ProtocolConfig(FanoutSettings):
             raise ValueError(f"unknown planners {unknown}; choose from {', '.join(PLANNER_NAMES)} (comma-separated)")
         if self.elites > self.population:
             raise ValueError(f"elites ({self.elites}) must not exceed population ({self.population})")
-        from come_rl.fanout import check_backend
-
         check_backend(self.backend, self.workers)
 
     @property
@@ -316,14 +316,19 @@ def parse_arguments(argv: Sequence[str]) -> ProtocolConfig:
     return parse_dataclass(argv, ProtocolConfig)
 
 
+RESUME_FREE_KEYS = (*FANOUT_KEYS, "out", "name", "progress")
+"""settings a rerun may change and still resume from the recorded cases (where and how verbosely they run)."""
+
+
 class ProtocolWorker:
     """The world models, planners and env of one protocol run, built once per process (a Ray actor with
-    backend=ray); ``run((index, case))`` returns that case's rows (every world model x planner)."""
+    backend=ray); ``run((index, case))`` returns that case's rows (every world model x planner), or reads them back
+    from the case's record when ``records`` names the run's records directory (``come_rl.episode_records``)."""
 
-    def __init__(self, config: ProtocolConfig, checkpoint: str, meta: dict):
+    def __init__(self, config: ProtocolConfig, checkpoint: str, meta: dict, records: str | None = None):
         from come_rl.world_model import WorldModel
 
-        self.config = config
+        self.config, self.records = config, None if records is None else Path(records)
         self.world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
                                                                 sampler={"steps": config.sampler_steps})
                              for experts in config.expert_sets}
@@ -334,9 +339,14 @@ class ProtocolWorker:
 
     def run(self, task: tuple[int, TrajectoryCase]) -> list[dict]:
         index, case = task
-        rows = run_protocol(self.world_models, self.planners, [case], self.env_factory, horizon=self.config.horizon,
-                            memorize_steps=self.config.memorize_steps, progress=False)
-        return [dict(row, case=index) for row in rows]
+
+        def play() -> tuple[dict, list]:
+            rows = run_protocol(self.world_models, self.planners, [case], self.env_factory,
+                                horizon=self.config.horizon, memorize_steps=self.config.memorize_steps, progress=False)
+            return {"rows": [dict(row, case=index) for row in rows]}, []
+
+        record, _ = recorded_episode(self.records, f"case_{index}", play)
+        return record["rows"]
 
 
 def env_factory_for(meta: dict) -> Callable[[], Any]:
@@ -364,18 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = EpisodeDataset(config.data)
     cases = make_cases(dataset, config.cases, config.context, config.goal_offset, config.horizon,
                        config.memory_frames, config.max_start, config.seed)
-    if config.backend == "local":
-        local = ProtocolWorker(config, str(checkpoint), dict(dataset.meta))
-        rows = run_protocol(local.world_models, local.planners, cases, local.env_factory, horizon=config.horizon,
-                            memorize_steps=config.memorize_steps, progress=config.progress)
-    else:
-        from come_rl.fanout import run_tasks
-
-        per_case = run_tasks(ProtocolWorker, (config, str(checkpoint), dict(dataset.meta)), list(enumerate(cases)),
-                             backend=config.backend, workers=config.workers, threads=config.threads,
-                             desc="nwm protocol cases", progress=config.progress)
-        rows = [row for case_rows in per_case for row in case_rows]
     name = config.name or f"{checkpoint.name}_{len(cases)}cases_h{config.horizon}"
+    # one record per finished case: a killed run resumes where it stopped (the same command again)
+    records = Path(config.out) / "records" / name
+    check_records(records, config, RESUME_FREE_KEYS)
+    with stop_with_resume_hint(records):
+        per_case = run_tasks(ProtocolWorker, (config, str(checkpoint), dict(dataset.meta), str(records)),
+                             list(enumerate(cases)), backend=config.backend, workers=config.workers,
+                             threads=config.threads, desc="nwm protocol cases", progress=config.progress)
+    rows = [row for case_rows in per_case for row in case_rows]
     csv_path, md_path = write_protocol_results(rows, config.out, name, f"NWM protocol on {dataset.meta.get('env')}: {name}",
                                       "maze cells" if dataset.meta.get("env") == "memory_maze" else "grid cells")
     print(f"wrote {csv_path} and {md_path}")

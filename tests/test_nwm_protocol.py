@@ -138,6 +138,27 @@ def test_cli_writes_planner_by_world_model_table(cards_data: Path, tmp_path: Pat
         assert float(row["final_distance"]) <= float(row["start_distance"]) + 4 + 1e-9
     table = (out / "tiny.md").read_text()
     assert "| planner | base | base+ltm |" in table and "| nwm |" in table
+    # one record per finished case: the same command again reads them back (the same table, nothing replayed) ...
+    records = out / "records" / "tiny" / "episode_records"
+    assert (records / "case_0.npz").is_file()
+    before = (out / "tiny.csv").read_text()
+    (out / "tiny.csv").unlink()
+    args = [f"checkpoint={checkpoint}", f"data={cards_data}", "cases=1", "planners=nwm,random_shooting",
+            "experts=base|base,ltm", "population=4", "elites=2", "sampler_steps=1", "memorize_steps=1", "horizon=4",
+            "goal_offset=4", f"out={out}", "name=tiny", "progress=false"]
+    import agents.nwm_protocol as protocol
+
+    played = []
+    original = protocol.run_protocol
+    protocol.run_protocol = lambda *a, **k: played.append(1) or original(*a, **k)
+    try:
+        assert main(args) == 0
+    finally:
+        protocol.run_protocol = original
+    assert not played and (out / "tiny.csv").read_text() == before
+    # ... and a rerun with other settings into the same records is refused
+    with pytest.raises(ValueError, match="other settings"):
+        main([*args[:-3], "population=6", *args[-3:]])
 
 
 def test_bad_arguments() -> None:
