@@ -302,6 +302,25 @@ def test_recall_runs_end_to_end_on_the_shipped_model(tmp_path):
         assert (row["memorize_seconds_per_episode"] > 0) == (row["memorize_steps"] > 0)
     assert {p.name for p in tmp_path.iterdir()} >= {"memory_cards_recall.csv", "memory_cards_recall.md",
                                                     "memory_cards_recall.png", "memory_cards_recall_examples.png"}
+    # one record per finished episode: the same command again reads them back (no episode played) ...
+    from come_rl.experiments import recall
+
+    table, example = (tmp_path / "memory_cards_recall.csv").read_text(), (tmp_path / "memory_cards_recall_examples.png")
+    image = example.read_bytes()
+    played = []
+    original = recall.RecallWorker._play
+    recall.RecallWorker._play = lambda self, task: played.append(task) or original(self, task)
+    try:
+        again = run(RecallConfig(episodes_per_start=1, steps_list="0,3", compositions="sweep", sampler_steps=2,
+                                 out_dir=str(tmp_path), seed=77))
+    finally:
+        recall.RecallWorker._play = original
+    assert not played and again == rows
+    assert (tmp_path / "memory_cards_recall.csv").read_text() == table and example.read_bytes() == image
+    # ... and other settings are refused
+    with pytest.raises(ValueError, match="other settings"):
+        run(RecallConfig(episodes_per_start=1, steps_list="0,3", compositions="sweep", sampler_steps=3,
+                         out_dir=str(tmp_path), seed=77))
 
 
 @pytest.mark.slow  # the same come_rl.fanout path as test_reproducibility's Ray run (kept in CI); -m slow runs it

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from come_rl.fanout import FanoutSettings, check_backend, run_tasks
+from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
+from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
 from come_rl.results import wilson_interval, write_table
 from come_rl.cli_args import parse_cli
@@ -114,8 +115,8 @@ class RecallWorker:
     plays one zig-zag episode and returns its per-tile scores, memorization seconds and (for jobs 0 and
     ``episodes_per_start``) the example strip."""
 
-    def __init__(self, config: RecallConfig):
-        self.config = config
+    def __init__(self, config: RecallConfig, records: str | None = None):
+        self.config, self.records = config, None if records is None else Path(records)
         self.steps_list, _, self.names = validate(config)
         roles = sorted({role for name in self.names for role in COMPOSITIONS[name]["experts"]} | {"base", "ltm"},
                        key=["base", "ltm", "stm", "sltm"].index)
@@ -129,6 +130,12 @@ class RecallWorker:
             self.example_steps = 0
 
     def run(self, task: tuple[int, str, int]) -> dict:
+        """One episode's result, played, or read back from its record when the run has records (a resumed run)."""
+        _, start, i = task
+        record, example = recorded_episode(self.records, f"{start}_{i}", lambda: _to_record(self._play(task)))
+        return _from_record(record, example)
+
+    def _play(self, task: tuple[int, str, int]) -> dict:
         job, start, i = task
         config, wm, env = self.config, self.wm, self.env
         seed = config.seed + i + (0 if start == "covered" else 50_000)
@@ -170,6 +177,27 @@ class RecallWorker:
                 "base_target": wm.base.target}
 
 
+def _to_record(result: dict) -> tuple[dict, list]:
+    """An episode's result -> (a JSON-able row, the example strip as the record's image list)."""
+    row = {"scores": [[name, steps, start, [[float(mse), bool(hit)] for mse, hit in tiles]]
+                      for (name, steps, start), tiles in result["scores"].items()],
+           "seconds": [[steps, start, float(spent)] for (steps, start), spent in result["seconds"].items()],
+           **{key: result[key] for key in ("memorize_settings", "base_spec", "base_target")}}
+    return row, [] if result["example"] is None else [result["example"]]
+
+
+def _from_record(row: dict, example: list) -> dict:
+    return {"scores": {(name, steps, start): [(mse, hit) for mse, hit in tiles] for name, steps, start, tiles
+                       in row["scores"]},
+            "seconds": {(steps, start): spent for steps, start, spent in row["seconds"]},
+            "example": example[0] if len(example) else None,
+            **{key: row[key] for key in ("memorize_settings", "base_spec", "base_target")}}
+
+
+RESUME_FREE_KEYS = (*FANOUT_KEYS, "out_dir", "suffix")
+"""settings a rerun may change and still resume from the recorded episodes."""
+
+
 def run(config: RecallConfig) -> list[dict]:
 
     steps_list, starts, names = validate(config)
@@ -177,8 +205,12 @@ def run(config: RecallConfig) -> list[dict]:
     torch.set_num_threads(config.threads)
     jobs = [(start, i) for start in starts for i in range(config.episodes_per_start)]
     tasks = [(job, start, i) for job, (start, i) in enumerate(jobs)]
-    results = run_tasks(RecallWorker, (config,), tasks, backend=config.backend, workers=config.workers,
-                        threads=config.threads, desc="recall episodes")
+    # one record per finished episode: a killed run resumes where it stopped (the same command again)
+    records = Path(config.out_dir) / "records" / f"memory_cards_recall{config.suffix}"
+    check_records(records, config, RESUME_FREE_KEYS)
+    with stop_with_resume_hint(records):
+        results = run_tasks(RecallWorker, (config, str(records)), tasks, backend=config.backend,
+                            workers=config.workers, threads=config.threads, desc="recall episodes")
     scores: dict[tuple[str, int, str], list[tuple[float, bool]]] = {}
     seconds: dict[tuple[int, str], float] = {}
     examples: list = []
