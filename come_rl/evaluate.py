@@ -151,7 +151,8 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
     write_table(csv, rows, md_path=out / f"{name}_one_step.md",
                          title=f"One-step prediction on held-out clips: {name} vs copy-last-frame "
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
-                               f"{config.checkpoint} expert={config.expert} data={config.data} clips={config.clips}`; "
+                               f"{config.checkpoint} expert={config.expert} data={config.data} clips={config.clips} "
+                               f"seed={config.seed} sampler_steps={config.sampler_steps}`; "
                                f"{k} context frames)")
     frames = tensors[0]
     _save_examples(predicted[:8], frames[:8, k], frames[:8, k - 1], out / f"{name}_one_step_examples.png")
