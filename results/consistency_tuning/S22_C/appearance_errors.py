@@ -1,33 +1,46 @@
-import math, numpy as np, torch
+"""How far apart (4x4-pooled mean squared error) real Memory Maze views of the same place are, against the other views
+of a wider pose window: the range the anchor_appearance thresholds of S22_C were drawn from.
+
+    python results/consistency_tuning/S22_C/appearance_errors.py
+
+Tuning episodes 160000-160002; for each real frame 400-431, every memorized frame 0-399 within 1 cell and 45 degrees
+of its pose, split into "tight" (within 0.35 cell and 15 degrees, the shipped re-anchoring tolerance) and the rest.
+"""
+
+import math
+
+import numpy as np
+import torch
+
 from come_rl.data_sources import SeededEpisodePool
-pool = SeededEpisodePool("memory_maze", episodes=3, seed=160000)
-ds = pool.dataset
-tight_min, loose_min, best_tight_frac = [], [], []
-allpairs = []
-for e in range(3):
-    fr = torch.as_tensor(np.asarray(ds.frames[e])).float()
-    if fr.shape[-1] == 3: fr = fr.permute(0, 3, 1, 2)
-    fr = fr / 127.5 - 1
-    poses = torch.as_tensor(np.asarray(ds.poses[e])).float()
-    th = torch.nn.functional.avg_pool2d(fr, 4).flatten(1)
-    mem, q = slice(0, 400), range(400, 432)
-    for t in q:
-        d = torch.linalg.vector_norm(poses[mem, :2] - poses[t, :2], dim=-1)
-        turn = torch.abs(torch.remainder(poses[mem, 2] - poses[t, 2] + math.pi, 2 * math.pi) - math.pi)
-        win = (d <= 1.0) & (turn <= math.radians(45))
-        if not win.any(): continue
-        tight = (d <= 0.35) & (turn <= math.radians(15))
-        err = ((th[mem] - th[t]) ** 2).mean(-1)
-        for i in torch.nonzero(win).flatten():
-            allpairs.append((float(err[i]), bool(tight[i]), float(d[i]), math.degrees(float(turn[i]))))
-        e_w = torch.where(win, err, torch.full_like(err, 9.0))
-        best = int(e_w.argmin())
-        best_tight_frac.append(bool(tight[best]))
-a = np.array([p[0] for p in allpairs]); tt = np.array([p[1] for p in allpairs])
-print("pairs", len(a), "tight", tt.sum())
-for q in (0.1, 0.25, 0.5, 0.75):
-    print(q, "tight", np.quantile(a[tt], q) if tt.any() else None, "loose", np.quantile(a[~tt], q))
-print("best-in-window is tight:", np.mean(best_tight_frac), len(best_tight_frac))
-for thr in (0.002, 0.005, 0.01, 0.02, 0.04):
-    sel = a <= thr
-    print(thr, "selected", sel.sum(), "of which tight", (sel & tt).sum())
+
+
+def main() -> None:
+    dataset = SeededEpisodePool("memory_maze", episodes=3, seed=160000).dataset
+    errors, tight = [], []
+    for episode in range(3):
+        frames = torch.as_tensor(np.asarray(dataset.frames[episode])).float()
+        if frames.shape[-1] == 3:
+            frames = frames.permute(0, 3, 1, 2)
+        frames = frames / 127.5 - 1
+        poses = torch.as_tensor(np.asarray(dataset.poses[episode])).float()
+        thumbs = torch.nn.functional.avg_pool2d(frames, 4).flatten(1)
+        for t in range(400, 432):
+            distance = torch.linalg.vector_norm(poses[:400, :2] - poses[t, :2], dim=-1)
+            turn = torch.abs(torch.remainder(poses[:400, 2] - poses[t, 2] + math.pi, 2 * math.pi) - math.pi)
+            window = (distance <= 1.0) & (turn <= math.radians(45))
+            close = (distance <= 0.35) & (turn <= math.radians(15))
+            error = ((thumbs[:400] - thumbs[t]) ** 2).mean(-1)
+            errors += error[window].tolist()
+            tight += close[window].tolist()
+    errors, tight = np.array(errors), np.array(tight)
+    print(f"pairs {len(errors)}, tight {tight.sum()}")
+    for q in (0.1, 0.25, 0.5, 0.75):
+        print(f"quantile {q}: tight {np.quantile(errors[tight], q):.4f}, rest {np.quantile(errors[~tight], q):.4f}")
+    for threshold in (0.005, 0.01, 0.02):
+        chosen = errors <= threshold
+        print(f"error <= {threshold}: {chosen.sum()} views, {(chosen & tight).sum()} of them tight")
+
+
+if __name__ == "__main__":
+    main()
