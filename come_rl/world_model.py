@@ -42,6 +42,14 @@ PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """pose_model(poses (B, 3), actions (B, A)) -> next poses (B, 3): how imagined actions move the agent (SLTM)."""
 
 
+def _pose_offsets(memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position (B, N) in cells, |heading difference| (B, N) in radians) of the memorized poses (N, 3) from each of
+    ``pose`` (B, 3)."""
+    pose = pose.float().to(memory_poses.device)
+    position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)
+    turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+    return position, turn
+
 
 def _rigid_shift(track: torch.Tensor, pose: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The (B, L, 3) pose ``track`` moved by the rigid motion (rotation about ``pose``'s position by the heading
@@ -57,6 +65,7 @@ def _thumbnails(frames: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) frames -> (N, C * H / 4 * W / 4) float: each frame 4x4-average-pooled (the appearance that
     re-anchoring compares: layout and colours, not texture)."""
     return torch.nn.functional.avg_pool2d(frames.float(), 4).flatten(1)
+
 
 class WorldModel:
     """See the module docstring. Build it with :meth:`load` or from experts directly."""
@@ -387,9 +396,7 @@ class WorldModel:
     def _anchor_match(self, memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (B,), close (B,)): the memorized pose nearest ``pose`` (B, 3) within ``composition.anchor`` cells and
         ``anchor_degrees``, and whether there is one."""
-        pose = pose.float()
-        position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)  # (B, N)
-        turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+        position, turn = _pose_offsets(memory_poses, pose)
         within = (position <= self.composition.anchor) & (turn <= math.radians(self.composition.anchor_degrees))
         score = torch.where(within, position / self.composition.anchor + turn / math.radians(
             self.composition.anchor_degrees), torch.full_like(position, float("inf")))
@@ -400,9 +407,7 @@ class WorldModel:
         """(index (B,), looks (B,)): among the memorized poses within ``anchor_search`` cells and
         ``anchor_search_degrees`` of ``pose`` (B, 3), the view whose thumbnail is nearest ``frame``'s (B, C, H, W),
         and whether its mean squared error is <= ``threshold``."""
-        pose = pose.float().to(memory_poses.device)
-        position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)  # (B, N)
-        turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+        position, turn = _pose_offsets(memory_poses, pose)
         window = (position <= self.composition.anchor_search) & (
             turn <= math.radians(self.composition.anchor_search_degrees))
         error = (_thumbnails(frame)[:, None] - thumbs[None]).pow(2).mean(-1).to(window.device)  # (B, N)

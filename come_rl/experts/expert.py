@@ -192,7 +192,7 @@ class DiffusionExpert(nn.Module):
         x_t = add_noise(x0, eps, alpha, sigma)
         if distill_target is not None:  # regress the teacher's frame, in this expert's target space, from the same x_t
             goal = devices.to_device(distill_target, device).to(x0.dtype)
-            x0 = goal - (x_t.new_zeros(()) if self.target == "full" else frames[:, -1] - x0)  # minus the anchor
+            x0 = goal if self.target == "full" else goal - (frames[:, -1] - x0)  # a residual: minus its anchor
             eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
         call = network or self.backbone
         out = (call(x_t[:, None], t, context, actions, poses, drop) if level is None
