@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from agents.find_object import WorldModelFindAgent
-from come_rl.io_utils import atomic_save_npz
+from come_rl.episode_records import read_record, write_record
 from come_rl.results import wilson_interval, write_table
 from envs.memory_cards import GRID
 from envs.memory_cards_find import MemoryCardsFindEnv
@@ -108,13 +108,12 @@ def tune(config: TuneConfig) -> list[dict]:
     for seed in tqdm(range(config.seed, config.seed + config.episodes), desc="find-object tuning"):
         path = out / "raw" / f"{seed}.npz"
         if path.exists():
-            with np.load(path) as saved:
-                record = {k: saved[k] for k in saved.files}
+            _, record = read_record(path)
             if list(record["budgets"]) == budgets and record["distances"].shape[-1] == config.samples:
                 records.append(record)
                 continue
         record = episode_distances(agent, env, seed, budgets)
-        atomic_save_npz(path, **record)
+        write_record(path, {"seed": seed}, **record)
         records.append(record)
     command = "python -m agents.find_object_tuning " + " ".join(
         f"{k}={v}" for k, v in dataclasses.asdict(config).items())

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from agents.goal_tasks import EpisodeResult, GoalTask, run_goal_episode
 from agents.mpc import MPCAgent
-from come_rl.io_utils import atomic_save_npz, atomic_write_bytes, atomic_write_text
+from come_rl.episode_records import read_record, write_record
+from come_rl.io_utils import atomic_write_bytes, atomic_write_text
 from come_rl.results import write_table
 from come_rl.seeding import EpisodeSeeds
 
@@ -88,9 +89,9 @@ def save_episode_record(out_dir: Path, result: EpisodeResult) -> EpisodeResult:
     rows = {"episode_row": {key: _plain(value) for key, value in result.episode_row.items()},
             "step_rows": [{key: _plain(value) for key, value in row.items()} for row in result.step_rows]}
     text = json.dumps(rows, allow_nan=True)
-    atomic_save_npz(record_path(out_dir, int(result.episode_row["episode"])), rows_json=np.array(text),
-                    executed_poses=np.asarray(result.executed_poses, dtype=np.float64),
-                    real_frames=np.stack(result.real_frames), imagined_frames=np.stack(result.imagined_frames))
+    write_record(record_path(out_dir, int(result.episode_row["episode"])), rows,
+                 executed_poses=np.asarray(result.executed_poses, dtype=np.float64),
+                 real_frames=np.stack(result.real_frames), imagined_frames=np.stack(result.imagined_frames))
     rows = json.loads(text)
     return EpisodeResult(rows["step_rows"], rows["episode_row"], list(result.real_frames),
                          list(result.imagined_frames), np.asarray(result.executed_poses, dtype=np.float64))
@@ -98,10 +99,9 @@ def save_episode_record(out_dir: Path, result: EpisodeResult) -> EpisodeResult:
 
 def load_episode_record(path: Path) -> EpisodeResult:
     """An :class:`EpisodeResult` from its record (``np.load`` without pickle: the rows are a JSON string)."""
-    with np.load(path) as record:
-        rows = json.loads(str(record["rows_json"]))
-        return EpisodeResult(rows["step_rows"], rows["episode_row"], list(record["real_frames"]),
-                             list(record["imagined_frames"]), record["executed_poses"])
+    rows, record = read_record(path)
+    return EpisodeResult(rows["step_rows"], rows["episode_row"], list(record["real_frames"]),
+                         list(record["imagined_frames"]), record["executed_poses"])
 
 
 def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:

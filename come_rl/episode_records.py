@@ -1,6 +1,7 @@
 """Crash-safe evaluations: one atomic record per finished episode; a rerun of the same command skips them.
 
-Used by the agent evaluations (``agents.find_object``, ``agents.return_to_place``): ``check_records(out, config,
+Used by every evaluation (``agents.find_object``, ``agents.return_to_place``, ``agents.nwm_protocol``, the recall
+and consistency studies; the run command's goal episodes write theirs with :func:`write_record` too): ``check_records(out, config,
 resume_free_keys)`` once before any episode, then ``recorded_episode(out, key, play)`` per episode. A kill leaves whole
 records or none (``atomic_save_npz``); tables, plots and GIFs are rebuilt from all episodes at the end, so a resumed run
 writes what an uninterrupted one writes (timing columns aside). Records hold the row as JSON and the GIF frames as
@@ -16,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +49,24 @@ def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
         atomic_write_text(path, json.dumps(settings, sort_keys=True, indent=1))
 
 
+def write_record(path: Path, row: Any, **arrays: np.ndarray) -> None:
+    """One finished episode's record, atomically: ``row`` (anything JSON holds, NaN included) and named arrays (frames
+    as uint8, poses ...; nothing that needs pickle). Every evaluation's records are written by this function."""
+    atomic_save_npz(path, row=np.array(json.dumps(row, allow_nan=True)), **arrays)
+
+
+def read_record(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """(row, {name: array}) of a record :func:`write_record` wrote. A record that cannot be read raises ValueError
+    naming it and the fix (records are written atomically: a damaged one was changed by someone else)."""
+    try:
+        with np.load(path) as saved:
+            key = "row" if "row" in saved.files else "rows_json"  # rows_json: the run command's records before 2026-12
+            return json.loads(str(saved[key])), {name: saved[name] for name in saved.files if name != key}
+    except Exception as error:
+        raise ValueError(f"episode record {path} is unreadable ({type(error).__name__}: {error}); delete it to rerun "
+                         f"the episode") from error
+
+
 def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, list]]) -> tuple[dict, list]:
     """``play()`` -> (row, GIF frames or sequences; may be empty), or the episode's record ``key`` in ``out`` if a
     previous run finished it (``out=None``: always play, record nothing)."""
@@ -54,14 +74,10 @@ def recorded_episode(out: Path | None, key: str, play: Callable[[], tuple[dict, 
         return play()
     path = Path(out) / RECORDS_DIR / f"{key}.npz"
     if path.exists():
-        try:
-            with np.load(path) as saved:
-                return json.loads(str(saved["row"])), list(saved["gif"])
-        except Exception as error:  # records are written atomically: a damaged one was changed by someone else
-            raise ValueError(f"episode record {path} is unreadable ({error}); delete it to rerun the episode") from error
+        row, arrays = read_record(path)
+        return row, list(arrays["gif"])
     row, gif = play()
-    atomic_save_npz(path, row=np.array(json.dumps(row, allow_nan=True)),
-                    gif=np.stack(gif) if len(gif) else np.zeros((0,), np.uint8))
+    write_record(path, row, gif=np.stack(gif) if len(gif) else np.zeros((0,), np.uint8))
     return row, gif
 
 

@@ -282,7 +282,7 @@ def test_an_episode_gives_the_same_rows_whatever_ran_before_it(tmp_path):
     adapters are re-initialised from a per-episode seed, not from whatever the global generator holds."""
     config = _lora_config(tmp_path)
     first = run(config)
-    (tmp_path / "out" / "episode_records" / "episode_1.json").unlink()
+    (tmp_path / "out" / "episode_records" / "episode_1.npz").unlink()
     torch.manual_seed(123)  # another global state than the first run's
     again = run(config)
     assert [r["lpips_all"] for r in again] == [r["lpips_all"] for r in first]

@@ -61,3 +61,20 @@ def test_summaries_refuse_an_agent_without_episodes_and_nan_mean_ignores_missing
         summarize_successes("empty", [])
     assert math.isnan(nan_mean([{"x": math.nan}, {}], "x"))
     assert nan_mean([{"x": 1.0}, {"x": 3.0}, {}], "x") == 2.0
+
+
+def test_every_evaluation_record_round_trips_its_rows_and_arrays_and_a_damaged_one_names_the_fix(tmp_path):
+    """One record format for every evaluation (come_rl.episode_records): rows through JSON (NaN kept), named arrays
+    bit-exact; a record damaged after its atomic write is refused with its path and the fix."""
+    from come_rl.episode_records import read_record, write_record
+
+    frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    rows = [{"composition": "base", "lpips_all": 0.25, "lpips_revisit": math.nan}, {"composition": "come", "x": 1}]
+    write_record(tmp_path / "episode_0.npz", rows, real=frames, poses=np.array([[0.5, 1.5, 0.1]]))
+    back, arrays = read_record(tmp_path / "episode_0.npz")
+    assert back[0]["composition"] == "base" and back[0]["lpips_all"] == 0.25 and math.isnan(back[0]["lpips_revisit"])
+    assert back[1] == rows[1] and sorted(arrays) == ["poses", "real"]
+    assert np.array_equal(arrays["real"], frames) and arrays["real"].dtype == np.uint8
+    (tmp_path / "episode_1.npz").write_bytes((tmp_path / "episode_0.npz").read_bytes()[:100])
+    with pytest.raises(ValueError, match="episode_1.npz is unreadable.*delete it to rerun"):
+        read_record(tmp_path / "episode_1.npz")

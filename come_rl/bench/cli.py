@@ -17,6 +17,7 @@ BENCHMARKS = {
     "dit": ("dit", "bench_dit", "DitBenchConfig"),
     "decision": ("decision", "bench_decision", "DecisionBenchConfig"),
     "decision_steps": ("decision", "bench_decision_steps", "DecisionStepsBenchConfig"),
+    "find_decision_steps": ("decision", "bench_find_decision_steps", "FindDecisionStepsBenchConfig"),
 }
 SUBCOMMANDS = tuple(BENCHMARKS)
 

@@ -217,6 +217,17 @@ class DecisionStepsBenchConfig:
     out_dir: str = "results/bench"
 
 
+def _step_counts(steps: str, decisions: int) -> list[int]:
+    """``steps=1,2,4,10`` -> [1, 2, 4, 10], refusing what no sampler runs (and decisions < 1)."""
+    try:
+        counts = [int(s) for s in str(steps).split(",") if s.strip()]
+    except ValueError as error:
+        raise ValueError(f"steps={steps!r}: give comma-separated integers >= 1, e.g. steps=1,2,4,10") from error
+    if not counts or min(counts) < 1 or decisions < 1:
+        raise ValueError(f"steps={steps!r} must be integers >= 1 and decisions >= 1, got {decisions}")
+    return counts
+
+
 def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     """The default run's CEM decision (fp32, base + LTM after memorization) at each denoising step count, alternated
     in one run: seconds per decision and their ratio to the default's 4 steps (the step count's quality is measured
@@ -228,12 +239,7 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     from come_rl.targets import load_planner
     from planners.objectives import LPIPSGoalObjective
 
-    try:
-        counts = [int(s) for s in str(config.steps).split(",") if s.strip()]
-    except ValueError as error:
-        raise ValueError(f"steps={config.steps!r}: give comma-separated integers >= 1, e.g. steps=1,2,4,10") from error
-    if not counts or min(counts) < 1 or config.decisions < 1:
-        raise ValueError(f"steps={config.steps!r} must be integers >= 1 and decisions >= 1, got {config.decisions}")
+    counts = _step_counts(config.steps, config.decisions)
     torch.set_num_threads(int(config.threads))
     directory = resolve_checkpoint(config.checkpoint)
     model, goal = default_decision_model(directory, counts[0])
@@ -261,4 +267,65 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
                       f"memorization, fp32, population {config.population} x horizon {config.horizon}, "
                       f"{config.threads} thread(s); medians of {config.decisions} decisions, step counts alternated in "
                       f"one run; `python -m come_rl.bench decision_steps steps={config.steps}`)")
+    return rows
+
+
+@dataclass
+class FindDecisionStepsBenchConfig:
+    checkpoint: str = "memory_cards"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    agent: str = "come"
+    """the find-the-object agent whose decision is timed (agents.find_object: base, ltm or come)."""
+    steps: str = "1,2,3,10"
+    """denoising steps per imagined frame, comma-separated; 10 is the evaluation's default (agents.find_object)."""
+    samples: int = 4
+    """imagined samples per tile (the evaluation's default)."""
+    decisions: int = 3
+    """timed decisions per step count (rounds alternate the step counts, after one warm-up round)."""
+    memorize_steps: int = 2
+    """the decision's cost does not depend on how long the memory was trained; 2 steps put the adapters in place."""
+    threads: int = 1
+    out_dir: str = "results/bench"
+
+
+def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict]:
+    """The find-the-object decision (``python -m agents.find_object``: imagine walking to each of the 16 tiles and
+    uncovering it, ``samples`` times each, in one batch) at each denoising step count, fp32, alternated in one run:
+    seconds per decision and their ratio to the evaluation's 10 steps. Its success by step count is measured apart
+    (``python -m agents.find_object sampler_steps=N``)."""
+    from agents.find_object import AGENT_EXPERTS, FindConfig, MemoryCardsFindEnv, build_agent
+    from come_rl.diffusion import SamplerConfig
+    from come_rl.results import write_table
+
+    counts = _step_counts(config.steps, config.decisions)
+    if config.agent not in AGENT_EXPERTS:
+        raise ValueError(f"agent={config.agent!r}: the decision of a world-model agent is timed; choose from "
+                         f"{sorted(AGENT_EXPERTS)}")
+    torch.set_num_threads(int(config.threads))
+    agent = build_agent(config.agent, FindConfig(checkpoint=config.checkpoint, samples=config.samples,
+                                                 memorize_steps=config.memorize_steps, sampler_steps=counts[0]))
+    env = MemoryCardsFindEnv()
+    _, info = env.reset(seed=0)
+    goal = np.asarray(info["goal_image"])
+    agent.watch(env, info)
+    model = agent.world_model
+    times: dict[int, list[float]] = {k: [] for k in counts}
+    for round_ in tqdm(range(config.decisions + 1), desc="find-the-object decision by denoising steps, rounds"):
+        for k in counts:
+            model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
+            start = time.perf_counter()
+            agent.tile_distances(env, goal)
+            if round_:
+                times[k].append(time.perf_counter() - start)
+    reference = 10 if 10 in counts else counts[0]
+    rows = [{"agent": config.agent, "denoising_steps": k, "decisions": config.decisions, "samples": config.samples,
+             "threads": config.threads, "median_decision_s": float(np.median(times[k])),
+             f"decision_x_{reference}_steps": float(np.median(times[k]) / np.median(times[reference]))}
+            for k in counts]
+    out = Path(config.out_dir)
+    write_table(out / "find_decision_steps.csv", rows, md_path=out / "find_decision_steps.md",
+                title=f"One find-the-object decision by denoising steps (Memory Cards, agent {config.agent}, 16 tiles x "
+                      f"{config.samples} samples imagined in one batch, after memorization; fp32, {config.threads} "
+                      f"thread(s); medians of {config.decisions} decisions, step counts alternated in one run; "
+                      f"`python -m come_rl.bench find_decision_steps steps={config.steps}`)")
     return rows

@@ -28,15 +28,15 @@ Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) wi
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
 has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
 ``lpips_revisit_pooled`` in the summary: LPIPS over all revisit frames pooled (an episode weighs by its revisit
-frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic file per finished (episode,
-composition): a killed run resumes where it stopped);
+frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic record per finished episode with
+all its rows, ``come_rl.episode_records``: a killed run resumes where it stopped, a rerun with other settings is
+refused);
 ``rollout.gif`` (real | base | CoME | re-anchored CoME, those that are rows, or the last row; first episode).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -50,7 +50,6 @@ from come_rl.cli_args import parse_cli
 from come_rl.composition import CompositionConfig
 from come_rl.conventions import frames_to_tensor, tensor_to_frames, wrap_angle
 from come_rl.experts.retrieval import nearest_pose_index
-from come_rl.io_utils import atomic_write_text
 from come_rl.results import write_table
 
 METRICS = ("lpips", "ssim", "psnr")
@@ -552,27 +551,22 @@ def context_curve(config: ConsistencyConfig) -> list[dict]:
     return curve
 
 
+# settings that change no episode's rows: a rerun may change them and resume (episode i is the same episode whatever
+# the count: a run may be extended, or cut short and its first episodes tabled)
+RESUME_FREE_KEYS = ("threads", "gif", "backend", "workers", "episodes", "out_dir")
+
+
 def run(config: ConsistencyConfig) -> list[dict]:
-    from come_rl.io_utils import atomic_save_npz
+    from come_rl.episode_records import RECORDS_DIR, check_records, read_record, write_record
+    from come_rl.fanout import check_backend, iter_tasks
 
     if config.contexts:
         return context_curve(config)
     names = check_config(config)
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
-    records = out / "episode_records"
+    records = out / RECORDS_DIR
     settings = dataclasses.asdict(config)
-    settings_path = out / "consistency_config.json"
-    # settings that change no episode's rows: a rerun may change them and resume (episode i is the same episode
-    # whatever the count: a run may be extended, or cut short and its first episodes tabled)
-    resumable = {k: v for k, v in settings.items() if k not in ("threads", "gif", "backend", "workers", "episodes")}
-    if settings_path.exists():
-        before = json.loads(settings_path.read_text())
-        if before != resumable:
-            diff = {k: (before.get(k), v) for k, v in resumable.items() if before.get(k) != v}
-            raise ValueError(f"{out} holds a run with other settings {diff}; pick another out_dir or delete it")
-    from come_rl.fanout import check_backend, iter_tasks
-
     check_backend(config.backend, config.workers)
     episodes = load_episodes(config)
     if config.backend == "local":
@@ -581,36 +575,32 @@ def run(config: ConsistencyConfig) -> list[dict]:
     else:  # the actors load the model; the driver only checks that the experts are there
         check_experts_present(config, names)
         factory, factory_args = ConsistencyWorker, (config, names)
-    from come_rl.locks import hold_directory
-
-    hold_directory(out, "come_rl.experiments.consistency")  # one writer per results directory
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(settings_path, json.dumps(resumable, indent=1))
-    done = {index: json.loads((records / f"episode_{index}.json").read_text()) for index in range(len(episodes))
-            if (records / f"episode_{index}.json").exists()}
+    check_records(out, config, RESUME_FREE_KEYS)  # one writer; a rerun with other settings is refused here
+    done = {index: read_record(records / f"episode_{index}.npz")[0] for index in range(len(episodes))
+            if (records / f"episode_{index}.npz").exists()}
     todo = [(index, episode) for index, episode in enumerate(episodes) if index not in done]
     first_rollouts = None
     for index, episode_rows, rollouts in iter_tasks(factory, factory_args, todo, backend=config.backend,
                                                     workers=config.workers, threads=config.threads,
                                                     desc="consistency episodes"):
-        atomic_write_text(records / f"episode_{index}.json", json.dumps(episode_rows))
+        # the first episode's record keeps its rollouts too (the GIF of a resumed run)
+        write_record(records / f"episode_{index}.npz", episode_rows, **(rollouts if index == 0 else {}))
         done[index] = episode_rows
         if index == 0:
             first_rollouts = rollouts
-            atomic_save_npz(records / "rollouts_0.npz", **rollouts)
     rows = [row for index in sorted(done) for row in done[index]]
     title = (f"Memory Maze consistency: {config.episodes} held-out episodes (seeds {config.seed}+), {config.context} "
              f"frames observed and memorized, {config.horizon} imagined open loop; mean ± 95 % t interval over "
              f"episodes; revisit = real pose within {config.revisit_distance} cell and {config.revisit_degrees:g} "
              f"degrees of a memorized pose. `python -m come_rl.experiments.consistency "
-             + " ".join(f"{k}={v}" for k, v in settings.items() if k in resumable or k == "episodes") + "`")
+             + " ".join(f"{k}={v}" for k, v in settings.items()
+                        if k == "episodes" or k not in RESUME_FREE_KEYS) + "`")
     write_table(out / "consistency.csv", rows)
     plot_per_frame(rows, names, out / "consistency_lpips.png", title)
     write_table(out / "consistency_summary.csv", summary_rows(rows, names), md_path=out / "consistency.md", title=title)
     if config.gif:
-        if first_rollouts is None and (records / "rollouts_0.npz").exists():
-            with np.load(records / "rollouts_0.npz") as archive:
-                first_rollouts = {k: archive[k] for k in archive.files}
+        if first_rollouts is None and (records / "episode_0.npz").exists():
+            first_rollouts = read_record(records / "episode_0.npz")[1]
         if first_rollouts:
             from come_rl.visualize import save_rollout_gif
 

@@ -25,7 +25,6 @@ iteration the mean over episodes with its 95 % t interval; ``streaming.png``, LP
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ from come_rl.conventions import tensor_to_frames
 from come_rl.experiments.consistency import (COMPOSITIONS, ConsistencyConfig, ConsistencyWorker, RecordedPoses,
                                              composition_for, load_episodes, mean_interval, parse_compositions,
                                              revisit_mask, score_frames)
-from come_rl.io_utils import atomic_write_text
 from come_rl.results import write_table
 
 
@@ -211,23 +209,18 @@ def plot(rows: list[dict], names: list[str], iterations: int, path: Path, title:
 def run(config: StreamingConfig) -> list[dict]:
     from tqdm import tqdm
 
-    from come_rl.episode_records import RECORDS_DIR, check_records
+    from come_rl.episode_records import check_records, recorded_episode
 
     names = check_config(config)
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
-    records = out / RECORDS_DIR
     episodes = load_episodes(_consistency_config(config, names))  # too-short or missing data: refused, nothing written
     check_records(out, config, resume_free_keys=("threads", "out_dir"))  # a rerun with other settings: refused here
     worker = StreamingWorker(config, names)
     done = {}
     for index, episode in enumerate(tqdm(episodes, desc="streaming episodes")):
-        path = records / f"episode_{index}.json"
-        if path.exists():
-            done[index] = json.loads(path.read_text())
-            continue
-        done[index] = worker.run(index, episode)
-        atomic_write_text(path, json.dumps(done[index]))
+        # an episode's rows, played, or read back from its record (a resumed run)
+        done[index], _ = recorded_episode(out, f"episode_{index}", lambda i=index, e=episode: (worker.run(i, e), []))
     rows = [row for index in sorted(done) for row in done[index]]
     title = (f"Memory Maze streaming consistency: {config.episodes} episodes (seeds {config.seed}+), {config.warmup} "
              f"frames, then {config.iterations} x (memorize the last {config.window} for {config.memorize_steps} steps, "
