@@ -4,6 +4,8 @@ planner, in fp32, bf16 autocast and torch.compile, and against an older checkout
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,8 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from agents.find_object import AGENT_EXPERTS, FindConfig, MemoryCardsFindEnv, build_agent
 from come_rl import devices
 from come_rl.bench.common import default_decision_model
+from come_rl.checkpoint import resolve_checkpoint
+from come_rl.diffusion import SamplerConfig
+from come_rl.metrics.lpips_metric import get_lpips
+from come_rl.results import write_table
+from come_rl.targets import load_planner
+from planners.objectives import LPIPSGoalObjective
 
 
 @dataclass
@@ -78,8 +87,6 @@ print("DECISION_TIMES " + json.dumps(times))
 
 def _git_revision(tree: Path) -> str:
     """The short commit of a checkout (``+dirty`` with uncommitted changes), or its folder name outside git."""
-    import subprocess
-
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return tree.name
@@ -90,9 +97,6 @@ def _git_revision(tree: Path) -> str:
 
 def _time_decisions_in(tree: Path, directory: Path, config: DecisionBenchConfig, decisions: int) -> list[float]:
     """Seconds per fp32 decision of the checkout at ``tree``, in a fresh single-purpose process."""
-    import os
-    import subprocess
-
     script = _DECISION_SCRIPT.format(threads=int(config.threads), directory=str(directory.resolve()), steps=config.steps,
                                      decisions=decisions, population=config.population, elites=config.elites,
                                      iterations=config.iterations, horizon=config.horizon)
@@ -109,12 +113,6 @@ def bench_decision(config: DecisionBenchConfig) -> list[dict]:
     """One CEM decision of the default run (``python -m come_rl.run agent=cem env=memory_maze``), split into the world
     model's imagination, LPIPS to the goal and the planner itself, per variant (fp32, bf16 autocast, fp32 through
     torch.compile); each variant's frames and plans are compared with fp32's from the same seeds."""
-    from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.metrics.lpips_metric import get_lpips
-    from come_rl.results import write_table
-    from come_rl.targets import load_planner
-    from planners.objectives import LPIPSGoalObjective
-
     unknown = [v for v in config.variants if v not in ("fp32", "bf16", "compile")]
     if unknown or not config.variants or config.variants[0] != "fp32" or config.decisions < 1:
         raise ValueError(f"variants must start with fp32 (the reference) and name fp32, bf16 or compile, and decisions "
@@ -232,13 +230,6 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     """The default run's CEM decision (fp32, base + LTM after memorization) at each denoising step count, alternated
     in one run: seconds per decision and their ratio to the default's 4 steps (the step count's quality is measured
     apart: ``come_rl.experiments.steps_curve``, ``come_rl.experiments.consistency``)."""
-    from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.diffusion import SamplerConfig
-    from come_rl.metrics.lpips_metric import get_lpips
-    from come_rl.results import write_table
-    from come_rl.targets import load_planner
-    from planners.objectives import LPIPSGoalObjective
-
     counts = _step_counts(config.steps, config.decisions)
     torch.set_num_threads(int(config.threads))
     directory = resolve_checkpoint(config.checkpoint)
@@ -293,10 +284,6 @@ def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict
     uncovering it, ``samples`` times each, in one batch) at each denoising step count, fp32, alternated in one run:
     seconds per decision and their ratio to the evaluation's 10 steps. Its success by step count is measured apart
     (``python -m agents.find_object sampler_steps=N``)."""
-    from agents.find_object import AGENT_EXPERTS, FindConfig, MemoryCardsFindEnv, build_agent
-    from come_rl.diffusion import SamplerConfig
-    from come_rl.results import write_table
-
     counts = _step_counts(config.steps, config.decisions)
     if config.agent not in AGENT_EXPERTS:
         raise ValueError(f"agent={config.agent!r}: the decision of a world-model agent is timed; choose from "
