@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl.checkpoint import sampler_steps_for
 from come_rl.episode_records import check_records, recorded_episode
 from come_rl.conventions import tensor_to_frames
 from come_rl.evaluation import play_agents, write_success_results
@@ -190,7 +191,9 @@ class FindConfig(FanoutSettings):
     samples: int = 4
     """imagined samples per tile (the tile's score is their mean pixel MSE to the goal); 4: tuned on seeds 100-107
     (``python -m agents.find_object_tuning``: 1 sample 6/8, 2-4 samples 8/8)."""
-    sampler_steps: int = 10
+    sampler_steps: int = 0
+    """denoising steps per imagined frame; 0: the checkpoint's (Memory Cards: 2, as good as 10 here on 32 held-out
+    episodes, results/few_step/README.md)."""
     out_dir: str = "results/find_object"
 
 
@@ -208,7 +211,8 @@ def build_agent(name: str, config: FindConfig):
     from come_rl.world_model import WorldModel
     from envs.memory_cards import cursor_pose_model
 
-    wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name], sampler={"steps": config.sampler_steps},
+    wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name],
+                         sampler={"steps": sampler_steps_for(config.checkpoint, config.sampler_steps)},
                          pose_model=cursor_pose_model)
     return WorldModelFindAgent(wm, config.memorize_steps if name != "base" else 0, config.seed, name=name,
                                samples=config.samples)
@@ -245,7 +249,7 @@ def evaluate(config: FindConfig) -> list[dict]:
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     title = (f"Memory Cards, find the object ({config.episodes} episodes per agent, seeds {config.seed}+; chance 2/16; "
-             f"world model {config.checkpoint}, {config.sampler_steps}-step DDIM, {config.memorize_steps} memorization steps, "
+             f"world model {config.checkpoint}, {sampler_steps_for(config.checkpoint, config.sampler_steps)}-step DDIM, {config.memorize_steps} memorization steps, "
              f"{config.samples} imagined samples per tile): `{command}`")
     out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
     check_records(out, config, RESUME_FREE_KEYS)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
-from come_rl.diffusion import build_schedule
+from come_rl.diffusion import SamplerConfig, build_schedule
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 from come_rl.nets.registry import build_backbone
@@ -63,6 +63,25 @@ def resolve_checkpoint(checkpoint: str | Path, what: str = "checkpoint", package
     available = sorted(p.name for p in packaged_dir.iterdir()) if packaged_dir.is_dir() else []
     raise FileNotFoundError(f"{what}={text!r} does not exist (looked at {where}); packaged checkpoints: "
                             f"{available or 'none'}. {hint[:1].upper() + hint[1:]}")
+
+
+def world_model_settings(checkpoint: str | Path) -> dict:
+    """The default settings a checkpoint's ``world_model.json`` gives its world model (composition, sampler, memorize,
+    ...); {} without the file. A name is resolved as :func:`resolve_checkpoint` does."""
+    path = resolve_checkpoint(checkpoint) / "world_model.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt, re-copy it or delete the file "
+                         f"to use the defaults") from error
+
+
+def sampler_steps_for(checkpoint: str | Path, steps: int = 0) -> int:
+    """``steps`` when given (>= 1), else the denoising steps the checkpoint samples with by default (its
+    ``world_model.json``; the sampler's own default without one): what an evaluation's ``sampler_steps=0`` means."""
+    if steps:
+        return int(steps)
+    return int(world_model_settings(checkpoint).get("sampler", {}).get("steps", SamplerConfig().steps))
 
 
 def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: dict, extra: dict | None = None) -> dict:

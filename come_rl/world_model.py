@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from come_rl import devices
-from come_rl.checkpoint import load_expert, resolve_checkpoint
+from come_rl.checkpoint import load_expert, resolve_checkpoint, world_model_settings
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
 from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, PlaceMemory, to_frame_tensor
@@ -499,12 +499,7 @@ class WorldModel:
         devices.resolve_precision(precision, target_device)
         directory = resolve_checkpoint(directory)  # a path, or the name of a checkpoint shipped in the package
         base, spec = load_expert(directory, "base")
-        settings_path = directory / "world_model.json"
-        try:
-            settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{settings_path} is not valid JSON ({error}); the checkpoint is corrupt, re-copy it or "
-                             f"delete the file to use the defaults") from error
+        settings = world_model_settings(directory)
         comp = dict(settings.get("composition", {}), **(composition or {}))
         if experts is not None:
             comp["experts"] = list(experts)

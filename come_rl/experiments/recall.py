@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl.checkpoint import sampler_steps_for
 from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
@@ -64,7 +65,9 @@ class RecallConfig(FanoutSettings):
     """MemorizeConfig overrides as JSON, e.g. {"method": "full", "lr": 3e-4}; empty = the checkpoint's defaults."""
     compositions: str = "all"
     """a set name (sweep, ltm, all), a composition name, or names separated by ";" (see COMPOSITIONS)."""
-    sampler_steps: int = 10
+    sampler_steps: int = 0
+    """denoising steps per imagined frame; 0: the checkpoint's (Memory Cards: 2 since session 23; the held-out tables
+    of results/recall were made at 10, the default then)."""
     seed: int = 5000
     out_dir: str = "results/recall"
     suffix: str = ""
@@ -120,7 +123,8 @@ class RecallWorker:
         self.steps_list, _, self.names = validate(config)
         roles = sorted({role for name in self.names for role in COMPOSITIONS[name]["experts"]} | {"base", "ltm"},
                        key=["base", "ltm", "stm", "sltm"].index)
-        self.wm = WorldModel.load(config.checkpoint, experts=roles, sampler={"steps": config.sampler_steps},
+        steps = sampler_steps_for(config.checkpoint, config.sampler_steps)
+        self.wm = WorldModel.load(config.checkpoint, experts=roles, sampler={"steps": steps},
                                   memorize=config.memorize, pose_model=cursor_pose_model, precision=config.precision)
         self.env = MemoryCardsEnv(max_steps=10**6)
         # The examples image: the shipped default composition where it is evaluated, after 100 steps where there are.
@@ -249,7 +253,8 @@ def run(config: RecallConfig) -> list[dict]:
                 title=f"Memory Cards recall: {config.episodes_per_start} zig-zag episodes per start x 16 tiles, seeds "
                       f"from {config.seed}; chance 12.5 %; base {base_spec.get('parameters', 0) / 1e6:.2f}M-parameter "
                       f"{base_spec['backbone']} ({results[0]['base_target']} target, {base_spec.get('minutes', 0):.0f} min "
-                      f"CPU training), 48x48, {config.sampler_steps}-step DDIM. Memorization: {json.dumps(settings)}. "
+                      f"CPU training), 48x48, {sampler_steps_for(config.checkpoint, config.sampler_steps)}-step DDIM. "
+                      f"Memorization: {json.dumps(settings)}. "
                       f"Command: `{command}`")
     if examples:
         import imageio.v3 as iio
