@@ -136,7 +136,7 @@ def test_bare_checkpoint_names_resolve_in_the_package(tmp_path: Path, monkeypatc
         run_module.resolve_checkpoint("memory_cards")
     cfg = compose_config(["env=memory_maze"])
     assert cfg.model.checkpoint == "memory_maze" and list(cfg.model.experts) == ["base", "ltm"]
-    assert cfg.env.task.preload_memory and cfg.model.sampler_steps == 4
+    assert cfg.env.task.preload_memory and cfg.model.sampler_steps == 1
 
 
 def test_memory_cards_with_a_come_model_preloads_memory(tmp_path: Path) -> None:
