@@ -248,8 +248,9 @@ def evaluate(config: FindConfig) -> list[dict]:
     check_backend(config.backend, config.workers)
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+    steps = sampler_steps_for(config.checkpoint, config.sampler_steps)
     title = (f"Memory Cards, find the object ({config.episodes} episodes per agent, seeds {config.seed}+; chance 2/16; "
-             f"world model {config.checkpoint}, {sampler_steps_for(config.checkpoint, config.sampler_steps)}-step DDIM, {config.memorize_steps} memorization steps, "
+             f"world model {config.checkpoint}, {steps}-step DDIM, {config.memorize_steps} memorization steps, "
              f"{config.samples} imagined samples per tile): `{command}`")
     out, seeds = Path(config.out_dir), range(config.seed, config.seed + config.episodes)
     check_records(out, config, RESUME_FREE_KEYS)

@@ -268,7 +268,8 @@ class FindDecisionStepsBenchConfig:
     agent: str = "come"
     """the find-the-object agent whose decision is timed (agents.find_object: base, ltm or come)."""
     steps: str = "1,2,3,10"
-    """denoising steps per imagined frame, comma-separated; 10 is the evaluation's default (agents.find_object)."""
+    """denoising steps per imagined frame, comma-separated; ratios are to 10 (the many-step path; the Memory Cards
+    checkpoint samples with 2 by default)."""
     samples: int = 4
     """imagined samples per tile (the evaluation's default)."""
     decisions: int = 3
@@ -282,7 +283,7 @@ class FindDecisionStepsBenchConfig:
 def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict]:
     """The find-the-object decision (``python -m agents.find_object``: imagine walking to each of the 16 tiles and
     uncovering it, ``samples`` times each, in one batch) at each denoising step count, fp32, alternated in one run:
-    seconds per decision and their ratio to the evaluation's 10 steps. Its success by step count is measured apart
+    seconds per decision and their ratio to 10 steps. Its success by step count is measured apart
     (``python -m agents.find_object sampler_steps=N``)."""
     counts = _step_counts(config.steps, config.decisions)
     if config.agent not in AGENT_EXPERTS:
