@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from agents.goal_tasks import EpisodeResult, GoalTask, run_goal_episode
 from agents.mpc import MPCAgent
-from come_rl.episode_records import read_record, write_record
+from come_rl.episode_records import compare_settings, read_record, write_record
 from come_rl.io_utils import atomic_write_bytes, atomic_write_text
 from come_rl.results import write_table
 from come_rl.seeding import EpisodeSeeds
@@ -104,22 +104,6 @@ def load_episode_record(path: Path) -> EpisodeResult:
                          list(record["imagined_frames"]), record["executed_poses"])
 
 
-def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(settings, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in settings.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): settings}
-
-
-def _differences(recorded: Any, wanted: Any, limit: int = 6) -> str:
-    old, new = _flatten(recorded), _flatten(wanted)
-    keys = [key for key in sorted(set(old) | set(new)) if old.get(key, "<unset>") != new.get(key, "<unset>")]
-    text = ", ".join(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in keys[:limit])
-    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _remove_stray_files(out_dir: Path) -> None:
     """Temporary files of writes a kill interrupted: an atomic write's ``.<name>.<random>.tmp``, a table's staging
     copy ``.<name>.staging`` and its own temporary file, the plot's ``distance.png.tmp.png``. Only names this runner
@@ -140,25 +124,11 @@ def check_run_directory(out_dir: str | Path, run_config: Mapping | None) -> bool
     configuration; tables of another configuration without records (committed results) mean a fresh start.
     Changes nothing, so ``come_rl.run`` calls it before any work (and :func:`open_run_directory` again).
     """
-    config_path = Path(out_dir) / RUN_CONFIG_NAME
-    if run_config is None or not config_path.is_file():
+    if run_config is None:
         return False
-    try:
-        recorded = json.loads(config_path.read_text())["config"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} is not a run configuration this runner wrote ({error}); use another "
-                         f"run.out_dir, or delete {out_dir} to start over") from error
-    wanted = json.loads(json.dumps(run_config, allow_nan=True))  # compared as stored: tuples become lists
-    if recorded != wanted and not any((Path(out_dir) / RECORDS_DIR_NAME).glob("episode_*.npz")):
-        # Tables without episode records (the repository's committed results: records are not committed) hold nothing
-        # a rerun could resume or mix with: the run starts over there (e.g. the README's first command on a GPU).
-        print(f"{out_dir} holds tables of another configuration ({_differences(recorded, wanted)}) but no episode "
-              f"records; starting over there", flush=True)
-        return False
-    if recorded != wanted:
-        raise ValueError(f"{out_dir} holds episodes of another configuration ({_differences(recorded, wanted)}); "
-                         f"use another run.out_dir, or delete {out_dir} to start this one over")
-    return True
+    return compare_settings(Path(out_dir) / RUN_CONFIG_NAME, run_config,
+                            any((Path(out_dir) / RECORDS_DIR_NAME).glob("episode_*.npz")), out=Path(out_dir),
+                            key="config", out_option="run.out_dir")
 
 
 def open_run_directory(out_dir: Path, run_config: Mapping | None, episodes: int) -> dict[int, EpisodeResult]:

@@ -26,26 +26,67 @@ from come_rl.io_utils import atomic_save_npz, atomic_write_text
 RECORDS_DIR = "episode_records"
 
 
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(settings, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in settings.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): settings}
+
+
+def setting_differences(recorded: Any, wanted: Any, limit: int = 6) -> str:
+    """``key: old -> new`` for each (nested, dotted) setting that differs, at most ``limit`` of them."""
+    old, new = _flatten(recorded), _flatten(wanted)
+    keys = [key for key in sorted(set(old) | set(new)) if old.get(key, "<unset>") != new.get(key, "<unset>")]
+    text = ", ".join(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def compare_settings(path: Path, settings: Any, has_records: bool, *, out: Path, key: str | None = None,
+                     out_option: str = "out_dir") -> bool:
+    """Whether a run with ``settings`` resumes from the settings file ``path`` (its JSON, or its ``key`` entry, equal
+    to them once stored as JSON). The one rule of every evaluation's resume, the run command's included:
+
+    - no file: False (a fresh start; the caller writes it);
+    - equal: True (the episodes recorded there are this run's);
+    - different, and no episode record in ``out`` (``has_records``): False, said on stdout (tables committed without
+      their records, or a run that never finished an episode, hold nothing to resume or mix with);
+    - different, with records: ValueError naming the differences and the fix, before any work;
+    - unreadable: ValueError naming the file and the fix.
+    Changes nothing on disk.
+    """
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text())
+        recorded = recorded[key] if key is not None else recorded
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a settings file of this evaluation ({type(error).__name__}: {error}); use "
+                         f"another {out_option}, or delete {out} to start over") from error
+    wanted = json.loads(json.dumps(settings, allow_nan=True))  # compared as stored: tuples become lists
+    if recorded == wanted:
+        return True
+    if not has_records:
+        print(f"{out} holds tables of other settings ({setting_differences(recorded, wanted)}) but no episode "
+              f"records; starting over there", flush=True)
+        return False
+    raise ValueError(f"{out} holds episodes run with other settings ({setting_differences(recorded, wanted)}); use "
+                     f"another {out_option}, or delete {out} to start over")
+
+
 def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
     """Write the run's settings (outside ``resume_free_keys``: those that change no episode) beside the records, or
-    refuse a rerun whose settings differ from those the recorded episodes were run with. ``config``: a dataclass, or a
-    JSON-able mapping (``come_rl.run`` passes its resolved configuration)."""
+    refuse a rerun whose settings differ from those the recorded episodes were run with (:func:`compare_settings`).
+    ``config``: a dataclass, or a JSON-able mapping."""
     from come_rl.locks import hold_directory
 
     hold_directory(out, "evaluation")  # one writer per results directory (come_rl.locks)
     items = config.items() if isinstance(config, Mapping) else dataclasses.asdict(config).items()
     settings = json.loads(json.dumps({k: v for k, v in items if k not in resume_free_keys}, allow_nan=True))
-    path = Path(out) / RECORDS_DIR / "run_config.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is corrupt ({error}); delete {path.parent} to start over") from error
-        if saved != settings:
-            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds episodes run with other settings ({changed}); use another out_dir or "
-                             f"delete {path.parent} to start over")
-    else:
+    records = Path(out) / RECORDS_DIR
+    path = records / "run_config.json"
+    if not compare_settings(path, settings, any(records.glob("*.npz")), out=Path(out)):
         atomic_write_text(path, json.dumps(settings, sort_keys=True, indent=1))
 
 

@@ -78,3 +78,41 @@ def test_every_evaluation_record_round_trips_its_rows_and_arrays_and_a_damaged_o
     (tmp_path / "episode_1.npz").write_bytes((tmp_path / "episode_0.npz").read_bytes()[:100])
     with pytest.raises(ValueError, match="episode_1.npz is unreadable.*delete it to rerun"):
         read_record(tmp_path / "episode_1.npz")
+
+
+def test_one_resume_rule_for_every_evaluation_and_the_run_command(tmp_path, capsys):
+    """check_records (the evaluations) and the run command's check_run_directory decide by compare_settings: equal
+    settings resume; other settings with episode records are refused naming what changed; other settings without
+    records (tables committed without them) start over; a damaged settings file names the fix."""
+    import json
+
+    from agents.runner import RUN_CONFIG_NAME, check_run_directory
+    from come_rl.episode_records import RECORDS_DIR, check_records, write_record
+
+    out = tmp_path / "eval"
+    check_records(out, {"seed": 3, "episodes": 4, "lr": 1e-3}, ("episodes",))
+    saved = out / RECORDS_DIR / "run_config.json"
+    assert json.loads(saved.read_text()) == {"seed": 3, "lr": 1e-3}
+    check_records(out, {"seed": 3, "episodes": 9, "lr": 1e-3}, ("episodes",))  # a free key changed: resumes
+    check_records(out, {"seed": 4, "episodes": 4, "lr": 1e-3}, ("episodes",))  # no record yet: starts over
+    assert json.loads(saved.read_text())["seed"] == 4 and "no episode records" in capsys.readouterr().out
+    write_record(out / RECORDS_DIR / "episode_0.npz", {"x": 1.0})
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.001 -> 0\.002\); use another out_dir"):
+        check_records(out, {"seed": 4, "episodes": 4, "lr": 2e-3}, ("episodes",))
+    assert json.loads(saved.read_text())["lr"] == 1e-3, "the refused run changed nothing"
+
+    run_dir = tmp_path / "run"
+    config = {"planner": {"population": 16}, "run": {"seed": 0}}
+    assert check_run_directory(run_dir, config) is False  # fresh
+    run_dir.mkdir()
+    (run_dir / RUN_CONFIG_NAME).write_text(json.dumps({"format": 1, "config": config}))
+    assert check_run_directory(run_dir, config) is True
+    other = {"planner": {"population": 8}, "run": {"seed": 0}}
+    assert check_run_directory(run_dir, other) is False  # tables without records: starts over
+    (run_dir / "episode_records").mkdir()
+    (run_dir / "episode_records" / "episode_000000.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"planner\.population: 16 -> 8\); use another run\.out_dir"):
+        check_run_directory(run_dir, other)
+    (run_dir / RUN_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not a settings file.*delete"):
+        check_run_directory(run_dir, config)
