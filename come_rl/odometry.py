@@ -30,9 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save as save_safetensors
 from torch import nn
+from tqdm import tqdm
 
-from come_rl.conventions import absolute_to_relative
+from come_rl.checkpoint import check_finite, verify_sha256
+from come_rl.cli_args import parse_cli
+from come_rl.conventions import absolute_to_relative, frames_to_tensor, relative_to_absolute
+from come_rl.data.episodes import EpisodeDataset
+from come_rl.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
+from come_rl.metrics.trajectory import absolute_trajectory_error, relative_pose_error
 
 ODOMETRY_NAME = "odometry"
 FORMAT_VERSION = 1
@@ -134,10 +142,7 @@ class OdometryPoseModel:
 
 
 def save_odometry(directory: str | Path, net: OdometryNet, info: dict) -> Path:
-    from safetensors.torch import save as save_safetensors
 
-    from come_rl.io_utils import sha256_file
-    from come_rl.io_utils import atomic_write_bytes, atomic_write_text
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,10 +156,7 @@ def save_odometry(directory: str | Path, net: OdometryNet, info: dict) -> Path:
 
 def load_odometry(directory: str | Path) -> OdometryPoseModel:
     """The pose model saved in a checkpoint directory; a clear error for a missing, corrupt or modified file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    from come_rl.checkpoint import check_finite, verify_sha256
 
     directory = Path(directory)
     weights, recipe = directory / f"{ODOMETRY_NAME}.safetensors", directory / f"{ODOMETRY_NAME}.json"
@@ -195,7 +197,6 @@ class _Transitions:
         self.motions, self.index = motions, np.asarray(index, dtype=np.int64)
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        from come_rl.conventions import frames_to_tensor
 
         pairs = self.index[rows]
         frames = np.stack([self.dataset.frames[k][t] for k, t in pairs])
@@ -232,8 +233,6 @@ def evaluate_segments(pose_model: OdometryPoseModel, dataset, horizon: int = 16,
     """Open-loop pose error over ``segments`` held-out segments of ``horizon`` steps, integrated from the true pose and
     motion at the segment's start, reading the real frames: ATE / RPE (evo, translation, no alignment) and the
     position error after 4, 8 and ``horizon`` steps; the same for each reference model."""
-    from come_rl.conventions import frames_to_tensor, relative_to_absolute
-    from come_rl.metrics.trajectory import absolute_trajectory_error, relative_pose_error
 
     rng = np.random.default_rng(seed)
     rows = {name: {"ate": [], "rpe": [], "end4": [], "end8": [], f"end{horizon}": []}
@@ -281,9 +280,7 @@ class OdometryTrainConfig:
 
 def train(config: OdometryTrainConfig, progress: bool = True) -> dict:
     """Train for ``minutes`` of wall clock (or until interrupted), then evaluate on ``val`` and save in ``out``."""
-    from tqdm import tqdm
 
-    from come_rl.data.episodes import EpisodeDataset
 
     if not config.data or not config.out:
         raise ValueError("give data=<collected Memory Maze episodes> and out=<checkpoint directory>")
@@ -332,14 +329,12 @@ def train(config: OdometryTrainConfig, progress: bool = True) -> dict:
         result["val"] = {"data": str(config.val), "horizon": config.horizon, "segments": config.segments,
                          **evaluate_segments(OdometryPoseModel(net), held_out, config.horizon, config.segments,
                                              seed=config.seed, references=reference_models(dataset))}
-    from come_rl.io_utils import atomic_write_text
 
     atomic_write_text(Path(config.out) / "odometry_eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.cli_args import parse_cli
 
     config = parse_cli(sys.argv[1:] if argv is None else argv, OdometryTrainConfig,
                        "python -m come_rl.odometry data=DIR out=DIR [val=DIR minutes=10 ...]")

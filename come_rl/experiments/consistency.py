@@ -45,12 +45,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
+from come_rl.checkpoint import resolve_checkpoint
 from come_rl.cli_args import parse_cli
 from come_rl.composition import CompositionConfig
 from come_rl.conventions import frames_to_tensor, tensor_to_frames, wrap_angle
+from come_rl.data.episodes import EpisodeDataset
+from come_rl.data_sources import SeededEpisodePool
+from come_rl.episode_records import RECORDS_DIR, check_records, read_record, stop_with_resume_hint, write_record
+from come_rl.experts.long_term import LongTermMemoryExpert
 from come_rl.experts.retrieval import nearest_pose_index
+from come_rl.fanout import check_backend, iter_tasks
+from come_rl.metrics import psnr, ssim
 from come_rl.results import write_table
+from come_rl.visualize import save_rollout_gif
+from come_rl.world_model import WorldModel
 
 METRICS = ("lpips", "ssim", "psnr")
 SHORT_HORIZON = 8
@@ -231,7 +241,6 @@ def _missing_expert_error(config: ConsistencyConfig, missing: list[str], error) 
 
 def check_experts_present(config: ConsistencyConfig, names: list[str]) -> None:
     """Refuse rows whose expert files the checkpoint lacks, without loading any network (the driver of a Ray run)."""
-    from come_rl.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(config.checkpoint)
     roles = sorted({role for name in names for role in row_spec(name, config.variants)[0]} - {"ltm"} | {"base"})
@@ -265,8 +274,6 @@ def check_config(config: ConsistencyConfig, episode_steps: int | None = None) ->
 
 def load_episodes(config: ConsistencyConfig) -> list[dict]:
     """The held-out episodes: frames (T+1, H, W, 3) uint8, actions (T, A), poses (T+1, 3), seed."""
-    from come_rl.data_sources import SeededEpisodePool
-    from come_rl.data.episodes import EpisodeDataset
 
     steps_needed = config.context + config.horizon - 1
     if config.data == "online:memory_maze":
@@ -290,7 +297,6 @@ def load_episodes(config: ConsistencyConfig) -> list[dict]:
 # ------------------------------------------------------------------------------------------------------- scoring
 def score_frames(imagined: np.ndarray, real: np.ndarray, lpips) -> dict[str, np.ndarray]:
     """Per-frame LPIPS, SSIM and PSNR of uint8 (T, H, W, 3) frames."""
-    from come_rl.metrics import psnr, ssim
 
     lp = lpips(frames_to_tensor(imagined), frames_to_tensor(real)).numpy()
     return {"lpips": lp, "ssim": np.asarray(ssim(imagined, real)), "psnr": np.minimum(np.asarray(psnr(imagined, real)), 100.0)}
@@ -332,7 +338,6 @@ class ConsistencyWorker:
 
     def __init__(self, config: ConsistencyConfig, names: list[str]):
         from come_rl.metrics.lpips_metric import get_lpips
-        from come_rl.world_model import WorldModel
 
         self.config, self.names = config, names
         experts = sorted({role for name in names for role in row_spec(name, config.variants)[0]} - {"ltm"} | {"base"})
@@ -420,7 +425,6 @@ class ConsistencyWorker:
 
     def _memorizes(self, composition: CompositionConfig) -> bool:
         """Whether a row uses an expert that memorizes the episode: the LTM, or an SLTM with ``sltm_memorizes``."""
-        from come_rl.experts.long_term import LongTermMemoryExpert
 
         return "ltm" in composition.experts or ("sltm" in composition.experts
                                                 and isinstance(self.wm.sltm, LongTermMemoryExpert))
@@ -445,7 +449,6 @@ class ConsistencyWorker:
 # ------------------------------------------------------------------------------------------------------- tables
 def mean_interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t interval (nan half-width for fewer than 2 values)."""
-    from scipy import stats
 
     x = np.asarray([v for v in values if v != "" and v is not None], dtype=np.float64)
     if len(x) == 0:
@@ -557,8 +560,6 @@ RESUME_FREE_KEYS = ("threads", "gif", "backend", "workers", "episodes", "out_dir
 
 
 def run(config: ConsistencyConfig) -> list[dict]:
-    from come_rl.episode_records import RECORDS_DIR, check_records, read_record, write_record
-    from come_rl.fanout import check_backend, iter_tasks
 
     if config.contexts:
         return context_curve(config)
@@ -602,7 +603,6 @@ def run(config: ConsistencyConfig) -> list[dict]:
         if first_rollouts is None and (records / "episode_0.npz").exists():
             first_rollouts = read_record(records / "episode_0.npz")[1]
         if first_rollouts:
-            from come_rl.visualize import save_rollout_gif
 
             # real | base | CoME (and re-anchored CoME) when they are rows, else real | base | the last row
             models = [n for n in ("come", "come_anchor") if n in first_rollouts] or [names[-1]]
@@ -612,7 +612,6 @@ def run(config: ConsistencyConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.episode_records import stop_with_resume_hint
 
     config = parse_cli(sys.argv[1:] if argv is None else argv, ConsistencyConfig)
     with stop_with_resume_hint(config.out_dir):
