@@ -18,7 +18,6 @@ Memory Maze units are maze cells; RECON's are NWM's waypoint spacings (0.25 m).
 
 CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner x world model, and
 ``<name>.md`` with the table of means, planners x world models)::
-
     python -m agents.nwm_protocol checkpoint=memory_maze data=/work/data/memory_maze_val cases=10 \\
         planners=cem,random_shooting,mppi,nwm experts='base|base,ltm'
 """
@@ -38,14 +37,18 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
+from come_rl.checkpoint import resolve_checkpoint
 from come_rl.cli_args import parse_cli, parse_dataclass
+from come_rl.data import EpisodeDataset
 from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.interfaces import ActionSpec
 from come_rl.results import write_protocol_results
 from come_rl.seeding import derive_seed
 from come_rl.targets import load_planner
+from come_rl.world_model import WorldModel
 from envs.memory_wrapper import observe_trajectory
+from planners.objectives import LPIPSGoalObjective
 
 PLANNER_NAMES = ("cem", "random_shooting", "mppi", "nwm")
 
@@ -206,7 +209,6 @@ def run_protocol(world_models: dict[str, Any], planners: dict[str, Callable[[], 
     """
     if objective_factory is None:
         from come_rl.metrics.lpips_metric import get_lpips
-        from planners.objectives import LPIPSGoalObjective
 
         lpips = get_lpips()
 
@@ -326,8 +328,6 @@ class ProtocolWorker:
     from the case's record when ``records`` names the run's records directory (``come_rl.episode_records``)."""
 
     def __init__(self, config: ProtocolConfig, checkpoint: str, meta: dict, records: str | None = None):
-        from come_rl.world_model import WorldModel
-
         self.config, self.records = config, None if records is None else Path(records)
         self.world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
                                                                 sampler={"steps": config.sampler_steps})
@@ -367,8 +367,6 @@ def env_factory_for(meta: dict) -> Callable[[], Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_cli(sys.argv[1:] if argv is None else argv, ProtocolConfig)
     torch.set_num_threads(config.threads)
-    from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.data import EpisodeDataset
 
     checkpoint = resolve_checkpoint(config.checkpoint)
     dataset = EpisodeDataset(config.data)

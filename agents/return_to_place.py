@@ -67,13 +67,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.goal_tasks import frames_to_model_tensor, path_errors
+from agents.mpc import MPCAgent
+from come_rl.checkpoint import resolve_checkpoint
+from come_rl.cli_args import run_evaluation_cli
+from come_rl.conventions import tensor_to_frames, wrap_angle
 from come_rl.episode_records import check_records, recorded_episode
-from come_rl.conventions import tensor_to_frames
 from come_rl.evaluation import play_agents, summarize_successes, write_success_results
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
+from come_rl.odometry import ODOMETRY_NAME
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.targets import load_planner
-from come_rl.conventions import wrap_angle
+from come_rl.world_model import WorldModel
+from planners.objectives import SCORINGS, LPIPSGoalObjective, PathObjective, PlaceObjective
 
 AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "exact_path", "oracle")
 DEFAULT_AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "oracle")
@@ -303,8 +309,6 @@ class WorldModelReturnAgent:
                  elites: int = 4, iterations: int = 1, memorize_steps: int = 25, objective: str = "place",
                  lookahead: float = 1.0, places_only: bool = False, turn_weight: float = 0.0,
                  scoring: str = "waypoint"):
-        from agents.mpc import MPCAgent
-        from planners.objectives import LPIPSGoalObjective, PlaceObjective
 
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
@@ -346,8 +350,6 @@ class WorldModelReturnAgent:
         if self.places_only:  # the base_places control: a place memory without any long-term memory expert
             wm.record_places()
         if self.objective == "path":  # the memorized way back: exploration poses from here to the goal's place
-            from planners.objectives import PathObjective
-
             self.mpc.objective_factory = functools.partial(PathObjective, path=task.return_reference, lookahead=1.0)
         self.mpc.reset(goal_frame=task.goal_frame, planner_seed=seeds.planner, imagine_seed=seeds.imagine)
         self.knows_place = float(getattr(self.mpc.objective, "knows_place", math.nan))
@@ -376,7 +378,6 @@ class WorldModelReturnAgent:
 # ------------------------------------------------------------------------------------------------------- episode
 def run_episode(env, agent, seeds: EpisodeSeeds, config: ReturnConfig, lpips=None) -> tuple[dict, list[np.ndarray]]:
     """Explore, pick the goal, let ``agent`` act for ``decisions * replan_every`` steps; (episode row, GIF rows)."""
-    from agents.goal_tasks import frames_to_model_tensor, path_errors
 
     task, observation, info = explore(env, seeds.env, seeds.policy, config.explore_steps, config.min_goal_distance,
                                       config.max_attempts)
@@ -478,7 +479,6 @@ class ReturnConfig(FanoutSettings):
 
 def checkpoint_experts(checkpoint: str) -> list[str]:
     """Every expert the checkpoint can compose: base + ltm (the LTM is the base's LoRA copy), stm/sltm if trained."""
-    from come_rl.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint)
     if not (directory / "base.safetensors").exists():
@@ -513,7 +513,6 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
                          f"start is no task), got {config.success_distance} and {config.min_goal_distance}")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
-    from planners.objectives import SCORINGS
 
     if config.scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS} (graph: the cost-to-go along the graph of memorized "
@@ -527,9 +526,6 @@ def check_config(config: ReturnConfig) -> tuple[list[str], dict[str, list[str]],
         experts["come"] = checkpoint_experts(config.checkpoint)
         placed = [n for n in names if n in ("base_places", "ltm", "come")]
         if config.objective == "place" and placed:
-            from come_rl.checkpoint import resolve_checkpoint
-            from come_rl.odometry import ODOMETRY_NAME
-
             directory = resolve_checkpoint(config.checkpoint)
             if not (directory / f"{ODOMETRY_NAME}.json").exists():
                 raise ValueError(f"agents {placed} score by the places they memorized, which needs poses of imagined "
@@ -558,7 +554,6 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
                                      objective="path" if name == "exact_path" else config.objective,
                                      lookahead=config.lookahead, turn_weight=config.turn_weight,
                                      scoring=config.scoring)
-    from come_rl.world_model import WorldModel
 
     wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})
     return WorldModelReturnAgent(name, wm, config.horizon, config.replan_every, config.population, config.elites,
@@ -652,8 +647,6 @@ def _distance_panel(ax, summaries: list[dict], success_distance: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.cli_args import run_evaluation_cli
-
     config = run_evaluation_cli(sys.argv[1:] if argv is None else argv, ReturnConfig, evaluate)
     print(f"results written to {config.out_dir}")
 

@@ -20,8 +20,13 @@ import numpy as np
 import torch
 
 from come_rl import devices
-from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.cli_args import parse_cli
+from come_rl.conventions import tensor_to_frames
+from come_rl.data_sources import clips_to_tensors, open_data_source
+from come_rl.diffusion import sample
+from come_rl.experts.retrieval import RetrievalClips
+from come_rl.results import write_table
+from come_rl.visualize import rollout_comparison, save_rollout_gif
 from come_rl.world_model import WorldModel
 from envs.registry import ENVS, env_name_of_data
 
@@ -82,8 +87,6 @@ def load_model_and_clips(config: EvaluateConfig) -> tuple[WorldModel, object, ob
     expert = getattr(wm, config.expert)
     source = open_data_source(config.data, seed=config.seed)
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
-        from come_rl.experts.retrieval import RetrievalClips
-
         source = RetrievalClips(source, blind=getattr(expert.backbone.config, "retrieval_blind", False))
     rng = np.random.default_rng(config.seed)
     clips = source.sample_clips(config.clips, expert.context_frames + 2, rng)
@@ -92,7 +95,6 @@ def load_model_and_clips(config: EvaluateConfig) -> tuple[WorldModel, object, ob
 
 def predict_next_frames(wm: WorldModel, expert, tensors: tuple, sampler, seed: int, batch_size: int) -> torch.Tensor:
     """The expert's sampled next frame (clips, C, H, W) in [-1, 1] after each clip's context, with ``sampler``."""
-    from come_rl.diffusion import sample
 
     frames, actions, poses = tensors
     k = expert.context_frames
@@ -133,7 +135,6 @@ def score_by_kind(predicted: torch.Tensor, tensors: tuple, k: int, kinds: dict[s
 
 def evaluate(config: EvaluateConfig) -> list[dict]:
     from come_rl.metrics.lpips_metric import get_lpips
-    from come_rl.results import write_table
 
     wm, expert, source, clips, tensors = load_model_and_clips(config)
     k = expert.context_frames
@@ -163,7 +164,6 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
 
 def _save_rollout(wm: WorldModel, source, config: EvaluateConfig, path: Path) -> None:
     """A held-out episode: real | imagined (open loop from the recorded actions, 16 steps after 3 context frames)."""
-    from come_rl.visualize import rollout_comparison, save_rollout_gif
 
     clip = source.sample_clips(1, 3 + 16, np.random.default_rng(config.seed + 1))
     real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=3, seed=config.seed)
@@ -173,7 +173,6 @@ def _save_rollout(wm: WorldModel, source, config: EvaluateConfig, path: Path) ->
 def _save_examples(predicted, target, last, path: Path) -> None:
     import imageio.v3 as iio
 
-    from come_rl.conventions import tensor_to_frames
 
     rows = [np.concatenate(list(tensor_to_frames(x)), axis=1) for x in (last, target, predicted)]
     grid = np.concatenate(rows, axis=0)

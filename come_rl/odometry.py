@@ -10,7 +10,6 @@ rollout, reading the frames the world model imagines (a frame facing a wall says
 Motion is ``(dx, dy, dyaw)`` in the agent's frame (``come_rl.conventions.absolute_to_relative``).
 
 Train and check on collected data::
-
     python -m come_rl.odometry data=<collected maze episodes> val=<held-out episodes> out=<checkpoint dir> minutes=10
 
 It writes ``odometry.safetensors`` + ``odometry.json`` (``WorldModel.load`` picks them up as the model's pose model)
@@ -197,7 +196,6 @@ class _Transitions:
         self.motions, self.index = motions, np.asarray(index, dtype=np.int64)
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-
         pairs = self.index[rows]
         frames = np.stack([self.dataset.frames[k][t] for k, t in pairs])
         previous = np.stack([self.motions[k][t - 1] for k, t in pairs])
@@ -335,7 +333,6 @@ def train(config: OdometryTrainConfig, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-
     config = parse_cli(sys.argv[1:] if argv is None else argv, OdometryTrainConfig,
                        "python -m come_rl.odometry data=DIR out=DIR [val=DIR minutes=10 ...]")
     result = train(config)

@@ -560,7 +560,6 @@ RESUME_FREE_KEYS = ("threads", "gif", "backend", "workers", "episodes", "out_dir
 
 
 def run(config: ConsistencyConfig) -> list[dict]:
-
     if config.contexts:
         return context_curve(config)
     names = check_config(config)
@@ -603,7 +602,6 @@ def run(config: ConsistencyConfig) -> list[dict]:
         if first_rollouts is None and (records / "episode_0.npz").exists():
             first_rollouts = read_record(records / "episode_0.npz")[1]
         if first_rollouts:
-
             # real | base | CoME (and re-anchored CoME) when they are rows, else real | base | the last row
             models = [n for n in ("come", "come_anchor") if n in first_rollouts] or [names[-1]]
             shown = ["real"] + [n for n in ("base", *models) if n in first_rollouts and n != "copy_last"]
@@ -612,7 +610,6 @@ def run(config: ConsistencyConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-
     config = parse_cli(sys.argv[1:] if argv is None else argv, ConsistencyConfig)
     with stop_with_resume_hint(config.out_dir):
         run(config)
