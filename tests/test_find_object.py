@@ -68,6 +68,8 @@ def test_evaluation_rejects_bad_settings_before_any_episode(tmp_path):
         evaluate(FindConfig(agents="random", episodes=0, out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown agents"):
         evaluate(FindConfig(agents="random,psychic", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        evaluate(FindConfig(agents="random", precision="fp16", out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
 
 
