@@ -34,10 +34,12 @@ import torch
 
 from come_rl import devices
 from come_rl.checkpoint import sampler_steps_for
-from come_rl.episode_records import check_records, recorded_episode
+from come_rl.cli_args import run_evaluation_cli
 from come_rl.conventions import tensor_to_frames
+from come_rl.episode_records import check_records, recorded_episode
 from come_rl.evaluation import play_agents, write_success_results
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
+from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE
 from envs.memory_cards_find import MemoryCardsFindEnv
 
@@ -212,7 +214,6 @@ def build_agent(name: str, config: FindConfig):
         return WorldModelFindAgent(MemoryCardsWorldModel(), 0, config.seed, name="exact")
     if name not in AGENT_EXPERTS:
         raise ValueError(f"unknown agent {name!r}; choose from {AGENTS}")
-    from come_rl.world_model import WorldModel
     from envs.memory_cards import cursor_pose_model
 
     wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name],
@@ -285,8 +286,6 @@ def write_results(results: dict[str, list[tuple[dict, list]]], out: Path, title:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.cli_args import run_evaluation_cli
-
     run_evaluation_cli(sys.argv[1:] if argv is None else argv, FindConfig, evaluate)
 
 

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from agents.goal_tasks import frames_to_model_tensor
 from agents.return_to_place import (OracleAgent, ReturnConfig, WorldModelReturnAgent, build_agent, check_config,
                                     explore)
+from come_rl.cli_args import run_evaluation_cli
 from come_rl.results import write_table
 from come_rl.seeding import episode_seeds
 
@@ -80,8 +82,6 @@ class _RecordingObjective:
 
 
 def _lpips_to(lpips, frames: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    from agents.goal_tasks import frames_to_model_tensor
-
     with torch.no_grad():
         target = frames_to_model_tensor(goal[None])
         out = [lpips(frames_to_model_tensor(frames[i:i + 64]), target.expand(len(frames[i:i + 64]), -1, -1, -1))
@@ -231,8 +231,6 @@ def _plot(scatter, path: Path, radius: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.cli_args import run_evaluation_cli
-
     run_evaluation_cli(sys.argv[1:] if argv is None else argv, DiagnosisConfig, diagnose)
 
 

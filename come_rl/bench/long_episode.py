@@ -3,15 +3,17 @@ process's memory and the seconds of each memorization call must stay flat as the
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import resource
 import torch
 from tqdm import tqdm
 
 from come_rl.bench.common import rss_mb
+from come_rl.checkpoint import resolve_checkpoint
+from come_rl.results import write_table
 from come_rl.world_model import WorldModel
 
 
@@ -29,8 +31,6 @@ class LongEpisodeBenchConfig:
 
 def bench_long_episode(config: LongEpisodeBenchConfig) -> list[dict]:
     """Stream one long episode through ``WorldModelMemoryWrapper``; a row per memorization call."""
-    from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.results import write_table
     from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
     from envs.memory_wrapper import WorldModelMemoryWrapper
 

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from come_rl.cli_args import parse_cli
 from come_rl.conventions import tensor_to_frames
+from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
 from come_rl.experiments.consistency import (COMPOSITIONS, ConsistencyConfig, ConsistencyWorker, RecordedPoses,
                                              composition_for, load_episodes, mean_interval, parse_compositions,
                                              revisit_mask, score_frames)
@@ -207,9 +209,7 @@ def plot(rows: list[dict], names: list[str], iterations: int, path: Path, title:
 
 
 def run(config: StreamingConfig) -> list[dict]:
-    from tqdm import tqdm
 
-    from come_rl.episode_records import check_records, recorded_episode
 
     names = check_config(config)
     torch.set_num_threads(config.threads)
@@ -235,8 +235,6 @@ def run(config: StreamingConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.episode_records import stop_with_resume_hint
-
     config = parse_cli(sys.argv[1:] if argv is None else argv, StreamingConfig)
     with stop_with_resume_hint(config.out_dir):
         run(config)
