@@ -251,7 +251,8 @@ def evaluate(config: FindConfig) -> list[dict]:
     if config.episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {config.episodes}")
     check_backend(config.backend, config.workers)
-    devices.resolve_precision(config.precision, torch.device("cpu"))  # an unknown precision fails before any work
+    # an unknown precision fails before any work, against the device WorldModel.load picks (auto: CUDA when present)
+    devices.resolve_precision(config.precision, devices.resolve_device("auto"))
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     steps = sampler_steps_for(config.checkpoint, config.sampler_steps)
