@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from come_rl import devices
-from come_rl.checkpoint import sampler_steps_for
+from come_rl.checkpoint import precision_for, sampler_steps_for
 from come_rl.cli_args import run_evaluation_cli
 from come_rl.conventions import tensor_to_frames
 from come_rl.episode_records import check_records, recorded_episode
@@ -198,9 +197,10 @@ class FindConfig(FanoutSettings):
     """denoising steps per imagined frame; 0: the checkpoint's (Memory Cards: 2, as good as 10 here on 32 held-out
     episodes, results/few_step/README.md)."""
     out_dir: str = "results/find_object"
-    precision: str = "fp32"
-    """fp32, or bf16 autocast for memorization and imagination (CUDA, or a CPU with bfloat16 kernels: on this
-    project's CPU memorization 1.6x faster with the same recall, results/few_step/README.md); auto: bf16 on CUDA."""
+    precision: str = "auto"
+    """auto: the checkpoint's (Memory Cards: bf16 on CUDA and on CPUs with bfloat16 kernels, where memorization runs
+    1.6x faster with the same recall and success, results/few_step/README.md; fp32 elsewhere); fp32; bf16. The
+    resolved precision is what the run records."""
 
 
 def build_agent(name: str, config: FindConfig):
@@ -251,8 +251,9 @@ def evaluate(config: FindConfig) -> list[dict]:
     if config.episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {config.episodes}")
     check_backend(config.backend, config.workers)
-    # an unknown precision fails before any work, against the device WorldModel.load picks (auto: CUDA when present)
-    devices.resolve_precision(config.precision, devices.resolve_device("auto"))
+    # an unknown precision fails before any work; auto is resolved (the checkpoint's, on the device WorldModel.load
+    # picks) so that the run's records say which precision made them
+    config = dataclasses.replace(config, precision=precision_for(config.checkpoint, config.precision))
     torch.set_num_threads(config.threads)
     command = "python -m agents.find_object " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
     steps = sampler_steps_for(config.checkpoint, config.sampler_steps)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from come_rl import devices
 from come_rl.cli_args import HELP_FLAGS, help_text, parse_cli
 from come_rl.diffusion import SamplerConfig, build_schedule
 from come_rl.experts.expert import DiffusionExpert
@@ -82,6 +83,14 @@ def sampler_steps_for(checkpoint: str | Path, steps: int = 0) -> int:
     if steps:
         return int(steps)
     return int(world_model_settings(checkpoint).get("sampler", {}).get("steps", SamplerConfig().steps))
+
+
+def precision_for(checkpoint: str | Path, precision: str = "auto", device: str | torch.device = "auto") -> str:
+    """The precision (``"fp32"`` or ``"bf16"``) that ``WorldModel.load(checkpoint, precision=..., device=...)`` runs
+    in: ``auto`` is bf16 on CUDA and, on the CPU, the checkpoint's ``cpu_precision`` (world_model.json) where the CPU
+    has bfloat16 kernels. Evaluations record it, so that a table never mixes two precisions."""
+    cpu_auto = world_model_settings(checkpoint).get("cpu_precision", "fp32")
+    return devices.resolve_precision(precision, devices.resolve_device(device), cpu_auto=cpu_auto)
 
 
 def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: dict, extra: dict | None = None) -> dict:

@@ -8,9 +8,11 @@ Settings, the same everywhere (``WorldModel.load``, ``come_rl.train``, ``come_rl
 
 * ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a ``torch.device``).
 * ``precision``: ``auto`` | ``fp32`` | ``bf16``. bf16 is autocast (weights stay float32, matmuls and convolutions run
-  in bfloat16). ``auto`` is bf16 on CUDA and fp32 on the CPU (exact, reproducible frames); ``bf16`` on the CPU is an
-  opt-in where oneDNN has bfloat16 kernels (AVX512-BF16 / AMX): measured 1.5x faster per U-Net call on this project's
-  CPU at a small cost in frame accuracy (``python -m come_rl.bench decision``; results/bench/README.md).
+  in bfloat16). ``auto`` is bf16 on CUDA; on the CPU it is what the checkpoint's world_model.json declares as its
+  ``cpu_precision`` where oneDNN has bfloat16 kernels (AVX512-BF16 / AMX), and fp32 otherwise (exact, reproducible
+  frames). The Memory Cards checkpoint declares bf16 (its recall and find-the-object success measured equal to fp32
+  held out, memorization 1.6x faster); the maze checkpoint fp32. bf16 on the CPU: measured 1.5x faster per U-Net call
+  on this project's CPU at a small cost in frame accuracy (``python -m come_rl.bench decision``).
 * ``compile``: ``torch.compile`` the networks' hot paths, off by default (the first calls pay the compilation).
 
 Random numbers follow one rule (:func:`randn`, :func:`rand`): they are drawn on the generator's own device (CPU for
@@ -63,14 +65,20 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_precision(precision: str | None, device: torch.device) -> str:
+def resolve_precision(precision: str | None, device: torch.device, cpu_auto: str = "fp32") -> str:
     """``auto`` | ``fp32`` | ``bf16`` -> ``"fp32"`` or ``"bf16"`` for ``device``. ``auto`` is bf16 on a CUDA GPU that
-    supports it and fp32 on the CPU; ``bf16`` on the CPU needs oneDNN's bfloat16 kernels (:func:`cpu_supports_bf16`)."""
+    supports it; on the CPU it is ``cpu_auto`` (a checkpoint's ``cpu_precision``: the precision its results were
+    validated at on CPUs) where this CPU has bfloat16 kernels, else fp32. ``bf16`` on the CPU needs oneDNN's bfloat16
+    kernels (:func:`cpu_supports_bf16`)."""
     text = "auto" if precision is None else str(precision).strip().lower()
     if text not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if cpu_auto not in ("fp32", "bf16"):
+        raise ValueError(f"a checkpoint's cpu_precision must be fp32 or bf16, got {cpu_auto!r}; fix its world_model.json")
     if text == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_auto == "bf16" and cpu_supports_bf16() else "fp32"
     if text == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
         raise ValueError(f"precision=bf16 on the CPU needs oneDNN bfloat16 kernels (AVX512-BF16 or AMX), which this CPU "
                          f"({torch.backends.cpu.get_cpu_capability()}) lacks; use precision=fp32 or auto on it "

@@ -37,7 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from agents.goal_tasks import record_reference_task
 from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
-from come_rl.checkpoint import packaged_checkpoints_dir
+from come_rl.checkpoint import packaged_checkpoints_dir, world_model_settings
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision, resolve_threads
 from come_rl.episode_records import check_records
@@ -81,7 +81,14 @@ def device_settings(cfg: DictConfig) -> dict:
     compile_value = cfg.get("compile", False)
     if not isinstance(compile_value, bool):
         raise ValueError(f"compile must be true or false, got {compile_value!r}")
-    return {"device": device, "precision": resolve_precision(cfg.get("precision", "auto"), device),
+    model = cfg.get("model") or {}
+    cpu_auto = "fp32"  # precision=auto on the CPU: the checkpoint's own (a missing one fails where it is loaded)
+    if "checkpoint" in model:
+        try:
+            cpu_auto = world_model_settings(resolve_checkpoint(str(model["checkpoint"]))).get("cpu_precision", "fp32")
+        except FileNotFoundError:
+            pass
+    return {"device": device, "precision": resolve_precision(cfg.get("precision", "auto"), device, cpu_auto=cpu_auto),
             "compile": compile_value}
 
 

@@ -14,7 +14,8 @@ Devices: ``WorldModel.load(..., device="auto")`` puts every expert on the GPU wh
 ``cuda:N`` pick one; ``come_rl.devices``). The episode memory stays on the CPU (it is the episode's record, read by
 agents and experiments); experts move what they are given to their own device, and ``imagine`` returns its frames on
 the CPU, so callers are the same for every device. ``precision="auto"`` samples and memorizes under bf16 autocast on
-CUDA and in float32 on the CPU; ``compile=True`` runs the denoising networks through ``torch.compile``.
+CUDA, and on the CPU in the checkpoint's ``cpu_precision`` (world_model.json; bf16 only where the CPU has bfloat16
+kernels, else float32); ``compile=True`` runs the denoising networks through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class WorldModel:
         device: str | torch.device | None = None,
         precision: str = "auto",
         compile: bool = False,
+        cpu_precision: str = "fp32",
     ):
         if device is not None:  # None: the experts stay where they are (all on one device)
             target = devices.resolve_device(device)
@@ -93,7 +95,8 @@ class WorldModel:
                     expert.to(target)
         self.base, self.stm, self.sltm = base, stm, sltm
         self._check_one_device()
-        self.precision = devices.resolve_precision(precision, self.device)
+        self.cpu_precision = cpu_precision  # what precision="auto" means on a CPU with bf16 kernels (world_model.json)
+        self.precision = devices.resolve_precision(precision, self.device, cpu_auto=cpu_precision)
         self.action_spec, self.frame_shape = action_spec, (3, frame_size, frame_size)
         self.composition = composition or CompositionConfig()
         self.reference_composer = False  # use_composition(..., reference=True): every pass run (the benchmark's control)
@@ -478,7 +481,7 @@ class WorldModel:
         settings = {
             "composition": dataclasses.asdict(self.composition), "sampler": dataclasses.asdict(self.sampler),
             "memorize": dataclasses.asdict(self.memorize_config), "action_spec": dataclasses.asdict(self.action_spec),
-            "frame_size": self.frame_shape[-1],
+            "frame_size": self.frame_shape[-1], "cpu_precision": self.cpu_precision,
         }
         from come_rl.io_utils import atomic_write_text
 
@@ -493,13 +496,15 @@ class WorldModel:
         and ``world_model.json`` with default settings); keyword dicts override those settings. A bare name that is
         not a directory here (``"memory_cards"``) is a checkpoint shipped in the package (come_rl/checkpoints/).
 
-        ``device``: auto (CUDA when present) | cpu | cuda | cuda:N; ``precision``: auto (bf16 autocast on CUDA, fp32
-        on CPU) | fp32 | bf16; ``compile``: torch.compile the denoising networks (see ``come_rl.devices``)."""
+        ``device``: auto (CUDA when present) | cpu | cuda | cuda:N; ``precision``: auto (bf16 autocast on CUDA; on
+        the CPU the checkpoint's ``cpu_precision`` where the CPU has bf16 kernels, else fp32) | fp32 | bf16;
+        ``compile``: torch.compile the denoising networks (see ``come_rl.devices``)."""
         target_device = devices.resolve_device(device)  # a bad device fails before anything is read
         devices.resolve_precision(precision, target_device)
         directory = resolve_checkpoint(directory)  # a path, or the name of a checkpoint shipped in the package
         base, spec = load_expert(directory, "base")
         settings = world_model_settings(directory)
+        cpu_precision = settings.get("cpu_precision", "fp32")
         comp = dict(settings.get("composition", {}), **(composition or {}))
         if experts is not None:
             comp["experts"] = list(experts)
@@ -520,7 +525,8 @@ class WorldModel:
             composition=comp_cfg,
             sampler=SamplerConfig(**dict(settings.get("sampler", {}), **(sampler or {}))),
             memorize_config=MemorizeConfig(**dict(settings.get("memorize", {}), **(memorize or {}))),
-            pose_model=pose_model, device=target_device, precision=precision, compile=compile, **optional,
+            pose_model=pose_model, device=target_device, precision=precision, compile=compile,
+            cpu_precision=cpu_precision, **optional,
         )
         model.checkpoint_dir = directory
         model.base_spec = spec

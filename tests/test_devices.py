@@ -294,3 +294,31 @@ def test_the_planning_run_defaults_to_one_thread_and_resolves_auto(tmp_path, mon
     monkeypatch.setattr(come_rl.run.torch, "set_num_threads", lambda n: seen.append(n))
     come_rl.run.run(cfg)
     assert seen and set(seen) == {1} and cfg.run.threads == 1
+
+
+def test_a_checkpoint_declares_what_auto_means_on_the_cpu(tmp_path) -> None:
+    """precision=auto on the CPU is the checkpoint's ``cpu_precision`` (world_model.json) where the CPU has bfloat16
+    kernels, fp32 elsewhere; it survives save / load; an explicit precision wins; a bad declaration is refused."""
+    import json
+
+    from come_rl.checkpoint import precision_for, save_expert
+
+    cpu = torch.device("cpu")
+    bf16_here = "bf16" if devices.cpu_supports_bf16() else "fp32"
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert devices.resolve_precision("auto", cpu, cpu_auto="bf16") == bf16_here
+    assert devices.resolve_precision("fp32", cpu, cpu_auto="bf16") == "fp32"
+    with pytest.raises(ValueError, match="cpu_precision must be fp32 or bf16"):
+        devices.resolve_precision("auto", cpu, cpu_auto="fp16")
+    expert = tiny_expert()
+    save_expert(tmp_path, expert, expert.spec)
+    assert WorldModel.load(tmp_path, experts=["base"], device="cpu").precision == "fp32"  # no declaration: fp32
+    (tmp_path / "world_model.json").write_text(json.dumps({"cpu_precision": "bf16"}))
+    wm = WorldModel.load(tmp_path, experts=["base"], device="cpu")
+    assert wm.precision == bf16_here == precision_for(tmp_path, "auto", "cpu")
+    assert WorldModel.load(tmp_path, experts=["base"], device="cpu", precision="fp32").precision == "fp32"
+    wm.save(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "world_model.json").read_text())["cpu_precision"] == "bf16"
+    # the shipped checkpoints: Memory Cards was validated in bf16 on the CPU (results/few_step), the maze in fp32
+    assert precision_for("memory_cards", "auto", "cpu") == bf16_here
+    assert precision_for("memory_maze", "auto", "cpu") == "fp32"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from come_rl.checkpoint import sampler_steps_for
+from come_rl.checkpoint import precision_for, sampler_steps_for
 from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend, run_tasks
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
@@ -72,8 +72,9 @@ class RecallConfig(FanoutSettings):
     out_dir: str = "results/recall"
     suffix: str = ""
     """appended to the result file names (keeps several settings side by side)."""
-    precision: str = "fp32"
-    """fp32, or bf16 autocast for memorization and sampling (CUDA, or a CPU with bfloat16 kernels)."""
+    precision: str = "auto"
+    """auto: the checkpoint's (Memory Cards: bf16 on CUDA and on CPUs with bfloat16 kernels, fp32 elsewhere; the held-out
+    tables of results/recall before session 25 were made in fp32: add precision=fp32 to rerun them); fp32; bf16."""
 
 
 def tile_errors(predicted: np.ndarray, truth: np.ndarray, env: MemoryCardsEnv, row: int, col: int,
@@ -205,6 +206,7 @@ RESUME_FREE_KEYS = (*FANOUT_KEYS, "out_dir", "suffix")
 def run(config: RecallConfig) -> list[dict]:
 
     steps_list, starts, names = validate(config)
+    config = dataclasses.replace(config, precision=precision_for(config.checkpoint, config.precision))  # recorded
     check_backend(config.backend, config.workers)
     torch.set_num_threads(config.threads)
     jobs = [(start, i) for start in starts for i in range(config.episodes_per_start)]
