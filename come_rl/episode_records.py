@@ -43,6 +43,10 @@ def setting_differences(recorded: Any, wanted: Any, limit: int = 6) -> str:
     return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+_SAID: set[str] = set()
+"""the start-over notices this process has printed (each once)."""
+
+
 def compare_settings(path: Path, settings: Any, has_records: bool, *, out: Path, key: str | None = None,
                      out_option: str = "out_dir") -> bool:
     """Whether a run with ``settings`` resumes from the settings file ``path`` (its JSON, or its ``key`` entry, equal
@@ -68,8 +72,11 @@ def compare_settings(path: Path, settings: Any, has_records: bool, *, out: Path,
     if recorded == wanted:
         return True
     if not has_records:
-        print(f"{out} holds tables of other settings ({setting_differences(recorded, wanted)}) but no episode "
-              f"records; starting over there", flush=True)
+        message = (f"{out} holds tables of other settings ({setting_differences(recorded, wanted)}) but no episode "
+                   f"records; starting over there")
+        if message not in _SAID:  # the run command checks before any work and again where it opens the directory
+            _SAID.add(message)
+            print(message, flush=True)
         return False
     raise ValueError(f"{out} holds episodes run with other settings ({setting_differences(recorded, wanted)}); use "
                      f"another {out_option}, or delete {out} to start over")

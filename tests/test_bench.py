@@ -138,13 +138,18 @@ def test_the_decision_steps_benchmark_times_each_step_count_in_one_run(tmp_path)
 def test_the_find_decision_steps_benchmark_times_the_agents_decision_at_each_step_count(tmp_path):
     from come_rl.bench.decision import FindDecisionStepsBenchConfig, bench_find_decision_steps
 
+    from come_rl import devices
+
+    precisions = "fp32,bf16" if devices.cpu_supports_bf16() else "fp32"
     rows = bench_find_decision_steps(FindDecisionStepsBenchConfig(agent="base", steps="1,2", samples=1, decisions=1,
-                                                                  out_dir=str(tmp_path)))
-    assert [row["denoising_steps"] for row in rows] == [1, 2]
-    assert rows[0]["decision_x_1_steps"] == 1.0
-    # a second network call per frame costs: two steps are slower than one, not the same
-    assert rows[1]["decision_x_1_steps"] > 1.2
-    assert "find-the-object decision by denoising steps" in (tmp_path / "find_decision_steps.md").read_text()
+                                                                  precisions=precisions, out_dir=str(tmp_path)))
+    assert [(row["precision"], row["denoising_steps"]) for row in rows] == [
+        (precision, k) for precision in precisions.split(",") for k in (1, 2)]
+    assert rows[0]["decision_x_fp32_1_steps"] == 1.0  # the reference cell
+    assert all(row["median_decision_s"] > 0 for row in rows)
+    assert "precisions alternated" in (tmp_path / "find_decision_steps.md").read_text()
+    with pytest.raises(ValueError, match="fp32 and/or bf16"):
+        bench_find_decision_steps(FindDecisionStepsBenchConfig(precisions="fp16", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="choose from"):
         bench_find_decision_steps(FindDecisionStepsBenchConfig(agent="oracle", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="integers >= 1"):

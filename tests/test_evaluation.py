@@ -108,7 +108,10 @@ def test_one_resume_rule_for_every_evaluation_and_the_run_command(tmp_path, caps
     (run_dir / RUN_CONFIG_NAME).write_text(json.dumps({"format": 1, "config": config}))
     assert check_run_directory(run_dir, config) is True
     other = {"planner": {"population": 8}, "run": {"seed": 0}}
+    capsys.readouterr()
     assert check_run_directory(run_dir, other) is False  # tables without records: starts over
+    assert check_run_directory(run_dir, other) is False  # checked again where the run opens it: said once
+    assert capsys.readouterr().out.count("holds tables of other settings") == 1
     (run_dir / "episode_records").mkdir()
     (run_dir / "episode_records" / "episode_000000.npz").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"planner\.population: 16 -> 8\); use another run\.out_dir"):

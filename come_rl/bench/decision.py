@@ -277,43 +277,59 @@ class FindDecisionStepsBenchConfig:
     memorize_steps: int = 2
     """the decision's cost does not depend on how long the memory was trained; 2 steps put the adapters in place."""
     threads: int = 1
+    precisions: str = "fp32"
+    """comma-separated precisions, alternated in the same rounds (fp32, bf16: bf16 needs CUDA or a CPU with bfloat16
+    kernels); ratios are to fp32 at 10 steps (or the first precision and step count listed)."""
     out_dir: str = "results/bench"
 
 
 def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict]:
     """The find-the-object decision (``python -m agents.find_object``: imagine walking to each of the 16 tiles and
-    uncovering it, ``samples`` times each, in one batch) at each denoising step count, fp32, alternated in one run:
-    seconds per decision and their ratio to 10 steps. Its success by step count is measured apart
+    uncovering it, ``samples`` times each, in one batch) at each denoising step count and precision, alternated in
+    one run: seconds per decision and their ratio to fp32 at 10 steps. Its success by step count is measured apart
     (``python -m agents.find_object sampler_steps=N``)."""
     counts = _step_counts(config.steps, config.decisions)
+    precisions = [p.strip() for p in str(config.precisions).split(",") if p.strip()]
+    if not precisions or len(set(precisions)) != len(precisions):
+        raise ValueError(f"precisions={config.precisions!r}: list fp32 and/or bf16 once each, e.g. precisions=fp32,bf16")
+    for precision in precisions:  # an unknown one fails before any work (and bf16 on a CPU without bf16 kernels)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precisions: {precision!r} is not a precision to time; list fp32 and/or bf16")
+        devices.resolve_precision(precision, devices.resolve_device("auto"))
     if config.agent not in AGENT_EXPERTS:
         raise ValueError(f"agent={config.agent!r}: the decision of a world-model agent is timed; choose from "
                          f"{sorted(AGENT_EXPERTS)}")
     torch.set_num_threads(int(config.threads))
     agent = build_agent(config.agent, FindConfig(checkpoint=config.checkpoint, samples=config.samples,
-                                                 memorize_steps=config.memorize_steps, sampler_steps=counts[0]))
+                                                 memorize_steps=config.memorize_steps, sampler_steps=counts[0],
+                                                 precision=precisions[0]))
     env = MemoryCardsFindEnv()
     _, info = env.reset(seed=0)
     goal = np.asarray(info["goal_image"])
     agent.watch(env, info)
     model = agent.world_model
-    times: dict[int, list[float]] = {k: [] for k in counts}
+    cells = [(precision, k) for precision in precisions for k in counts]
+    times: dict[tuple, list[float]] = {cell: [] for cell in cells}
     for round_ in tqdm(range(config.decisions + 1), desc="find-the-object decision by denoising steps, rounds"):
-        for k in counts:
+        for precision, k in cells:  # the decision's cost does not depend on the precision the memory was trained in
+            model.precision = precision
             model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
             start = time.perf_counter()
             agent.tile_distances(env, goal)
             if round_:
-                times[k].append(time.perf_counter() - start)
-    reference = 10 if 10 in counts else counts[0]
-    rows = [{"agent": config.agent, "denoising_steps": k, "decisions": config.decisions, "samples": config.samples,
-             "threads": config.threads, "median_decision_s": float(np.median(times[k])),
-             f"decision_x_{reference}_steps": float(np.median(times[k]) / np.median(times[reference]))}
-            for k in counts]
+                times[precision, k].append(time.perf_counter() - start)
+    reference = ("fp32" if "fp32" in precisions else precisions[0], 10 if 10 in counts else counts[0])
+    rows = [{"agent": config.agent, "precision": precision, "denoising_steps": k, "decisions": config.decisions,
+             "samples": config.samples, "threads": config.threads,
+             "median_decision_s": float(np.median(times[precision, k])),
+             f"decision_x_{reference[0]}_{reference[1]}_steps": float(np.median(times[precision, k])
+                                                                       / np.median(times[reference]))}
+            for precision, k in cells]
     out = Path(config.out_dir)
     write_table(out / "find_decision_steps.csv", rows, md_path=out / "find_decision_steps.md",
                 title=f"One find-the-object decision by denoising steps (Memory Cards, agent {config.agent}, 16 tiles x "
-                      f"{config.samples} samples imagined in one batch, after memorization; fp32, {config.threads} "
-                      f"thread(s); medians of {config.decisions} decisions, step counts alternated in one run; "
-                      f"`python -m come_rl.bench find_decision_steps steps={config.steps}`)")
+                      f"{config.samples} samples imagined in one batch, after memorization; {config.threads} "
+                      f"thread(s); medians of {config.decisions} decisions, step counts and precisions alternated in "
+                      f"one run; `python -m come_rl.bench find_decision_steps steps={config.steps} "
+                      f"precisions={config.precisions}`)")
     return rows
