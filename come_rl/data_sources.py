@@ -6,6 +6,10 @@ poses (B, L, 3) float32 or None)`` with ``frames[:, i+1]`` following ``actions[:
 
 from __future__ import annotations
 
+import collections
+import queue
+import threading
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -222,10 +226,6 @@ class BatchStream:
         return item
 
     def _start(self) -> None:
-        import collections
-        import queue
-        import threading
-
         self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._unconsumed: collections.deque = collections.deque()  # snapshots before each batch made, not handed out
         self._lock, self._stop = threading.Lock(), threading.Event()

@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -753,8 +754,6 @@ class _GracefulStop:
     once (KeyboardInterrupt); every file is written atomically, so nothing is torn either way."""
 
     def __init__(self):
-        import signal
-
         self.requested, self.exit_code, self._previous = "", 0, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -763,16 +762,12 @@ class _GracefulStop:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.exit_code = signal.Signals(signum).name, 128 + signum
         print(f"\n{self.requested}: finishing this step, saving the checkpoint (again to stop at once)", file=sys.stderr)
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

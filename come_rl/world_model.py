@@ -30,14 +30,17 @@ import numpy as np
 import torch
 
 from come_rl import devices
-from come_rl.checkpoint import load_expert, resolve_checkpoint, world_model_settings
+from come_rl.checkpoint import load_expert, resolve_checkpoint, save_expert, world_model_settings
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
+from come_rl.conventions import pose_features as default_pose_features
 from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, PlaceMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
 from come_rl.experts.retrieval import nearest_pose_index, paired_pose_distance
 from come_rl.interfaces import ActionSpec
+from come_rl.io_utils import atomic_write_text
+from come_rl.odometry import load_odometry
 
 PoseModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """pose_model(poses (B, 3), actions (B, A)) -> next poses (B, 3): how imagined actions move the agent (SLTM)."""
@@ -104,8 +107,6 @@ class WorldModel:
         self.memorize_config = memorize_config or MemorizeConfig()
         self.pose_model = pose_model
         if pose_features is None:
-            from come_rl.conventions import pose_features as default_pose_features
-
             pose_features = default_pose_features
         self.pose_features = pose_features
         for role in self.composition.experts:
@@ -468,8 +469,6 @@ class WorldModel:
     def save(self, directory: str | Path, half: bool = False) -> None:
         """Write every trained expert (float16 weights if ``half``) and the world model's own settings
         (world_model.json) to ``directory``."""
-        from come_rl.checkpoint import save_expert
-
         directory = Path(directory)
         for role in ("base", "stm", "sltm"):
             expert = getattr(self, role)
@@ -483,8 +482,6 @@ class WorldModel:
             "memorize": dataclasses.asdict(self.memorize_config), "action_spec": dataclasses.asdict(self.action_spec),
             "frame_size": self.frame_shape[-1], "cpu_precision": self.cpu_precision,
         }
-        from come_rl.io_utils import atomic_write_text
-
         atomic_write_text(directory / "world_model.json", json.dumps(settings, indent=2))
 
     @classmethod
@@ -516,8 +513,6 @@ class WorldModel:
         action_spec_dict = spec.get("action_spec") or settings.get("action_spec")
         action_spec = ActionSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in action_spec_dict.items()})
         if pose_model is None and (directory / "odometry.json").is_file():  # the checkpoint's own odometry head
-            from come_rl.odometry import load_odometry
-
             pose_model = load_odometry(directory)
             pose_model.net.to(target_device)
         model = cls(
