@@ -45,7 +45,8 @@ def test_probe_trains_resumes_and_scores_the_held_out_clips(tiny_maze, tmp_path)
     assert by[("latent base", "all")]["mse_copy_last"] == pytest.approx(copy_last, rel=1e-4)
     for row in rows:
         assert np.isfinite(row["mse_model"]) and 0 <= row["lpips_model"] <= 1.5
-    for name in ("latent_probe.csv", "latent_probe.md", "latent_probe_examples.png", "train_log.csv"):
+    for name in ("latent_probe.csv", "latent_probe.md", "latent_probe_examples.png", "train_log.csv",
+                 "latent_probe_training.png"):
         assert (tmp_path / "out" / name).is_file(), name
     states = {name: torch.load(tmp_path / "run" / name, weights_only=False) for name in ("autoencoder.pt", "diffusion.pt")}
     assert all(state["done"] and state["step"] >= 1 for state in states.values())

@@ -20,7 +20,8 @@ quality per CPU-minute on the clips the pixel candidates were chosen on:
 
 Both stages checkpoint to ``run_dir`` every ``checkpoint_seconds`` (atomically) and resume from there; a finished
 stage is not retrained. Outputs in ``out_dir``: ``latent_probe.csv`` / ``.md``, ``latent_probe_examples.png`` (rows:
-last context frame, real next, latent model, autoencoder floor) and ``train_log.csv``.
+last context frame, real next, latent model; ``_floor_examples``: the autoencoder's reconstruction), ``train_log.csv``
+and ``latent_probe_training.png`` (the loss of each stage against training minutes).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from come_rl.diffusion.schedule import build_schedule
 from come_rl.evaluate import _save_examples, data_env_name, score_by_kind, transition_kinds
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.nets.registry import build_backbone
-from come_rl.results import append_rows, write_table
+from come_rl.results import append_rows, read_rows, write_table
 
 
 @dataclass
@@ -163,9 +164,11 @@ def _load_state(path: Path) -> dict | None:
 
 
 def _train_loop(name: str, minutes: float, path: Path, modules: dict, optimizer, step_fn, config: LatentProbeConfig,
-                streams: Streams, log_rows: list) -> None:
+                streams: Streams, log_path: Path) -> None:
     """Run ``step_fn(step) -> loss`` until ``minutes`` of training (counted across resumes), checkpointing
-    ``modules`` + ``optimizer`` + the clip stream's state atomically."""
+    ``modules`` + ``optimizer`` + the clip stream's state atomically; the loss every 100 steps goes to ``log_path``
+    (appended at each checkpoint, so a killed run keeps the log of what it saved)."""
+    log_rows: list = []
     state = _load_state(path)
     step, elapsed = 0, 0.0
     if state is not None:
@@ -182,6 +185,9 @@ def _train_loop(name: str, minutes: float, path: Path, modules: dict, optimizer,
     bar = tqdm(total=round(budget), initial=round(elapsed), desc=f"{name} (s of training)", unit="s")
 
     def save(done: bool) -> None:
+        if log_rows:
+            append_rows(log_path, log_rows)
+            log_rows.clear()
         torch_save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
                            "step": step, "elapsed": time.perf_counter() - start, "done": done,
                            "rng": streams.rng.bit_generator.state, "generator": streams.generator.get_state()}, path)
@@ -223,11 +229,11 @@ def encode_dataset(source, autoencoder: FrameAutoencoder, device: torch.device, 
 
 
 def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: DiffusionExpert, ema: DiffusionExpert,
-          streams: Streams) -> list:
+          streams: Streams) -> None:
     source = open_data_source(config.data, seed=config.seed)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_rows: list = []
+    log_path = Path(config.out_dir) / "train_log.csv"
     device = devices.resolve_device("cpu")
     precision = devices.resolve_precision(config.precision, device)
 
@@ -251,7 +257,7 @@ def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: Diff
         return loss.detach().item()
 
     _train_loop("autoencoder", config.ae_minutes, run_dir / "autoencoder.pt", {"autoencoder": autoencoder},
-                ae_optimizer, ae_step, config, streams, log_rows)
+                ae_optimizer, ae_step, config, streams, log_path)
     autoencoder.requires_grad_(False).eval()
 
     optimizer = torch.optim.AdamW(expert.parameters(), lr=config.lr)
@@ -279,8 +285,7 @@ def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: Diff
         return loss.detach().item()
 
     _train_loop("latent diffusion", config.minutes, run_dir / "diffusion.pt", {"expert": expert, "ema": ema},
-                optimizer, diffusion_step, config, streams, log_rows)
-    return log_rows
+                optimizer, diffusion_step, config, streams, log_path)
 
 
 def evaluate_probe(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: DiffusionExpert) -> list[dict]:
@@ -328,11 +333,11 @@ def run(config: LatentProbeConfig) -> list[dict]:
     ema = latent_expert(config)
     ema.load_state_dict(expert.state_dict())
     ema.requires_grad_(False)
-    log_rows = train(config, autoencoder, expert, ema, streams)
+    train(config, autoencoder, expert, ema, streams)
     out = Path(config.out_dir)
-    if log_rows:
-        append_rows(out / "train_log.csv", log_rows)
     ema.eval()
+    if (out / "train_log.csv").is_file():
+        plot_training(out / "train_log.csv", out / "latent_probe_training.png")
     rows = evaluate_probe(config, autoencoder, ema)
     parameters = sum(p.numel() for p in expert.parameters()) / 1e6
     ae_parameters = sum(p.numel() for p in autoencoder.parameters()) / 1e6
@@ -344,6 +349,26 @@ def run(config: LatentProbeConfig) -> list[dict]:
                       f"{config.ae_minutes} + {config.minutes} CPU-min (`python -m come_rl.experiments.latent_probe "
                       f"{settings}`)")
     return rows
+
+
+def plot_training(log_path: Path, png: Path) -> None:
+    """The loss of each stage against training minutes (``train_log.csv``) -> ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, rows = read_rows(log_path)
+    stages = list(dict.fromkeys(row["stage"] for row in rows))
+    figure, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.2), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
+        points = [(float(r["minutes"]), float(r["loss"])) for r in rows if r["stage"] == stage]
+        axis.plot(*zip(*points))
+        axis.set(title=stage, xlabel="training minutes (1 CPU thread)", ylabel="loss", yscale="log")
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
