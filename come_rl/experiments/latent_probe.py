@@ -262,7 +262,9 @@ def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: Diff
 
     optimizer = torch.optim.AdamW(expert.parameters(), lr=config.lr)
     k = expert.context_frames
-    table = encode_dataset(source, autoencoder, device, precision)  # every frame encoded once, as a latent pipeline does
+    finished = _load_state(run_dir / "diffusion.pt")
+    table = (None if finished is not None and finished.get("done")  # a finished stage is loaded, not retrained
+             else encode_dataset(source, autoencoder, device, precision))  # every frame encoded once, as latent models do
     offsets = source.dataset._frame_offsets
 
     def diffusion_step(step: int) -> float:
