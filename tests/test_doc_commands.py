@@ -25,6 +25,7 @@ ENDS = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1", ")"}
 # module -> (module holding its settings, the settings dataclass); a benchmark's come from come_rl.bench.cli
 SETTINGS = {
     "come_rl.experiments.consistency": ("come_rl.experiments.consistency", "ConsistencyConfig"),
+    "come_rl.experiments.latent_probe": ("come_rl.experiments.latent_probe", "LatentProbeConfig"),
     "come_rl.experiments.recall": ("come_rl.experiments.recall", "RecallConfig"),
     "come_rl.experiments.steps_curve": ("come_rl.experiments.steps_curve", "StepsCurveConfig"),
     "come_rl.experiments.streaming": ("come_rl.experiments.streaming", "StreamingConfig"),
