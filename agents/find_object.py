@@ -39,7 +39,7 @@ from come_rl.episode_records import check_records, recorded_episode
 from come_rl.evaluation import play_agents, write_success_results
 from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
 from come_rl.world_model import WorldModel
-from envs.memory_cards import GRID, TOGGLE
+from envs.memory_cards import GRID, TOGGLE, cursor_pose_model
 from envs.memory_cards_find import MemoryCardsFindEnv
 
 AGENT_EXPERTS = {"base": ["base"], "ltm": ["base", "ltm"], "come": ["base", "ltm", "stm", "sltm"]}
@@ -214,7 +214,6 @@ def build_agent(name: str, config: FindConfig):
         return WorldModelFindAgent(MemoryCardsWorldModel(), 0, config.seed, name="exact")
     if name not in AGENT_EXPERTS:
         raise ValueError(f"unknown agent {name!r}; choose from {AGENTS}")
-    from envs.memory_cards import cursor_pose_model
 
     wm = WorldModel.load(config.checkpoint, experts=AGENT_EXPERTS[name],
                          sampler={"steps": sampler_steps_for(config.checkpoint, config.sampler_steps)},

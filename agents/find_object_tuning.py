@@ -24,9 +24,11 @@ import torch
 from tqdm import tqdm
 
 from agents.find_object import WorldModelFindAgent
+from come_rl.cli_args import run_evaluation_cli
 from come_rl.episode_records import read_record, write_record
 from come_rl.results import wilson_interval, write_table
-from envs.memory_cards import GRID
+from come_rl.world_model import WorldModel
+from envs.memory_cards import GRID, cursor_pose_model
 from envs.memory_cards_find import MemoryCardsFindEnv
 
 SCORES = {"mean": np.mean, "median": np.median, "min": np.min}
@@ -96,8 +98,6 @@ def tune(config: TuneConfig) -> list[dict]:
     budgets = _budgets(config.steps)
     if config.episodes < 1 or config.samples < 1:
         raise ValueError(f"episodes and samples must be >= 1, got {config.episodes} and {config.samples}")
-    from come_rl.world_model import WorldModel
-    from envs.memory_cards import cursor_pose_model
 
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
@@ -126,8 +126,6 @@ def tune(config: TuneConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come_rl.cli_args import run_evaluation_cli
-
     run_evaluation_cli(sys.argv[1:] if argv is None else argv, TuneConfig, tune)
 
 

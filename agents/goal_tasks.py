@@ -27,6 +27,7 @@ import torch
 
 from agents.mpc import MPCAgent
 from come_rl.conventions import frames_to_tensor, tensor_to_frames
+from come_rl.metrics.trajectory import absolute_trajectory_error, relative_pose_error
 from come_rl.seeding import EpisodeSeeds, torch_generator
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,6 @@ def record_reference_task(env: gym.Env, seed: int, goal_offset: int, policy: Ref
 
 def path_errors(executed_poses: np.ndarray, reference_poses: np.ndarray) -> tuple[float, float]:
     """(ATE, RPE) of the executed path against the reference over their common length (NaN if too short)."""
-    from come_rl.metrics.trajectory import absolute_trajectory_error, relative_pose_error
-
     length = min(len(executed_poses), len(reference_poses))
     executed, reference = np.asarray(executed_poses[:length]), np.asarray(reference_poses[:length])
     ate = absolute_trajectory_error(executed, reference) if length >= 1 else math.nan

@@ -24,12 +24,18 @@ from agents.nwm_protocol import observe_case
 from come_rl.episode_records import recorded_episode
 from come_rl.interfaces import ActionSpec
 from come_rl.seeding import accepts_keyword, derive_seed
+from envs.recon import (
+    WAYPOINT_SPACING_METRES,
+    iterate_goal_tasks,
+    load_navigation_eval_tasks,
+    load_recon_trajectory,
+    nwm_step_actions,
+    step_actions_to_poses,
+)
 
 
 def recon_context_actions(trajectory: Any, spec: Any, action_spec: ActionSpec) -> np.ndarray:
     """(context - 1, 3) NWM step actions between consecutive context frames, clipped to the model's bounds."""
-    from envs.recon import nwm_step_actions
-
     first = spec.curr_time - spec.context_size + 1
     actions = np.stack([nwm_step_actions(trajectory.position, trajectory.yaw, time_, 1)[0]
                         for time_ in range(first, spec.curr_time)]) if spec.context_size > 1 else np.zeros((0, 3))
@@ -48,8 +54,6 @@ def evaluate_recon(world_model: Any, planner: Any, root: str | Path, specs: list
     case gives the same row whether it runs first, last or alone. ``records`` (a directory checked by
     ``come_rl.episode_records.check_records``): each finished case is recorded there atomically and a rerun skips it.
     """
-    from envs.recon import iterate_goal_tasks, load_navigation_eval_tasks
-
     action_spec = world_model.action_spec
     if action_spec.kind != "continuous" or action_spec.dim != 3:
         raise ValueError(f"RECON needs a world model with continuous (dx, dy, dyaw) actions, got {action_spec.kind} "
@@ -84,8 +88,6 @@ def evaluate_recon(world_model: Any, planner: Any, root: str | Path, specs: list
 
 def _play_recon_case(world_model, planner, objective_factory, trajectories: dict, root: Path, index: int, task,
                      memorize_steps: int, seed: int) -> dict:
-    from envs.recon import WAYPOINT_SPACING_METRES, load_recon_trajectory, step_actions_to_poses
-
     action_spec = world_model.action_spec
     torch.manual_seed(derive_seed(seed, "recon_case_torch", index))
     spec = task.spec

@@ -79,6 +79,7 @@ from come_rl.odometry import ODOMETRY_NAME
 from come_rl.seeding import EpisodeSeeds, episode_seeds, torch_generator
 from come_rl.targets import load_planner
 from come_rl.world_model import WorldModel
+from envs.memory_maze import ExploringRandomPolicy, MemoryMazeEnv
 from planners.objectives import SCORINGS, LPIPSGoalObjective, PathObjective, PlaceObjective
 
 AGENTS = ("random", "base", "base_places", "ltm", "come", "exact", "exact_path", "oracle")
@@ -210,8 +211,6 @@ def explore(env, seed: int, policy_seed: int, explore_steps: int, min_goal_dista
             max_attempts: int = 20) -> tuple[ReturnTask, np.ndarray, dict]:
     """Reset ``env`` (a ``MemoryMazeEnv``) with ``seed``, explore, pick the goal; the env is left where exploration
     ended. Returns the task and the last (observation, info), from which the planning phase continues."""
-    from envs.memory_maze import ExploringRandomPolicy
-
     policy = ExploringRandomPolicy()
     for attempt in range(max(1, int(max_attempts))):
         policy.reset()
@@ -575,8 +574,6 @@ class ReturnWorker:
     ``run(episode)`` plays episode ``episode`` (seeds from ``come_rl.seeding.episode_seeds(config.seed, episode)``)."""
 
     def __init__(self, name: str, experts: list[str] | None, config: ReturnConfig, records: str | None = None):
-        from envs.memory_maze import MemoryMazeEnv
-
         self.env = MemoryMazeEnv(maze_size=9)
         self.agent, self.config = build_agent(name, experts, config, self.env), config
         self.records = None if records is None else Path(records)

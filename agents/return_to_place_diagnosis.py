@@ -41,12 +41,12 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import frames_to_model_tensor
-from agents.return_to_place import (OracleAgent, ReturnConfig, WorldModelReturnAgent, build_agent, check_config,
-                                    explore)
+from agents.return_to_place import OracleAgent, ReturnConfig, WorldModelReturnAgent, build_agent, check_config, explore
 from come_rl.cli_args import run_evaluation_cli
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.results import write_table
 from come_rl.seeding import episode_seeds
-
+from envs.memory_maze import MemoryMazeEnv
 
 PLACE_RADIUS = 0.5
 """maze cells: exploration frames this close to the goal's pose form the goal place's view set."""
@@ -129,8 +129,6 @@ def diagnose(config: DiagnosisConfig) -> list[dict]:
     names, experts, _ = check_config(config)
     names = [n for n in names if n in ("base", "ltm", "come")]
     torch.set_num_threads(config.threads)
-    from come_rl.metrics.lpips_metric import get_lpips
-    from envs.memory_maze import MemoryMazeEnv
 
     lpips = get_lpips()
     env = MemoryMazeEnv(maze_size=9)

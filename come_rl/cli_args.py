@@ -26,6 +26,8 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from come_rl.episode_records import stop_with_resume_hint
+
 HELP_FLAGS = ("--help", "-h")
 
 
@@ -209,8 +211,6 @@ def parse_cli(argv: Sequence[str], config_cls: type, usage: str = "") -> Any:
 def run_evaluation_cli(argv: Sequence[str], config_cls: type, evaluate: Callable[[Any], list[dict]]) -> Any:
     """The shared ``main`` of the agent evaluations (find the object, return to a seen place): parse ``key=value``
     into ``config_cls``, run ``evaluate``, turn bad settings into one ``error:`` line, print each summary row."""
-    from come_rl.episode_records import stop_with_resume_hint
-
     config = parse_cli(argv, config_cls)
     try:
         with stop_with_resume_hint(getattr(config, "out_dir", ".")):

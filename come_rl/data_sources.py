@@ -15,7 +15,9 @@ import torch
 from tqdm import tqdm
 
 from come_rl import conventions
+from come_rl.collect import record_episode
 from come_rl.conventions import frames_to_tensor
+from come_rl.data.episodes import EpisodeDataset
 from come_rl.interfaces import ActionSpec
 from envs.registry import env_entry
 
@@ -93,9 +95,6 @@ class SeededEpisodePool:
     poses included, for the consistency experiment)."""
 
     def __init__(self, env_name: str, episodes: int | None = None, steps: int | None = None, seed: int = 0):
-        from come_rl.collect import record_episode
-        from come_rl.data.episodes import EpisodeDataset
-
         entry = env_entry(env_name, need="seeded")
         episodes, steps = episodes or entry.online_episodes, steps or entry.online_steps
         if episodes < 1 or steps < 1:
@@ -119,8 +118,6 @@ class DatasetSource:
     """A recorded data set (``come_rl.data.EpisodeDataset``) behind the same interface."""
 
     def __init__(self, path: str):
-        from come_rl.data.episodes import EpisodeDataset
-
         self.dataset = EpisodeDataset(path)
         self.action_spec = self.dataset.action_spec
         self.frame_size = int(self.dataset.frames[0].shape[1])

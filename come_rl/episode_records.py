@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from come_rl.io_utils import atomic_save_npz, atomic_write_text
+from come_rl.locks import hold_directory
 
 RECORDS_DIR = "episode_records"
 
@@ -86,8 +87,6 @@ def check_records(out: Path, config, resume_free_keys: Sequence[str]) -> None:
     """Write the run's settings (outside ``resume_free_keys``: those that change no episode) beside the records, or
     refuse a rerun whose settings differ from those the recorded episodes were run with (:func:`compare_settings`).
     ``config``: a dataclass, or a JSON-able mapping."""
-    from come_rl.locks import hold_directory
-
     hold_directory(out, "evaluation")  # one writer per results directory (come_rl.locks)
     items = config.items() if isinstance(config, Mapping) else dataclasses.asdict(config).items()
     settings = json.loads(json.dumps({k: v for k, v in items if k not in resume_free_keys}, allow_nan=True))

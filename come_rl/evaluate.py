@@ -25,6 +25,7 @@ from come_rl.conventions import tensor_to_frames
 from come_rl.data_sources import clips_to_tensors, open_data_source
 from come_rl.diffusion import sample
 from come_rl.experts.retrieval import RetrievalClips
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.results import write_table
 from come_rl.visualize import rollout_comparison, save_rollout_gif
 from come_rl.world_model import WorldModel
@@ -134,8 +135,6 @@ def score_by_kind(predicted: torch.Tensor, tensors: tuple, k: int, kinds: dict[s
 
 
 def evaluate(config: EvaluateConfig) -> list[dict]:
-    from come_rl.metrics.lpips_metric import get_lpips
-
     wm, expert, source, clips, tensors = load_model_and_clips(config)
     k = expert.context_frames
     predicted = predict_next_frames(wm, expert, tensors, wm.sampler, config.seed, config.batch_size)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from come_rl.fanout import FanoutSettings, run_tasks
 from come_rl.results import wilson_interval, write_table
+from come_rl.visualize import save_rollout_gif
 
 Episode = tuple[dict, list]
 
@@ -71,8 +72,6 @@ def write_success_results(results: dict[str, list[Episode]], out: Path, title: s
     """{agent: [(episode row, GIF) per episode]} -> ``episodes.csv/.md``, ``summary.csv/.md``, ``success.png`` and
     ``<agent>_success.gif`` / ``<agent>_failure.gif`` (the first of each; a GIF is one (T, H, W, 3) sequence's frames
     or several sequences shown side by side); returns the summary rows."""
-    from come_rl.visualize import save_rollout_gif
-
     out = Path(out)
     rows, summaries = [], []
     for name, episodes in results.items():

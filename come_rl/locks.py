@@ -19,6 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from come_rl.io_utils import explain_write_error
+
 LOCK_NAME = ".come_rl.lock"
 _held: dict[Path, "DirectoryLock"] = {}
 
@@ -44,8 +46,6 @@ class DirectoryLock:
         self.held = False
 
     def acquire(self) -> DirectoryLock:
-        from come_rl.io_utils import explain_write_error
-
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,21 +30,26 @@ from typing import Any, Optional
 
 import gymnasium as gym
 import hydra
-from hydra.core.config_store import ConfigStore
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from agents.find_object import WorldModelFindAgent, evaluate_agents
 from agents.goal_tasks import record_reference_task
-from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes
+from agents.recon_protocol import evaluate_recon
+from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes, summarize
 from come_rl.checkpoint import packaged_checkpoints_dir, world_model_settings
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision, resolve_threads
-from come_rl.episode_records import check_records
+from come_rl.episode_records import check_records, stop_with_resume_hint
 from come_rl.fanout import check_backend, iter_tasks
+from come_rl.results import summarize_protocol_rows, write_protocol_results
 from come_rl.seeding import check_seed, derive_seed, episode_seeds
 from come_rl.targets import build_planner, call_target, import_target
+from envs.memory_cards import cursor_pose_model
 from envs.memory_wrapper import WorldModelMemoryWrapper
+from envs.recon import load_navigation_eval_tasks
 
 log = logging.getLogger("come_rl.run")
 
@@ -213,10 +218,6 @@ def run_recon(cfg: DictConfig) -> dict:
     Writes ``results/<run.name>/recon_cases.csv`` (one row per case) and ``recon_cases.md`` (ATE / RPE / final
     distance in NWM's units: waypoint spacings of 0.25 m).
     """
-    from agents.recon_protocol import evaluate_recon
-    from come_rl.results import summarize_protocol_rows, write_protocol_results
-    from envs.recon import load_navigation_eval_tasks
-
     env_cfg = cfg.env
     if env_cfg.get("data_dir") in (None, "", "???"):
         raise ValueError("env=recon needs the RECON data: pass data_dir=PATH (the folder of processed trajectories "
@@ -263,9 +264,6 @@ def run_recon(cfg: DictConfig) -> dict:
 def run_find_object(cfg: DictConfig) -> dict:
     """``env=memory_cards_find``: the world-model agent uncovers the tile it imagines hides the goal object
     (``agents.find_object``); ``run.episodes`` episodes from ``run.seed``, results in ``results/<run.name>/``."""
-    from agents.find_object import WorldModelFindAgent, evaluate_agents
-    from envs.memory_cards import cursor_pose_model
-
     if int(cfg.run.episodes) < 1:
         raise ValueError(f"run.episodes must be >= 1, got {cfg.run.episodes}")
     memorize_steps = int(cfg.env.task.get("memorize_steps", 100))
@@ -460,7 +458,6 @@ def run(cfg: DictConfig) -> dict:
                                 gif_episodes=int(cfg.run.gif_episodes), run_info=run_info,
                                 progress=bool(cfg.run.progress), seeds=seeds, run_config=run_config, play=play)
     env.close()
-    from agents.runner import summarize
 
     summary = {**run_info, **summarize([r.episode_row for r in results])}
     log.info("results in %s: %s", out_dir, {k: summary[k] for k in ("success_rate", "final_distance", "ate", "rpe")})
@@ -572,8 +569,6 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from come_rl.episode_records import stop_with_resume_hint
-
     with stop_with_resume_hint(cfg.run.out_dir):
         run(cfg)
 

@@ -31,12 +31,11 @@ ranks when one fails).
 
 from __future__ import annotations
 
-import gc
-
 import contextlib
 import copy
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import signal
@@ -52,15 +51,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from come_rl import devices
-from come_rl.cli_args import parse_cli
-from come_rl.nets.registry import MODEL_PRESETS, build_backbone
 from come_rl.checkpoint import expert_spec, load_expert, save_expert, torch_save_atomic
+from come_rl.cli_args import parse_cli
 from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.distill import distillation_target, grid_levels
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text
-
+from come_rl.nets.registry import MODEL_PRESETS, build_backbone
+from come_rl.visualize import rollout_comparison, save_rollout_gif
+from come_rl.world_model import WorldModel
 
 
 @dataclass
@@ -782,9 +782,6 @@ def _tensorboard_writer(out: Path, role: str, step: int):
 
 def _rollout_video(out: Path, source, config: TrainConfig, device: torch.device, writer=None, step: int = 0) -> None:
     """Samples vs ground truth at the end of training: 16 imagined frames (EMA weights) beside the real ones."""
-    from come_rl.visualize import rollout_comparison, save_rollout_gif
-    from come_rl.world_model import WorldModel
-
     wm = WorldModel.load(out, experts=["base"], device=device, precision=config.precision)
     clip = source.sample_clips(1, wm.base.context_frames + 16, np.random.default_rng(config.seed + 7))
     real, imagined = rollout_comparison(wm, clip["frames"][0], clip["actions"][0], context=wm.base.context_frames)

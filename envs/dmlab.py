@@ -30,6 +30,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from come_rl.data.episodes import Episode, save_episode_shard, shard_file_name, write_manifest
 from come_rl.interfaces import ActionSpec
 
 ACTION_MEANINGS: tuple[str, ...] = ("forward", "backward", "strafe_left", "strafe_right", "look_left", "look_right")
@@ -194,7 +195,6 @@ def write_dmlab_shards_to_episode_dataset(root: str | os.PathLike, out: str | os
     """Convert DMLab-40K episodes into a ``come_rl.data`` directory (shards + manifest) for training."""
     from tqdm import tqdm
 
-    from come_rl.data.episodes import Episode, save_episode_shard, shard_file_name, write_manifest
 
     files = find_dmlab_episodes(root, split)[:max_episodes]
     out = Path(out)

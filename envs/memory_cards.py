@@ -18,6 +18,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from come_rl.conventions import frames_to_tensor
 from come_rl.interfaces import ActionSpec
 
 GRID = 4
@@ -271,7 +272,6 @@ class MemoryCardsWorldModel:
         """actions: (batch, horizon, 5) one-hot -> frames (batch, horizon, 3, size, size) in [-1, 1]."""
         import torch
 
-        from come_rl.conventions import frames_to_tensor
 
         if self.cursor is None:
             raise RuntimeError("imagine needs a current state: call reset() and observe(frame) first")

@@ -46,8 +46,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from come_rl.conventions import frames_to_tensor, yaw_from_direction
+from come_rl.experts.episode_memory import PlaceMemory
 from come_rl.interfaces import ActionSpec
-from come_rl.conventions import yaw_from_direction
 
 ACTION_MEANINGS: tuple[str, ...] = ("noop", "forward", "turn_left", "turn_right", "forward_left", "forward_right")
 MAZE_SIZES: tuple[int, ...] = (9, 11, 13, 15)
@@ -349,7 +350,6 @@ class MazeSimulatorModel:
         self.last_poses = None
         self._last_pose: np.ndarray | None = None
         # what it "memorizes" is only where it saw what (the places a place-aware objective looks the goal up in)
-        from come_rl.experts.episode_memory import PlaceMemory
 
         self.places = PlaceMemory()
         self._segment: list[tuple[np.ndarray, np.ndarray]] = []
@@ -377,7 +377,6 @@ class MazeSimulatorModel:
         a long-term memory does, so that a place-aware objective finds the goal with either."""
         import torch
 
-        from come_rl.conventions import frames_to_tensor
 
         if self._segment:
             frames = np.stack([frame for frame, _ in self._segment])
@@ -408,7 +407,6 @@ class MazeSimulatorModel:
         """actions (B, H, 6) one-hot -> frames (B, H, 3, size, size) in [-1, 1]: what the simulator renders."""
         import torch
 
-        from come_rl.conventions import frames_to_tensor
 
         if history is not None:
             raise ValueError("the simulator imagines from the env's current state only (history is not supported)")

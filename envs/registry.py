@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from envs.memory_cards import COVER_COLOR
+from envs.memory_cards import TOGGLE as toggle
+
 
 @dataclass(frozen=True)
 class EnvEntry:
@@ -70,8 +73,6 @@ def _maze_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> di
 
 
 def _cards_kinds(clips: dict, last_action: np.ndarray, changed: np.ndarray) -> dict[str, np.ndarray]:
-    from envs.memory_cards import COVER_COLOR, TOGGLE as toggle
-
     # An uncovered tile loses the grey cover colour: classify toggles by the count of cover-grey pixels.
     grey = np.all(clips["frames"] == COVER_COLOR, axis=-1).sum(axis=(-1, -2))
     return {"move": (last_action != toggle) & changed,

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+from come_rl.checkpoint import load_expert
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.world_model import WorldModel
+from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
+from envs.memory_maze import MemoryMazeEnv
 
 
 def default_decision_model(directory: Path, steps: int, walk: int = 16) -> tuple[WorldModel, np.ndarray]:
     """The world model of the default planning run at its first decisions: Memory Maze base + LTM on the CPU (fp32),
     after observing a seeded ``walk``-step random walk and one short memorization (adapters in place). Returns it and
     the walk's first frame (a goal ``walk`` steps back, as the run's goal-reaching tasks use)."""
-    from envs.memory_maze import MemoryMazeEnv
-
     model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": steps}, device="cpu")
     env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
     frame, info = env.reset(seed=0)
@@ -48,8 +49,6 @@ def rss_mb() -> float:
 
 
 def checkpoint_expert(checkpoint: str, role: str) -> DiffusionExpert | None:
-    from come_rl.checkpoint import load_expert
-
     directory = Path(checkpoint)
     if not (directory / f"{role}.safetensors").is_file():
         return None
@@ -60,8 +59,6 @@ def filled_cards_model(checkpoint: str, steps: int, experts: list[str], stm=None
                        precision: str = "auto", compile: bool = False) -> WorldModel:
     """A Memory Cards world model of ``experts`` composed by the checkpoint's own rule (alphas, gates, pairwise: its
     cost is the shipped one) that has observed a seeded 40-step random walk: what imagine and memorize run on."""
-    from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
-
     wm = WorldModel.load(checkpoint, experts=["base"], sampler={"steps": steps}, device=device)
     env = MemoryCardsEnv(size=wm.frame_shape[-1])  # checked before the composed model is built
     if wm.action_spec.dim != env.action_spec.dim:

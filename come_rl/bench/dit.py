@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from come_rl.devices import matmul_peak_gflops, resolve_device
 from come_rl.nets.registry import build_backbone
+from come_rl.results import write_table
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -56,8 +58,6 @@ def _seconds(function, repeats: int, device: torch.device | None = None) -> floa
 
 def measure(name: str, batch_size: int, repeats: int = 3, device: str | torch.device = "cpu", **overrides) -> dict:
     """Time and count one denoising call of backbone ``name`` at ``batch_size`` (full context and targets)."""
-    from come_rl.devices import resolve_device
-
     device = resolve_device(device)
     torch.manual_seed(0)
     model = build_backbone(name, **overrides).eval().to(device)
@@ -111,9 +111,6 @@ class DitBenchConfig:
 
 def bench_dit(config: DitBenchConfig) -> list[dict]:
     """Cached vs recomputed denoising cost per backbone and batch size; writes ``config.out`` (+ .md)."""
-    from come_rl.devices import matmul_peak_gflops, resolve_device
-    from come_rl.results import write_table
-
     device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
     overrides = {"frame_size": config.frame_size} if config.frame_size else {}

@@ -3,11 +3,11 @@ process's memory and the seconds of each memorization call must stay flat as the
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import resource
 import torch
 from tqdm import tqdm
 
@@ -15,6 +15,8 @@ from come_rl.bench.common import rss_mb
 from come_rl.checkpoint import resolve_checkpoint
 from come_rl.results import write_table
 from come_rl.world_model import WorldModel
+from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
+from envs.memory_wrapper import WorldModelMemoryWrapper
 
 
 @dataclass
@@ -31,9 +33,6 @@ class LongEpisodeBenchConfig:
 
 def bench_long_episode(config: LongEpisodeBenchConfig) -> list[dict]:
     """Stream one long episode through ``WorldModelMemoryWrapper``; a row per memorization call."""
-    from envs.memory_cards import MemoryCardsEnv, cursor_pose_model
-    from envs.memory_wrapper import WorldModelMemoryWrapper
-
     if config.steps < config.memorize_every or config.memorize_every < 1 or config.memorize_steps < 1:
         raise ValueError(f"need steps >= memorize_every >= 1 and memorize_steps >= 1, got {config.steps}, "
                          f"{config.memorize_every}, {config.memorize_steps}")

@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from come_rl.bench.common import checkpoint_expert, filled_cards_model
+from come_rl.experts.long_term import LongTermMemoryExpert
+from come_rl.results import write_table
 
 DECODER = r"(mid_block|mid_attention|up_blocks|upsamples|out_norm|out_conv)\..*"
 TOP_LEVEL = r"(up_blocks\.2|out_norm|out_conv)\..*"
@@ -55,9 +57,6 @@ class MemorizeBenchConfig:
 
 
 def bench_memorize(config: MemorizeBenchConfig) -> list[dict]:
-    from come_rl.experts.long_term import LongTermMemoryExpert
-    from come_rl.results import write_table
-
     torch.set_num_threads(config.threads)
     stm, sltm = checkpoint_expert(config.checkpoint, "stm"), checkpoint_expert(config.checkpoint, "sltm")
     if stm is None or sltm is None:

@@ -19,18 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl.devices import resolve_device
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.results import append_rows, write_markdown_table
 from come_rl.targets import load_planner
 from envs.point_mass import PointMassEnv, PointMassWorldModel
 from planners.objectives import LPIPSGoalObjective
 
 
-
-
-
 def bench(decisions: int, horizon: int, ms_per_frame: list[float], discrete: bool, device: str = "cpu") -> list[dict]:
-    from come_rl.metrics.lpips_metric import get_lpips
-
     lpips = get_lpips(device=device)  # the point mass imagines on the CPU; LPIPS runs where asked
     env = PointMassEnv(size=64, discrete=discrete)
     world_model = PointMassWorldModel(size=64, discrete=discrete)
@@ -90,8 +87,6 @@ class PlannersBenchConfig:
 
 
 def bench_planners(config: PlannersBenchConfig) -> list[dict]:
-    from come_rl.devices import resolve_device
-
     if config.decisions < 1 or config.horizon < 1:
         raise ValueError(f"decisions and horizon must be >= 1, got {config.decisions}, {config.horizon}")
     device = str(resolve_device(config.device))

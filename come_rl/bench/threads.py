@@ -13,6 +13,8 @@ import torch
 from tqdm import tqdm
 
 from come_rl.bench.common import default_decision_model
+from come_rl.checkpoint import resolve_checkpoint
+from come_rl.results import write_table
 
 
 @dataclass
@@ -41,8 +43,6 @@ def bench_threads(config: ThreadsBenchConfig) -> list[dict]:
     import os
     import subprocess
 
-    from come_rl.checkpoint import resolve_checkpoint
-    from come_rl.results import write_table
 
     if not config.threads or any(int(t) < 1 for t in config.threads):
         raise ValueError(f"threads must list thread counts >= 1, got {config.threads}")

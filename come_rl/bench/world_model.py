@@ -14,10 +14,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from come_rl import devices
+from come_rl.bench.common import checkpoint_expert, filled_cards_model
 from come_rl.devices import matmul_peak_gflops, synchronize
 from come_rl.diffusion import CosineSchedule
 from come_rl.experts.expert import DiffusionExpert
-from come_rl.bench.common import checkpoint_expert, filled_cards_model
+from come_rl.nets.registry import MODEL_PRESETS, build_backbone
+from come_rl.results import write_table
 from come_rl.world_model import WorldModel
 
 
@@ -43,8 +45,6 @@ class WorldModelBenchConfig:
 def _transformer_expert(preset: str, role: str, frame_size: int, action_dim: int, uses_poses: bool) -> DiffusionExpert:
     """An untrained expert of a training preset (come_rl.nets.registry.MODEL_PRESETS): the cost of what the project
     trains."""
-    from come_rl.nets.registry import MODEL_PRESETS, build_backbone
-
     name, kwargs = MODEL_PRESETS[preset]
     backbone = build_backbone(name, **dict(kwargs, frame_size=frame_size, action_dim=action_dim))
     return DiffusionExpert(backbone, CosineSchedule(), name=role, uses_poses=uses_poses).eval()
@@ -68,8 +68,6 @@ def _time_imagine(model: WorldModel, actions: torch.Tensor, repeats: int, device
 
 
 def bench_world_model(config: WorldModelBenchConfig) -> list[dict]:
-    from come_rl.results import write_table
-
     torch.set_num_threads(config.threads)
     device = devices.resolve_device(config.device)
     precision = devices.resolve_precision(config.precision, device)

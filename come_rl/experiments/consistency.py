@@ -58,6 +58,7 @@ from come_rl.experts.long_term import LongTermMemoryExpert
 from come_rl.experts.retrieval import nearest_pose_index
 from come_rl.fanout import check_backend, iter_tasks
 from come_rl.metrics import psnr, ssim
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.results import write_table
 from come_rl.visualize import save_rollout_gif
 from come_rl.world_model import WorldModel
@@ -337,8 +338,6 @@ class ConsistencyWorker:
     """Loads the world model once; ``run(episode)`` scores every row on one episode (memorizing once)."""
 
     def __init__(self, config: ConsistencyConfig, names: list[str]):
-        from come_rl.metrics.lpips_metric import get_lpips
-
         self.config, self.names = config, names
         experts = sorted({role for name in names for role in row_spec(name, config.variants)[0]} - {"ltm"} | {"base"})
         needs_ltm = any("ltm" in row_spec(name, config.variants)[0] for name in names)

@@ -47,6 +47,7 @@ from come_rl.diffusion import SamplerConfig, sample
 from come_rl.diffusion.schedule import build_schedule
 from come_rl.evaluate import _save_examples, data_env_name, score_by_kind, transition_kinds
 from come_rl.experts.expert import DiffusionExpert
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.nets.registry import build_backbone
 from come_rl.results import append_rows, read_rows, write_table
 
@@ -291,8 +292,6 @@ def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: Diff
 
 
 def evaluate_probe(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: DiffusionExpert) -> list[dict]:
-    from come_rl.metrics.lpips_metric import get_lpips
-
     source = open_data_source(config.eval_data, seed=config.eval_seed)
     k = expert.context_frames
     clips = source.sample_clips(config.clips, k + 2, np.random.default_rng(config.eval_seed))

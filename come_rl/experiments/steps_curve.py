@@ -22,8 +22,15 @@ from pathlib import Path
 
 from come_rl.cli_args import parse_cli
 from come_rl.diffusion.sampler import SAMPLER_METHODS
-from come_rl.evaluate import (EvaluateConfig, data_env_name, load_model_and_clips, predict_next_frames, score_by_kind,
-                              transition_kinds)
+from come_rl.evaluate import (
+    EvaluateConfig,
+    data_env_name,
+    load_model_and_clips,
+    predict_next_frames,
+    score_by_kind,
+    transition_kinds,
+)
+from come_rl.metrics.lpips_metric import get_lpips
 from come_rl.results import write_table
 
 
@@ -62,8 +69,6 @@ def parse_grid(config: StepsCurveConfig) -> tuple[list[str], list[int]]:
 
 
 def run(config: StepsCurveConfig) -> list[dict]:
-    from come_rl.metrics.lpips_metric import get_lpips
-
     methods, step_counts = parse_grid(config)
     evaluate_config = EvaluateConfig(checkpoint=config.checkpoint, expert=config.expert, data=config.data,
                                      clips=config.clips, batch_size=config.batch_size, seed=config.seed,

