@@ -89,8 +89,13 @@ def precision_for(checkpoint: str | Path, precision: str = "auto", device: str |
     """The precision (``"fp32"`` or ``"bf16"``) that ``WorldModel.load(checkpoint, precision=..., device=...)`` runs
     in: ``auto`` is bf16 on CUDA and, on the CPU, the checkpoint's ``cpu_precision`` (world_model.json) where the CPU
     has bfloat16 kernels. Evaluations record it, so that a table never mixes two precisions."""
-    cpu_auto = world_model_settings(checkpoint).get("cpu_precision", "fp32")
-    return devices.resolve_precision(precision, devices.resolve_device(device), cpu_auto=cpu_auto)
+    return devices.resolve_precision(precision, devices.resolve_device(device), cpu_auto=cpu_precision_of(checkpoint))
+
+
+def cpu_precision_of(checkpoint: str | Path) -> str:
+    """What ``precision=auto`` means for ``checkpoint`` on a CPU with bfloat16 kernels: its world_model.json's
+    ``cpu_precision`` (fp32 without one)."""
+    return world_model_settings(checkpoint).get("cpu_precision", "fp32")
 
 
 def expert_spec(expert: DiffusionExpert, backbone_name: str, backbone_kwargs: dict, extra: dict | None = None) -> dict:

@@ -39,7 +39,7 @@ from agents.find_object import WorldModelFindAgent, evaluate_agents
 from agents.goal_tasks import record_reference_task
 from agents.recon_protocol import evaluate_recon
 from agents.runner import GoalEpisodePlayer, check_run_directory, run_goal_episodes, summarize
-from come_rl.checkpoint import packaged_checkpoints_dir, world_model_settings
+from come_rl.checkpoint import cpu_precision_of, packaged_checkpoints_dir
 from come_rl.checkpoint import resolve_checkpoint as resolve_checkpoint_in
 from come_rl.devices import resolve_device, resolve_precision, resolve_threads
 from come_rl.episode_records import check_records, stop_with_resume_hint
@@ -90,7 +90,7 @@ def device_settings(cfg: DictConfig) -> dict:
     cpu_auto = "fp32"  # precision=auto on the CPU: the checkpoint's own (a missing one fails where it is loaded)
     if "checkpoint" in model:
         try:
-            cpu_auto = world_model_settings(resolve_checkpoint(str(model["checkpoint"]))).get("cpu_precision", "fp32")
+            cpu_auto = cpu_precision_of(resolve_checkpoint(str(model["checkpoint"])))
         except FileNotFoundError:
             pass
     return {"device": device, "precision": resolve_precision(cfg.get("precision", "auto"), device, cpu_auto=cpu_auto),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from come_rl import devices
-from come_rl.checkpoint import load_expert, resolve_checkpoint, save_expert, world_model_settings
+from come_rl.checkpoint import cpu_precision_of, load_expert, resolve_checkpoint, save_expert, world_model_settings
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
 from come_rl.conventions import pose_features as default_pose_features
 from come_rl.diffusion import SamplerConfig, sample
@@ -501,7 +501,6 @@ class WorldModel:
         directory = resolve_checkpoint(directory)  # a path, or the name of a checkpoint shipped in the package
         base, spec = load_expert(directory, "base")
         settings = world_model_settings(directory)
-        cpu_precision = settings.get("cpu_precision", "fp32")
         comp = dict(settings.get("composition", {}), **(composition or {}))
         if experts is not None:
             comp["experts"] = list(experts)
@@ -521,7 +520,7 @@ class WorldModel:
             sampler=SamplerConfig(**dict(settings.get("sampler", {}), **(sampler or {}))),
             memorize_config=MemorizeConfig(**dict(settings.get("memorize", {}), **(memorize or {}))),
             pose_model=pose_model, device=target_device, precision=precision, compile=compile,
-            cpu_precision=cpu_precision, **optional,
+            cpu_precision=cpu_precision_of(directory), **optional,
         )
         model.checkpoint_dir = directory
         model.base_spec = spec

@@ -317,7 +317,7 @@ def evaluate_probe(config: LatentProbeConfig, autoencoder: FrameAutoencoder, exp
     rows = [{"model": "latent base", **row} for row in score_by_kind(predicted, tensors, k, kinds, lpips)]
     rows += [{"model": "autoencoder floor", **row} for row in score_by_kind(floor, tensors, k, kinds, lpips)]
     out = Path(config.out_dir)
-    _save_examples(torch.cat([predicted[:8]]), frames[:8, k], frames[:8, k - 1], out / "latent_probe_examples.png")
+    _save_examples(predicted[:8], frames[:8, k], frames[:8, k - 1], out / "latent_probe_examples.png")
     _save_examples(floor[:8], frames[:8, k], frames[:8, k - 1], out / "latent_probe_floor_examples.png")
     return rows
 
