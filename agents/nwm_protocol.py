@@ -24,6 +24,7 @@ CLI (writes ``results/nwm_protocol/<name>.csv`` with one row per case x planner 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -37,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from agents.goal_tasks import path_errors
-from come_rl.checkpoint import resolve_checkpoint
+from come_rl.checkpoint import precision_for, resolve_checkpoint
 from come_rl.cli_args import parse_cli, parse_dataclass
 from come_rl.data import EpisodeDataset
 from come_rl.episode_records import check_records, recorded_episode, stop_with_resume_hint
@@ -291,6 +292,10 @@ class ProtocolConfig(FanoutSettings):
     name: str = ""
     """results file stem (default: <checkpoint>_<cases>cases_h<horizon>)."""
     progress: bool = True
+    precision: str = "auto"
+    """auto: the checkpoint's (the shipped ones: bf16 on CUDA and on CPUs with bfloat16 kernels, fp32 elsewhere;
+    results made before 2026-12-05 ran in fp32: add precision=fp32 to reproduce them); fp32; bf16. The resolved
+    precision is what the run records."""
 
     def __post_init__(self) -> None:
         if not self.checkpoint or not self.data:
@@ -330,7 +335,8 @@ class ProtocolWorker:
     def __init__(self, config: ProtocolConfig, checkpoint: str, meta: dict, records: str | None = None):
         self.config, self.records = config, None if records is None else Path(records)
         self.world_models = {"+".join(experts): WorldModel.load(checkpoint, experts=experts,
-                                                                sampler={"steps": config.sampler_steps})
+                                                                sampler={"steps": config.sampler_steps},
+                                                                precision=config.precision)
                              for experts in config.expert_sets}
         self.planners = {name: (lambda name=name: build_planner(name, config.population, config.elites,
                                                                 config.iterations, config.seed))
@@ -369,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(config.threads)
 
     checkpoint = resolve_checkpoint(config.checkpoint)
+    config = dataclasses.replace(config, precision=precision_for(checkpoint, config.precision))  # recorded
     dataset = EpisodeDataset(config.data)
     cases = make_cases(dataset, config.cases, config.context, config.goal_offset, config.horizon,
                        config.memory_frames, config.max_start, config.seed)

@@ -69,7 +69,7 @@ import torch
 
 from agents.goal_tasks import frames_to_model_tensor, path_errors
 from agents.mpc import MPCAgent
-from come_rl.checkpoint import resolve_checkpoint
+from come_rl.checkpoint import precision_for, resolve_checkpoint
 from come_rl.cli_args import run_evaluation_cli
 from come_rl.conventions import tensor_to_frames, wrap_angle
 from come_rl.episode_records import check_records, recorded_episode
@@ -474,6 +474,10 @@ class ReturnConfig(FanoutSettings):
     lpips_metric: bool = True
     gifs: bool = True
     out_dir: str = "results/return_to_place"
+    precision: str = "auto"
+    """auto: the checkpoint's (Memory Maze: bf16 on CUDA and on CPUs with bfloat16 kernels, fp32 elsewhere; results
+    made before 2026-12-05 ran in fp32: add precision=fp32 to reproduce them); fp32; bf16. The resolved precision is
+    what the run records."""
 
 
 def checkpoint_experts(checkpoint: str) -> list[str]:
@@ -554,7 +558,8 @@ def build_agent(name: str, experts: list[str] | None, config: ReturnConfig, env=
                                      lookahead=config.lookahead, turn_weight=config.turn_weight,
                                      scoring=config.scoring)
 
-    wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps})
+    wm = WorldModel.load(config.checkpoint, experts=experts, sampler={"steps": config.sampler_steps},
+                         precision=config.precision)
     return WorldModelReturnAgent(name, wm, config.horizon, config.replan_every, config.population, config.elites,
                                  config.iterations, config.memorize_steps if "ltm" in experts else 0,
                                  objective=config.objective, lookahead=config.lookahead, turn_weight=config.turn_weight,
@@ -600,6 +605,8 @@ def evaluate(config: ReturnConfig, progress: bool = True) -> list[dict]:
     """Check the config, build every agent (checkpoints load before any episode), run, write; the summary rows."""
 
     names, experts, notes = check_config(config)
+    if any(experts.get(name) for name in names):  # the precision world-model agents run in is recorded
+        config = dataclasses.replace(config, precision=precision_for(config.checkpoint, config.precision))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     torch.set_num_threads(config.threads)

@@ -115,6 +115,13 @@ def test_the_consistency_table_has_re_anchored_rows(tmp_path):
     assert by_name["base"]["anchored_frames"] == 0
     assert by_name["base_anchor"]["anchored_frames"] == 4  # within 2 cells of the 12 observed poses, any heading
     assert by_name["base_anchor"]["lpips_all"] != by_name["base"]["lpips_all"]
+    # the per-frame columns: which frames were re-anchored, which are revisits, and the imagined poses' error (the
+    # recorded poses here: none)
+    assert by_name["base"]["anchored_per_frame"] == "0 0 0 0"
+    assert by_name["base_anchor"]["anchored_per_frame"] == "1 1 1 1"
+    for row in by_name.values():
+        assert sum(int(v) for v in row["revisit_per_frame"].split()) == row["revisit_frames"]
+        assert [float(v) for v in row["pose_error_per_frame"].split()] == [0.0] * 4
     with pytest.raises(ValueError, match="anchor must be > 0"):
         run(dataclasses.replace(config, anchor=0.0))
 

@@ -319,6 +319,8 @@ def test_a_checkpoint_declares_what_auto_means_on_the_cpu(tmp_path) -> None:
     assert WorldModel.load(tmp_path, experts=["base"], device="cpu", precision="fp32").precision == "fp32"
     wm.save(tmp_path / "copy")
     assert json.loads((tmp_path / "copy" / "world_model.json").read_text())["cpu_precision"] == "bf16"
-    # the shipped checkpoints: Memory Cards was validated in bf16 on the CPU (results/few_step), the maze in fp32
+    # the shipped checkpoints: both validated in bf16 on the CPU (results/few_step: Memory Cards since session 25,
+    # the maze's first command since session 26)
     assert precision_for("memory_cards", "auto", "cpu") == bf16_here
-    assert precision_for("memory_maze", "auto", "cpu") == "fp32"
+    assert precision_for("memory_maze", "auto", "cpu") == bf16_here
+    assert precision_for("memory_maze", "fp32", "cpu") == "fp32"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,8 @@ def test_cli_writes_planner_by_world_model_table(cards_data: Path, tmp_path: Pat
     # one record per finished case: the same command again reads them back (the same table, nothing replayed) ...
     records = out / "records" / "tiny" / "episode_records"
     assert (records / "case_0.npz").is_file()
+    # precision=auto is recorded as what it resolved to: fp32 for a checkpoint that declares no cpu_precision
+    assert json.loads((records / "run_config.json").read_text())["precision"] == "fp32"
     before = (out / "tiny.csv").read_text()
     (out / "tiny.csv").unlink()
     args = [f"checkpoint={checkpoint}", f"data={cards_data}", "cases=1", "planners=nwm,random_shooting",

@@ -2,6 +2,7 @@
 settings fail before any episode. One env for the module (a maze build costs 1-4 s); world-model budgets are tiny."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from agents.return_to_place import (
     main,
     run_episode,
 )
+from come_rl.checkpoint import precision_for
 from come_rl.seeding import episode_seeds
 from envs.memory_maze import MemoryMazeEnv
 
@@ -102,6 +104,9 @@ def test_the_world_model_agent_and_the_outputs(tmp_path):
     assert rows["base"]["ci95_low"] <= rows["base"]["success_rate"] <= rows["base"]["ci95_high"]
     names = {p.name for p in tmp_path.iterdir()}
     assert {"summary.csv", "summary.md", "episodes.csv", "episodes.md", "success.png", "base_failure.gif"} <= names
+    # the precision the world-model agents ran in is recorded resolved (the checkpoint's cpu_precision on this CPU)
+    settings = json.loads((tmp_path / "episode_records" / "run_config.json").read_text())
+    assert settings["precision"] == precision_for("memory_maze") in ("fp32", "bf16")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -114,6 +119,7 @@ def test_the_world_model_agent_and_the_outputs(tmp_path):
     (dict(objective="telepathy"), "objective must be one of"),
     (dict(scoring="euclid"), "scoring must be one of"),
     (dict(lookahead=0.0), "lookahead must be a distance > 0"),
+    (dict(precision="fp16"), "unknown precision 'fp16'"),
 ])
 def test_bad_settings_fail_before_any_episode(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

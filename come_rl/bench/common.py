@@ -20,7 +20,7 @@ def default_decision_model(directory: Path, steps: int, walk: int = 16) -> tuple
     """The world model of the default planning run at its first decisions: Memory Maze base + LTM on the CPU (fp32),
     after observing a seeded ``walk``-step random walk and one short memorization (adapters in place). Returns it and
     the walk's first frame (a goal ``walk`` steps back, as the run's goal-reaching tasks use)."""
-    model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": steps}, device="cpu")
+    model = WorldModel.load(directory, experts=["base", "ltm"], sampler={"steps": steps}, device="cpu", precision="fp32")
     env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
     frame, info = env.reset(seed=0)
     goal = frame

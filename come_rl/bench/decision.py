@@ -60,6 +60,8 @@ from envs.memory_maze import MemoryMazeEnv
 from planners.cem import CEMPlanner
 from planners.objectives import LPIPSGoalObjective
 model = WorldModel.load({directory!r}, experts=["base", "ltm"], sampler={{"steps": {steps}}})
+if hasattr(model, "precision"):
+    model.precision = "fp32"  # timed in fp32, whatever the checkpoint's precision=auto means on this CPU
 env = MemoryMazeEnv(maze_size=9, image_size=model.frame_shape[-1])
 frame, info = env.reset(seed=0)
 goal = frame

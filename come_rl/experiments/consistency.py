@@ -26,7 +26,9 @@ expert the checkpoint lacks is refused before any work, naming the training comm
 
 Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) with ``lpips_all, lpips_revisit,
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
-has no revisit frame); ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
+has no revisit frame), and per imagined frame ``lpips_per_frame``, ``revisit_per_frame`` (0/1),
+``anchored_per_frame`` (0/1: re-anchored) and ``pose_error_per_frame`` (cells between the pose the model gave the frame
+and its real pose; empty without a pose model), for analyses that split the scores; ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
 ``lpips_revisit_pooled`` in the summary: LPIPS over all revisit frames pooled (an episode weighs by its revisit
 frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic record per finished episode with
 all its rows, ``come_rl.episode_records``: a killed run resumes where it stopped, a rerun with other settings is
@@ -378,7 +380,7 @@ class ConsistencyWorker:
         future = torch.from_numpy(np.ascontiguousarray(actions[c - 1:c - 1 + h], dtype=np.float32))[None]
         rows, rollouts, memorized, memorize_seconds = [], {"real": real}, False, 0.0
         for name in self.names:
-            start, anchored = time.time(), 0
+            start, anchored, anchored_mask, pose_error = time.time(), 0, np.zeros(h, dtype=bool), None
             composition = composition_for(name, self.rule, cfg.anchor, cfg.anchor_degrees, cfg.variants)
             if row_spec(name, cfg.variants)[1] == "lookup":  # the memorized frame seen nearest each real pose
                 imagined = frames[:c][nearest_pose_index(poses[:c], poses[c:c + h])]
@@ -411,11 +413,21 @@ class ConsistencyWorker:
                 wm.sampler = self.sampler if steps is None else dataclasses.replace(self.sampler, steps=steps)
                 imagined = tensor_to_frames(wm.imagine(future, seed=cfg.seed * 1000 + index)[0])
                 anchored = int(wm.last_anchored.sum())
+                if wm.last_anchored.numel():
+                    anchored_mask = wm.last_anchored[0].numpy().astype(bool)
+                if wm.last_poses is not None:  # where the model put each imagined frame, against where it was
+                    imagined_xy = wm.last_poses[0, :, :2].float().cpu().numpy()
+                    pose_error = np.hypot(*(imagined_xy - poses[c:c + h, :2]).T)
             per_frame = score_frames(imagined, real, self.lpips)
             row = episode_row(name, index, episode["seed"], per_frame, revisit)
             row["lpips_per_frame"] = " ".join(f"{v:.4f}" for v in per_frame["lpips"])
             row["seconds"] = round(time.time() - start, 2)
             row["anchored_frames"] = anchored
+            # per imagined frame, for analyses that split the scores (e.g. revisit frames re-anchored or not):
+            # real pose a revisit, frame re-anchored, distance in cells of its imagined pose to its real one
+            row["revisit_per_frame"] = " ".join(str(int(v)) for v in revisit)
+            row["anchored_per_frame"] = " ".join(str(int(v)) for v in anchored_mask)
+            row["pose_error_per_frame"] = "" if pose_error is None else " ".join(f"{v:.3f}" for v in pose_error)
             row["memorize_seconds"] = memorize_seconds if composition is not None and self._memorizes(composition) else 0.0
             rows.append(row)
             rollouts[name] = imagined

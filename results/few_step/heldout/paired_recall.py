@@ -1,7 +1,8 @@
-"""Per-episode pairs of the held-out recall runs at 2 and 10 DDIM steps (the same episodes, the same memorized
-weights), read from the runs' episode records:
+"""Per-episode pairs of two held-out recall runs at A and B DDIM steps (suffixes _sA and _sB: the same episodes, the
+same memorized weights), read from the runs' episode records:
 
-    python results/few_step/heldout/paired_recall.py [out_dir]     # out_dir of the two runs (results/few_step/heldout)
+    python results/few_step/heldout/paired_recall.py [out_dir] [A] [B]
+    # defaults: results/few_step/heldout 2 10; session 26: results/few_step/heldout_1step 1 10
 """
 
 import glob
@@ -28,7 +29,8 @@ def load(out_dir: str, steps: int) -> dict:
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "results/few_step/heldout"
-    two, ten = load(out_dir, 2), load(out_dir, 10)
+    a, b = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (2, 10)
+    two, ten = load(out_dir, a), load(out_dir, b)
     for start in ("covered", "uncovered"):
         keys = [key for key in two if two[key][0] == start and key in ten]
         pairs = [(a, b) for key in keys for a, b in zip(two[key][1], ten[key][1])]
@@ -36,9 +38,9 @@ def main() -> None:
         half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
         only_two = sum(a and not b for a, b in pairs)
         only_ten = sum(b and not a for a, b in pairs)
-        print(f"{start}: {len(keys)} episodes, {len(pairs)} tiles: 2 steps {100 * np.mean([a for a, _ in pairs]):.1f} %, "
-              f"10 steps {100 * np.mean([b for _, b in pairs]):.1f} %, 2 - 10 per episode {100 * diff.mean():+.1f} ± "
-              f"{100 * half:.1f} points; tiles recalled only at 2: {only_two}, only at 10: {only_ten}")
+        print(f"{start}: {len(keys)} episodes, {len(pairs)} tiles: {a} steps {100 * np.mean([x for x, _ in pairs]):.1f} %, "
+              f"{b} steps {100 * np.mean([y for _, y in pairs]):.1f} %, {a} - {b} per episode {100 * diff.mean():+.1f} ± "
+              f"{100 * half:.1f} points; tiles recalled only at {a}: {only_two}, only at {b}: {only_ten}")
 
 
 if __name__ == "__main__":
