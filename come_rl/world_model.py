@@ -55,6 +55,17 @@ def _pose_offsets(memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch
     return position, turn
 
 
+def _turn_view(view: torch.Tensor, view_pose: torch.Tensor, pose: torch.Tensor, pixels_per_degree: float) -> torch.Tensor:
+    """``view`` (B, C, H, W), seen at ``view_pose`` (B, 3), turned to the heading of ``pose`` (B, 3): shifted sideways
+    by ``pixels_per_degree`` x the heading difference (counter-clockwise positive: the content moves right), whole
+    pixels, the uncovered columns repeating the edge column."""
+    turn = torch.remainder(pose[:, 2].float() - view_pose[:, 2].float() + math.pi, 2 * math.pi) - math.pi  # (B,)
+    shift = torch.round(torch.rad2deg(turn) * pixels_per_degree).long().to(view.device)  # (B,)
+    width = view.shape[-1]
+    columns = (torch.arange(width, device=view.device)[None] - shift[:, None]).clamp(0, width - 1)  # (B, W)
+    return torch.gather(view, -1, columns[:, None, None].expand_as(view))
+
+
 def _rigid_shift(track: torch.Tensor, pose: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The (B, L, 3) pose ``track`` moved by the rigid motion (rotation about ``pose``'s position by the heading
     difference, then translation) that takes ``pose`` (B, 3) to ``target`` (B, 3): relative motions are unchanged."""
@@ -379,6 +390,9 @@ class WorldModel:
                     view = self.memory.gather(index).to(frames)
             if anchor > 0:
                 self.last_anchored[:, h] = close.cpu()
+            if view is not None and self.composition.anchor_turn > 0:  # ... turned to the imagined heading
+                view = _turn_view(view, memory_poses[index.to(memory_poses.device)].to(next_pose), next_pose,
+                                  self.composition.anchor_turn)
             if view is not None:  # a revisit: the next steps see the memorized view instead of the sampled frame
                 next_frame = torch.where(close.to(next_frame.device)[:, None, None, None], view.to(next_frame),
                                          next_frame)

@@ -1,6 +1,7 @@
 """Re-anchoring a rollout at revisits (CompositionConfig.anchor): a memorized frame replaces a drifted one."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -220,3 +221,27 @@ def test_the_loop_closure_moves_the_pose_track_rigidly():
         assert torch.allclose(body_motion(track[0, i], track[0, i + 1]), body_motion(moved[0, i], moved[0, i + 1]),
                               atol=1e-5)
     assert not torch.allclose(moved, track)
+
+
+def test_a_re_anchored_view_is_turned_to_the_imagined_heading():
+    """anchor_turn shifts the memorized view sideways by pixels-per-degree x the heading difference: turning left
+    (counter-clockwise, positive) moves the content right; the uncovered columns repeat the edge; no turn, no change."""
+    from come_rl.world_model import _turn_view
+
+    view = torch.zeros(3, 1, 2, 8)
+    view[..., 2] = 1.0  # a vertical stripe at column 2
+    view[..., 0] = 0.5  # the left edge column
+    seen_at = torch.zeros(3, 3)
+    now = torch.tensor([[0.0, 0.0, math.radians(3.0)], [5.0, 5.0, 0.0], [0.0, 0.0, math.radians(-2.0)]])
+    turned = _turn_view(view, seen_at, now, pixels_per_degree=1.0)
+    assert turned[0, 0, 0].tolist() == [0.5, 0.5, 0.5, 0.5, 0, 1.0, 0, 0]  # 3 degrees left: 3 pixels right, edge kept
+    assert torch.equal(turned[1], view[1])  # the same heading (position does not turn a view)
+    assert turned[2, 0, 0].tolist() == [1.0, 0, 0, 0, 0, 0, 0, 0]  # 2 degrees right: 2 pixels left
+    # across the +-180 degree seam the shortest turn is taken
+    across = _turn_view(view[:1], torch.tensor([[0.0, 0.0, math.radians(179.0)]]),
+                        torch.tensor([[0.0, 0.0, math.radians(-179.0)]]), pixels_per_degree=1.0)
+    assert across[0, 0, 0].tolist() == [0.5, 0.5, 0.5, 0, 1.0, 0, 0, 0]
+    with pytest.raises(ValueError, match="anchor_turn must be"):
+        CompositionConfig(experts=["base"], anchor_turn=0.85)  # needs anchor > 0
+    with pytest.raises(ValueError, match="anchor_turn must be"):
+        CompositionConfig(experts=["base"], anchor=0.35, anchor_turn=-1.0)
