@@ -28,7 +28,8 @@ Output (``out_dir``): ``consistency.csv``, one row per (composition, episode) wi
 ssim_all, ssim_revisit, psnr_all, psnr_revisit, revisit_frames`` (a revisit column is empty when an episode's horizon
 has no revisit frame), and per imagined frame ``lpips_per_frame``, ``revisit_per_frame`` (0/1),
 ``anchored_per_frame`` (0/1: re-anchored) and ``pose_error_per_frame`` (cells between the pose the model gave the frame
-and its real pose; empty without a pose model), for analyses that split the scores; ``consistency.md``, the means over episodes with 95 % intervals (t over episodes);
+and its real pose; empty without a pose model), for analyses that split the scores; ``consistency.md``, the means over
+episodes with 95 % intervals (t over episodes);
 ``lpips_revisit_pooled`` in the summary: LPIPS over all revisit frames pooled (an episode weighs by its revisit
 frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic record per finished episode with
 all its rows, ``come_rl.episode_records``: a killed run resumes where it stopped, a rerun with other settings is
