@@ -414,9 +414,9 @@ class CompositionConfig:
     anchor_turn: float = 0.0
     """with ``anchor``, pixels of horizontal image shift per degree of heading: a re-anchored view is turned to the
     imagined heading before it enters the context (a memorized view up to ``anchor_degrees`` off shows the scene
-    shifted sideways; turning left moves the content right). Memory Maze's 64x64 camera: ~0.85 pixel per degree,
-    measured on consecutive pure turns of collected episodes. The columns the turn uncovers repeat the edge column. Not
-    in the paper. 0: off (the view enters as memorized)."""
+    shifted sideways; turning left moves the content right). Memory Maze's 64x64 camera: ~0.7 pixel per degree
+    (results/consistency_tuning/turn_pixels.py). The columns the turn uncovers repeat the edge column. Measured worse
+    on the maze (session 26); not in the paper. 0: off (the view enters as memorized)."""
     anchor_search: float = 1.0
     """cells: the pose window of ``anchor_appearance``."""
     anchor_search_degrees: float = 45.0

@@ -20,6 +20,8 @@ Poses (the same as ``come_rl.interfaces``):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -62,6 +64,11 @@ def wrap_angle(angle: np.ndarray | float) -> np.ndarray:
     """Wrap angles (radians) to ``[-pi, pi)``; works elementwise on arrays of any shape."""
     angle = np.asarray(angle, dtype=np.float64)
     return (angle + np.pi) % (2.0 * np.pi) - np.pi
+
+
+def wrap_angle_tensor(angle: torch.Tensor) -> torch.Tensor:
+    """:func:`wrap_angle` for tensors (any shape, dtype and device kept): angles (radians) to ``[-pi, pi)``."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
 
 
 def yaw_from_direction(direction: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from come_rl.checkpoint import check_finite, verify_sha256
 from come_rl.cli_args import parse_cli
-from come_rl.conventions import absolute_to_relative, frames_to_tensor, relative_to_absolute
+from come_rl.conventions import absolute_to_relative, frames_to_tensor, relative_to_absolute, wrap_angle_tensor
 from come_rl.data.episodes import EpisodeDataset
 from come_rl.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 from come_rl.metrics.trajectory import absolute_trajectory_error, relative_pose_error
@@ -68,7 +68,7 @@ def _compose(poses: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cos(poses[..., 2]), torch.sin(poses[..., 2])
     x = poses[..., 0] + cos * motion[..., 0] - sin * motion[..., 1]
     y = poses[..., 1] + sin * motion[..., 0] + cos * motion[..., 1]
-    yaw = torch.remainder(poses[..., 2] + motion[..., 2] + math.pi, 2 * math.pi) - math.pi
+    yaw = wrap_angle_tensor(poses[..., 2] + motion[..., 2])
     return torch.stack([x, y, yaw], dim=-1)
 
 
@@ -76,7 +76,7 @@ def _relative(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """The motion (..., 3) from pose ``before`` to pose ``after``, in the frame of ``before``."""
     delta = after[..., :2] - before[..., :2]
     cos, sin = torch.cos(before[..., 2]), torch.sin(before[..., 2])
-    turn = torch.remainder(after[..., 2] - before[..., 2] + math.pi, 2 * math.pi) - math.pi
+    turn = wrap_angle_tensor(after[..., 2] - before[..., 2])
     return torch.stack([cos * delta[..., 0] + sin * delta[..., 1], -sin * delta[..., 0] + cos * delta[..., 1], turn], -1)
 
 

@@ -32,7 +32,7 @@ import torch
 from come_rl import devices
 from come_rl.checkpoint import cpu_precision_of, load_expert, resolve_checkpoint, save_expert, world_model_settings
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
-from come_rl.conventions import pose_features as default_pose_features
+from come_rl.conventions import pose_features as default_pose_features, wrap_angle_tensor
 from come_rl.diffusion import SamplerConfig, sample
 from come_rl.experts.episode_memory import EpisodeMemory, PlaceMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
@@ -51,7 +51,7 @@ def _pose_offsets(memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch
     ``pose`` (B, 3)."""
     pose = pose.float().to(memory_poses.device)
     position = torch.linalg.vector_norm(memory_poses[None, :, :2] - pose[:, None, :2], dim=-1)
-    turn = torch.abs(torch.remainder(memory_poses[None, :, 2] - pose[:, None, 2] + math.pi, 2 * math.pi) - math.pi)
+    turn = torch.abs(wrap_angle_tensor(memory_poses[None, :, 2] - pose[:, None, 2]))
     return position, turn
 
 
@@ -59,7 +59,7 @@ def _turn_view(view: torch.Tensor, view_pose: torch.Tensor, pose: torch.Tensor, 
     """``view`` (B, C, H, W), seen at ``view_pose`` (B, 3), turned to the heading of ``pose`` (B, 3): shifted sideways
     by ``pixels_per_degree`` x the heading difference (counter-clockwise positive: the content moves right), whole
     pixels, the uncovered columns repeating the edge column."""
-    turn = torch.remainder(pose[:, 2].float() - view_pose[:, 2].float() + math.pi, 2 * math.pi) - math.pi  # (B,)
+    turn = wrap_angle_tensor(pose[:, 2].float() - view_pose[:, 2].float())  # (B,)
     shift = torch.round(torch.rad2deg(turn) * pixels_per_degree).long().to(view.device)  # (B,)
     width = view.shape[-1]
     columns = (torch.arange(width, device=view.device)[None] - shift[:, None]).clamp(0, width - 1)  # (B, W)
@@ -69,7 +69,7 @@ def _turn_view(view: torch.Tensor, view_pose: torch.Tensor, pose: torch.Tensor, 
 def _rigid_shift(track: torch.Tensor, pose: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The (B, L, 3) pose ``track`` moved by the rigid motion (rotation about ``pose``'s position by the heading
     difference, then translation) that takes ``pose`` (B, 3) to ``target`` (B, 3): relative motions are unchanged."""
-    turn = torch.remainder(target[:, 2] - pose[:, 2] + math.pi, 2 * math.pi) - math.pi  # (B,)
+    turn = wrap_angle_tensor(target[:, 2] - pose[:, 2])  # (B,)
     cos, sin = torch.cos(turn)[:, None], torch.sin(turn)[:, None]
     dx, dy = track[..., 0] - pose[:, None, 0], track[..., 1] - pose[:, None, 1]
     return torch.stack([target[:, None, 0] + cos * dx - sin * dy, target[:, None, 1] + sin * dx + cos * dy,
