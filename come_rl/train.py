@@ -56,6 +56,7 @@ from come_rl.cli_args import parse_cli
 from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.distill import distillation_target, grid_levels
+from come_rl.shortcut import check_max_steps, draw_step_counts, shortcut_batch
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.io_utils import atomic_write_text
 from come_rl.nets.registry import MODEL_PRESETS, build_backbone
@@ -141,6 +142,12 @@ class TrainConfig:
     ``distill_steps`` steps. "": ordinary training."""
     distill_steps: int = 0
     """the student's DDIM steps (the teacher's are twice as many); needs ``distill_from``."""
+    shortcut_fraction: float = 0.0
+    """> 0: shortcut training (``come_rl.shortcut``): this fraction of each batch learns few-step denoising from the
+    model's own two half steps, the rest takes the plain loss; the U-Net is built step-conditioned (warm-start it from a
+    plain expert with ``init_from``). 0: ordinary training."""
+    shortcut_max_steps: int = 4
+    """the most DDIM steps a self-consistency row is trained for (a power of two: rows draw 1, 2, ..., this)."""
     data_workers: int = -1
     """1: a background thread makes the next batches (clips, tensors, noise; pinned for a GPU) while a step trains;
     0: made in the loop; -1 (auto): 1 on CUDA, 0 on the CPU (there a batch costs ~5 % of a step and the thread would
@@ -159,6 +166,10 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
     else:
         name, kwargs = config.model, {}
     kwargs.update(config.backbone_overrides)
+    if config.shortcut_fraction > 0:
+        if name != "unet":
+            raise ValueError(f"shortcut_fraction needs a U-Net model (unet_* presets), got {config.model}")
+        kwargs["step_conditioned"] = True
     if kwargs.get("action_dim", action_dim) != action_dim:
         raise ValueError(f"model {config.model} expects action_dim {kwargs['action_dim']} but the data has {action_dim}")
     if kwargs.get("frame_size", frame_size) != frame_size:
@@ -283,11 +294,17 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
     """
     frames, actions, poses = batch
     t, eps, drop, *context_noise = noise  # (level, context eps) with context-noise augmentation
-    targets = None
+    targets, step_sizes = None, None
     if teacher is not None:
         t = grid_levels(t, config.distill_steps)
         with devices.autocast(device, precision):
             targets = distillation_target(teacher, frames, actions, poses, t, eps, drop, config.distill_steps)
+    elif config.shortcut_fraction > 0:  # come_rl.shortcut: its own rows, drawn per step (a resumed run draws the same)
+        counts = draw_step_counts(len(t), config.shortcut_fraction, config.shortcut_max_steps,
+                                  torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        with devices.autocast(device, precision):
+            t, targets, step_sizes = shortcut_batch(expert, frames, actions, poses, t, eps, drop, counts,
+                                                    config.shortcut_max_steps)
     accumulation = config.grad_accum_steps
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
@@ -299,6 +316,7 @@ def training_step(expert: DiffusionExpert, network: torch.nn.Module, optimizer: 
                 loss = expert.loss(frames[rows], actions[rows], None if poses is None else poses[rows], t=t[rows],
                                    eps=eps[rows], drop=None if drop is None else drop[rows], network=network,
                                    distill_target=None if targets is None else targets[rows],
+                                   step=None if step_sizes is None else step_sizes[rows],
                                    **({"context_level": context_noise[0][rows],
                                        "context_eps": None if context_noise[1] is None else context_noise[1][rows]}
                                       if context_noise else {}))
@@ -462,6 +480,14 @@ def check_distillation(config: TrainConfig) -> None:
                          f"steps >= 1>, got distill_from={config.distill_from!r}, distill_steps={config.distill_steps}")
     if config.distill_from and (isinstance(config.distill_steps, bool) or config.distill_steps < 1):
         raise ValueError(f"distill_steps must be an integer >= 1 (the student's DDIM steps), got {config.distill_steps}")
+    if not 0.0 <= config.shortcut_fraction < 1.0:
+        raise ValueError(f"shortcut_fraction must be in [0, 1) (the rest of each batch keeps the plain loss the memory "
+                         f"is trained by), got {config.shortcut_fraction}")
+    if config.shortcut_fraction > 0:
+        check_max_steps(config.shortcut_max_steps)
+        if config.distill_from or config.context_noise > 0:
+            raise ValueError("shortcut_fraction > 0 trains its own few-step path: not with distill_from or "
+                             "context_noise > 0")
     if config.distill_from and config.context_noise > 0:
         raise ValueError("distillation with context_noise > 0 is not supported: the teacher sees clean contexts; set "
                          "context_noise=0")
@@ -617,6 +643,8 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         "distributed": {"world_size": context.world_size, "grad_accum_steps": config.grad_accum_steps,
                         "micro_batch": micro_batch, "device": device.type, "precision": precision},
         **({"distillation": distillation_record(config, teacher)} if teacher is not None else {}),
+        **({"shortcut": {"fraction": config.shortcut_fraction, "max_steps": config.shortcut_max_steps}}
+           if config.shortcut_fraction > 0 else {}),
     })
     state_path = out / f"{config.role}_train_state.pt"
     if config.init_from and teacher is None and not state_path.is_file():  # a resumed run holds its own weights

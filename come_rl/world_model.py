@@ -325,6 +325,8 @@ class WorldModel:
         tracks_poses = self.pose_model is not None and poses is not None
         imagined_poses = []
         composer = self._composer()
+        for expert in experts.values():  # a shortcut (step-conditioned) expert is told the sampler's step size
+            expert.step_size = self.sampler.step_size
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
         memorized_poses = len(self.memory) > 0 and self.memory.poses is not None
         # re-anchoring reads poses: without memorized poses and a pose model there is nothing to anchor by (off)

@@ -58,6 +58,12 @@ class SamplerConfig:
         if self.langevin_steps < 0:
             raise ValueError(f"langevin_steps must be >= 0, got {self.langevin_steps}")
 
+    @property
+    def step_size(self) -> float:
+        """The step size a step-conditioned (shortcut) denoiser is told: 1 / steps on DDIM's even grid; 0 (the plain
+        denoiser) for euler / heun, whose steps are uneven."""
+        return 1.0 / self.steps if self.method == "ddim" else 0.0
+
 
 def sample(
     denoiser,

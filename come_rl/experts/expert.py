@@ -34,7 +34,7 @@ from torch import nn
 from come_rl import devices
 from come_rl.diffusion import NoiseSchedule, add_noise, sample_noise_levels, v_target, v_to_eps
 from come_rl.diffusion.parametrization import _bcast
-from come_rl.nets.backbone import VideoBackbone
+from come_rl.nets.backbone import VideoBackbone, with_step
 
 TARGETS = ("full", "residual")
 PREDICTIONS = ("v", "x0")
@@ -76,6 +76,14 @@ class DiffusionExpert(nn.Module):
         self.spec: dict | None = None  # the recipe it was loaded from (come_rl.checkpoint), needed to save it
         self.compiled = False
         """run the denoising network through torch.compile (``WorldModel(compile=True)``)."""
+        self.step_size = 0.0
+        """the DDIM step size a step-conditioned (shortcut) backbone is told at sampling (``WorldModel`` sets 1 /
+        steps); 0: the plain denoiser. Ignored by other backbones."""
+
+    @property
+    def step_conditioned(self) -> bool:
+        """Whether the backbone takes the sampler's step size (a shortcut model, ``come_rl.shortcut``)."""
+        return getattr(self.inference_backbone(), "step_embed", None) is not None
 
     @property
     def context_frames(self) -> int:
@@ -115,8 +123,10 @@ class DiffusionExpert(nn.Module):
         """The network that sampling runs (the LTM substitutes its adapter-merged copy)."""
         return self.backbone
 
-    def predict_eps(self, prepared: PreparedContext, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, C, H, W) noisy next frame (frame space, whatever the target), t: (B,) -> eps: (B, C, H, W)."""
+    def predict_eps(self, prepared: PreparedContext, x_t: torch.Tensor, t: torch.Tensor,
+                    step: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, C, H, W) noisy next frame (frame space, whatever the target), t: (B,) -> eps: (B, C, H, W).
+        step (B,): the DDIM step size told to a step-conditioned backbone (default ``self.step_size``)."""
         alpha, sigma = self.schedule.alpha_sigma(t)
         if prepared.anchor is not None:  # residual target: z_residual = z_frame - alpha * x_last, the same eps
             x_t = x_t - _bcast(alpha, x_t) * prepared.anchor
@@ -124,7 +134,12 @@ class DiffusionExpert(nn.Module):
         denoise = type(backbone).denoise
         if self.compiled:
             denoise = devices.compiled_function(denoise, devices.COMPILE_BACKEND)
-        out = denoise(backbone, prepared.state, x_t[:, None], t)[:, 0].float()
+        state = prepared.state
+        if getattr(backbone, "step_embed", None) is not None:
+            if step is None:
+                step = torch.full_like(t, float(self.step_size))
+            state = with_step(state, step.to(t))
+        out = denoise(backbone, state, x_t[:, None], t)[:, 0].float()
         if self.prediction == "x0":
             return (x_t - _bcast(alpha, x_t) * out) / _bcast(sigma, x_t)
         return v_to_eps(out, x_t, alpha, sigma)
@@ -140,7 +155,7 @@ class DiffusionExpert(nn.Module):
              eps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
              network: nn.Module | None = None, context_noise: float = 0.0,
              context_level: torch.Tensor | None = None, context_eps: torch.Tensor | None = None,
-             distill_target: torch.Tensor | None = None) -> torch.Tensor:
+             distill_target: torch.Tensor | None = None, step: torch.Tensor | None = None) -> torch.Tensor:
         """The diffusion loss (paper eq. 1, in v-form) of predicting the last frame of each clip.
 
         frames: (B, K + 1, C, H, W) in [-1, 1]; actions: (B, K + 1, A); poses: (B, K + 1, P) or None (any device:
@@ -157,6 +172,7 @@ class DiffusionExpert(nn.Module):
         model's own imperfect frames in a rollout. context_level (B,) / context_eps (B, K, C, H, W): given instead.
         distill_target: (B, C, H, W) frame-space clean frame to regress instead of the clip's (``come_rl.distill``:
         the teacher's two-step target); the noisy input is still the clip's frame noised by ``eps`` at ``t``.
+        step: (B,) the DDIM step size each row is trained for (a step-conditioned backbone, ``come_rl.shortcut``).
         """
         device = self.device
         b = frames.shape[0]
@@ -195,8 +211,9 @@ class DiffusionExpert(nn.Module):
             x0 = goal if self.target == "full" else goal - (frames[:, -1] - x0)  # a residual: minus its anchor
             eps = (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
         call = network or self.backbone
-        out = (call(x_t[:, None], t, context, actions, poses, drop) if level is None
-               else call(x_t[:, None], t, context, actions, poses, drop, context_level=level))[:, 0].float()
+        extra = {} if step is None else {"step": devices.to_device(step, device).float()}
+        out = (call(x_t[:, None], t, context, actions, poses, drop, **extra) if level is None
+               else call(x_t[:, None], t, context, actions, poses, drop, context_level=level, **extra))[:, 0].float()
         if self.prediction == "x0":
             weight = sigma.float().pow(-2).clamp(max=X0_LOSS_CAP)
             loss = (_bcast(weight, x0) * (out - x0.float()).pow(2)).mean()

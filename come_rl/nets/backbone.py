@@ -68,12 +68,23 @@ class VideoBackbone(nn.Module):
         poses: torch.Tensor | None = None,
         drop_context: torch.Tensor | None = None,
         context_level: torch.Tensor | None = None,
+        step: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One-shot call (training): prepare + denoise. ``context_level`` (B,): the noise added to the context frames
-        (context-noise augmentation; only backbones built with it accept a value)."""
+        (context-noise augmentation; only backbones built with it accept a value). ``step`` (B,): the DDIM step size a
+        step-conditioned (shortcut) backbone is trained for (``come_rl.shortcut``)."""
         if context_level is None:
-            return self.denoise(self.prepare(context, actions, poses, drop_context), noisy, t)
-        return self.denoise(self.prepare(context, actions, poses, drop_context, context_level=context_level), noisy, t)
+            state = self.prepare(context, actions, poses, drop_context)
+        else:
+            state = self.prepare(context, actions, poses, drop_context, context_level=context_level)
+        return self.denoise(state if step is None else with_step(state, step), noisy, t)
+
+
+def with_step(state: Any, step: torch.Tensor) -> Any:
+    """A prepared state that tells ``denoise`` the DDIM step size ``step`` (B,) (step-conditioned U-Nets only)."""
+    if not isinstance(state, dict):
+        raise ValueError("only a U-Net backbone takes a step size (UNetConfig.step_conditioned)")
+    return {**state, "step": step}
 
 
 def _map_tensors(obj: Any, fn) -> Any:

@@ -77,6 +77,11 @@ class UNetConfig:
     retrieval_blind: bool = False
     """a retrieving expert without past frames: every context slot holds the retrieved view (training and sampling
     alike), so what it predicts depends on the memory and the poses only and cannot drift with its own frames."""
+    step_conditioned: bool = False
+    """a shortcut model (Frans et al. 2025, ``come_rl.shortcut``): the network is also told the DDIM step size d it is
+    sampled with (a zero-initialised embedding added to the noise level's), so that one step of size d lands where
+    smaller steps would; d = 0 is the ordinary denoiser (training's plain rows, memorization, many-step sampling). Warm-
+    started from an expert without it, it begins as that expert."""
     staleness_levels: int = 0
     """> 0 (a retrieving expert trained with stale clips, ``retrieval_stale_fraction``): the context level
     (``context_noise``'s FiLM input) tells how many steps its past frames lag, divided by this; sampling tells it the
@@ -221,6 +226,10 @@ class VideoUNet(VideoBackbone):
         if self.context_level_embed is not None:
             nn.init.zeros_(self.context_level_embed.weight)
             nn.init.zeros_(self.context_level_embed.bias)
+        self.step_embed = nn.Linear(d, d) if config.step_conditioned else None
+        if self.step_embed is not None:
+            nn.init.zeros_(self.step_embed.weight)
+            nn.init.zeros_(self.step_embed.bias)
         self.dropped_embed = nn.Parameter(torch.zeros(d))
         self.cond_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
         self.pos_maps = nn.ParameterList(
@@ -295,7 +304,15 @@ class VideoUNet(VideoBackbone):
         if noisy.dim() != 5 or noisy.shape[1] != 1:
             raise ValueError(f"noisy must have shape (B, 1, C, H, W), got {tuple(noisy.shape)}")
         x = F.pixel_unshuffle(noisy[:, 0], cfg.unshuffle)
-        cond = self.cond_mlp(state["cond"] + self.time_mlp(timestep_embedding(t, cfg.cond_dim)))
+        cond = state["cond"] + self.time_mlp(timestep_embedding(t, cfg.cond_dim))
+        step = state.get("step")
+        if self.step_embed is not None:  # the DDIM step size d (B,) it is sampled with; absent: 0, the plain denoiser
+            step = torch.zeros_like(t) if step is None else step.to(t.device).expand(t.shape[0])
+            cond = cond + self.step_embed(timestep_embedding(step, cfg.cond_dim))
+        elif step is not None and bool((step != 0).any()):
+            raise ValueError("this U-Net was built without step_conditioned; it samples with any step size as the "
+                             "plain denoiser and takes no step size")
+        cond = self.cond_mlp(cond)
         h = self.in_noisy(x) + state["context_features"]
         skips = []
         for i, blocks in enumerate(self.down_blocks):
