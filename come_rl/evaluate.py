@@ -101,7 +101,7 @@ def predict_next_frames(wm: WorldModel, expert, tensors: tuple, sampler, seed: i
     k = expert.context_frames
     predictions = []
     generator = torch.Generator().manual_seed(seed)
-    expert.step_size = sampler.step_size  # a shortcut (step-conditioned) expert is told it
+    expert.step_size = expert.told_step(sampler)  # a shortcut (step-conditioned) expert is told its step size
     for start in range(0, len(frames), batch_size):
         sl = slice(start, start + batch_size)
         with torch.no_grad(), devices.autocast(wm.device, wm.precision):

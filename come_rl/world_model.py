@@ -325,8 +325,9 @@ class WorldModel:
         tracks_poses = self.pose_model is not None and poses is not None
         imagined_poses = []
         composer = self._composer()
-        for expert in experts.values():  # a shortcut (step-conditioned) expert is told the sampler's step size
-            expert.step_size = self.sampler.step_size
+        told = self.base.told_step(self.sampler)  # a shortcut (step-conditioned) base and its LTM copy hear the same
+        for expert in experts.values():
+            expert.step_size = told
         retrievers = [role for role, expert in experts.items() if expert.retrieval]
         memorized_poses = len(self.memory) > 0 and self.memory.poses is not None
         # re-anchoring reads poses: without memorized poses and a pose model there is nothing to anchor by (off)

@@ -126,7 +126,9 @@ def test_a_world_model_tells_its_experts_the_samplers_step_size(tmp_path):
     from come_rl.world_model import WorldModel
 
     train(parse_overrides([*COMMON, f"out={tmp_path / 'ckpt'}", "shortcut_fraction=0.5", "steps=1"]))
-    for steps, method, told in ((4, "ddim", 0.25), (1, "ddim", 1.0), (3, "euler", 0.0)):
+    # trained counts 1, 2, 4 (shortcut_max_steps=4) are told 1 / steps; any other count runs the plain denoiser
+    for steps, method, told in ((4, "ddim", 0.25), (1, "ddim", 1.0), (3, "ddim", 0.0), (10, "ddim", 0.0),
+                                (3, "euler", 0.0)):
         wm = WorldModel.load(tmp_path / "ckpt", sampler={"steps": steps, "method": method})
         wm.reset()
         wm.observe(np.zeros((48, 48, 3), np.uint8))

@@ -85,6 +85,17 @@ class DiffusionExpert(nn.Module):
         """Whether the backbone takes the sampler's step size (a shortcut model, ``come_rl.shortcut``)."""
         return getattr(self.inference_backbone(), "step_embed", None) is not None
 
+    def told_step(self, sampler) -> float:
+        """The step size to tell this (step-conditioned) expert when it samples with ``sampler``: 1 / steps when that
+        step count was trained (a power of two up to the recipe's ``shortcut.max_steps``), else 0, the plain denoiser
+        (a step count it never learned, or an euler / heun sampler, whose steps are uneven)."""
+        size = sampler.step_size
+        largest = ((self.spec or {}).get("shortcut") or {}).get("max_steps")
+        if size <= 0 or largest is None:
+            return size
+        steps = round(1 / size)
+        return size if steps <= largest and steps & (steps - 1) == 0 else 0.0
+
     @property
     def context_frames(self) -> int:
         return self.backbone.context_frames

@@ -1,8 +1,10 @@
 """Per-episode pairs of two held-out recall runs at A and B DDIM steps (suffixes _sA and _sB: the same episodes, the
-same memorized weights), read from the runs' episode records:
+same memorized weights), or of two runs named by their suffixes (A and B not numbers: two models on the same
+episodes), read from the runs' episode records:
 
     python results/few_step/heldout/paired_recall.py [out_dir] [A] [B]
-    # defaults: results/few_step/heldout 2 10; session 26: results/few_step/heldout_1step 1 10
+    # defaults: results/few_step/heldout 2 10; session 26: results/few_step/heldout_1step 1 10;
+    # session 27: results/few_step/heldout_shortcut _shortcut_s1 _s10
 """
 
 import glob
@@ -15,10 +17,11 @@ from scipy import stats
 RULE = "PoCE w=2.5, gated t>=0.8"
 
 
-def load(out_dir: str, steps: int) -> dict:
-    """{episode record name: (start, [recalled per tile])} of the run with suffix _s<steps>."""
+def load(out_dir: str, steps: str) -> dict:
+    """{episode record name: (start, [recalled per tile])} of the run with suffix _s<steps> (or the suffix given)."""
     found = {}
-    for path in sorted(glob.glob(f"{out_dir}/records/memory_cards_recall_s{steps}/episode_records/*.npz")):
+    suffix = f"_s{steps}" if steps.isdigit() else steps
+    for path in sorted(glob.glob(f"{out_dir}/records/memory_cards_recall{suffix}/episode_records/*.npz")):
         with np.load(path) as record:
             row = json.loads(str(record["row"]))
         for name, _, start, tiles in row["scores"]:
@@ -29,7 +32,7 @@ def load(out_dir: str, steps: int) -> dict:
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "results/few_step/heldout"
-    a, b = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (2, 10)
+    a, b = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else ("2", "10")
     two, ten = load(out_dir, a), load(out_dir, b)
     for start in ("covered", "uncovered"):
         keys = [key for key in two if two[key][0] == start and key in ten]
