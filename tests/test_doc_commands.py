@@ -31,6 +31,7 @@ SETTINGS = {
     "come_rl.experiments.streaming": ("come_rl.experiments.streaming", "StreamingConfig"),
     "come_rl.evaluate": ("come_rl.evaluate", "EvaluateConfig"),
     "come_rl.train": ("come_rl.train", "TrainConfig"),
+    "come_rl.distill": ("come_rl.distill", "AssembleConfig"),
     "come_rl.collect": ("come_rl.collect", "CollectConfig"),
     "come_rl.odometry": ("come_rl.odometry", "OdometryTrainConfig"),
     "come_rl.gpu_check": ("come_rl.gpu_check", "GPUCheckConfig"),
