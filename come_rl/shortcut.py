@@ -60,14 +60,9 @@ def shortcut_batch(expert: DiffusionExpert, frames: torch.Tensor, actions: torch
         n = counts[rows].float()
         t[rows] = grid_levels(t[rows], n)
         half = torch.where(2 * n <= max_steps, 1.0 / (2 * n), torch.zeros_like(n))  # the teacher's told step size
-        was_training = expert.training
-        expert.eval()
-        try:
-            with torch.no_grad():
-                targets[rows] = distillation_target(
-                    expert, frames[rows], actions[rows], None if poses is None else poses[rows], t[rows], eps[rows],
-                    None if drop is None else drop[rows], n, clip_x0=clip_x0, teacher_step=half).float().to(targets.device)
-        finally:
-            expert.train(was_training)
+        with torch.no_grad():  # the network being trained (no dropout or batch norm: its mode does not matter)
+            targets[rows] = distillation_target(
+                expert, frames[rows], actions[rows], None if poses is None else poses[rows], t[rows], eps[rows],
+                None if drop is None else drop[rows], n, clip_x0=clip_x0, teacher_step=half).float().to(targets.device)
         steps[rows] = 1.0 / n
     return t, targets, steps

@@ -169,3 +169,39 @@ def test_a_shortcut_student_is_assembled_with_the_steps_asked(tmp_path):
     with pytest.raises(ValueError, match="integer >= 1"):
         assemble_student(tmp_path / "teacher", tmp_path / "student", tmp_path / "bad", steps=-1)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_ltm_of_a_shortcut_base_memorizes_by_that_bases_own_loss_and_a_plain_base_refuses_it():
+    """MemorizeConfig.shortcut_fraction: the copy's batch is split as the base's training batch is (plain rows and
+    self-consistency rows whose targets the copy itself makes); it lowers the loss, reset() undoes it exactly, and a
+    plain base refuses the option."""
+    from come_rl.experts.long_term import MemorizeConfig
+    from come_rl.world_model import CompositionConfig, WorldModel
+    from envs.memory_cards import MemoryCardsEnv
+
+    from tests.test_world_model import TINY, observe_random_walk, tiny_expert
+
+    base = tiny_expert()
+    shortcut = DiffusionExpert(VideoUNet(UNetConfig(**TINY, step_conditioned=True)), CosineSchedule()).eval()
+    shortcut.backbone.load_state_dict(base.backbone.state_dict(), strict=False)
+    shortcut.spec = dict(base.spec, shortcut={"fraction": 0.5, "max_steps": 2})
+    for expert, refused in ((shortcut, False), (base, True)):
+        wm = WorldModel(expert, MemoryCardsEnv().action_spec, 48, composition=CompositionConfig(experts=["base", "ltm"]),
+                        sampler=SamplerConfig(steps=1),
+                        memorize_config=MemorizeConfig(method="full", steps=30, batch_size=8, lr=2e-3,
+                                                       shortcut_fraction=0.5, shortcut_max_steps=2))
+        observe_random_walk(wm, 12)
+        if refused:
+            with pytest.raises(ValueError, match="needs a shortcut base"):
+                wm.memorize(generator=torch.Generator().manual_seed(0))
+            continue
+        start = {k: v.clone() for k, v in wm.ltm.backbone.state_dict().items()}
+        stats = wm.memorize(generator=torch.Generator().manual_seed(0))
+        assert stats["loss_last"] < stats["loss_first"]
+        assert wm.ltm.step_conditioned and wm.ltm.step_size == 0.0
+        wm.imagine(np.eye(5, dtype=np.float32)[[0]][None], seed=0)
+        assert wm.ltm.step_size == 1.0 == wm.base.step_size  # 1 step, trained: both told 1
+        wm.reset()
+        assert all(torch.equal(v, start[k]) for k, v in wm.ltm.backbone.state_dict().items())
+    with pytest.raises(ValueError, match="shortcut_fraction"):
+        MemorizeConfig(shortcut_fraction=1.5)

@@ -91,6 +91,11 @@ class MemorizeConfig:
     drop_context_fraction: float = 0.0
     short_context_fraction: float = 0.0
     weight_decay: float = 0.0
+    shortcut_fraction: float = 0.0
+    """a shortcut (step-conditioned) base, ``come_rl.shortcut``: this fraction of each batch memorizes by the
+    self-consistency part of that base's training loss (the copy's own two half steps as the target of one step of
+    1, 2, ... ``shortcut_max_steps``), the rest by the plain loss; 0: the plain loss only."""
+    shortcut_max_steps: int = 4
     full_parameters: str = ""
     """regex over parameter names of the backbone that memorization trains in full. With method "lora": trained
     beside the adapters (e.g. "pos_maps.*", the U-Net's learned positional maps); empty = adapters only (the paper's
@@ -115,7 +120,7 @@ class MemorizeConfig:
         if self.window is not None and self.window < 2:
             raise ValueError(f"memorize window must be None or >= 2 frames, got {self.window}")
         for name in ("reverse_fraction", "revisit_fraction", "drop_context_fraction", "uniform_fraction",
-                     "change_weighting", "short_context_fraction"):
+                     "change_weighting", "short_context_fraction", "shortcut_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"memorize {name} must lie in [0, 1], got {value}")
@@ -257,9 +262,12 @@ class LongTermMemoryExpert(DiffusionExpert):
 
                 pose_input = pose_features(poses)
             with devices.autocast(self.device, precision):
-                loss = self.loss(frames, actions, pose_input, drop_prob=config.drop_context_fraction,
-                                 noise_low=config.noise_low, uniform_fraction=config.uniform_fraction,
-                                 generator=generator)
+                if config.shortcut_fraction > 0:
+                    loss = self._shortcut_loss(frames, actions, pose_input, config, generator)
+                else:
+                    loss = self.loss(frames, actions, pose_input, drop_prob=config.drop_context_fraction,
+                                     noise_low=config.noise_low, uniform_fraction=config.uniform_fraction,
+                                     generator=generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"memorization loss became {loss.item()}; lower lr (now {config.lr})")
             self._optimizer.zero_grad(set_to_none=True)
@@ -271,6 +279,25 @@ class LongTermMemoryExpert(DiffusionExpert):
         seconds = time.perf_counter() - start
         return {"steps": steps, "seconds": seconds, "loss_first": losses[0] if losses else float("nan"),
                 "loss_last": losses[-1] if losses else float("nan"), "total_steps": self.memorized_steps}
+
+    def _shortcut_loss(self, frames, actions, poses, config: MemorizeConfig, generator) -> torch.Tensor:
+        """The shortcut base's training loss on a memorization batch (``come_rl.shortcut``): the noise drawn as
+        :meth:`loss` draws it, then the step counts; the self-consistency rows' targets from this copy itself."""
+        from come_rl.diffusion import sample_noise_levels
+        from come_rl.shortcut import draw_step_counts, shortcut_batch
+
+        if not self.step_conditioned:
+            raise ValueError("memorize shortcut_fraction > 0 needs a shortcut base (a step-conditioned U-Net trained "
+                             "with come_rl.train shortcut_fraction=...)")
+        b = frames.shape[0]
+        t = sample_noise_levels(b, low=config.noise_low, uniform_fraction=config.uniform_fraction, generator=generator)
+        eps = devices.randn(tuple(frames[:, -1].shape), generator=generator)
+        drop = (devices.rand((b,), generator=generator) < config.drop_context_fraction
+                if config.drop_context_fraction > 0 else None)
+        counts = draw_step_counts(b, config.shortcut_fraction, config.shortcut_max_steps,
+                                  generator if generator is not None else torch.default_generator)
+        t, targets, step = shortcut_batch(self, frames, actions, poses, t, eps, drop, counts, config.shortcut_max_steps)
+        return self.loss(frames, actions, poses, t=t, eps=eps, drop=drop, distill_target=targets, step=step)
 
     @staticmethod
     def _memorization_batch(memory: EpisodeMemory, config: MemorizeConfig, clip_length: int, pose_model,
