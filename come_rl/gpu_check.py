@@ -15,6 +15,8 @@ Steps, each a subprocess of this interpreter with its own time limit, run in ord
 
 4. ``distill``: a progressive-distillation round (``come_rl.distill``) of the shipped Memory Cards base, an 8-step
    teacher to a 4-step student, for half of ``train_minutes``, in bf16.
+5. ``shortcut``: shortcut training (``come_rl.shortcut``) of the shipped Memory Cards base, warm-started and made
+   step-conditioned, for half of ``train_minutes``, in bf16.
 
 The report, ``gpu_check.md`` and
 ``gpu_check.json`` in ``out_dir/<device name>/``, holds the device (name, capability, memory, torch and CUDA
@@ -83,6 +85,11 @@ def plan(config: GPUCheckConfig, folder: Path) -> list[tuple[str, list[str]]]:
                               "distill_steps=4", "warmup_steps=0", "lr=1e-4", "batch_size=64",
                               f"minutes={config.train_minutes / 2:g}", "device=cuda", "precision=bf16",
                               f"out={folder / 'distill'}"]))
+    steps.append(("shortcut", [python, "-m", "come_rl.train", "data=online:memory_cards", "model=unet_cards",
+                               f"init_from={ROOT / 'come_rl' / 'checkpoints' / 'memory_cards' / 'base'}",
+                               "shortcut_fraction=0.5", "shortcut_max_steps=4", "drop_prob=0.1", "target=full",
+                               "warmup_steps=0", "lr=2e-4", "batch_size=64", f"minutes={config.train_minutes / 2:g}",
+                               "device=cuda", "precision=bf16", f"out={folder / 'shortcut'}"]))
     return steps
 
 

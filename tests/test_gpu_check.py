@@ -19,7 +19,7 @@ def test_a_dry_run_writes_the_plan_of_every_step(tmp_path):
     saved = json.loads((folder / "gpu_check.json").read_text())
     assert saved == json.loads(json.dumps(report))
     steps = {row["step"]: row for row in saved["steps"]}
-    assert list(steps) == ["cuda_tests", "bench_fp32", "bench_bf16", "torchrun_train", "distill"]
+    assert list(steps) == ["cuda_tests", "bench_fp32", "bench_bf16", "torchrun_train", "distill", "shortcut"]
     assert all(row["status"] == "planned" for row in steps.values())
     assert "tests/test_devices.py -k cuda" in steps["cuda_tests"]["command"]
     assert "device=cuda precision=bf16" in steps["bench_bf16"]["command"]
@@ -28,7 +28,12 @@ def test_a_dry_run_writes_the_plan_of_every_step(tmp_path):
     assert f"out={folder / 'train'}" in steps["torchrun_train"]["command"]
     table = (folder / "gpu_check.md").read_text()
     assert "distill_steps=4" in steps["distill"]["command"] and f"out={folder / 'distill'}" in steps["distill"]["command"]
-    assert table.startswith("# GPU check: dry-run") and table.count("| planned |") == 5
+    assert "shortcut_fraction=0.5" in steps["shortcut"]["command"] and "minutes=0.75" in steps["shortcut"]["command"]
+    from come_rl.train import parse_overrides
+
+    for name in ("distill", "shortcut"):  # every key of the two training rounds is a TrainConfig key
+        parse_overrides(steps[name]["command"].split("-m come_rl.train ")[1].split())
+    assert table.startswith("# GPU check: dry-run") and table.count("| planned |") == 6
     # every step's command parses: the benchmark and training accept their keys (--help lists them, exits 0)
     for name in ("bench_fp32", "torchrun_train"):
         module = "come_rl.bench" if name.startswith("bench") else "come_rl.train"
