@@ -16,7 +16,8 @@ distilled the same way; the composition rule is then applied at each of the stud
 the teacher's; the long-term memory stays a copy of its (distilled) base memorized by that base's own loss.
 
 ``python -m come_rl.distill teacher=<checkpoint> student=<distilled expert dir> out=<dir>`` writes a world-model
-checkpoint that imagines with the student (:func:`assemble_student`).
+checkpoint that imagines with the student (:func:`assemble_student`); a shortcut model (``come_rl.shortcut``) is
+assembled the same way, with ``steps=N`` for its sampler.
 """
 
 from __future__ import annotations
