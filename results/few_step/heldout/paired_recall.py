@@ -4,7 +4,8 @@ episodes), read from the runs' episode records:
 
     python results/few_step/heldout/paired_recall.py [out_dir] [A] [B]
     # defaults: results/few_step/heldout 2 10; session 26: results/few_step/heldout_1step 1 10;
-    # session 27: results/few_step/heldout_shortcut _shortcut_s1 _s10
+    # session 27: results/few_step/heldout_shortcut 2 10; pooled over sets (comma-separated out_dirs):
+    # python results/few_step/heldout/paired_recall.py results/few_step/heldout_shortcut,results/few_step/heldout_6400 2 10
 """
 
 import glob
@@ -33,7 +34,10 @@ def load(out_dir: str, steps: str) -> dict:
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "results/few_step/heldout"
     a, b = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else ("2", "10")
-    two, ten = load(out_dir, a), load(out_dir, b)
+    two, ten = {}, {}
+    for folder in out_dir.split(","):  # several held-out sets pooled, each episode paired within its own set
+        two.update({(folder, key): value for key, value in load(folder, a).items()})
+        ten.update({(folder, key): value for key, value in load(folder, b).items()})
     for start in ("covered", "uncovered"):
         keys = [key for key in two if two[key][0] == start and key in ten]
         pairs = [(a, b) for key in keys for a, b in zip(two[key][1], ten[key][1])]
