@@ -205,3 +205,5 @@ def test_the_ltm_of_a_shortcut_base_memorizes_by_that_bases_own_loss_and_a_plain
         assert all(torch.equal(v, start[k]) for k, v in wm.ltm.backbone.state_dict().items())
     with pytest.raises(ValueError, match="shortcut_fraction"):
         MemorizeConfig(shortcut_fraction=1.5)
+    with pytest.raises(ValueError, match="power of two"):
+        MemorizeConfig(shortcut_fraction=0.5, shortcut_max_steps=3)

@@ -83,7 +83,7 @@ class DiffusionExpert(nn.Module):
     @property
     def step_conditioned(self) -> bool:
         """Whether the backbone takes the sampler's step size (a shortcut model, ``come_rl.shortcut``)."""
-        return getattr(self.inference_backbone(), "step_embed", None) is not None
+        return getattr(self.backbone, "step_embed", None) is not None  # (not the LTM's merged copy: no merge here)
 
     def told_step(self, sampler) -> float:
         """The step size to tell this (step-conditioned) expert when it samples with ``sampler``: 1 / steps when that

@@ -124,6 +124,10 @@ class MemorizeConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"memorize {name} must lie in [0, 1], got {value}")
+        if self.shortcut_fraction > 0:
+            from come_rl.shortcut import check_max_steps
+
+            check_max_steps(self.shortcut_max_steps)
         if self.reverse_fraction + self.revisit_fraction > 1.0:
             raise ValueError("reverse_fraction + revisit_fraction must be <= 1 (they share one batch)")
         if self.reverse_fraction > 0 and not self.inverse_actions:
