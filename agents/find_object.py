@@ -81,10 +81,18 @@ class WorldModelFindAgent:
 
     ``samples``: imagined samples per tile; a tile's score is the mean over its samples of the pixel MSE between the
     imagined inside of the uncovered tile and the goal (the diffusion model's samples differ; averaging them scores
-    what the model believes rather than one draw of it)."""
+    what the model believes rather than one draw of it).
+
+    ``share_prefixes``: the walks to the 16 tiles begin alike (rows first, then columns), so each distinct walk prefix
+    is imagined once per sample (``WorldModel.imagine``'s ``streams``, one per sample index: the samples stay
+    independent) and no step past a tile's uncovering is imagined (``lengths``); a world model without
+    ``shares_prefixes`` (the exact one) imagines every row."""
 
     def __init__(self, world_model, memorize_steps: int = 100, seed: int = 0, name: str = "world_model",
-                 samples: int = 1):
+                 samples: int = 1, share_prefixes: bool = False):
+        if not isinstance(share_prefixes, bool):
+            raise ValueError(f"share_prefixes must be true or false, got {share_prefixes!r}")
+        self.share_prefixes = share_prefixes
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
         if isinstance(samples, bool) or int(samples) < 1:
@@ -117,8 +125,13 @@ class WorldModelFindAgent:
         horizon = max(len(p) for p in paths)
         actions = torch.from_numpy(np.stack([np.stack([spec.encode(a) for a in p + [TOGGLE] * (horizon - len(p))])
                                              for p in paths])).float()
-        imagined = wm.imagine(actions.repeat_interleave(samples, dim=0), seed=self.seed)  # (16 * samples, T, 3, H, W)
         last = torch.tensor([len(p) - 1 for p in paths]).repeat_interleave(samples)
+        rows = actions.repeat_interleave(samples, dim=0)  # (16 * samples, T, A): tile-major, then the sample index
+        if self.share_prefixes and getattr(wm, "shares_prefixes", False):
+            imagined = wm.imagine(rows, seed=self.seed, streams=torch.arange(samples).repeat(len(tiles)),
+                                  lengths=last + 1)
+        else:
+            imagined = wm.imagine(rows, seed=self.seed)  # (16 * samples, T, 3, H, W)
         uncovered = imagined[torch.arange(len(last)), last]
         frames = tensor_to_frames(uncovered)
         frames = frames.reshape(len(tiles), samples, *frames.shape[1:])
@@ -201,6 +214,9 @@ class FindConfig(FanoutSettings):
     """auto: the checkpoint's (Memory Cards: bf16 on CUDA and on CPUs with bfloat16 kernels, where memorization runs
     1.6x faster with the same recall and success, results/few_step/README.md; fp32 elsewhere); fp32; bf16. The
     resolved precision is what the run records."""
+    share_prefixes: bool = False
+    """imagine each distinct walk prefix once per sample and nothing past a tile's uncovering (the same decision
+    procedure, fewer network rows; ``WorldModelFindAgent``)."""
 
 
 def build_agent(name: str, config: FindConfig):
@@ -219,7 +235,7 @@ def build_agent(name: str, config: FindConfig):
                          sampler={"steps": sampler_steps_for(config.checkpoint, config.sampler_steps)},
                          pose_model=cursor_pose_model, precision=config.precision)
     return WorldModelFindAgent(wm, config.memorize_steps if name != "base" else 0, config.seed, name=name,
-                               samples=config.samples)
+                               samples=config.samples, share_prefixes=config.share_prefixes)
 
 
 # the summary's means over each agent's episodes

@@ -123,5 +123,8 @@ class WorldModelProtocol(Protocol):
     def memorize(self, steps: int | None = None) -> dict: ...
 
     def imagine(self, actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """actions: (batch, horizon, action_dim) -> frames (batch, horizon, 3, height, width) in [-1, 1]."""
+        """actions: (batch, horizon, action_dim) -> frames (batch, horizon, 3, height, width) in [-1, 1].
+
+        A model whose ``shares_prefixes`` is true also takes ``streams=`` and ``lengths=`` (``WorldModel.imagine``):
+        rows of one stream that begin with the same actions share one sample until they part."""
         ...

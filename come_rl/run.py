@@ -204,6 +204,12 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ValueError(f"env.task.success_threshold must be > 0, got {task.success_threshold}")
     if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))
+    objective, planner = cfg.agent.get("objective") or {}, cfg.get("planner") or {}
+    if objective.get("share_prefixes", False) and int(planner.get("repeats", 1) or 1) > 1:
+        raise ValueError(f"planner.repeats={planner.repeats} asks for independent samples of every candidate, but "
+                         "agent.objective.share_prefixes=true shares one sample among candidates with the same actions "
+                         "(the repeats would be copies): set agent.objective.repeats instead, or "
+                         "agent.objective.share_prefixes=false")
     experts = cfg.model.get("experts")
     if experts is not None:
         unknown = set(experts) - {"base", "ltm", "stm", "sltm"}

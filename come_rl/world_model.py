@@ -82,6 +82,49 @@ def _thumbnails(frames: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(frames.float(), 4).flatten(1)
 
 
+def _row_ids(name: str, values, batch: int, low: int | None = None, high: int | None = None) -> torch.Tensor:
+    """(batch,) integer-valued ``values`` as a CPU long tensor, or a ValueError that names what was wrong."""
+    tensor = torch.as_tensor(np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values), device="cpu")
+    if tensor.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), one entry per row of actions, got {tuple(tensor.shape)}")
+    if tensor.dtype == torch.bool or not bool(torch.isfinite(tensor.double()).all()) or not bool(
+            (tensor.double() == tensor.double().round()).all()):
+        raise ValueError(f"{name} must be integers, got {tensor.tolist()}")
+    tensor = tensor.long()
+    if (low is not None and bool((tensor < low).any())) or (high is not None and bool((tensor > high).any())):
+        raise ValueError(f"{name} must lie in [{low}, {high}] (the horizon of actions), got {tensor.tolist()}")
+    return tensor
+
+
+def _prefix_plan(actions: torch.Tensor, streams, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each imagined step h: (computed (n,) rows sampled at h, owner (batch,) the index into ``computed`` of the row
+    whose step-h results each row takes, -1 for a row already past its ``lengths``).
+
+    Rows share step h when they share the stream and the actions up to h (with ``streams=None`` no two rows share). A
+    group is computed by its first row and groups keep the rows' order, so with no shared prefix ``computed`` is every
+    row still needed, in order, and the same noise is drawn as without a plan.
+    """
+    batch, horizon = actions.shape[:2]
+    group = (_row_ids("streams", streams, batch) if streams is not None else torch.arange(batch)).double()
+    needed = (_row_ids("lengths", lengths, batch, 1, horizon) if lengths is not None
+              else torch.full((batch,), horizon, dtype=torch.long))
+    rows, plan = torch.arange(batch), []
+    for h in range(horizon):
+        active = needed > h
+        key = torch.cat([group[:, None], actions[:, h].double()], dim=1)[active]
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), batch, dtype=torch.long).scatter_reduce(
+            0, inverse, rows[active], reduce="amin")
+        order = torch.argsort(first)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        owner = torch.full((batch,), -1, dtype=torch.long)
+        owner[active] = rank[inverse]
+        plan.append((first[order], owner))
+        group = torch.where(active, owner.double(), group)  # the group at h names the whole prefix up to h
+    return plan
+
+
 class WorldModel:
     """See the module docstring. Build it with :meth:`load` or from experts directly."""
 
@@ -281,9 +324,13 @@ class WorldModel:
         """How many past frames the enabled experts read (the longest context)."""
         return max(expert.context_frames for expert in self.experts.values())
 
+    #: ``imagine`` takes ``streams`` and ``lengths`` (objectives and agents check this before passing them: the
+    #: exact simulators of ``envs`` imagine every row anew)
+    shares_prefixes = True
+
     @torch.no_grad()
     def imagine(self, actions, generator: torch.Generator | None = None, seed: int | None = None,
-                history: tuple | None = None) -> torch.Tensor:
+                history: tuple | None = None, streams=None, lengths=None) -> torch.Tensor:
         """Imagine the frames that ``actions`` lead to from the last observed frame.
 
         Args:
@@ -292,16 +339,28 @@ class WorldModel:
             history: optional per-row pasts instead of the episode memory's last frames (what the LTM memorized
                 stays in use): (frames (batch, L, 3, H, W) in [-1, 1], actions (batch, L, A), poses (batch, L, 3) or
                 None) with L >= ``context_length``; e.g. one past per queried place, imagined in one batch.
+            streams: optional (batch,) integer ids of noise streams. Rows of one stream whose actions agree up to
+                step h share one sample of frames 0..h: each distinct action prefix is imagined once per stream (a
+                tree of candidates, common random numbers along shared prefixes), so a planner's candidates that
+                begin alike cost one row until they part. ``None`` (the default): every row is its own sample. Give
+                repeated rows meant as independent samples different streams (e.g. the sample's index).
+            lengths: optional (batch,) integers in [1, horizon]: row i needs only its first ``lengths[i]`` frames;
+                its later frames (and ``last_poses``) repeat its last imagined one, nothing more is sampled for it.
         Returns:
             frames: (batch, horizon, 3, height, width) in [-1, 1], on the CPU whatever the model's device.
         """
         actions = self._validate_actions(actions)
+        plan = _prefix_plan(actions, streams, lengths) if streams is not None or lengths is not None else None
+        if plan is not None and history is not None and streams is not None:
+            raise ValueError("streams share the imagined frames of rows with the same actions, which needs the same "
+                             "past: with per-row history pass streams=None (lengths alone is fine)")
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same noise on every device
         with devices.autocast(self.device, self.precision):
-            return self._imagine(actions, generator, history).cpu()
+            return self._imagine(actions, generator, history, plan).cpu()
 
-    def _imagine(self, actions: torch.Tensor, generator: torch.Generator | None, history: tuple | None) -> torch.Tensor:
+    def _imagine(self, actions: torch.Tensor, generator: torch.Generator | None, history: tuple | None,
+                 plan: list | None = None) -> torch.Tensor:
         device = self.device
         batch, horizon = actions.shape[:2]
         experts = self.experts
@@ -342,11 +401,23 @@ class WorldModel:
         if appearance > 0:  # every memorized view, pooled 4x4, once per call: what a sampled frame is compared with
             thumbs = _thumbnails(self.memory.frames.to(device))
         outputs = []
+        all_actions, full_batch = actions, batch
         for h in range(horizon):
+            if plan is not None:  # only one row per distinct (stream, action prefix) still needed is imagined
+                computed, owner = plan[h]
+                if len(computed) == 0:  # every row is past its length: each holds its last frame
+                    outputs.append(outputs[-1])
+                    if tracks_poses:
+                        imagined_poses.append(imagined_poses[-1])
+                    continue
+                frames, past_actions = frames[computed.to(frames.device)], past_actions[computed]
+                actions = all_actions[computed]
+                poses = None if poses is None else poses[computed.to(poses.device)]
+                batch = len(computed)
             step_actions = torch.cat([past_actions, actions[:, h:h + 1]], dim=1)  # (B, L + 1, A)
             if tracks_poses:
                 next_pose = self._next_pose(poses, actions[:, h], frames)
-                imagined_poses.append(next_pose.float().cpu())
+                recorded_pose = next_pose  # the pose head's, before any re-anchoring moves the track
             if needs_poses:
                 step_poses = self.pose_features(torch.cat([poses, next_pose[:, None]], dim=1))
             conditions = {}
@@ -383,7 +454,7 @@ class WorldModel:
             # Sampling runs in frame space for every expert (a residual expert converts inside predict_eps).
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device, seed_x0=seed_x0).clamp(-1.0, 1.0)
-            outputs.append(next_frame)
+            sampled = next_frame  # what this step returns; re-anchoring changes only what the next steps see
             if appearance > 0:  # a revisit seen in the sampled frame: a nearby memorized view that looks like it
                 looked, looks = self._appearance_match(memory_poses, thumbs, next_pose, next_frame, appearance)
                 looks &= ~close.to(looks.device)
@@ -391,8 +462,6 @@ class WorldModel:
                     index = torch.where(looks.to(index.device), looked.to(index.device), index)
                     close = close | looks.to(close.device)
                     view = self.memory.gather(index).to(frames)
-            if anchor > 0:
-                self.last_anchored[:, h] = close.cpu()
             if view is not None and self.composition.anchor_turn > 0:  # ... turned to the imagined heading
                 view = _turn_view(view, memory_poses[index.to(memory_poses.device)].to(next_pose), next_pose,
                                   self.composition.anchor_turn)
@@ -410,6 +479,26 @@ class WorldModel:
             past_actions = torch.cat([past_actions[:, 1:], actions[:, h:h + 1]], dim=1)
             if tracks_poses:
                 poses = torch.cat([poses[:, 1:], next_pose[:, None].to(poses)], dim=1)
+            if plan is not None:  # every row takes its computed row's results; a finished row holds its last frame
+                batch, gather = full_batch, owner.clamp(min=0)
+                active = owner >= 0
+                frames, past_actions = frames[gather.to(frames.device)], past_actions[gather]
+                poses = None if poses is None else poses[gather.to(poses.device)]
+                sampled = sampled[gather.to(sampled.device)]
+                if h > 0 and not bool(active.all()):
+                    sampled = torch.where(active.to(sampled.device)[:, None, None, None], sampled, outputs[-1])
+                if tracks_poses:
+                    recorded_pose = recorded_pose[gather.to(recorded_pose.device)]
+                    if h > 0 and not bool(active.all()):
+                        recorded_pose = torch.where(active[:, None].to(recorded_pose.device), recorded_pose,
+                                                    imagined_poses[-1].to(recorded_pose))
+                if anchor > 0:
+                    close = close.cpu()[gather] & active
+            outputs.append(sampled)
+            if tracks_poses:
+                imagined_poses.append(recorded_pose.float().cpu())
+            if anchor > 0:
+                self.last_anchored[:, h] = close.cpu()
         self.last_network_calls = composer.network_calls
         self.last_poses = torch.stack(imagined_poses, dim=1) if tracks_poses else None
         return torch.stack(outputs, dim=1)

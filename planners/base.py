@@ -75,6 +75,10 @@ def score_candidates(objective: Objective, actions: torch.Tensor, repeats: int =
         candidate's mean NaN, so it ranks worst).
     """
     num_candidates = actions.shape[0]
+    if repeats > 1 and getattr(objective, "share_prefixes", False):
+        raise ValueError(f"the planner repeats every candidate {repeats} times for independent samples, but the "
+                         "objective shares one sample among candidates with the same actions (share_prefixes), so the "
+                         "repeats would be copies: set the objective's repeats instead, or share_prefixes=false")
     batch = actions.repeat(repeats, 1, 1) if repeats > 1 else actions
     scores = objective(batch)
     if not isinstance(scores, torch.Tensor):

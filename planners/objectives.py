@@ -29,6 +29,28 @@ from planners.place_graph import PlaceGraph
 SCORINGS = ("waypoint", "graph")
 
 
+def imagine_candidates(world_model, actions: torch.Tensor, generator: torch.Generator | None = None,
+                       share_prefixes: bool = False, repeats: int = 1) -> torch.Tensor:
+    """Imagine ``repeats`` rollouts of every candidate in one batch, rows ordered (repeat, candidate).
+
+    ``share_prefixes``: candidates that begin with the same actions share one sample until they part (each distinct
+    action prefix imagined once per repeat; ``WorldModel.imagine``'s ``streams``, one stream per repeat), so a
+    population that agrees on its first steps costs fewer network rows. A world model without ``shares_prefixes``
+    (the exact simulators) imagines every row as before.
+    """
+    batch = actions.repeat(repeats, 1, 1) if repeats > 1 else actions
+    if share_prefixes and getattr(world_model, "shares_prefixes", False):
+        streams = torch.arange(repeats).repeat_interleave(actions.shape[0])
+        return world_model.imagine(batch, generator=generator, streams=streams)
+    return world_model.imagine(batch, generator=generator)
+
+
+def _check_share(share_prefixes) -> bool:
+    if not isinstance(share_prefixes, bool):
+        raise ValueError(f"share_prefixes must be true or false, got {share_prefixes!r}")
+    return share_prefixes
+
+
 def frame_to_tensor(frame: Any) -> torch.Tensor:
     """An env frame (uint8 (H, W, 3)) or a model frame (float (3, H, W) in [-1, 1]) -> float32 (3, H, W) in [-1, 1]."""
     if isinstance(frame, torch.Tensor) and frame.dtype.is_floating_point:
@@ -50,7 +72,8 @@ class _GoalObjective:
     """Shared part of the goal objectives: goal validation, repeats, imagining, timings."""
 
     def __init__(self, world_model: WorldModelProtocol, goal_frame: Any, repeats: int = 1,
-                 generator: torch.Generator | None = None, frames: str = "last") -> None:
+                 generator: torch.Generator | None = None, frames: str = "last", share_prefixes: bool = False) -> None:
+        self.share_prefixes = _check_share(share_prefixes)
         if isinstance(repeats, bool) or int(repeats) != repeats or int(repeats) < 1:
             raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
         if frames not in ("last", "all"):
@@ -80,13 +103,12 @@ class _GoalObjective:
         """
         if actions.ndim != 3:
             raise ValueError(f"actions must have shape (batch, horizon, action_dim), got {tuple(actions.shape)}")
-        batch = actions.repeat(self.repeats, 1, 1) if self.repeats > 1 else actions
         start = time.perf_counter()
         with torch.no_grad():
-            frames = self.world_model.imagine(batch, generator=self.generator)
+            frames = imagine_candidates(self.world_model, actions, self.generator, self.share_prefixes, self.repeats)
         self.timings["imagine_s"] += time.perf_counter() - start
         self.timings["calls"] += 1
-        self.timings["candidates"] += int(batch.shape[0])
+        self.timings["candidates"] += int(actions.shape[0]) * self.repeats
         if self.frames == "last":
             return frames[:, -1].to(torch.float32)
         return frames.flatten(0, 1).to(torch.float32)
@@ -110,12 +132,14 @@ class LPIPSGoalObjective(_GoalObjective):
         frames: ``"last"`` scores the last imagined frame (NWM); ``"all"`` the mean over the horizon,
             which rewards reaching the goal early and staying there (steadier under MPC replanning;
             costs horizon x more LPIPS evaluations).
+        share_prefixes: candidates that begin alike share one imagined sample until they part
+            (:func:`imagine_candidates`; the repeats stay independent).
     """
 
     def __init__(self, world_model: WorldModelProtocol, goal_frame: Any, repeats: int = 1,
                  lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 generator: torch.Generator | None = None, frames: str = "last") -> None:
-        super().__init__(world_model, goal_frame, repeats, generator, frames)
+                 generator: torch.Generator | None = None, frames: str = "last", share_prefixes: bool = False) -> None:
+        super().__init__(world_model, goal_frame, repeats, generator, frames, share_prefixes)
         if lpips is None:
             from come_rl.metrics.lpips_metric import get_lpips
 
@@ -178,7 +202,8 @@ class PathObjective:
 
     def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  generator: torch.Generator | None = None, turn_weight: float = 0.0, scoring: str = "waypoint",
-                 goal_index: int = -1, graph: PlaceGraph | None = None) -> None:
+                 goal_index: int = -1, graph: PlaceGraph | None = None, share_prefixes: bool = False) -> None:
+        self.share_prefixes = _check_share(share_prefixes)
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
@@ -220,7 +245,7 @@ class PathObjective:
         start = time.perf_counter()
         target = self.waypoint() if self.graph is None else None
         with torch.no_grad():
-            frames = self.world_model.imagine(actions, generator=self.generator)
+            frames = imagine_candidates(self.world_model, actions, self.generator, self.share_prefixes)
         self.timings["imagine_s"] += time.perf_counter() - start
         self.timings["calls"] += 1
         self.timings["candidates"] += int(actions.shape[0])
@@ -275,7 +300,8 @@ class PlaceObjective:
     def __init__(self, world_model, goal_frame: Any, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  match_mse: float = 1e-3, repeats: int = 1, frames: str = "last",
                  generator: torch.Generator | None = None, lpips: Callable | None = None,
-                 turn_weight: float = 0.0, scoring: str = "waypoint") -> None:
+                 turn_weight: float = 0.0, scoring: str = "waypoint", share_prefixes: bool = False) -> None:
+        self.share_prefixes = _check_share(share_prefixes)
         if not float(match_mse) >= 0:
             raise ValueError(f"match_mse must be >= 0 (mean squared difference in [-1, 1] pixels), got {match_mse!r}")
         goal = frame_to_tensor(goal_frame)
@@ -314,10 +340,10 @@ class PlaceObjective:
             path, goal_index = (places.poses, self.goal_index) if scoring == "graph" else (self.route, -1)
             self.inner = PathObjective(world_model, goal, path, lookahead=lookahead, lpips_weight=lpips_weight,
                                        generator=generator, turn_weight=turn_weight, scoring=scoring,
-                                       goal_index=goal_index, graph=self.graph)
+                                       goal_index=goal_index, graph=self.graph, share_prefixes=share_prefixes)
         else:
             self.inner = LPIPSGoalObjective(world_model, goal, repeats=repeats, lpips=lpips, generator=generator,
-                                            frames=frames)
+                                            frames=frames, share_prefixes=share_prefixes)
         self.timings = self.inner.timings
 
     def __call__(self, actions: torch.Tensor) -> torch.Tensor:

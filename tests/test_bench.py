@@ -124,10 +124,17 @@ def test_the_decision_benchmark_splits_a_default_decision_and_compares_precision
 def test_the_decision_steps_benchmark_times_each_step_count_in_one_run(tmp_path):
     from come_rl.bench.decision import DecisionStepsBenchConfig, bench_decision_steps
 
-    rows = bench_decision_steps(DecisionStepsBenchConfig(steps="1,2", population=4, elites=2, horizon=2, decisions=1,
-                                                         out_dir=str(tmp_path)))
-    assert [row["denoising_steps"] for row in rows] == [1, 2]
+    rows = bench_decision_steps(DecisionStepsBenchConfig(steps="1,2", population=8, elites=2, horizon=2, decisions=1,
+                                                         share_prefixes="false,true", out_dir=str(tmp_path)))
+    assert [(row["denoising_steps"], row["share_prefixes"]) for row in rows] == [(1, False), (1, True), (2, False),
+                                                                                 (2, True)]
     assert rows[0]["decision_x_1_steps"] == 1.0 and rows[1]["median_decision_s"] > 0
+    # 8 candidates x 2 frames x one network call per denoising step (the maze rule runs one pass where the LTM takes
+    # part: the base's coefficient is 0 there)
+    assert rows[0]["network_rows"] == 8 * 2 * 1 and rows[2]["network_rows"] == 8 * 2 * 2
+    assert rows[1]["network_rows"] < rows[0]["network_rows"]  # 8 candidates over 6 actions share a first action
+    with pytest.raises(ValueError, match="list false and/or true"):
+        bench_decision_steps(DecisionStepsBenchConfig(share_prefixes="yes", out_dir=str(tmp_path)))
     assert "by denoising steps" in (tmp_path / "decision_steps.md").read_text()
     with pytest.raises(ValueError, match="comma-separated integers"):
         bench_decision_steps(DecisionStepsBenchConfig(steps="1,x", out_dir=str(tmp_path)))
@@ -142,9 +149,11 @@ def test_the_find_decision_steps_benchmark_times_the_agents_decision_at_each_ste
 
     precisions = "fp32,bf16" if devices.cpu_supports_bf16() else "fp32"
     rows = bench_find_decision_steps(FindDecisionStepsBenchConfig(agent="base", steps="1,2", samples=1, decisions=1,
-                                                                  precisions=precisions, out_dir=str(tmp_path)))
-    assert [(row["precision"], row["denoising_steps"]) for row in rows] == [
-        (precision, k) for precision in precisions.split(",") for k in (1, 2)]
+                                                                  precisions=precisions, share_prefixes="false,true",
+                                                                  out_dir=str(tmp_path)))
+    assert [(row["precision"], row["denoising_steps"], row["share_prefixes"]) for row in rows] == [
+        (precision, k, share) for precision in precisions.split(",") for k in (1, 2) for share in (False, True)]
+    assert rows[1]["network_rows"] < 0.6 * rows[0]["network_rows"]  # the walks to the 16 tiles form a tree
     assert rows[0]["decision_x_fp32_1_steps"] == 1.0  # the reference cell
     assert all(row["median_decision_s"] > 0 for row in rows)
     assert "precisions alternated" in (tmp_path / "find_decision_steps.md").read_text()

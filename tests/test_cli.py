@@ -78,6 +78,8 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path) -> None:
          "model.checkpoint='/nonexistent/model' does not exist"),
         ([*TINY, "planner._target_=no_such_module.Planner"], ValueError, "could not be imported"),
         ([*TINY, "+env.evaluation=tour"], ValueError, r"env.evaluation='tour' is not an evaluation of come_rl.run"),
+        (["agent=cem", "env=memory_maze", "planner.repeats=2"], ValueError,
+         "set agent.objective.repeats instead, or agent.objective.share_prefixes=false"),
     ]
     for overrides, error, match in cases:
         cfg = compose_config([*overrides, f"run.out_dir={tmp_path / 'never'}"])

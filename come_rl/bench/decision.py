@@ -214,7 +214,19 @@ class DecisionStepsBenchConfig:
     decisions: int = 5
     """timed decisions per step count (rounds alternate the step counts, after one warm-up round)."""
     threads: int = 1
+    share_prefixes: str = "false"
+    """comma-separated false / true, alternated in the same rounds: candidates that begin alike share one imagined
+    sample (``planners.objectives.imagine_candidates``); each decision here starts cold (uniform action probabilities:
+    the least sharing; a warm-started run shares more)."""
     out_dir: str = "results/bench"
+
+
+def _share_settings(text: str) -> list[bool]:
+    """``share_prefixes=false,true`` -> [False, True]."""
+    names = [s.strip().lower() for s in str(text).split(",") if s.strip()]
+    if not names or any(n not in ("false", "true") for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"share_prefixes={text!r}: list false and/or true once each, e.g. share_prefixes=false,true")
+    return [n == "true" for n in names]
 
 
 def _step_counts(steps: str, decisions: int) -> list[int]:
@@ -233,34 +245,57 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     in one run: seconds per decision and their ratio to the default's 4 steps (the step count's quality is measured
     apart: ``come_rl.experiments.steps_curve``, ``come_rl.experiments.consistency``)."""
     counts = _step_counts(config.steps, config.decisions)
+    shares = _share_settings(config.share_prefixes)
     torch.set_num_threads(int(config.threads))
     directory = resolve_checkpoint(config.checkpoint)
     model, goal = default_decision_model(directory, counts[0])
     lpips = get_lpips(device="cpu")
-    times: dict[int, list[float]] = {k: [] for k in counts}
+    cells = [(k, share) for k in counts for share in shares]
+    times: dict[tuple, list[float]] = {cell: [] for cell in cells}
+    rows_imagined: dict[tuple, list[int]] = {cell: [] for cell in cells}
+    calls = _count_network_rows(model)
     for round_ in tqdm(range(config.decisions + 1), desc="decision by denoising steps, rounds"):
-        for k in counts:
+        for k, share in cells:
             model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
             planner = load_planner("cem", seed=round_, population=config.population, elites=config.elites,
                                    iterations=config.iterations)
-            objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_))
+            objective = LPIPSGoalObjective(model, goal, lpips=lpips, generator=torch.Generator().manual_seed(round_),
+                                           share_prefixes=share)
+            calls.clear()
             start = time.perf_counter()
             planner.plan(objective, model.action_spec, config.horizon)
             if round_:
-                times[k].append(time.perf_counter() - start)
-    reference = 4 if 4 in counts else counts[0]
-    rows = [{"denoising_steps": k, "decisions": config.decisions, "population": config.population,
-             "horizon": config.horizon, "threads": config.threads,
-             "median_decision_s": float(np.median(times[k])),
-             f"decision_x_{reference}_steps": float(np.median(times[k]) / np.median(times[reference]))}
-            for k in counts]
+                times[k, share].append(time.perf_counter() - start)
+                rows_imagined[k, share].append(sum(calls))
+    reference = (4 if 4 in counts else counts[0], shares[0])
+    rows = [{"denoising_steps": k, "share_prefixes": share, "decisions": config.decisions,
+             "population": config.population, "horizon": config.horizon, "threads": config.threads,
+             "network_rows": float(np.mean(rows_imagined[k, share])),
+             "median_decision_s": float(np.median(times[k, share])),
+             f"decision_x_{reference[0]}_steps": float(np.median(times[k, share]) / np.median(times[reference]))}
+            for k, share in cells]
     out = Path(config.out_dir)
     write_table(out / "decision_steps.csv", rows, md_path=out / "decision_steps.md",
                 title=f"One CEM decision of the default run by denoising steps ({directory.name}, base + LTM after "
                       f"memorization, fp32, population {config.population} x horizon {config.horizon}, "
                       f"{config.threads} thread(s); medians of {config.decisions} decisions, step counts alternated in "
-                      f"one run; `python -m come_rl.bench decision_steps steps={config.steps}`)")
+                      f"one run; network_rows: frames run through an expert network per decision; `python -m "
+                      f"come_rl.bench decision_steps steps={config.steps} share_prefixes={config.share_prefixes}`)")
     return rows
+
+
+def _count_network_rows(model) -> list[int]:
+    """A list that every expert network call of ``model`` appends its batch to (the rows a decision costs)."""
+    sizes: list[int] = []
+    for expert in {id(e): e for e in [model.base, *model.experts.values()]}.values():
+        predict = expert.predict_eps
+
+        def counted(prepared, x_t, *args, _predict=predict, **kwargs):
+            sizes.append(int(x_t.shape[0]))
+            return _predict(prepared, x_t, *args, **kwargs)
+
+        expert.predict_eps = counted
+    return sizes
 
 
 @dataclass
@@ -282,6 +317,9 @@ class FindDecisionStepsBenchConfig:
     precisions: str = "fp32"
     """comma-separated precisions, alternated in the same rounds (fp32, bf16: bf16 needs CUDA or a CPU with bfloat16
     kernels); ratios are to fp32 at 10 steps (or the first precision and step count listed)."""
+    share_prefixes: str = "false"
+    """comma-separated false / true, alternated in the same rounds: each distinct walk prefix imagined once per sample
+    and nothing past a tile's uncovering (``agents.find_object.WorldModelFindAgent``)."""
     out_dir: str = "results/bench"
 
 
@@ -310,28 +348,36 @@ def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict
     goal = np.asarray(info["goal_image"])
     agent.watch(env, info)
     model = agent.world_model
-    cells = [(precision, k) for precision in precisions for k in counts]
+    shares = _share_settings(config.share_prefixes)
+    cells = [(precision, k, share) for precision in precisions for k in counts for share in shares]
     times: dict[tuple, list[float]] = {cell: [] for cell in cells}
+    rows_imagined: dict[tuple, list[int]] = {cell: [] for cell in cells}
+    calls = _count_network_rows(model)
     for round_ in tqdm(range(config.decisions + 1), desc="find-the-object decision by denoising steps, rounds"):
-        for precision, k in cells:  # the decision's cost does not depend on the precision the memory was trained in
+        for precision, k, share in cells:  # the decision's cost does not depend on the precision memory trained in
             model.precision = precision
             model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
+            agent.share_prefixes = share
+            calls.clear()
             start = time.perf_counter()
             agent.tile_distances(env, goal)
             if round_:
-                times[precision, k].append(time.perf_counter() - start)
-    reference = ("fp32" if "fp32" in precisions else precisions[0], 10 if 10 in counts else counts[0])
-    rows = [{"agent": config.agent, "precision": precision, "denoising_steps": k, "decisions": config.decisions,
-             "samples": config.samples, "threads": config.threads,
-             "median_decision_s": float(np.median(times[precision, k])),
-             f"decision_x_{reference[0]}_{reference[1]}_steps": float(np.median(times[precision, k])
+                times[precision, k, share].append(time.perf_counter() - start)
+                rows_imagined[precision, k, share].append(sum(calls))
+    reference = ("fp32" if "fp32" in precisions else precisions[0], 10 if 10 in counts else counts[0], shares[0])
+    rows = [{"agent": config.agent, "precision": precision, "denoising_steps": k, "share_prefixes": share,
+             "decisions": config.decisions, "samples": config.samples, "threads": config.threads,
+             "network_rows": float(np.mean(rows_imagined[precision, k, share])),
+             "median_decision_s": float(np.median(times[precision, k, share])),
+             f"decision_x_{reference[0]}_{reference[1]}_steps": float(np.median(times[precision, k, share])
                                                                        / np.median(times[reference]))}
-            for precision, k in cells]
+            for precision, k, share in cells]
     out = Path(config.out_dir)
     write_table(out / "find_decision_steps.csv", rows, md_path=out / "find_decision_steps.md",
                 title=f"One find-the-object decision by denoising steps (Memory Cards, agent {config.agent}, 16 tiles x "
                       f"{config.samples} samples imagined in one batch, after memorization; {config.threads} "
                       f"thread(s); medians of {config.decisions} decisions, step counts and precisions alternated in "
-                      f"one run; `python -m come_rl.bench find_decision_steps steps={config.steps} "
-                      f"precisions={config.precisions}`)")
+                      f"one run; network_rows: frames run through an expert network per decision; `python -m "
+                      f"come_rl.bench find_decision_steps steps={config.steps} precisions={config.precisions} "
+                      f"share_prefixes={config.share_prefixes}`)")
     return rows

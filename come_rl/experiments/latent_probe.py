@@ -81,7 +81,8 @@ class LatentProbeConfig:
     clips: int = 256
     sampler_steps: int = 10
     threads: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"
+    """auto: bf16 where the CPU has bfloat16 kernels (what the probe's results were made with) and on CUDA, else fp32."""
     seed: int = 0
     checkpoint_seconds: float = 120.0
 
@@ -236,7 +237,7 @@ def train(config: LatentProbeConfig, autoencoder: FrameAutoencoder, expert: Diff
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(config.out_dir) / "train_log.csv"
     device = devices.resolve_device("cpu")
-    precision = devices.resolve_precision(config.precision, device)
+    precision = devices.resolve_precision(config.precision, device, cpu_auto="bf16")
 
     def batch(size: int, length: int) -> tuple:
         return clips_to_tensors(source.sample_clips(size, length, streams.rng))
@@ -298,7 +299,7 @@ def evaluate_probe(config: LatentProbeConfig, autoencoder: FrameAutoencoder, exp
     tensors = clips_to_tensors(clips)
     frames, actions, _ = tensors
     device = devices.resolve_device("cpu")
-    precision = devices.resolve_precision(config.precision, device)
+    precision = devices.resolve_precision(config.precision, device, cpu_auto="bf16")
     sampler = SamplerConfig(steps=config.sampler_steps)
     generator = torch.Generator().manual_seed(config.eval_seed)
     predicted, floor = [], []
