@@ -241,7 +241,9 @@ class Composer:
     def bind(self, conditions: dict[str, dict[str, torch.Tensor | None]]) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                     torch.Tensor]:
         """The denoiser of these conditions: conditions[name] = dict(context=(B,K,C,H,W), actions=(B,K+1,A),
-        poses=(B,K+1,P) or None) per term. Every context is prepared here, once."""
+        poses=(B,K+1,P) or None) per term. Every context is checked here and prepared once, at the first denoising
+        step that runs its expert (a term whose pass is skipped at every level a sample visits, e.g. the base where the
+        LTM's contrast cancels it, costs no preparation)."""
         skipped = self.skipped_terms()
         states, paired, gates = {}, {}, {}
         for term in self.terms:
@@ -265,8 +267,8 @@ class Composer:
                                   torch.ones(b, dtype=torch.bool, device=context.device)])
             else:
                 drop = torch.zeros(b, dtype=torch.bool, device=context.device)
-            states[term.name] = (term.expert.prepare(context, actions, poses, drop) if level is None
-                                 else term.expert.prepare(context, actions, poses, drop, context_level=level))
+            extra = {} if level is None else {"context_level": level}
+            states[term.name] = _Lazy(functools.partial(term.expert.prepare, context, actions, poses, drop, **extra))
         return functools.partial(self._denoise, states, paired, skipped, gates)
 
     def _denoise(self, states: dict, paired: dict, skipped: set, gates: dict, x_t: torch.Tensor,
@@ -290,11 +292,14 @@ class Composer:
                 conditional[term.name] = torch.zeros_like(x_t)
                 unconditional[term.name] = torch.zeros_like(x_t)
                 continue
+            state = states[term.name]
+            if isinstance(state, _Lazy):  # its first step: the context is prepared now, and kept for the next steps
+                state = states[term.name] = state.make()
             if paired[term.name]:
-                eps = term.expert.predict_eps(states[term.name], torch.cat([x_t, x_t]), torch.cat([t, t]))
+                eps = term.expert.predict_eps(state, torch.cat([x_t, x_t]), torch.cat([t, t]))
                 conditional[term.name], unconditional[term.name] = eps.chunk(2)
             else:
-                conditional[term.name] = term.expert.predict_eps(states[term.name], x_t, t)
+                conditional[term.name] = term.expert.predict_eps(state, x_t, t)
             self.network_calls += 1
         baselines = [
             unconditional.get(term.name) if term.baseline == "unconditional" else conditional[term.baseline]
@@ -306,6 +311,13 @@ class Composer:
             [conditional[term.name] for term in self.terms], baselines,
             [term.alpha for term in self.terms], [weights[term.name] for term in self.terms], self.normalize,
         )
+
+
+class _Lazy:
+    """A context preparation not run yet (``Composer.bind``)."""
+
+    def __init__(self, make: Callable) -> None:
+        self.make = make
 
 
 class ReferenceComposer(Composer):
