@@ -278,6 +278,9 @@ def run_find_object(cfg: DictConfig) -> dict:
     samples = cfg.env.task.get("samples", 1)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"env.task.samples (imagined samples per tile) must be an integer >= 1, got {samples!r}")
+    share_prefixes = cfg.env.task.get("share_prefixes", True)
+    if not isinstance(share_prefixes, bool):
+        raise ValueError(f"env.task.share_prefixes must be true or false, got {share_prefixes!r}")
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))  # a missing checkpoint: its clear error before anything is written
@@ -288,7 +291,8 @@ def run_find_object(cfg: DictConfig) -> dict:
     world_model = build_world_model(cfg.model, device_settings(cfg))
     world_model.pose_model = world_model.pose_model or cursor_pose_model
     experts = "+".join(world_model.composition.experts)
-    agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts, samples=samples)
+    agent = WorldModelFindAgent(world_model, memorize_steps, seed=int(cfg.run.seed), name=experts, samples=samples,
+                                share_prefixes=share_prefixes)
     title = (f"Memory Cards, find the object: world model {cfg.model.checkpoint} ({experts}), {memorize_steps} "
              f"memorization steps, {samples} imagined samples per tile, {cfg.run.episodes} episodes from seed "
              f"{cfg.run.seed}; chance 2/16")
