@@ -80,6 +80,8 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path) -> None:
         ([*TINY, "+env.evaluation=tour"], ValueError, r"env.evaluation='tour' is not an evaluation of come_rl.run"),
         (["agent=cem", "env=memory_maze", "planner.repeats=2"], ValueError,
          "set agent.objective.repeats instead, or agent.objective.share_prefixes=false"),
+        (["env=memory_cards_find", "model=memory_cards", "env.task.share_prefixes=yes"], ValueError,
+         "env.task.share_prefixes must be true or false"),
     ]
     for overrides, error, match in cases:
         cfg = compose_config([*overrides, f"run.out_dir={tmp_path / 'never'}"])

@@ -173,4 +173,6 @@ def test_the_find_agent_imagines_each_walk_prefix_once_per_sample():
             assert not np.array_equal(frames[:, 0], frames[:, 1])  # the two samples stay independent
     horizon = max(len(p) for p in paths)
     assert rows[False] == 32 * horizon
+    with pytest.raises(ValueError, match="share_prefixes must be true or false"):
+        WorldModelFindAgent(wm, samples=2, share_prefixes="yes")
     assert rows[True] < 0.6 * rows[False]
