@@ -629,6 +629,9 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     else:
         expert, backbone_name, backbone_kwargs = build_expert(config, source.action_spec.dim, frame_size)
     expert.to(device)
+    devices.prefer_channels_last(expert)  # on the CPU: NHWC convolutions (devices.prefer_channels_last)
+    if teacher is not None:
+        devices.prefer_channels_last(teacher)
     k = expert.context_frames
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
         from come_rl.experts.retrieval import RetrievalClips

@@ -152,6 +152,9 @@ class WorldModel:
                     expert.to(target)
         self.base, self.stm, self.sltm = base, stm, sltm
         self._check_one_device()
+        for expert in (base, stm, sltm):  # before the LTM copies the base: its copies keep the layout
+            if expert is not None:
+                devices.prefer_channels_last(expert)
         self.cpu_precision = cpu_precision  # what precision="auto" means on a CPU with bf16 kernels (world_model.json)
         self.precision = devices.resolve_precision(precision, self.device, cpu_auto=cpu_precision)
         self.action_spec, self.frame_shape = action_spec, (3, frame_size, frame_size)

@@ -142,6 +142,21 @@ def test_the_decision_steps_benchmark_times_each_step_count_in_one_run(tmp_path)
         bench_decision_steps(DecisionStepsBenchConfig(steps="0", out_dir=str(tmp_path)))
 
 
+def test_the_memory_format_benchmark_times_both_layouts_on_the_same_inputs(tmp_path):
+    from come_rl import devices
+    from come_rl.bench.memory_format import MemoryFormatBenchConfig, bench_memory_format
+
+    rows = bench_memory_format(MemoryFormatBenchConfig(sample_batch=2, train_batch=2, memorize_steps=1, rounds=1,
+                                                       out_dir=str(tmp_path)))
+    assert [row["item"] for row in rows] == ["sampling call", "training step", "memorization step"]
+    assert all(row["as_built_s"] > 0 and row["channels_last_s"] > 0 for row in rows)
+    assert rows[0]["max_abs_diff_of_eps"] < 1e-3  # the same predictions up to float rounding
+    assert devices.CHANNELS_LAST_ON_CPU  # the benchmark's switch is put back
+    assert "channels-last" in (tmp_path / "memory_format.md").read_text()
+    with pytest.raises(ValueError, match="must be >= 1"):
+        MemoryFormatBenchConfig(rounds=0)
+
+
 def test_the_find_decision_steps_benchmark_times_the_agents_decision_at_each_step_count(tmp_path):
     from come_rl.bench.decision import FindDecisionStepsBenchConfig, bench_find_decision_steps
 
