@@ -41,6 +41,7 @@ from come_rl.fanout import FANOUT_KEYS, FanoutSettings, check_backend
 from come_rl.world_model import WorldModel
 from envs.memory_cards import GRID, TOGGLE, cursor_pose_model
 from envs.memory_cards_find import MemoryCardsFindEnv
+from planners.objectives import check_share_prefixes
 
 AGENT_EXPERTS = {"base": ["base"], "ltm": ["base", "ltm"], "come": ["base", "ltm", "stm", "sltm"]}
 AGENTS = ("random", "base", "ltm", "come", "exact", "oracle")
@@ -90,9 +91,7 @@ class WorldModelFindAgent:
 
     def __init__(self, world_model, memorize_steps: int = 100, seed: int = 0, name: str = "world_model",
                  samples: int = 1, share_prefixes: bool = True):
-        if not isinstance(share_prefixes, bool):
-            raise ValueError(f"share_prefixes must be true or false, got {share_prefixes!r}")
-        self.share_prefixes = share_prefixes
+        self.share_prefixes = check_share_prefixes(share_prefixes)
         if isinstance(memorize_steps, bool) or int(memorize_steps) < 0:
             raise ValueError(f"memorize_steps must be an integer >= 0, got {memorize_steps!r}")
         if isinstance(samples, bool) or int(samples) < 1:

@@ -50,6 +50,8 @@ from come_rl.targets import build_planner, call_target, import_target
 from envs.memory_cards import cursor_pose_model
 from envs.memory_wrapper import WorldModelMemoryWrapper
 from envs.recon import load_navigation_eval_tasks
+from planners.base import check_repeats_and_sharing
+from planners.objectives import check_share_prefixes
 
 log = logging.getLogger("come_rl.run")
 
@@ -205,11 +207,8 @@ def check_run_config(cfg: DictConfig) -> None:
     if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))
     objective, planner = cfg.agent.get("objective") or {}, cfg.get("planner") or {}
-    if objective.get("share_prefixes", False) and int(planner.get("repeats", 1) or 1) > 1:
-        raise ValueError(f"planner.repeats={planner.repeats} asks for independent samples of every candidate, but "
-                         "agent.objective.share_prefixes=true shares one sample among candidates with the same actions "
-                         "(the repeats would be copies): set agent.objective.repeats instead, or "
-                         "agent.objective.share_prefixes=false")
+    check_repeats_and_sharing(int(planner.get("repeats", 1) or 1), bool(objective.get("share_prefixes", False)),
+                              "planner.repeats", "agent.objective.share_prefixes", "agent.objective.repeats")
     experts = cfg.model.get("experts")
     if experts is not None:
         unknown = set(experts) - {"base", "ltm", "stm", "sltm"}
@@ -279,8 +278,7 @@ def run_find_object(cfg: DictConfig) -> dict:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"env.task.samples (imagined samples per tile) must be an integer >= 1, got {samples!r}")
     share_prefixes = cfg.env.task.get("share_prefixes", True)
-    if not isinstance(share_prefixes, bool):
-        raise ValueError(f"env.task.share_prefixes must be true or false, got {share_prefixes!r}")
+    check_share_prefixes(share_prefixes, "env.task.share_prefixes")
     out_dir = Path(to_absolute_path(str(cfg.run.out_dir)))
     if "checkpoint" in cfg.model:
         resolve_checkpoint(str(cfg.model.checkpoint))  # a missing checkpoint: its clear error before anything is written

@@ -60,6 +60,17 @@ def sanitize_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
 
 
+def check_repeats_and_sharing(repeats: int, share_prefixes: bool, repeats_key: str = "the planner's repeats",
+                              share_key: str = "the objective's share_prefixes",
+                              fix_key: str = "the objective's repeats") -> None:
+    """A planner's repeats ask for independent samples of every candidate; an objective that shares one sample among
+    candidates with the same actions would make them copies: refused, naming both settings and the fix."""
+    if repeats > 1 and share_prefixes:
+        raise ValueError(f"{repeats_key}={repeats} asks for independent samples of every candidate, but {share_key}="
+                         "true shares one sample among candidates with the same actions (the repeats would be copies): "
+                         f"set {fix_key} instead, or {share_key}=false")
+
+
 def score_candidates(objective: Objective, actions: torch.Tensor, repeats: int = 1) -> torch.Tensor:
     """Score candidate action sequences, averaging over ``repeats`` stochastic evaluations.
 
@@ -75,10 +86,7 @@ def score_candidates(objective: Objective, actions: torch.Tensor, repeats: int =
         candidate's mean NaN, so it ranks worst).
     """
     num_candidates = actions.shape[0]
-    if repeats > 1 and getattr(objective, "share_prefixes", False):
-        raise ValueError(f"the planner repeats every candidate {repeats} times for independent samples, but the "
-                         "objective shares one sample among candidates with the same actions (share_prefixes), so the "
-                         "repeats would be copies: set the objective's repeats instead, or share_prefixes=false")
+    check_repeats_and_sharing(repeats, getattr(objective, "share_prefixes", False))
     batch = actions.repeat(repeats, 1, 1) if repeats > 1 else actions
     scores = objective(batch)
     if not isinstance(scores, torch.Tensor):

@@ -45,9 +45,10 @@ def imagine_candidates(world_model, actions: torch.Tensor, generator: torch.Gene
     return world_model.imagine(batch, generator=generator)
 
 
-def _check_share(share_prefixes) -> bool:
+def check_share_prefixes(share_prefixes, name: str = "share_prefixes") -> bool:
+    """``share_prefixes`` (of an objective, the find agent or ``env.task``) as a bool; anything else is refused."""
     if not isinstance(share_prefixes, bool):
-        raise ValueError(f"share_prefixes must be true or false, got {share_prefixes!r}")
+        raise ValueError(f"{name} must be true or false, got {share_prefixes!r}")
     return share_prefixes
 
 
@@ -73,7 +74,7 @@ class _GoalObjective:
 
     def __init__(self, world_model: WorldModelProtocol, goal_frame: Any, repeats: int = 1,
                  generator: torch.Generator | None = None, frames: str = "last", share_prefixes: bool = False) -> None:
-        self.share_prefixes = _check_share(share_prefixes)
+        self.share_prefixes = check_share_prefixes(share_prefixes)
         if isinstance(repeats, bool) or int(repeats) != repeats or int(repeats) < 1:
             raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
         if frames not in ("last", "all"):
@@ -203,7 +204,7 @@ class PathObjective:
     def __init__(self, world_model, goal_frame: Any, path, lookahead: float = 1.0, lpips_weight: float = 0.0,
                  generator: torch.Generator | None = None, turn_weight: float = 0.0, scoring: str = "waypoint",
                  goal_index: int = -1, graph: PlaceGraph | None = None, share_prefixes: bool = False) -> None:
-        self.share_prefixes = _check_share(share_prefixes)
+        self.share_prefixes = check_share_prefixes(share_prefixes)
         path = np.asarray(path, dtype=np.float64)
         if path.ndim != 2 or path.shape[1] != 3 or len(path) < 1 or not np.isfinite(path).all():
             raise ValueError(f"path must be finite (N >= 1, 3) poses (x, y, yaw), got shape {path.shape}")
@@ -301,7 +302,7 @@ class PlaceObjective:
                  match_mse: float = 1e-3, repeats: int = 1, frames: str = "last",
                  generator: torch.Generator | None = None, lpips: Callable | None = None,
                  turn_weight: float = 0.0, scoring: str = "waypoint", share_prefixes: bool = False) -> None:
-        self.share_prefixes = _check_share(share_prefixes)
+        self.share_prefixes = check_share_prefixes(share_prefixes)
         if not float(match_mse) >= 0:
             raise ValueError(f"match_mse must be >= 0 (mean squared difference in [-1, 1] pixels), got {match_mse!r}")
         goal = frame_to_tensor(goal_frame)

@@ -141,7 +141,7 @@ def test_objectives_share_prefixes_per_repeat_and_refuse_the_planners_repeats():
                                 generator=torch.Generator().manual_seed(0))
     scores = shared(ROWS)
     assert scores[0] == scores[1] and scores[3] == scores[5] and scores[0] != scores[2]
-    with pytest.raises(ValueError, match="set the objective's repeats instead, or share_prefixes=false"):
+    with pytest.raises(ValueError, match="set the objective's repeats instead, or the objective's share_prefixes=false"):
         score_candidates(shared, ROWS, repeats=2)
     with pytest.raises(ValueError, match="share_prefixes must be true or false"):
         PixelGoalObjective(wm, goal, share_prefixes="yes")

@@ -253,7 +253,7 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     cells = [(k, share) for k in counts for share in shares]
     times: dict[tuple, list[float]] = {cell: [] for cell in cells}
     rows_imagined: dict[tuple, list[int]] = {cell: [] for cell in cells}
-    calls = _count_network_rows(model)
+    calls = count_network_rows(model)
     for round_ in tqdm(range(config.decisions + 1), desc="decision by denoising steps, rounds"):
         for k, share in cells:
             model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": k})
@@ -284,7 +284,7 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     return rows
 
 
-def _count_network_rows(model) -> list[int]:
+def count_network_rows(model) -> list[int]:
     """A list that every expert network call of ``model`` appends its batch to (the rows a decision costs)."""
     sizes: list[int] = []
     for expert in {id(e): e for e in [model.base, *model.experts.values()]}.values():
@@ -352,7 +352,7 @@ def bench_find_decision_steps(config: FindDecisionStepsBenchConfig) -> list[dict
     cells = [(precision, k, share) for precision in precisions for k in counts for share in shares]
     times: dict[tuple, list[float]] = {cell: [] for cell in cells}
     rows_imagined: dict[tuple, list[int]] = {cell: [] for cell in cells}
-    calls = _count_network_rows(model)
+    calls = count_network_rows(model)
     for round_ in tqdm(range(config.decisions + 1), desc="find-the-object decision by denoising steps, rounds"):
         for precision, k, share in cells:  # the decision's cost does not depend on the precision memory trained in
             model.precision = precision

@@ -57,9 +57,9 @@ def _clips(expert, action_dim: int, frame_size: int, batch: int, seed: int):
     return frames, actions
 
 
-def _timed(function) -> float:
+def _timed(function, *args) -> float:
     start = time.perf_counter()
-    function()
+    function(*args)
     return time.perf_counter() - start
 
 
@@ -106,7 +106,7 @@ def bench_memory_format(config: MemoryFormatBenchConfig) -> list[dict]:
     for round_ in tqdm(range(config.rounds + 1), desc="memory-format benchmark rounds"):
         for item, function in items.items():
             for layout in (LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]):
-                seconds = _timed(lambda: function(layout)) / per[item]
+                seconds = _timed(function, layout) / per[item]
                 if round_:
                     times[item, layout].append(seconds)
     difference = float((outputs["channels_last"] - outputs["as_built"]).abs().max())

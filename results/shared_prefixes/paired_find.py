@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from agents.find_object import FindConfig, build_agent
-from come_rl.bench.decision import _count_network_rows
+from come_rl.bench.decision import count_network_rows
 from envs.memory_cards import GRID
 from envs.memory_cards_find import MemoryCardsFindEnv
 
@@ -42,7 +42,7 @@ def main() -> None:
             csv.DictWriter(handle, FIELDS).writeheader()
     agent = build_agent("come", FindConfig(checkpoint="memory_cards", samples=4, memorize_steps=100, sampler_steps=0,
                                            precision=precision, seed=seed))
-    calls = _count_network_rows(agent.world_model)
+    calls = count_network_rows(agent.world_model)
     env = MemoryCardsFindEnv()
     for episode_seed in tqdm(range(seed, seed + episodes), desc="paired find-the-object episodes"):
         if episode_seed in done:
