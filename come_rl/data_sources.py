@@ -258,3 +258,84 @@ class BatchStream:
         if self._unconsumed:
             self._restore(self._unconsumed[0])
         self._unconsumed.clear()
+
+
+class WindowRevisitClips:
+    """Clips of ``source`` of which a share ``fraction`` are *window revisits*: the target's view (pose within
+    ``distance`` maze cells and ``degrees`` of heading) was seen by an older frame of the context window and by none
+    of its last ``recent`` frames. A long-context expert (the STM) sees its older frames matter mostly there, and they
+    are few among uniform clips (a few percent of maze clips): without them a U-Net warm-started with zero weights on
+    its older frames barely learns to read them (``results/stm_context``).
+
+    ``context_frames`` is the expert's K: a clip has K + 2 frames (``clips_to_tensors`` drops the first; then K context
+    frames and the target). Which clips qualify is computed once from the poses; each batch then swaps each row for a
+    random window revisit with probability ``fraction`` (drawn from the same ``rng`` after the source's clips).
+    """
+
+    def __init__(self, source, fraction: float, context_frames: int, recent: int = 3, distance: float = 0.5,
+                 degrees: float = 45.0):
+        dataset = getattr(source, "dataset", None)
+        if dataset is None or getattr(dataset, "_all_poses", None) is None:
+            raise ValueError("window-revisit clips are chosen by pose: pass a collected data set with poses "
+                             "(python -m come_rl.collect env=memory_maze ...) or data=online:memory_maze")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"the window-revisit fraction must be in (0, 1], got {fraction}")
+        if context_frames <= recent:
+            raise ValueError(f"window revisits need older context frames than the last {recent}: this expert has "
+                             f"{context_frames} context frames; train an STM (e.g. 'backbone_overrides="
+                             "{\"context_frames\": 16}') or set the fraction to 0")
+        self.source, self.dataset, self.fraction = source, dataset, float(fraction)
+        self.length, self.action_spec, self.frame_size = context_frames + 2, source.action_spec, source.frame_size
+        episodes, starts = [], []
+        for episode, poses in enumerate(dataset.poses):
+            found = np.flatnonzero(window_revisit_starts(np.asarray(poses, np.float64), context_frames, recent,
+                                                         distance, degrees))
+            episodes.append(np.full(len(found), episode, np.int64))
+            starts.append(found.astype(np.int64))
+        self.episodes, self.starts = np.concatenate(episodes), np.concatenate(starts)
+        if len(self.starts) == 0:
+            raise ValueError(f"no clip of the data set is a window revisit ({context_frames} context frames): collect "
+                             "longer episodes of an exploring policy, or set the fraction to 0")
+
+    def __getattr__(self, name):  # state_dict / load_state_dict of the wrapped source, when it has them
+        if name in ("source", "dataset"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        if length != self.length:
+            raise ValueError(f"window-revisit clips were indexed for {self.length} frames, asked for {length}")
+        clips = self.source.sample_clips(batch_size, length, rng)
+        swap = np.flatnonzero(rng.random(batch_size) < self.fraction)
+        if len(swap):
+            pick = rng.integers(0, len(self.starts), len(swap))
+            chosen = self.dataset.clips_at(self.episodes[pick], self.starts[pick], length)
+            clips = {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in clips.items()}
+            for key, value in chosen.items():
+                if value is not None and clips.get(key) is not None:
+                    clips[key][swap] = value
+        return clips
+
+
+def window_revisit_starts(poses: np.ndarray, context_frames: int, recent: int = 3, distance: float = 0.5,
+                          degrees: float = 45.0) -> np.ndarray:
+    """For an episode's poses (T + 1, 3), which clip starts s (clips of K + 2 frames: s is dropped, s + 1 .. s + K
+    the context, s + K + 1 the target) are window revisits (see :class:`WindowRevisitClips`): (starts,) bool."""
+    k, length = context_frames, context_frames + 2
+    count = len(poses) - length + 1
+    if count <= 0:
+        return np.zeros(0, bool)
+    target = poses[length - 1:length - 1 + count]
+
+    def sees(offset: int) -> np.ndarray:  # context frame s + offset holds the target's view
+        frame = poses[offset:offset + count]
+        close = np.linalg.norm(target[:, :2] - frame[:, :2], axis=-1) <= distance
+        return close & (np.abs(conventions.wrap_angle(target[:, 2] - frame[:, 2])) <= np.radians(degrees))
+
+    older = np.zeros(count, bool)
+    for offset in range(1, k - recent + 1):
+        older |= sees(offset)
+    latest = np.zeros(count, bool)
+    for offset in range(k - recent + 1, k + 1):
+        latest |= sees(offset)
+    return older & ~latest
