@@ -293,9 +293,6 @@ class WindowRevisitClips:
             episodes.append(np.full(len(found), episode, np.int64))
             starts.append(found.astype(np.int64))
         self.episodes, self.starts = np.concatenate(episodes), np.concatenate(starts)
-        total = sum(max(len(poses) - self.length + 1, 0) for poses in dataset.poses)
-        self.natural_share = len(self.starts) / max(total, 1)
-        """the share of window revisits among all clips of the data set (what uniform sampling gives)."""
         if len(self.starts) == 0:
             raise ValueError(f"no clip of the data set is a window revisit ({context_frames} context frames): collect "
                              "longer episodes of an exploring policy, or set the fraction to 0")

@@ -647,9 +647,6 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
                                 max_stale=config.retrieval_max_stale, blind=config.retrieval_blind)
     if config.window_revisit_fraction > 0:
         source = WindowRevisitClips(source, config.window_revisit_fraction, k)
-        if main:
-            print(f"window revisits: {len(source.starts)} clips, {source.natural_share:.1%} of the data set; "
-                  f"{config.window_revisit_fraction:.0%} of each batch swapped for one")
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

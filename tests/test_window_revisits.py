@@ -59,7 +59,6 @@ def test_the_sampler_mixes_in_window_revisits_at_its_fraction():
     qualifying = window_revisit_starts(np.asarray(source.dataset.poses[0], np.float64), k)
     assert 0 < qualifying.sum() < len(qualifying)  # some clips qualify, not all: the mix is measurable
     every = WindowRevisitClips(source, 1.0, k)
-    assert every.natural_share == qualifying.mean()
     clips = every.sample_clips(64, k + 2, np.random.default_rng(0))
     assert all(qualifying[s] for s in clips["start"])
     # frames, actions and poses of a swapped row belong to its clip (frame i holds the value i)
