@@ -53,7 +53,7 @@ from tqdm import tqdm
 from come_rl import devices
 from come_rl.checkpoint import expert_spec, load_expert, save_expert, torch_save_atomic
 from come_rl.cli_args import parse_cli
-from come_rl.data_sources import BatchStream, WindowRevisitClips, open_data_source
+from come_rl.data_sources import BatchStream, open_data_source
 from come_rl.diffusion import build_schedule, sample_noise_levels
 from come_rl.distill import distillation_target, grid_levels
 from come_rl.shortcut import check_max_steps, draw_step_counts, shortcut_batch
@@ -115,10 +115,6 @@ class TrainConfig:
     s steps earlier (s uniform in 1 .. retrieval_max_stale), actions and poses true, as a rollout's drifted frames are,
     so the expert learns to trust the retrieved view; 0: real past frames only."""
     retrieval_max_stale: int = 32
-    window_revisit_fraction: float = 0.0
-    """a long-context expert (the STM): the share of training clips whose target revisits the view of an older frame
-    of the context window and of none of its last three (come_rl.data_sources.WindowRevisitClips; needs poses in the
-    data); 0: uniform clips."""
     retrieval_blind: bool = False
     """a retrieving expert without past frames (UNetConfig.retrieval_blind): every context slot holds the retrieved
     view, in training and sampling, so it cannot drift with its own frames."""
@@ -194,9 +190,6 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
         if config.context_noise > 0:
             raise ValueError("context_noise and retrieval_stale_fraction both use the context level: pick one")
         kwargs["context_noise"], kwargs["staleness_levels"] = True, config.retrieval_max_stale
-    if not 0.0 <= config.window_revisit_fraction <= 1.0:
-        raise ValueError(f"window_revisit_fraction must be in [0, 1] (a share of the training clips), got "
-                         f"{config.window_revisit_fraction}")
     if config.retrieval_blind:
         if name != "unet" or not kwargs.get("retrieval"):
             raise ValueError(f"retrieval_blind is for a retrieving U-Net (model=unet_maze_retrieval); "
@@ -645,8 +638,6 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
 
         source = RetrievalClips(source, stale_fraction=config.retrieval_stale_fraction,
                                 max_stale=config.retrieval_max_stale, blind=config.retrieval_blind)
-    if config.window_revisit_fraction > 0:
-        source = WindowRevisitClips(source, config.window_revisit_fraction, k)
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

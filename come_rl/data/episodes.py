@@ -339,12 +339,6 @@ class EpisodeDataset:
         cumulative = np.cumsum(starts_per_episode)
         episode = np.searchsorted(cumulative, flat, side="right")
         start = flat - (cumulative[episode] - starts_per_episode[episode])
-        return self.clips_at(episode, start, length)
-
-    def clips_at(self, episode: np.ndarray, start: np.ndarray, length: int) -> dict[str, np.ndarray | None]:
-        """The clips of ``length`` frames that begin at frame ``start[i]`` of episode ``episode[i]`` (the dict of
-        :meth:`sample_clips`); the caller keeps them inside their episodes."""
-        episode, start = np.asarray(episode, dtype=np.int64), np.asarray(start, dtype=np.int64)
         steps = np.arange(length)
         frame_index = (self._frame_offsets[episode] + start)[:, None] + steps
         action_index = (self._action_offsets[episode] + start)[:, None] + steps[:-1]
