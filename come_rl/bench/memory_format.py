@@ -9,6 +9,7 @@ the table keeps each item's median. The sampling outputs of the two layouts are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -72,11 +73,11 @@ def bench_memory_format(config: MemoryFormatBenchConfig) -> list[dict]:
                          "times convolutions: pass a U-Net checkpoint, e.g. checkpoint=memory_maze")
     action_dim, frame_size = int(spec["action_spec"]["dim"]), int(spec["frame_size"])
     experts = {"as_built": base.eval(), "channels_last": copy.deepcopy(base).eval()}
-    with devices_channels_last(True):
+    with channels_last_on_cpu(True):
         devices.prefer_channels_last(experts["channels_last"])
     models = {}
     for layout in LAYOUTS:
-        with devices_channels_last(layout == "channels_last"):
+        with channels_last_on_cpu(layout == "channels_last"):
             models[layout], _ = default_decision_model(directory, steps=1)
     frames, actions = _clips(base, action_dim, frame_size, config.sample_batch, seed=0)
     noisy = torch.randn((config.sample_batch, *frames.shape[2:]), generator=torch.Generator().manual_seed(1))
@@ -126,14 +127,12 @@ def bench_memory_format(config: MemoryFormatBenchConfig) -> list[dict]:
     return rows
 
 
-class devices_channels_last:  # noqa: N801 (a context manager named for what it sets)
-    """Set ``come_rl.devices.CHANNELS_LAST_ON_CPU`` for a block (the benchmark builds one model of each layout)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.before = enabled, devices.CHANNELS_LAST_ON_CPU
-
-    def __enter__(self):
-        devices.CHANNELS_LAST_ON_CPU = self.enabled
-
-    def __exit__(self, *exc):
-        devices.CHANNELS_LAST_ON_CPU = self.before
+@contextlib.contextmanager
+def channels_last_on_cpu(enabled: bool):
+    """``come_rl.devices.CHANNELS_LAST_ON_CPU`` set for a block (the benchmark builds one model of each layout)."""
+    before = devices.CHANNELS_LAST_ON_CPU
+    devices.CHANNELS_LAST_ON_CPU = enabled
+    try:
+        yield
+    finally:
+        devices.CHANNELS_LAST_ON_CPU = before
