@@ -112,7 +112,17 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-CHANNELS_LAST_ON_CPU = os.environ.get("COME_RL_CHANNELS_LAST", "1").strip() != "0"
+def _flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (unset: ``default``); anything else is refused."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text in ("1", "true", "yes", "on")
+    raise ValueError(f"{name}={os.environ[name]!r} is not a boolean; set it to 1 or 0 (or unset it)")
+
+
+CHANNELS_LAST_ON_CPU = _flag("COME_RL_CHANNELS_LAST", True)
 """keep 4-D weights (convolutions) channels-last on the CPU (:func:`prefer_channels_last`); False (environment
 variable ``COME_RL_CHANNELS_LAST=0``): as built."""
 

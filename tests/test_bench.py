@@ -155,6 +155,8 @@ def test_the_memory_format_benchmark_times_both_layouts_on_the_same_inputs(tmp_p
     assert "channels-last" in (tmp_path / "memory_format.md").read_text()
     with pytest.raises(ValueError, match="must be >= 1"):
         MemoryFormatBenchConfig(rounds=0)
+    with pytest.raises(ValueError, match="pass a Memory Maze checkpoint"):
+        bench_memory_format(MemoryFormatBenchConfig(checkpoint="memory_cards", out_dir=str(tmp_path)))
 
 
 def test_the_find_decision_steps_benchmark_times_the_agents_decision_at_each_step_count(tmp_path):

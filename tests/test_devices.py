@@ -214,6 +214,12 @@ def test_cpu_convolutions_run_channels_last_with_the_same_frames(monkeypatch: py
     assert torch.isfinite(fast.imagine(actions, seed=5)).all()
     same = devices.prefer_channels_last(torch.nn.Linear(3, 3))
     assert same.weight.is_contiguous()
+    for text, value in (("0", False), ("off", False), ("1", True), ("TRUE", True), ("", True)):
+        monkeypatch.setenv("COME_RL_CHANNELS_LAST", text)
+        assert devices._flag("COME_RL_CHANNELS_LAST", True) is value
+    monkeypatch.setenv("COME_RL_CHANNELS_LAST", "maybe")
+    with pytest.raises(ValueError, match="COME_RL_CHANNELS_LAST='maybe' is not a boolean; set it to 1 or 0"):
+        devices._flag("COME_RL_CHANNELS_LAST", True)
 
 
 def test_training_with_compile_true_takes_a_step(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

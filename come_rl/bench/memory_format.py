@@ -72,6 +72,9 @@ def bench_memory_format(config: MemoryFormatBenchConfig) -> list[dict]:
         raise ValueError(f"{directory} has a {base.backbone.__class__.__name__} base; the memory-format benchmark "
                          "times convolutions: pass a U-Net checkpoint, e.g. checkpoint=memory_maze")
     action_dim, frame_size = int(spec["action_spec"]["dim"]), int(spec["frame_size"])
+    if action_dim != 6:  # the memorization item memorizes a Memory Maze walk (bench.common.default_decision_model)
+        raise ValueError(f"the memory-format benchmark memorizes a Memory Maze walk, but {directory} takes {action_dim} "
+                         "actions (Memory Maze has 6): pass a Memory Maze checkpoint, e.g. checkpoint=memory_maze")
     experts = {"as_built": base.eval(), "channels_last": copy.deepcopy(base).eval()}
     with channels_last_on_cpu(True):
         devices.prefer_channels_last(experts["channels_last"])
