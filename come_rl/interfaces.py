@@ -126,5 +126,6 @@ class WorldModelProtocol(Protocol):
         """actions: (batch, horizon, action_dim) -> frames (batch, horizon, 3, height, width) in [-1, 1].
 
         A model whose ``shares_prefixes`` is true also takes ``streams=`` and ``lengths=`` (``WorldModel.imagine``):
-        rows of one stream that begin with the same actions share one sample until they part."""
+        rows of one stream that begin with the same actions share one sample until they part. One whose
+        ``skips_last_frame`` is true also takes ``last_frame=False``: the last step's pose without its frame."""
         ...

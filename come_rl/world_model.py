@@ -33,7 +33,7 @@ from come_rl import devices
 from come_rl.checkpoint import cpu_precision_of, load_expert, resolve_checkpoint, save_expert, world_model_settings
 from come_rl.composition import EXPERT_ROLES, CompositionConfig, Composer, build_composer  # noqa: F401 (re-exported)
 from come_rl.conventions import pose_features as default_pose_features, wrap_angle_tensor
-from come_rl.diffusion import SamplerConfig, sample
+from come_rl.diffusion import SamplerConfig, sample, skip_sample
 from come_rl.experts.episode_memory import EpisodeMemory, PlaceMemory, to_frame_tensor
 from come_rl.experts.expert import DiffusionExpert
 from come_rl.experts.long_term import LongTermMemoryExpert, MemorizeConfig
@@ -330,10 +330,12 @@ class WorldModel:
     #: ``imagine`` takes ``streams`` and ``lengths`` (objectives and agents check this before passing them: the
     #: exact simulators of ``envs`` imagine every row anew)
     shares_prefixes = True
+    #: ``imagine`` takes ``last_frame=False`` (an objective that reads only the final poses checks this first)
+    skips_last_frame = True
 
     @torch.no_grad()
     def imagine(self, actions, generator: torch.Generator | None = None, seed: int | None = None,
-                history: tuple | None = None, streams=None, lengths=None) -> torch.Tensor:
+                history: tuple | None = None, streams=None, lengths=None, last_frame: bool = True) -> torch.Tensor:
         """Imagine the frames that ``actions`` lead to from the last observed frame.
 
         Args:
@@ -349,9 +351,16 @@ class WorldModel:
                 repeated rows meant as independent samples different streams (e.g. the sample's index).
             lengths: optional (batch,) integers in [1, horizon]: row i needs only its first ``lengths[i]`` frames;
                 its later frames (and ``last_poses``) repeat its last imagined one, nothing more is sampled for it.
+            last_frame: False: the last step's frame is not sampled, only its pose (``last_poses``, which the pose
+                model reads from the frame before it): a caller that scores final poses alone saves that step's network
+                rows. The noise it would have drawn is drawn and discarded, so the other frames, every pose and the
+                generator's state after the call are those of a full call.
         Returns:
-            frames: (batch, horizon, 3, height, width) in [-1, 1], on the CPU whatever the model's device.
+            frames: (batch, horizon, 3, height, width) in [-1, 1], on the CPU whatever the model's device;
+            (batch, horizon - 1, ...) with ``last_frame=False``.
         """
+        if not isinstance(last_frame, bool):
+            raise ValueError(f"last_frame must be true or false, got {last_frame!r}")
         actions = self._validate_actions(actions)
         plan = _prefix_plan(actions, streams, lengths) if streams is not None or lengths is not None else None
         if plan is not None and history is not None and streams is not None:
@@ -360,10 +369,10 @@ class WorldModel:
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same noise on every device
         with devices.autocast(self.device, self.precision):
-            return self._imagine(actions, generator, history, plan).cpu()
+            return self._imagine(actions, generator, history, plan, last_frame).cpu()
 
     def _imagine(self, actions: torch.Tensor, generator: torch.Generator | None, history: tuple | None,
-                 plan: list | None = None) -> torch.Tensor:
+                 plan: list | None = None, last_frame: bool = True) -> torch.Tensor:
         device = self.device
         batch, horizon = actions.shape[:2]
         experts = self.experts
@@ -409,7 +418,8 @@ class WorldModel:
             if plan is not None:  # only one row per distinct (stream, action prefix) still needed is imagined
                 computed, owner = plan[h]
                 if len(computed) == 0:  # every row is past its length: each holds its last frame
-                    outputs.append(outputs[-1])
+                    if h < horizon - 1 or last_frame:
+                        outputs.append(outputs[-1])
                     if tracks_poses:
                         imagined_poses.append(imagined_poses[-1])
                     continue
@@ -421,6 +431,13 @@ class WorldModel:
             if tracks_poses:
                 next_pose = self._next_pose(poses, actions[:, h], frames)
                 recorded_pose = next_pose  # the pose head's, before any re-anchoring moves the track
+            if h == horizon - 1 and not last_frame:  # its pose is all the caller reads: the noise drawn, no sample
+                skip_sample((batch, *self.frame_shape), self.sampler, generator, device)
+                if tracks_poses:
+                    if plan is not None:
+                        recorded_pose = self._rows_of_plan(recorded_pose, plan[h][1], imagined_poses)
+                    imagined_poses.append(recorded_pose.float().cpu())
+                break
             if needs_poses:
                 step_poses = self.pose_features(torch.cat([poses, next_pose[:, None]], dim=1))
             conditions = {}
@@ -491,10 +508,7 @@ class WorldModel:
                 if h > 0 and not bool(active.all()):
                     sampled = torch.where(active.to(sampled.device)[:, None, None, None], sampled, outputs[-1])
                 if tracks_poses:
-                    recorded_pose = recorded_pose[gather.to(recorded_pose.device)]
-                    if h > 0 and not bool(active.all()):
-                        recorded_pose = torch.where(active[:, None].to(recorded_pose.device), recorded_pose,
-                                                    imagined_poses[-1].to(recorded_pose))
+                    recorded_pose = self._rows_of_plan(recorded_pose, owner, imagined_poses)
                 if anchor > 0:
                     close = close.cpu()[gather] & active
             outputs.append(sampled)
@@ -504,7 +518,19 @@ class WorldModel:
                 self.last_anchored[:, h] = close.cpu()
         self.last_network_calls = composer.network_calls
         self.last_poses = torch.stack(imagined_poses, dim=1) if tracks_poses else None
+        if not outputs:  # horizon 1 without its last frame
+            return torch.zeros((full_batch, 0, *self.frame_shape), device=device)
         return torch.stack(outputs, dim=1)
+
+    @staticmethod
+    def _rows_of_plan(computed: torch.Tensor, owner: torch.Tensor, imagined_poses: list) -> torch.Tensor:
+        """Every row's value of a prefix plan's step from its computed row's (``owner`` (B,): the computed row, < 0 for
+        a row past its length, which holds its last pose)."""
+        active = owner >= 0
+        rows = computed[owner.clamp(min=0).to(computed.device)]
+        if imagined_poses and not bool(active.all()):
+            rows = torch.where(active[:, None].to(rows.device), rows, imagined_poses[-1].to(rows))
+        return rows
 
     def _anchor_match(self, memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (B,), close (B,)): the memorized pose nearest ``pose`` (B, 3) within ``composition.anchor`` cells and

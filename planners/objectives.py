@@ -30,19 +30,24 @@ SCORINGS = ("waypoint", "graph")
 
 
 def imagine_candidates(world_model, actions: torch.Tensor, generator: torch.Generator | None = None,
-                       share_prefixes: bool = False, repeats: int = 1) -> torch.Tensor:
+                       share_prefixes: bool = False, repeats: int = 1, last_frame: bool = True) -> torch.Tensor:
     """Imagine ``repeats`` rollouts of every candidate in one batch, rows ordered (repeat, candidate).
 
     ``share_prefixes``: candidates that begin with the same actions share one sample until they part (each distinct
     action prefix imagined once per repeat; ``WorldModel.imagine``'s ``streams``, one stream per repeat), so a
     population that agrees on its first steps costs fewer network rows. A world model without ``shares_prefixes``
     (the exact simulators) imagines every row as before.
+
+    ``last_frame=False``: the caller reads the final poses (``last_poses``) and no frame of the last step; a world
+    model with ``skips_last_frame`` then samples no frame there (``WorldModel.imagine``: the same poses and generator
+    state, one step's network rows fewer) and returns one frame fewer per row; others imagine it anyway.
     """
     batch = actions.repeat(repeats, 1, 1) if repeats > 1 else actions
+    extra = {} if last_frame or not getattr(world_model, "skips_last_frame", False) else {"last_frame": False}
     if share_prefixes and getattr(world_model, "shares_prefixes", False):
         streams = torch.arange(repeats).repeat_interleave(actions.shape[0])
-        return world_model.imagine(batch, generator=generator, streams=streams)
-    return world_model.imagine(batch, generator=generator)
+        return world_model.imagine(batch, generator=generator, streams=streams, **extra)
+    return world_model.imagine(batch, generator=generator, **extra)
 
 
 def check_share_prefixes(share_prefixes, name: str = "share_prefixes") -> bool:
@@ -246,7 +251,9 @@ class PathObjective:
         start = time.perf_counter()
         target = self.waypoint() if self.graph is None else None
         with torch.no_grad():
-            frames = imagine_candidates(self.world_model, actions, self.generator, self.share_prefixes)
+            # without the LPIPS term no frame of the last step is read: only its pose is imagined
+            frames = imagine_candidates(self.world_model, actions, self.generator, self.share_prefixes,
+                                        last_frame=self.lpips is not None)
         self.timings["imagine_s"] += time.perf_counter() - start
         self.timings["calls"] += 1
         self.timings["candidates"] += int(actions.shape[0])

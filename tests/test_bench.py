@@ -142,6 +142,20 @@ def test_the_decision_steps_benchmark_times_each_step_count_in_one_run(tmp_path)
         bench_decision_steps(DecisionStepsBenchConfig(steps="0", out_dir=str(tmp_path)))
 
 
+def test_the_place_decision_benchmark_plans_the_same_with_the_last_step_posed_only(tmp_path):
+    from come_rl.bench.decision import PlaceDecisionBenchConfig, bench_place_decision
+
+    rows = bench_place_decision(PlaceDecisionBenchConfig(population=6, elites=2, horizon=2, decisions=1,
+                                                         out_dir=str(tmp_path)))
+    assert [row["variant"] for row in rows] == ["last frame sampled", "last step's pose only"]
+    assert all(row["plans_equal"] == 1.0 and row["median_decision_s"] > 0 for row in rows)
+    # horizon 2: the pose-only variant runs the first step's distinct actions alone (at most 6 rows)
+    assert rows[1]["network_rows"] <= 6 < rows[0]["network_rows"]
+    assert "with its place objective" in (tmp_path / "place_decision.md").read_text()
+    with pytest.raises(ValueError, match="has no odometry head"):
+        bench_place_decision(PlaceDecisionBenchConfig(checkpoint="memory_cards", decisions=1, out_dir=str(tmp_path)))
+
+
 def test_the_memory_format_benchmark_times_both_layouts_on_the_same_inputs(tmp_path):
     from come_rl import devices
     from come_rl.bench.memory_format import MemoryFormatBenchConfig, bench_memory_format

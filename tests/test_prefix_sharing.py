@@ -176,3 +176,65 @@ def test_the_find_agent_imagines_each_walk_prefix_once_per_sample():
     with pytest.raises(ValueError, match="share_prefixes must be true or false"):
         WorldModelFindAgent(wm, samples=2, share_prefixes="yes")
     assert rows[True] < 0.6 * rows[False]
+
+
+class _FramePoseModel:
+    """A pose model that reads the frame the action is taken from (as the odometry head does)."""
+
+    reads_context = True
+
+    def __call__(self, poses, actions, previous=None, frame=None):
+        return poses + STEP[actions.argmax(-1)] * (1.0 + frame.float().mean(dim=(1, 2, 3)))[:, None]
+
+
+# (imagine's keywords, the rows its last step runs)
+@pytest.mark.parametrize("kwargs,last_step_rows", [({}, 6), ({"streams": [0] * 6}, 4),
+                                                   ({"streams": [0] * 6, "lengths": [1, 4, 2, 4, 1, 4]}, 2)],
+                         ids=["plain", "streams", "lengths"])
+def test_the_last_step_is_posed_without_sampling_its_frame(kwargs, last_step_rows):
+    """``imagine(last_frame=False)``: the other frames, every pose (the last read from the frame before it) and the
+    generator's state are a full call's; the last step costs no network row."""
+    wm = _model(anchor=0.3)
+    wm.pose_model = _FramePoseModel()
+    wm.sampler = SamplerConfig(steps=2, eta=1.0)  # noise drawn at every step, not only the first
+    sizes = _rows_per_call(wm)
+    full_generator, short_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = wm.imagine(ROWS, generator=full_generator, **kwargs)
+    full_poses, full_rows = wm.last_poses.clone(), sum(sizes)
+    sizes.clear()
+    short = wm.imagine(ROWS, generator=short_generator, last_frame=False, **kwargs)
+    assert short.shape == (6, 3, 3, 64, 64) and torch.equal(short, full[:, :3])
+    assert torch.equal(wm.last_poses, full_poses) and not torch.equal(full_poses[:, 3], full_poses[:, 2])
+    assert torch.equal(torch.randn(8, generator=full_generator), torch.randn(8, generator=short_generator))
+    assert sum(sizes) == full_rows - 2 * last_step_rows  # 2 denoising steps of the last step's rows saved
+
+
+def test_a_horizon_of_one_without_its_frame_runs_no_network_and_bad_values_are_refused():
+    wm = _model()
+    sizes = _rows_per_call(wm)
+    frames = wm.imagine(ROWS[:, :1], seed=0, last_frame=False)
+    assert frames.shape == (6, 0, 3, 64, 64) and wm.last_poses.shape == (6, 1, 3) and sizes == []
+    with pytest.raises(ValueError, match="last_frame must be true or false"):
+        wm.imagine(ROWS, seed=0, last_frame="no")
+
+
+def test_the_place_objective_without_lpips_poses_the_last_step_without_its_frame():
+    """A PathObjective that reads only final poses (lpips_weight 0) scores exactly as with the last frame sampled,
+    with the last step's network rows saved; with the LPIPS term it samples that frame."""
+    from planners.objectives import PathObjective
+
+    path = np.array([[1.0 + 0.2 * i, 1.0, 0.0] for i in range(5)] + [[2.0, 1.2, 0.0], [2.0, 1.4, 0.0]])
+    scores, rows = {}, {}
+    for skips in (False, True):
+        wm = _model()
+        wm.skips_last_frame = skips
+        sizes = _rows_per_call(wm)
+        objective = PathObjective(wm, torch.zeros(3, 64, 64), path, scoring="graph", turn_weight=0.6,
+                                  share_prefixes=True, generator=torch.Generator().manual_seed(2))
+        scores[skips], rows[skips] = objective(ROWS), sum(sizes)
+    assert torch.equal(scores[True], scores[False]) and len(set(scores[True].tolist())) > 2
+    assert rows[True] == rows[False] - 2 * 4  # the 4 distinct 4-step candidates x 2 denoising steps
+    wm = _model()
+    sizes = _rows_per_call(wm)
+    PathObjective(wm, torch.zeros(3, 64, 64), path, lpips_weight=1.0, share_prefixes=True)(ROWS)
+    assert sum(sizes) == rows[False]  # the LPIPS term reads the last frame: it is sampled

@@ -45,3 +45,24 @@ def test_langevin_corrector_keeps_the_target():
                generator=torch.Generator().manual_seed(1))
     assert torch.allclose(x.mean(0), MEAN, atol=0.06)
     assert torch.allclose(x.var(0), VAR, rtol=0.12)
+
+
+@pytest.mark.parametrize("config", [SamplerConfig(steps=1), SamplerConfig(steps=4), SamplerConfig(steps=3, eta=1.0),
+                                    SamplerConfig(steps=3, eta=0.5, langevin_steps=2),
+                                    SamplerConfig(steps=3, method="heun")],
+                         ids=["ddim1", "ddim4", "ddpm3", "langevin", "heun"])
+def test_skipping_a_sample_leaves_the_generator_where_sampling_it_does(config):
+    """``skip_sample`` draws exactly the noise ``sample`` draws (and nothing else): the next draw is the same."""
+    from come_rl.diffusion import skip_sample
+
+    schedule = CosineSchedule()
+    sampled, skipped = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    sample(gaussian_eps(schedule), (8, 2), schedule, config, sampled)
+    skip_sample((8, 2), config, skipped)
+    assert torch.equal(torch.randn(16, generator=sampled), torch.randn(16, generator=skipped))
+    if config.eta > 0:  # the initial noise alone is a draw too few, and it shows
+        too_few = torch.Generator().manual_seed(5)
+        skip_sample((8, 2), SamplerConfig(steps=config.steps), too_few)
+        sampled = torch.Generator().manual_seed(5)
+        sample(gaussian_eps(schedule), (8, 2), schedule, config, sampled)
+        assert not torch.equal(torch.randn(16, generator=sampled), torch.randn(16, generator=too_few))

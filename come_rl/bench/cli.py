@@ -18,6 +18,7 @@ BENCHMARKS = {
     "decision": ("decision", "bench_decision", "DecisionBenchConfig"),
     "decision_steps": ("decision", "bench_decision_steps", "DecisionStepsBenchConfig"),
     "find_decision_steps": ("decision", "bench_find_decision_steps", "FindDecisionStepsBenchConfig"),
+    "place_decision": ("decision", "bench_place_decision", "PlaceDecisionBenchConfig"),
     "memory_format": ("memory_format", "bench_memory_format", "MemoryFormatBenchConfig"),
 }
 SUBCOMMANDS = tuple(BENCHMARKS)

@@ -284,6 +284,84 @@ def bench_decision_steps(config: DecisionStepsBenchConfig) -> list[dict]:
     return rows
 
 
+@dataclass
+class PlaceDecisionBenchConfig:
+    checkpoint: str = "memory_maze"
+    """a shipped checkpoint name or a directory (come_rl.checkpoint.resolve_checkpoint)."""
+    population: int = 24
+    elites: int = 4
+    iterations: int = 1
+    horizon: int = 4
+    """the default run's CEM (conf/planner/cem.yaml, conf/agent/cem.yaml); its objective is conf/agent/cem.yaml's."""
+    decisions: int = 5
+    """timed decisions per variant (rounds alternate the variants, after one warm-up round)."""
+    threads: int = 1
+    out_dir: str = "results/bench"
+
+
+def default_place_objective(model, goal, generator: torch.Generator):
+    """The default run's objective (conf/agent/cem.yaml's ``objective``: PlaceObjective, its settings as shipped) for
+    ``model`` and ``goal``."""
+    from omegaconf import OmegaConf
+
+    from come_rl.targets import call_target, import_target
+
+    settings = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "agent" /
+                                                     "cem.yaml"), resolve=False)["objective"]
+    target = import_target(settings.pop("_target_"), "objective")
+    settings.pop("_partial_", None)
+    return call_target(target, {**settings, "world_model": model, "goal_frame": goal, "generator": generator})
+
+
+def bench_place_decision(config: PlaceDecisionBenchConfig) -> list[dict]:
+    """The default run's CEM decision with its own objective (the place objective: final imagined poses scored along
+    the graph of memorized places, no LPIPS term) with the last step's frame sampled, as before, and with only its pose
+    (``WorldModel.imagine(last_frame=False)``: the pose head reads the frame before it), alternated in one run; the
+    plans and scores must be the same."""
+    torch.set_num_threads(int(config.threads))
+    directory = resolve_checkpoint(config.checkpoint)
+    if not (directory / "odometry.json").is_file():  # checked before the walk: nothing is loaded for nothing
+        raise ValueError(f"{directory} has no odometry head: the place objective scores imagined poses; bench a "
+                         f"Memory Maze checkpoint (checkpoint=memory_maze)")
+    model, goal = default_decision_model(directory, 1)
+    model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": 1})  # the default run's (model/memory_maze.yaml)
+    variants = {"last frame sampled": False, "last step's pose only": True}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    rows_imagined: dict[str, list[int]] = {name: [] for name in variants}
+    plans: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+    calls = count_network_rows(model)
+    for round_ in tqdm(range(config.decisions + 1), desc="place decision, rounds"):
+        for name, skips in variants.items():
+            model.skips_last_frame = skips  # the instance's switch (the class says True)
+            planner = load_planner("cem", seed=round_, population=config.population, elites=config.elites,
+                                   iterations=config.iterations)
+            objective = default_place_objective(model, goal, torch.Generator().manual_seed(round_))
+            calls.clear()
+            start = time.perf_counter()
+            plan = planner.plan(objective, model.action_spec, config.horizon)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+                rows_imagined[name].append(sum(calls))
+                plans[name].append(torch.as_tensor(plan).clone())
+    del model.skips_last_frame
+    reference = next(iter(variants))
+    rows = [{"variant": name, "decisions": config.decisions, "population": config.population,
+             "horizon": config.horizon, "threads": config.threads,
+             "network_rows": float(np.mean(rows_imagined[name])),
+             "median_decision_s": float(np.median(times[name])),
+             "decision_x_last_frame_sampled": float(np.median(times[name]) / np.median(times[reference])),
+             "plans_equal": float(np.mean([torch.equal(a, b) for a, b in zip(plans[name], plans[reference])]))}
+            for name in variants]
+    out = Path(config.out_dir)
+    write_table(out / "place_decision.csv", rows, md_path=out / "place_decision.md",
+                title=f"One CEM decision of the default run with its place objective ({directory.name}, base + LTM "
+                      f"after memorization, 1 denoising step, fp32, population {config.population} x horizon "
+                      f"{config.horizon}, {config.threads} thread(s); medians of {config.decisions} cold decisions, "
+                      f"variants alternated in one run; network_rows: frames run through an expert network per "
+                      f"decision; `python -m come_rl.bench place_decision`)")
+    return rows
+
+
 def count_network_rows(model) -> list[int]:
     """A list that every expert network call of ``model`` appends its batch to (the rows a decision costs)."""
     sizes: list[int] = []

@@ -140,6 +140,25 @@ def sample(
     return x
 
 
+def skip_sample(
+    shape: tuple[int, ...],
+    config: SamplerConfig | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Draw and discard the noise that ``sample(denoiser, shape, schedule, config, generator, device=device)`` draws,
+    with no denoising: a caller that does not need that sample leaves ``generator`` (torch's global generator when it is
+    None) where the full call would, so every later draw is the one it would have been. ``sample`` draws the initial
+    noise and, with DDIM, one more per step but the last where eta > 0 and one per Langevin step; Euler / Heun none."""
+    config = config or SamplerConfig()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    draws = 1
+    if config.method == "ddim":
+        draws += (config.steps - 1) * ((1 if config.eta > 0 else 0) + config.langevin_steps)
+    for _ in range(draws):
+        devices.randn(shape, generator, device)
+
+
 def time_of_sigma(schedule: NoiseSchedule, sigma_ve: torch.Tensor, iterations: int = 60) -> torch.Tensor:
     """The time t in [0, 1] at which the schedule's sigma_t / alpha_t equals ``sigma_ve`` (bisection: any schedule
     whose noise grows with t)."""
