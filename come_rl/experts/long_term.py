@@ -62,6 +62,9 @@ class MemorizeConfig:
             the memory is keyed on the current view, not on what happened to precede it in this episode (in a
             zig-zag, the neighbour tile just seen open), which a later query does not repeat.
         weight_decay: AdamW weight decay.
+        optimizer: "adamw" (the default) or "sgd" (with ``momentum``): Adam moves every trained weight by about lr
+            per step whatever its gradient, SGD in proportion to it.
+        momentum: SGD's momentum (``optimizer="sgd"`` only).
     """
 
     method: str = "lora"
@@ -91,6 +94,8 @@ class MemorizeConfig:
     drop_context_fraction: float = 0.0
     short_context_fraction: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     shortcut_fraction: float = 0.0
     """a shortcut (step-conditioned) base, ``come_rl.shortcut``: this fraction of each batch memorizes by the
     self-consistency part of that base's training loss (the copy's own two half steps as the target of one step of
@@ -113,6 +118,10 @@ class MemorizeConfig:
             raise ValueError(f"memorize batch_size must be >= 1, got {self.batch_size}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"memorize lr must be a finite number > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"memorize optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"memorize momentum must lie in [0, 1), got {self.momentum}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"memorize weight_decay must be finite and >= 0, got {self.weight_decay}")
         if not 0.0 <= self.noise_low < 1.0:
@@ -252,10 +261,16 @@ class LongTermMemoryExpert(DiffusionExpert):
         """
         config, steps = self.check_memorize(memory, steps, pose_model, **overrides)
         clip_length = self.context_frames + 1
-        if self._optimizer is None:
-            self._optimizer = torch.optim.AdamW(self.adapter_parameters, lr=config.lr, weight_decay=config.weight_decay)
+        kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+        if not isinstance(self._optimizer, kind):  # the first call, or this call's override changed the optimizer
+            self._optimizer = (torch.optim.SGD(self.adapter_parameters, lr=config.lr, momentum=config.momentum,
+                                               weight_decay=config.weight_decay) if kind is torch.optim.SGD
+                               else torch.optim.AdamW(self.adapter_parameters, lr=config.lr,
+                                                      weight_decay=config.weight_decay))
         for group in self._optimizer.param_groups:
             group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+            if kind is torch.optim.SGD:
+                group["momentum"] = config.momentum
         self.train()
         losses, start = [], time.perf_counter()
         for _ in range(steps):
