@@ -28,12 +28,17 @@ from come_rl.results import write_table
 RECENT = 3
 
 
-def window_revisits(poses: np.ndarray, k: int) -> np.ndarray:
-    """(clips,) bool: the target (last pose) revisits an older context frame's view and none of the last RECENT."""
+def window_revisits(poses: np.ndarray, k: int, distance: float = 0.5, degrees: float = 45.0) -> np.ndarray:
+    """(clips,) bool: the target (last pose) revisits an older context frame's view and none of the last RECENT,
+    within ``distance`` cells and ``degrees`` (the revisit rule's 0.5 / 45 matches the last frame after nearly any
+    step; 0.15 / 10, SAME_VIEW, asks for nearly the same view: window_length.py)."""
     context, target = poses[:, 1:k + 1], poses[:, -1]
-    older = np.array([revisit_mask(c[:k - RECENT], t[None])[0] for c, t in zip(context, target)])
-    recent = np.array([revisit_mask(c[k - RECENT:], t[None])[0] for c, t in zip(context, target)])
+    older = np.array([revisit_mask(c[:k - RECENT], t[None], distance, degrees)[0] for c, t in zip(context, target)])
+    recent = np.array([revisit_mask(c[k - RECENT:], t[None], distance, degrees)[0] for c, t in zip(context, target)])
     return older & ~recent
+
+
+SAME_VIEW = (0.15, 10.0)
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -66,7 +71,9 @@ def main(argv: list[str]) -> None:
         "copy-last-frame": (((last - target) / 2).pow(2).flatten(1).mean(1).numpy(), lpips(last, target).numpy()),
     }
     kinds = transition_kinds(raw, "memory_maze")
-    masks = {"all": np.ones(len(frames), bool), "turns": kinds["turn"], "moves": kinds["move"]}
+    same_view = window_revisits(raw["poses"], k, *SAME_VIEW)
+    masks = {"all": np.ones(len(frames), bool), "turns": kinds["turn"], "moves": kinds["move"],
+             "same view only in frames 1-13": same_view}
     revisits = int(window_revisits(raw["poses"], k).sum())
     rows = []
     for subset, mask in masks.items():
@@ -90,7 +97,7 @@ def main(argv: list[str]) -> None:
                       f"blinded; {clips} held-out clips (online:memory_maze seed={seed}), {steps} DDIM step(s), fp32; "
                       f"norm of the input convolution's weights per context slot, oldest first (the last: the "
                       f"warped frame): {[round(float(n), 3) for n in norms]}; window revisits among the clips: "
-                      f"{revisits}; "
+                      f"{revisits} at 0.5 cell / 45 deg, {int(same_view.sum())} at {SAME_VIEW[0]} cell / {SAME_VIEW[1]:g} deg; "
                       f"`python results/stm_context/probe.py {seed} {clips} {steps}`")
     for row in rows:
         print(row)
