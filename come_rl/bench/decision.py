@@ -323,8 +323,7 @@ def bench_place_decision(config: PlaceDecisionBenchConfig) -> list[dict]:
     if not (directory / "odometry.json").is_file():  # checked before the walk: nothing is loaded for nothing
         raise ValueError(f"{directory} has no odometry head: the place objective scores imagined poses; bench a "
                          f"Memory Maze checkpoint (checkpoint=memory_maze)")
-    model, goal = default_decision_model(directory, 1)
-    model.sampler = SamplerConfig(**{**model.sampler.__dict__, "steps": 1})  # the default run's (model/memory_maze.yaml)
+    model, goal = default_decision_model(directory, 1)  # 1 denoising step: the default run's (model/memory_maze.yaml)
     variants = {"last frame sampled": False, "last step's pose only": True}
     times: dict[str, list[float]] = {name: [] for name in variants}
     rows_imagined: dict[str, list[int]] = {name: [] for name in variants}
