@@ -118,6 +118,10 @@ class TrainConfig:
     retrieval_blind: bool = False
     """a retrieving expert without past frames (UNetConfig.retrieval_blind): every context slot holds the retrieved
     view, in training and sampling, so it cannot drift with its own frames."""
+    same_view_fraction: float = 0.0
+    """> 0 (an STM on episodes with poses): this share of each batch is clips whose target's view only a context frame
+    older than the last three saw (within 0.15 cell and 10 degrees, ``come_rl.data.same_view``): the ~10 % of maze steps
+    where the window holds what the last frames miss. 0: uniform clips."""
     backbone_overrides: dict = field(default_factory=dict)
     online_episodes: int = 0
     """size of the episode pool for online:<env> data (0: the env's default, 1024 for memory_cards, 4 episodes of
@@ -439,9 +443,10 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
             if name in theirs and theirs[name].shape == tensor.shape:
                 tensor.copy_(theirs[name].to(tensor.dtype))
                 copied += 1
-            elif name.startswith("warp.") and name not in theirs:
-                # A motion prior the source lacks keeps its initialisation: its last layer starts at zero, so the warp
-                # starts as the identity and the warped-frame input below starts with zero weights.
+            elif name.startswith(("warp.", "recall.")) and name not in theirs:
+                # A motion prior (or a window recall) the source lacks keeps its initialisation: the warp's last layer
+                # starts at zero, so the warp starts as the identity and the warped-frame input below starts with zero
+                # weights; the recall's convolution starts at zero (its keys need their random start to learn).
                 initialised.append(name)
             elif (name == "in_context.weight" and getattr(expert.backbone, "warp", None) is not None
                   and getattr(donor.backbone, "warp", "absent") is None and name in theirs
@@ -470,7 +475,7 @@ def warm_start(expert: DiffusionExpert, source: str | Path) -> str:
                          f"source's weights (e.g. {kept[:3]}); warm start needs the same backbone with the same widths")
     return (f"{copied} tensors copied, {len(widened)} widened to {expert.context_frames} context frames "
             f"({', '.join(widened) or 'none'}), {len(zeroed)} new tensors zeroed ({', '.join(zeroed) or 'none'})"
-            + (f", {len(initialised)} motion-prior tensors initialised" if initialised else ""))
+            + (f", {len(initialised)} motion-prior / recall tensors initialised" if initialised else ""))
 
 
 def check_distillation(config: TrainConfig) -> None:
@@ -565,6 +570,9 @@ def train_expert(config: TrainConfig) -> TrainResult:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
     check_distillation(config)
     check_lr_schedule(config)
+    if not 0.0 <= config.same_view_fraction <= 1.0:
+        raise ValueError(f"same_view_fraction must be in [0, 1] (the share of each batch of same-view clips), got "
+                         f"{config.same_view_fraction}")
     if not config.dist_timeout_s > 0:
         raise ValueError(f"dist_timeout_s must be > 0 seconds (how long a rank waits for the others), got "
                          f"{config.dist_timeout_s}")
@@ -638,6 +646,15 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
 
         source = RetrievalClips(source, stale_fraction=config.retrieval_stale_fraction,
                                 max_stale=config.retrieval_max_stale, blind=config.retrieval_blind)
+    if config.same_view_fraction:
+        if expert.retrieval:
+            raise ValueError("same_view_fraction is for an STM, not a retrieving expert: set same_view_fraction=0")
+        from come_rl.data.same_view import SameViewClips
+
+        source = SameViewClips(source, config.same_view_fraction)
+        if main:
+            print(f"same-view clips: {config.same_view_fraction:.0%} of each batch, from "
+                  f"{len(source.starts(k + 2)[0])} such clips of {k + 2} frames")
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

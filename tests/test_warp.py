@@ -80,7 +80,7 @@ def test_a_warp_expert_warm_started_from_a_plain_one_begins_as_it(tmp_path):
                          backbone_overrides=dict(CFG, frame_size=32, action_dim=6))
     expert, _, _ = build_expert(config, 6, 32)
     message = warm_start(expert, tmp_path)
-    assert "in_context.weight" in message and "motion-prior tensors initialised" in message
+    assert "in_context.weight" in message and "motion-prior / recall tensors initialised" in message
     frames, actions = frames_and_actions(seed=3)
     x_t, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)), torch.full((2,), 0.6)
     with torch.no_grad():

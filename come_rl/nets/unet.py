@@ -87,6 +87,12 @@ class UNetConfig:
     (``context_noise``'s FiLM input) tells how many steps its past frames lag, divided by this; sampling tells it the
     number of frames imagined so far (``WorldModel.imagine``), so the expert knows when its past frames are its own
     and leans on the retrieved view. 0: no such input."""
+    window_recall: bool = False
+    """an STM that recalls a view from its window (:class:`WindowRecall`): attention over the context frames keyed by
+    the actions taken since each was seen, whose weighted frame is one more context input (zero-initialised: warm-
+    started from an expert without it, it begins as that expert). A channel-stacked convolution cannot tell which old
+    frame shows the next view (it depends on the motion since), so it learns to ignore the older frames; the recall
+    can route the one that does (a turn that comes back)."""
 
     def __post_init__(self) -> None:
         if self.frame_size % self.unshuffle:
@@ -106,6 +112,9 @@ class UNetConfig:
         if self.staleness_levels and not (self.retrieval and self.context_noise):
             raise ValueError("staleness_levels is for a retrieving U-Net with a context level input (retrieval=true, "
                              f"context_noise=true); got retrieval={self.retrieval}, context_noise={self.context_noise}")
+        if self.window_recall and (self.context_frames < 2 or self.retrieval):
+            raise ValueError("window_recall recalls a view among >= 2 past context frames of an STM (not a retrieving "
+                             f"expert); got context_frames={self.context_frames}, retrieval={self.retrieval}")
 
 
 def _groups(ch: int) -> int:
@@ -197,6 +206,42 @@ class FlowWarp(nn.Module):
         return F.grid_sample(last, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+class WindowRecall(nn.Module):
+    """Which frame of the window shows the next view? Attention over the K context frames whose key for frame j is the
+    actions taken since it (their sum over steps j + 1 .. K, the step into the target included, divided by
+    ``COUNT_SCALE``) and its age (K - j) / K; a learned "none" slot contributes nothing. The weighted frame is
+    pixel-unshuffled and enters the first layer through its own convolution, zero-initialised, so an expert warm-
+    started without the recall begins exactly as it was. A turn that comes back (left, left, right, right) sums to no
+    turn: the key of the frame seen before it."""
+
+    COUNT_SCALE = 4.0
+
+    def __init__(self, action_dim: int, context_frames: int, inputs: int, width: int, unshuffle: int, hidden: int = 64):
+        super().__init__()
+        self.context_frames, self.unshuffle = context_frames, unshuffle
+        self.key = nn.Sequential(nn.Linear(action_dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.none_logit = nn.Parameter(torch.zeros(1))
+        self.conv = nn.Conv2d(inputs, width, 3, padding=1, bias=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def weights(self, actions: torch.Tensor) -> torch.Tensor:
+        """(B, K + 1, A) -> (B, K + 1): the attention on each context frame, oldest first, and on "none" (last)."""
+        b, k = actions.shape[0], self.context_frames
+        since = actions.flip(1).cumsum(1).flip(1)[:, 1:] / self.COUNT_SCALE  # (B, K, A): actions after frame j
+        age = torch.arange(k, 0, -1, device=actions.device, dtype=since.dtype) / k
+        scores = self.key(torch.cat([since, age[None, :, None].expand(b, k, 1)], dim=-1)).squeeze(-1)
+        return torch.softmax(torch.cat([scores, self.none_logit.expand(b, 1).to(scores.dtype)], dim=1).float(), dim=1)
+
+    def frame(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The recalled view (B, C, H, W): the context frames weighted by :meth:`weights` (zero for "none")."""
+        w = self.weights(actions)[:, :-1].to(context.dtype)
+        return torch.einsum("bk,bkchw->bchw", w, context)
+
+    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """First-layer features of the recalled view: (B, width, H / unshuffle, W / unshuffle)."""
+        return self.conv(F.pixel_unshuffle(self.frame(context, actions), self.unshuffle))
+
+
 class VideoUNet(VideoBackbone):
     """Predicts one future frame from K context frames; see the module docstring. Implements VideoBackbone."""
 
@@ -214,6 +259,8 @@ class VideoUNet(VideoBackbone):
         self.warp = FlowWarp(c, f, config.action_dim, config.warp_width) if config.warp_anchor else None
         context_inputs = config.context_frames + (1 if config.warp_anchor else 0)
         self.in_context = nn.Conv2d(context_inputs * c * f * f, widths[0], 3, padding=1, bias=False)
+        self.recall = (WindowRecall(config.action_dim, config.context_frames, c * f * f, widths[0], f)
+                       if config.window_recall else None)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
         self.action_embed = nn.Linear(2 * config.action_dim, d)
@@ -276,6 +323,8 @@ class VideoUNet(VideoBackbone):
             frames = torch.cat([context, anchor[:, None].to(context.dtype)], dim=1)
         packed = F.pixel_unshuffle(frames.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
         context_features = self.in_context(packed * keep[:, None, None, None])
+        if self.recall is not None:
+            context_features = context_features + self.recall(context, actions) * keep[:, None, None, None]
         cond = self.action_embed(torch.cat([actions[:, -1], actions[:, -2]], dim=-1))
         if self.pose_embed is not None:
             if poses is None:

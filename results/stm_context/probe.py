@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from come_rl.diffusion import SamplerConfig
 from come_rl.evaluate import EvaluateConfig, load_model_and_clips, predict_next_frames, transition_kinds
@@ -39,6 +40,14 @@ def window_revisits(poses: np.ndarray, k: int, distance: float = 0.5, degrees: f
 
 
 SAME_VIEW = (0.15, 10.0)
+
+
+def pose_distance_rows(context: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(clips, n) distances of n context poses (clips, n, 3) to each clip's target pose (clips, 3): cells + the wrapped
+    heading difference in radians / (pi / 4), the retrieval's nearness (come_rl.experts.retrieval)."""
+    from come_rl.experts.retrieval import paired_pose_distance
+
+    return paired_pose_distance(np.asarray(context, np.float64), np.asarray(target, np.float64)[:, None])
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -64,11 +73,22 @@ def main(argv: list[str]) -> None:
     seen = predict_next_frames(wm, expert, tensors, sampler, seed, config.batch_size)
     blind = predict_next_frames(wm, expert, (blinded, actions, poses), sampler, seed, config.batch_size)
     target, last = frames[:, k], frames[:, k - 1]
+    # the older context frame (1-13) whose pose is nearest the target's: what a perfect window memory could copy
+    distances = pose_distance_rows(raw["poses"][:, 1:k - RECENT + 1], raw["poses"][:, -1])
+    nearest = frames[torch.arange(len(frames)), torch.from_numpy(distances.argmin(1))]
+    recall = getattr(expert.backbone, "recall", None)  # a window-recall STM: its attention on that frame
+    on_nearest = None
+    if recall is not None:
+        with torch.no_grad():
+            attention = recall.weights(actions.to(next(recall.parameters()).dtype)).numpy()
+        on_nearest = attention[np.arange(len(frames)), distances.argmin(1)]
     lpips = get_lpips(device="cpu")
     scores = {
         "seen": (((seen - target) / 2).pow(2).flatten(1).mean(1).numpy(), lpips(seen, target).numpy()),
         "older frames blinded": (((blind - target) / 2).pow(2).flatten(1).mean(1).numpy(), lpips(blind, target).numpy()),
         "copy-last-frame": (((last - target) / 2).pow(2).flatten(1).mean(1).numpy(), lpips(last, target).numpy()),
+        "copy the older frame nearest in pose": (((nearest - target) / 2).pow(2).flatten(1).mean(1).numpy(),
+                                                 lpips(nearest, target).numpy()),
     }
     kinds = transition_kinds(raw, "memory_maze")
     same_view = window_revisits(raw["poses"], k, *SAME_VIEW)
@@ -86,6 +106,8 @@ def main(argv: list[str]) -> None:
                 row.update({"blinded_minus_seen_mse": d_mse, "mse_95": h_mse,
                             "blinded_minus_seen_lpips": d_lp, "lpips_95": h_lp,
                             "mean_abs_frame_change_by_blinding": float((blind - seen)[mask].abs().mean())})
+                if on_nearest is not None:
+                    row["recall_attention_on_nearest_older"] = float(on_nearest[mask].mean())
             rows.append(row)
     norms = []  # a U-Net's input convolution per context slot (a transformer STM has no such slots)
     if hasattr(expert.backbone, "in_context"):

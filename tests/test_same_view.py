@@ -1,0 +1,148 @@
+"""The STM's window: clips whose next view only an older frame saw (come_rl.data.same_view) and the U-Net's window
+recall (attention over the context frames keyed by the actions since each)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from come_rl.data.episodes import Episode, EpisodeDataset
+from come_rl.data.same_view import SameViewClips, window_same_view
+from come_rl.diffusion import CosineSchedule
+from come_rl.interfaces import ActionSpec
+from come_rl.experts.expert import DiffusionExpert
+from come_rl.nets.unet import UNetConfig, VideoUNet, WindowRecall
+
+CFG = dict(frame_size=32, unshuffle=4, action_dim=6, context_frames=8, widths=[16, 32], cond_dim=16, warp_anchor=True,
+           warp_width=16)
+
+
+def _turning_poses() -> np.ndarray:
+    """Standing still, turning left 18 degrees a step four times, then right four times, twice over."""
+    steps = [0, 1, 1, 1, 1, -1, -1, -1, -1] * 2
+    heading = np.radians(18.0) * np.cumsum(steps)
+    return np.stack([np.full_like(heading, 2.0), np.full_like(heading, 3.0), heading], axis=1)
+
+
+def test_a_turn_that_comes_back_sees_again_what_an_older_frame_saw():
+    poses = _turning_poses()  # headings 0, 18, 36, 54, 72, 54, 36, 18, 0, 0, 18, ...
+    mask = window_same_view(poses, window=6, recent=3)
+    # frame 7 (18 deg) was seen by frame 1 (6 back); frames 4-6 (72, 54, 36) did not see it
+    assert mask[7]
+    # frame 6 (36 deg): frame 2 saw it 4 back, frame 5 (54) and 4 (72) did not, frame 3 (54) did not: True
+    assert mask[6]
+    # frame 8 (0 deg): frame 0 is 8 back (outside a window of 6): False; inside a window of 8: True
+    assert not mask[8] and window_same_view(poses, window=8, recent=3)[8]
+    # frame 9 (0 deg again) has its view in the last frame: not "only in an older frame"
+    assert not mask[9]
+    assert not mask[:6].any()  # fewer than `window` frames before them
+    # a step apart in place (0.2 cell > 0.15) is another view; within 0.1 cell the same
+    moved = poses.copy()
+    moved[:2, 0] += 0.2
+    assert not window_same_view(moved, window=6, recent=3)[7]
+    moved[:2, 0] -= 0.1
+    assert window_same_view(moved, window=6, recent=3)[7]
+    # headings wrap: 359 degrees is 1 degree from 0
+    wrapped = poses.copy()
+    wrapped[:, 2] += 2 * math.pi
+    assert np.array_equal(window_same_view(wrapped, window=6, recent=3), mask)
+    with pytest.raises(ValueError, match="NaN"):
+        window_same_view(np.full((5, 3), np.nan), window=3, recent=1)
+    with pytest.raises(ValueError, match="recent < window"):
+        window_same_view(poses, window=3, recent=3)
+
+
+class _Source:
+    """One hand-made episode of the turning poses; frame i is filled with the value i."""
+
+    def __init__(self, poses=True):
+        p = _turning_poses()
+        steps = len(p) - 1
+        frames = np.broadcast_to(np.arange(steps + 1, dtype=np.uint8)[:, None, None, None], (steps + 1, 8, 8, 3))
+        episode = Episode(frames=frames.copy(), actions=np.eye(6, dtype=np.float32)[np.arange(steps) % 6],
+                          rewards=np.zeros(steps, np.float32), poses=p if poses else None, seed=0, index=0)
+        self.action_spec = ActionSpec.discrete(6)
+        self.dataset = EpisodeDataset.from_episodes([episode], self.action_spec)
+        self.frame_size = 8
+
+    def sample_clips(self, batch_size, length, rng):
+        return self.dataset.sample_clips(batch_size, length, rng)
+
+
+def test_same_view_clips_fill_their_share_of_the_batch_with_such_clips():
+    source = SameViewClips(_Source(), fraction=0.5)
+    clips = source.sample_clips(16, 8, np.random.default_rng(0))  # 6 context frames
+    targets = clips["start"] + 7
+    want = np.flatnonzero(window_same_view(_turning_poses(), window=6, recent=3))
+    assert set(targets[:8].tolist()) <= set(want.tolist()) and len(set(targets[:8].tolist())) > 1
+    assert (clips["frames"][:, -1, 0, 0, 0] == targets).all()  # frames, actions and poses of the same clip
+    assert np.array_equal(clips["poses"][:8], np.stack([_turning_poses()[s:s + 8] for s in clips["start"][:8]]).astype(np.float32))
+    again = source.sample_clips(16, 8, np.random.default_rng(0))
+    assert np.array_equal(again["frames"], clips["frames"])  # the same rng, the same batch
+    with pytest.raises(ValueError, match="poses"):
+        SameViewClips(_Source(poses=False), fraction=0.5)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        SameViewClips(_Source(), fraction=1.5)
+    with pytest.raises(ValueError, match="longer context"):
+        source.sample_clips(4, 5, np.random.default_rng(0))
+
+
+def test_a_recall_stm_warm_started_from_a_plain_one_begins_as_it(tmp_path):
+    from come_rl.checkpoint import expert_spec, save_expert
+    from come_rl.train import TrainConfig, build_expert, warm_start
+
+    torch.manual_seed(0)
+    donor = DiffusionExpert(VideoUNet(UNetConfig(**CFG)), CosineSchedule(), target="residual", prediction="x0")
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_expert(tmp_path, donor, expert_spec(donor, "unet", CFG, extra={"frame_size": 32}))
+    config = TrainConfig(model="unet", role="stm", target="residual", prediction="x0",
+                         backbone_overrides=dict(CFG, window_recall=True))
+    expert, _, _ = build_expert(config, 6, 32)
+    assert "recall tensors initialised" in warm_start(expert, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    frames = torch.rand(2, 8, 3, 32, 32, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
+    x_t, t = torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+    with torch.no_grad():
+        want = donor.predict_eps(donor.prepare(frames, actions), x_t, t)
+        got = expert.predict_eps(expert.prepare(frames, actions), x_t, t)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        expert.backbone.recall.conv.weight.normal_(std=0.05)  # a trained recall: an old frame now counts
+        older = frames.clone()
+        older[:, 0] = -older[:, 0]
+        changed = expert.predict_eps(expert.prepare(older, actions), x_t, t)
+    assert (changed - got).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="window_recall"):
+        UNetConfig(**dict(CFG, context_frames=1, window_recall=True))
+
+
+def test_the_recall_learns_which_frame_a_turn_that_comes_back_shows():
+    """Frames hold their heading (left +1, right -1 a step); the next frame's view is that of the newest context frame
+    with the target's heading. Trained on that, the recall's attention goes to that frame: its key (the actions since)
+    is what tells, which a fixed weight per slot cannot."""
+    k, b = 6, 512
+    g = torch.Generator().manual_seed(0)
+    turns = torch.randint(0, 2, (b, k + 1), generator=g)  # action 2: left, 3: right
+    actions = torch.nn.functional.one_hot(turns + 2, 6).float()
+    heading = torch.cumsum(torch.where(turns == 0, 1, -1), dim=1)  # heading after each action; frame j has heading[j]
+    target = heading[:, -1]
+    matches = heading[:, :k] == target[:, None]
+    has = matches.any(1)
+    newest = (k - 1) - matches.flip(1).float().argmax(1)
+    frames = heading[:, :k, None, None, None].float().expand(b, k, 1, 2, 2) / 4  # a frame shows its heading
+    torch.manual_seed(0)
+    recall = WindowRecall(6, k, 4, 8, 2)
+    optimizer = torch.optim.Adam(recall.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = (recall.frame(frames, actions)[has] - frames[has, :, :, :, :][torch.arange(int(has.sum())), newest[has]]
+                ).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weights = recall.weights(actions)
+    assert weights.shape == (b, k + 1) and torch.allclose(weights.sum(1), torch.ones(b))
+    on_matching = (weights[:, :k] * matches).sum(1)[has].mean()
+    assert on_matching > 0.8, f"attention on a frame of the target's heading: {on_matching:.2f}"
