@@ -122,6 +122,10 @@ class TrainConfig:
     """> 0 (an STM on episodes with poses): this share of each batch is clips whose target's view only a context frame
     older than the last three saw (within 0.15 cell and 10 degrees, ``come_rl.data.same_view``): the ~10 % of maze steps
     where the window holds what the last frames miss. 0: uniform clips."""
+    recall_key_lr: float = 1e-2
+    """the learning rate of a window recall's keys (``UNetConfig.window_recall``: a small MLP of the actions since each
+    context frame), on the same warm-up and decay as ``lr``: at the rest of the network's rate (1e-4 for a warm start)
+    they had not moved after 500 steps."""
     backbone_overrides: dict = field(default_factory=dict)
     online_episodes: int = 0
     """size of the episode pool for online:<env> data (0: the env's default, 1024 for memory_cards, 4 episodes of
@@ -570,6 +574,8 @@ def train_expert(config: TrainConfig) -> TrainResult:
         raise ValueError(f"log_every must be >= 1, got {config.log_every}")
     check_distillation(config)
     check_lr_schedule(config)
+    if not config.recall_key_lr > 0:
+        raise ValueError(f"recall_key_lr must be > 0 (the window recall keys' learning rate), got {config.recall_key_lr}")
     if not 0.0 <= config.same_view_fraction <= 1.0:
         raise ValueError(f"same_view_fraction must be in [0, 1] (the share of each batch of same-view clips), got "
                          f"{config.same_view_fraction}")
@@ -656,7 +662,11 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
             print(f"same-view clips: {config.same_view_fraction:.0%} of each batch, from "
                   f"{len(source.starts(k + 2)[0])} such clips of {k + 2} frames")
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
-    optimizer = torch.optim.AdamW(expert.backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    keys = [param for name, param in expert.backbone.named_parameters() if name.startswith(("recall.key.", "recall.none"))]
+    others = [param for name, param in expert.backbone.named_parameters()
+              if not name.startswith(("recall.key.", "recall.none"))]
+    groups = [{"params": others}] + ([{"params": keys, "lr_scale": config.recall_key_lr / config.lr}] if keys else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={
         "action_spec": dataclasses.asdict(source.action_spec), "frame_size": frame_size,
         "data": config.data, "train_config": dataclasses.asdict(config),
@@ -749,7 +759,7 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         t0 = time.time()
         batch, noise = stream.next()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step, config) * group.get("lr_scale", 1.0)
         loss = training_step(expert, network, optimizer, batch, noise, config, context, micro_batch, device,
                              precision, step, teacher=teacher)
         with torch.no_grad():

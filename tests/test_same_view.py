@@ -146,3 +146,17 @@ def test_the_recall_learns_which_frame_a_turn_that_comes_back_shows():
     assert weights.shape == (b, k + 1) and torch.allclose(weights.sum(1), torch.ones(b))
     on_matching = (weights[:, :k] * matches).sum(1)[has].mean()
     assert on_matching > 0.8, f"attention on a frame of the target's heading: {on_matching:.2f}"
+
+
+def test_a_recall_experts_loss_trains_its_keys_from_the_start():
+    """The recall's input convolution starts at zero, so the diffusion loss alone gives its keys no gradient; its own
+    loss (the recalled view against the next frame) does."""
+    torch.manual_seed(0)
+    expert = DiffusionExpert(VideoUNet(UNetConfig(**dict(CFG, window_recall=True))), CosineSchedule(),
+                             target="residual", prediction="x0")
+    g = torch.Generator().manual_seed(1)
+    frames = torch.rand(2, 9, 3, 32, 32, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
+    expert.loss(frames, actions, generator=g).backward()
+    key_grad = sum(p.grad.abs().sum() for p in expert.backbone.recall.key.parameters())
+    assert key_grad > 0

@@ -214,6 +214,12 @@ class DiffusionExpert(nn.Module):
             motion_loss = F.mse_loss(anchor.float(), frames[:, -1].float())
             if self.target == "residual":
                 x0 = frames[:, -1] - anchor.detach().to(frames.dtype)
+        recall = getattr(backbone, "recall", None)
+        if recall is not None:  # a window recall (UNetConfig.window_recall): its keys learn from its own loss too,
+            # the recalled view against the next frame, as the motion prior's warp does (through the zero-initialised
+            # input alone their gradient starts at zero)
+            recall_loss = F.mse_loss(recall.frame(context, actions).float(), frames[:, -1].float())
+            motion_loss = recall_loss if motion_loss is None else motion_loss + recall_loss
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = add_noise(x0, eps, alpha, sigma)
