@@ -47,6 +47,27 @@ def test_pooled_revisit_weighs_each_revisit_frame_once():
     assert math.isnan(pooled_revisit(rows[2:])[0])
 
 
+def test_the_summary_pairs_each_row_with_the_base_by_episode():
+    from come_rl.experiments.consistency import summary_rows
+
+    def row(name, episode, lpips_all, lpips_revisit, frames):
+        return {"composition": name, "episode": episode, "revisit_frames": frames, "lpips_all": lpips_all,
+                "lpips_revisit": lpips_revisit, "ssim_all": 0.5, "ssim_revisit": "", "psnr_all": 20.0,
+                "psnr_revisit": "", "lpips_first8": 0.1}
+
+    # episode 2 has no revisit frame: it counts for "all" only; the come rows are listed in another order than base's
+    rows = [row("base", 0, 0.30, 0.20, 5), row("base", 1, 0.40, 0.30, 9), row("base", 2, 0.50, "", 0),
+            row("come", 2, 0.45, "", 0), row("come", 0, 0.20, 0.10, 5), row("come", 1, 0.42, 0.25, 9)]
+    base, come = summary_rows(rows, ["base", "come"])
+    assert base["lpips_revisit_vs_base"] == "" and base["lpips_all_vs_base"] == ""
+    # revisit: differences -0.10 and -0.05 over the base's mean 0.25: -0.075 (-30 %), t interval of two values
+    half = 12.7062 * np.std([-0.10, -0.05], ddof=1) / np.sqrt(2)
+    assert come["lpips_revisit_vs_base"] == f"-0.0750 ± {half:.4f} (-30 %, lower in 2 of 2)"
+    # all: -0.10, +0.02, -0.05 over 0.40: -0.0433 (-11 %), lower in 2 of 3
+    assert come["lpips_all_vs_base"].startswith("-0.0433 ± ") and come["lpips_all_vs_base"].endswith("(-11 %, lower in 2 of 3)")
+    assert "lpips_revisit_vs_base" not in summary_rows(rows, ["come"])[0]  # no base row, no paired column
+
+
 def test_online_memory_maze_gives_the_same_clips_for_the_same_seed():
     from come_rl.collect import make_env_and_policy, record_episode
     from come_rl.data_sources import SeededEpisodePool
@@ -152,6 +173,9 @@ def test_the_consistency_command_writes_its_table(tmp_path):
                    "psnr_revisit", "revisit_frames"):
         assert column in header
     assert "ltm" in (tmp_path / "out" / "consistency.md").read_text()
+    assert (tmp_path / "out" / "consistency_vs_base.png").stat().st_size > 0
+    summary = (tmp_path / "out" / "consistency_summary.csv").read_text().splitlines()
+    assert "lpips_all_vs_base" in summary[0] and "lower in" in summary[3] and "of 1)" in summary[3]
     # A rerun resumes from the records (same rows), a rerun with other settings is refused before any work.
     again = run(config)
     assert [r["lpips_all"] for r in again] == [r["lpips_all"] for r in rows]

@@ -31,7 +31,10 @@ has no revisit frame), and per imagined frame ``lpips_per_frame``, ``revisit_per
 and its real pose; empty without a pose model), for analyses that split the scores; ``consistency.md``, the means over
 episodes with 95 % intervals (t over episodes);
 ``lpips_revisit_pooled`` in the summary: LPIPS over all revisit frames pooled (an episode weighs by its revisit
-frames) with a bootstrap interval over episodes; ``episode_records/`` (one atomic record per finished episode with
+frames) with a bootstrap interval over episodes; when ``base`` is a row, ``lpips_revisit_vs_base`` and
+``lpips_all_vs_base``: each row's paired difference to the base (mean per-episode difference, its 95 % t interval,
+its share of the base's mean, in how many episodes the row is lower), drawn in ``consistency_vs_base.png``;
+``episode_records/`` (one atomic record per finished episode with
 all its rows, ``come_rl.episode_records``: a killed run resumes where it stopped, a rerun with other settings is
 refused);
 ``rollout.gif`` (real | base | CoME | re-anchored CoME, those that are rows, or the last row; first episode).
@@ -481,8 +484,36 @@ def summary_rows(rows: list[dict], names: list[str]) -> list[dict]:
             summary[key] = f"{mean:.4f} ± {half:.4f}" if math.isfinite(half) else f"{mean:.4f}"
         mean, low, high = pooled_revisit(mine)
         summary["lpips_revisit_pooled"] = f"{mean:.4f} [{low:.4f}, {high:.4f}]" if math.isfinite(low) else f"{mean:.4f}"
+        if "base" in names:
+            base = [r for r in rows if r["composition"] == "base"]
+            for part in ("revisit", "all"):
+                summary[f"lpips_{part}_vs_base"] = "" if name == "base" else format_paired(paired_to(mine, base, f"lpips_{part}"))
         out.append(summary)
     return out
+
+
+def paired_to(rows: list[dict], reference: list[dict], key: str) -> dict:
+    """The per-episode difference ``rows - reference`` in ``key`` over the episodes both have a value for (an episode
+    without revisit frames has none for the revisit columns): its mean, 95 % t half-width, the reference's mean over
+    the same episodes, how many episodes the rows are lower in, and how many episodes were paired."""
+    theirs = {int(r["episode"]): r.get(key, "") for r in reference}
+    pairs = [(float(r[key]), float(theirs[int(r["episode"])])) for r in rows
+             if r.get(key, "") != "" and theirs.get(int(r["episode"]), "") != ""]
+    if not pairs:
+        return {"mean": float("nan"), "half": float("nan"), "reference": float("nan"), "lower": 0, "episodes": 0}
+    mine, ref = np.asarray(pairs, dtype=np.float64).T
+    mean, half = mean_interval(list(mine - ref))
+    return {"mean": mean, "half": half, "reference": float(ref.mean()), "lower": int((mine < ref).sum()),
+            "episodes": len(pairs)}
+
+
+def format_paired(paired: dict) -> str:
+    """``-0.0590 ± 0.0410 (-23 %, lower in 17 of 24)``: the paired difference and its share of the reference's mean."""
+    if not paired["episodes"]:
+        return ""
+    half = f" ± {paired['half']:.4f}" if math.isfinite(paired["half"]) else ""
+    share = f"{100 * paired['mean'] / paired['reference']:+.0f} %, " if paired["reference"] > 0 else ""
+    return f"{paired['mean']:+.4f}{half} ({share}lower in {paired['lower']} of {paired['episodes']})"
 
 
 def pooled_revisit(rows: list[dict], resamples: int = 2000) -> tuple[float, float, float]:
@@ -519,6 +550,38 @@ def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -
                     if i < 10 else (2 * i + 1) % 20], linestyle="--" if name.endswith("_anchor") else "-")
     ax.set_xlabel("imagined step after the context")
     ax.set_ylabel("LPIPS to the real frame (lower is better)")
+    ax.set_title(title.split(":")[0], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_paired(rows: list[dict], names: list[str], path: Path, title: str) -> None:
+    """Each row's paired LPIPS difference to the base (mean per-episode difference with its 95 % t interval), over
+    revisit frames and over all frames: below 0 is better than the base. Nothing is drawn without a base row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = [r for r in rows if r["composition"] == "base"]
+    others = [n for n in names if n != "base"]
+    if not base or not others:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(others) + 1.6))
+    for offset, part, color in ((-0.17, "revisit", "tab:blue"), (0.17, "all", "tab:gray")):
+        paired = [paired_to([r for r in rows if r["composition"] == n], base, f"lpips_{part}") for n in others]
+        y = np.arange(len(others)) + offset
+        means = np.array([p["mean"] for p in paired])
+        halves = np.nan_to_num(np.array([p["half"] for p in paired]))
+        ax.barh(y, means, height=0.34, xerr=halves, color=color, capsize=3, label=f"{part} frames")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(np.arange(len(others)), others)
+    ax.invert_yaxis()
+    ax.set_xlabel("LPIPS minus the base's per episode: mean, 95 % t interval (< 0: better)")
     ax.set_title(title.split(":")[0], fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -609,6 +672,7 @@ def run(config: ConsistencyConfig) -> list[dict]:
                         if k == "episodes" or k not in RESUME_FREE_KEYS) + "`")
     write_table(out / "consistency.csv", rows)
     plot_per_frame(rows, names, out / "consistency_lpips.png", title)
+    plot_paired(rows, names, out / "consistency_vs_base.png", title)
     write_table(out / "consistency_summary.csv", summary_rows(rows, names), md_path=out / "consistency.md", title=title)
     if config.gif:
         if first_rollouts is None and (records / "episode_0.npz").exists():
