@@ -534,6 +534,17 @@ def pooled_revisit(rows: list[dict], resamples: int = 2000) -> tuple[float, floa
     return mean, float(low), float(high)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically (a temporary file renamed over ``path``) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -> None:
     """Mean LPIPS against the real frame at each imagined step, one line per row of the table."""
     import matplotlib
@@ -552,11 +563,7 @@ def plot_per_frame(rows: list[dict], names: list[str], path: Path, title: str) -
     ax.set_ylabel("LPIPS to the real frame (lower is better)")
     ax.set_title(title.split(":")[0], fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def plot_paired(rows: list[dict], names: list[str], path: Path, title: str) -> None:
@@ -584,11 +591,7 @@ def plot_paired(rows: list[dict], names: list[str], path: Path, title: str) -> N
     ax.set_xlabel("LPIPS minus the base's per episode: mean, 95 % t interval (< 0: better)")
     ax.set_title(title.split(":")[0], fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def context_curve(config: ConsistencyConfig) -> list[dict]:
@@ -621,11 +624,7 @@ def context_curve(config: ConsistencyConfig) -> list[dict]:
         ax.set_xlabel("memorized context (frames)")
         ax.set_ylabel(f"LPIPS, {part} frames")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = out / "context_curve.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out / "context_curve.png")
+    save_figure(fig, out / "context_curve.png")
     return curve
 
 
