@@ -113,9 +113,21 @@ def predict_next_frames(wm: WorldModel, expert, tensors: tuple, sampler, seed: i
     return torch.cat(predictions)
 
 
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, resamples: int = 2000) -> tuple[float, float]:
+    """95 % percentile bootstrap interval over clips of ``mean(numerator) / mean(denominator)`` (clips resampled
+    together, a fixed seed: the same clips give the same interval; nan for fewer than 2 clips). Clips of one episode
+    are not independent, so the interval is a lower bound on the spread between clip sets of other seeds."""
+    if len(numerator) < 2:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(0).integers(0, len(numerator), size=(resamples, len(numerator)))
+    ratios = numerator[picks].mean(1) / np.maximum(denominator[picks].mean(1), 1e-12)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def score_by_kind(predicted: torch.Tensor, tensors: tuple, k: int, kinds: dict[str, np.ndarray], lpips) -> list[dict]:
     """MSE (on [0, 1] images, the paper's scale) and LPIPS of ``predicted`` and of copy-last-frame per transition
-    kind (``transition_kinds``)."""
+    kind (``transition_kinds``); the MSE ratio copy-last / model with its 95 % bootstrap interval over clips."""
     frames = tensors[0]
     target, last = frames[:, k], frames[:, k - 1]
     mse_model = ((predicted - target) / 2).pow(2).flatten(1).mean(1).numpy()
@@ -130,6 +142,7 @@ def score_by_kind(predicted: torch.Tensor, tensors: tuple, k: int, kinds: dict[s
             "kind": kind, "clips": int(mask.sum()),
             "mse_model": float(mse_model[mask].mean()), "mse_copy_last": float(mse_copy[mask].mean()),
             "mse_ratio_copy_over_model": float(mse_copy[mask].mean() / max(mse_model[mask].mean(), 1e-12)),
+            **dict(zip(("mse_ratio_low", "mse_ratio_high"), ratio_interval(mse_copy[mask], mse_model[mask]))),
             "lpips_model": float(lp_model[mask].mean()), "lpips_copy_last": float(lp_copy[mask].mean()),
         })
     return rows

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from come_rl.nets.registry import MODEL_PRESETS, PAPER_PRESETS
@@ -59,10 +60,24 @@ def test_an_stm_trains_beside_the_base_and_evaluates_alone(tmp_path):
     assert overall["expert"] == "stm" and overall["clips"] == 8
     # copy-last-frame is scored on the same clips: moves change the frame, so its error is positive and finite
     assert 0 < overall["mse_copy_last"] < 1 and overall["mse_model"] > 0
+    assert overall["mse_ratio_low"] <= overall["mse_ratio_copy_over_model"] <= overall["mse_ratio_high"]
     with open(tmp_path / "eval" / f"{tmp_path.name}_stm_one_step.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     with pytest.raises(ValueError, match="expert must be"):
         evaluate(EvaluateConfig(checkpoint=str(tmp_path), expert="ltm"))
+
+
+def test_the_mse_ratio_interval_resamples_clips_together():
+    from come_rl.evaluate import ratio_interval
+
+    rng = np.random.default_rng(3)
+    copy = rng.uniform(0.02, 0.06, 400)
+    model = copy / 4 * rng.uniform(0.5, 1.5, 400)  # about 4x below copy-last, clip by clip
+    low, high = ratio_interval(copy, model)
+    assert low < copy.mean() / model.mean() < high and 3.4 < low and high < 4.6
+    few_low, few_high = ratio_interval(copy[:25], model[:25])
+    assert few_high - few_low > high - low  # fewer clips, a wider interval
+    assert ratio_interval(copy, model) == (low, high) and np.isnan(ratio_interval(copy[:1], model[:1])[0])
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
