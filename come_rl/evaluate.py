@@ -41,6 +41,9 @@ class EvaluateConfig:
     data: str = "online:memory_cards"
     """held-out data: online:memory_cards (seed below) or a held-out data set directory."""
     clips: int = 256
+    episodes: int = 0
+    """online data: how many episodes the clips are drawn from (0: the env's default, 4 for online:memory_maze);
+    more episodes make the clips less alike (a maze episode is 1000 steps; generating one takes ~50 s)."""
     batch_size: int = 64
     sampler_steps: int = 10
     seed: int = 12345
@@ -86,7 +89,11 @@ def load_model_and_clips(config: EvaluateConfig) -> tuple[WorldModel, object, ob
     wm = WorldModel.load(config.checkpoint, experts=sorted({"base", config.expert}), sampler={"steps": config.sampler_steps},
                          device=config.device, precision=config.precision)
     expert = getattr(wm, config.expert)
-    source = open_data_source(config.data, seed=config.seed)
+    if config.episodes < 0 or (config.episodes and not config.data.startswith("online:")):
+        raise ValueError(f"episodes={config.episodes} with data={config.data}: episodes= counts the online episodes the "
+                         "clips are drawn from (data=online:<env>), 0 for the env's default; a data set's clips come "
+                         "from all its held-out episodes")
+    source = open_data_source(config.data, seed=config.seed, online_episodes=config.episodes)
     if expert.retrieval:  # its first context slot is the frame retrieved by pose (come_rl.experts.retrieval)
         source = RetrievalClips(source, blind=getattr(expert.backbone.config, "retrieval_blind", False))
     rng = np.random.default_rng(config.seed)
@@ -166,7 +173,8 @@ def evaluate(config: EvaluateConfig) -> list[dict]:
                          title=f"One-step prediction on held-out clips: {name} vs copy-last-frame "
                                f"(MSE on [0,1] images, LPIPS AlexNet; `python -m come_rl.evaluate checkpoint="
                                f"{config.checkpoint} expert={config.expert} data={config.data} clips={config.clips} "
-                               f"seed={config.seed} sampler_steps={config.sampler_steps}`; "
+                               f"seed={config.seed} sampler_steps={config.sampler_steps}"
+                               f"{f' episodes={config.episodes}' if config.episodes else ''}`; "
                                f"{k} context frames)")
     frames = tensors[0]
     _save_examples(predicted[:8], frames[:8, k], frames[:8, k - 1], out / f"{name}_one_step_examples.png")

@@ -65,6 +65,9 @@ def test_an_stm_trains_beside_the_base_and_evaluates_alone(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     with pytest.raises(ValueError, match="expert must be"):
         evaluate(EvaluateConfig(checkpoint=str(tmp_path), expert="ltm"))
+    for episodes, data in ((-1, "online:memory_cards"), (4, str(tmp_path))):
+        with pytest.raises(ValueError, match="episodes= counts the online episodes"):
+            evaluate(EvaluateConfig(checkpoint=str(tmp_path), data=data, episodes=episodes))
 
 
 def test_the_mse_ratio_interval_resamples_clips_together():
