@@ -157,7 +157,7 @@ def test_every_expert_loads_and_composes_in_the_consistency_table(tmp_path):
     assert torch.allclose(replay(first, torch.zeros(4, 6))[0], torch.tensor([1.0, 2.0, 0.1]))
 
 
-def test_the_consistency_command_writes_its_table(tmp_path):
+def test_the_consistency_command_writes_its_table(tmp_path, monkeypatch):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt")
     config = ConsistencyConfig(checkpoint=str(checkpoint), episodes=1, context=12, horizon=3, threads=1,
                                compositions="copy_last,base,ltm", out_dir=str(tmp_path / "out"), seed=40000)
@@ -176,8 +176,13 @@ def test_the_consistency_command_writes_its_table(tmp_path):
     assert (tmp_path / "out" / "consistency_vs_base.png").stat().st_size > 0
     summary = (tmp_path / "out" / "consistency_summary.csv").read_text().splitlines()
     assert "lpips_all_vs_base" in summary[0] and "lower in" in summary[3] and "of 1)" in summary[3]
-    # A rerun resumes from the records (same rows), a rerun with other settings is refused before any work.
+    # A rerun resumes from the records (same rows; a finished run does not generate its episodes again), a rerun with
+    # other settings is refused before any work.
+    import come_rl.experiments.consistency as consistency
+
+    monkeypatch.setattr(consistency, "load_episodes", lambda config: pytest.fail("a finished run loaded its episodes"))
     again = run(config)
+    monkeypatch.undo()
     assert [r["lpips_all"] for r in again] == [r["lpips_all"] for r in rows]
     with pytest.raises(ValueError, match="other settings"):
         run(ConsistencyConfig(**dict(config.__dict__, horizon=4)))

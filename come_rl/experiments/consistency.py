@@ -642,7 +642,10 @@ def run(config: ConsistencyConfig) -> list[dict]:
     records = out / RECORDS_DIR
     settings = dataclasses.asdict(config)
     check_backend(config.backend, config.workers)
-    episodes = load_episodes(config)
+    # a finished run (every episode recorded) rebuilds its tables from the records: its episodes are not generated
+    # again (24 maze episodes take ~10 min); check_records below still refuses a rerun with other settings
+    finished = all((records / f"episode_{index}.npz").exists() for index in range(config.episodes))
+    episodes = [None] * config.episodes if finished else load_episodes(config)
     if config.backend == "local":
         local = ConsistencyWorker(config, names)  # a missing expert is refused here, before any work
         factory, factory_args = (lambda: local), ()
