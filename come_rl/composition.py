@@ -404,6 +404,11 @@ class CompositionConfig:
     says which frames were)."""
     anchor_degrees: float = 15.0
     """the heading tolerance of ``anchor`` (a view turned by 45 degrees shows another half of the scene)."""
+    anchor_after: int = 0
+    """with ``anchor``, the first ``anchor_after`` imagined frames of a rollout are never re-anchored: right after the
+    real context the sampled frames have not drifted yet, and a memorized view up to ``anchor`` cells off is worse
+    than them (Memory Maze: re-anchoring costs LPIPS on the frames 2-5 of a rollout and pays from the 6th on,
+    results/consistency_s32). 0: from the first frame."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
@@ -449,6 +454,9 @@ class CompositionConfig:
             raise ValueError(f"anchor must be a distance in cells >= 0 (0: off), got {self.anchor}")
         if not 0.0 < self.anchor_degrees <= 180.0:
             raise ValueError(f"anchor_degrees must be in (0, 180], got {self.anchor_degrees}")
+        if isinstance(self.anchor_after, bool) or not isinstance(self.anchor_after, int) or self.anchor_after < 0:
+            raise ValueError(f"anchor_after must be a number of imagined frames >= 0 (0: re-anchor from the first), got "
+                             f"{self.anchor_after!r}")
         if self.combine not in COMBINE_MODES or (self.combine != "sum" and not self.pairwise):
             raise ValueError(f"combine must be one of {COMBINE_MODES} (other than sum only with pairwise: true), got "
                              f"{self.combine!r} with pairwise={self.pairwise}")

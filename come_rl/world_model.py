@@ -467,6 +467,8 @@ class WorldModel:
             seed_x0, view = None, None
             if anchor > 0:  # a revisit: the memorized view seen nearest the next pose, gathered once for this step
                 index, close = self._anchor_match(memory_poses, next_pose)
+                if h < self.composition.anchor_after:  # too soon after the real context: nothing has drifted yet
+                    close = torch.zeros_like(close)
                 if bool(close.any()):
                     view = self.memory.gather(index).to(frames)
                     if self.composition.anchor_seed > 0:  # the frame itself is sampled from that view
@@ -475,7 +477,8 @@ class WorldModel:
             next_frame = sample(composer.bind(conditions), (batch, *self.frame_shape), self.base.schedule, self.sampler,
                                 generator, device=device, seed_x0=seed_x0).clamp(-1.0, 1.0)
             sampled = next_frame  # what this step returns; re-anchoring changes only what the next steps see
-            if appearance > 0:  # a revisit seen in the sampled frame: a nearby memorized view that looks like it
+            if appearance > 0 and h >= self.composition.anchor_after:  # a revisit seen in the sampled frame: a nearby
+                # memorized view that looks like it
                 looked, looks = self._appearance_match(memory_poses, thumbs, next_pose, next_frame, appearance)
                 looks &= ~close.to(looks.device)
                 if bool(looks.any()):

@@ -23,12 +23,14 @@ def _base() -> DiffusionExpert:
     return base
 
 
-def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3, anchor_seed: float = 0.0):
+def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3, anchor_seed: float = 0.0,
+             anchor_after: int = 0):
     """Observe five frames; frame 0 (value ``memorized_value``) was seen at (5, 5, 0). Every imagined frame is posed at
     ``imagined_pose``."""
     pose = torch.tensor(imagined_pose, dtype=torch.float32)
     wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor,
-                                                                                   anchor_seed=anchor_seed),
+                                                                                   anchor_seed=anchor_seed,
+                                                                                   anchor_after=anchor_after),
                     sampler=SamplerConfig(steps=4), pose_model=lambda poses, actions: pose.expand(poses.shape[0], 3))
     wm.reset()
     poses = [[5.0, 5.0, 0.0], [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
@@ -48,6 +50,22 @@ def test_a_revisit_puts_the_memorized_frame_into_the_context_of_the_next_steps()
     assert torch.equal(anchored[:, 0], plain[:, 0])  # the frame returned is the sampled one
     assert not torch.allclose(anchored[:, 1], plain[:, 1], atol=1e-4)  # the next step reads the memorized view
     assert not torch.allclose(anchored[:, 1], other_memory[:, 1], atol=1e-4)  # ... and what that view shows
+
+
+def test_anchor_after_leaves_the_first_imagined_frames_as_sampled():
+    base = _base()
+    plain, _ = _imagine(base, 0.0, [5.1, 5.0, 0.0], 0.5, horizon=4)
+    anchored, _ = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, horizon=4)
+    late, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, horizon=4, anchor_after=2)
+    assert marks.tolist() == [[False, False, True, True]] * 2  # frames 0 and 1 sampled, 2 and 3 re-anchored
+    assert torch.equal(late[:, :3], plain[:, :3])  # frame 2 is the first whose context could hold a memorized view
+    assert not torch.allclose(late[:, 3], plain[:, 3], atol=1e-4)  # frame 3 reads the memorized view ...
+    assert not torch.allclose(late[:, 3], anchored[:, 3], atol=1e-4)  # ... once, where anchoring from 0 read it thrice
+    never, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, horizon=4, anchor_after=4)
+    assert not bool(marks.any()) and torch.equal(never, plain)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="anchor_after"):
+            CompositionConfig(experts=["base"], anchor=0.3, anchor_after=bad)
 
 
 def test_anchor_seed_samples_a_revisited_frame_from_the_memorized_view():
