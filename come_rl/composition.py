@@ -405,10 +405,10 @@ class CompositionConfig:
     anchor_degrees: float = 15.0
     """the heading tolerance of ``anchor`` (a view turned by 45 degrees shows another half of the scene)."""
     anchor_after: int = 0
-    """with ``anchor``, the first ``anchor_after`` imagined frames of a rollout are never re-anchored: right after the
-    real context the sampled frames have not drifted yet, and a memorized view up to ``anchor`` cells off is worse
-    than them (Memory Maze: re-anchoring costs LPIPS on the frames 2-5 of a rollout and pays from the 6th on,
-    results/consistency_s32). 0: from the first frame."""
+    """with ``anchor``, the first ``anchor_after`` imagined frames of an ``imagine`` call are never re-anchored: right
+    after the real context the sampled frames have not drifted yet (Memory Maze: re-anchoring costs LPIPS on frames 2-5
+    of a rollout and pays from the 6th on, results/consistency_s32). Measured there, it gains nothing: the late gain
+    shrinks as much as the early loss (results/consistency_tuning, session 32). 0: from the first frame."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
