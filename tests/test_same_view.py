@@ -160,3 +160,27 @@ def test_a_recall_experts_loss_trains_its_keys_from_the_start():
     expert.loss(frames, actions, generator=g).backward()
     key_grad = sum(p.grad.abs().sum() for p in expert.backbone.recall.key.parameters())
     assert key_grad > 0
+
+
+def test_the_recall_convolution_trains_at_its_own_rate_when_asked():
+    from come_rl.train import TrainConfig, build_expert, parameter_groups
+
+    backbone = build_expert(TrainConfig(model="unet", role="stm", backbone_overrides=dict(CFG, window_recall=True)),
+                            6, 32)[0].backbone
+    named = {id(p): name for name, p in backbone.named_parameters()}
+
+    def groups(**overrides):
+        found = parameter_groups(backbone, TrainConfig(lr=1e-4, **overrides))
+        listed = [id(p) for group in found for p in group["params"]]
+        assert sorted(listed) == sorted(named), "every parameter in exactly one group"
+        return [(sorted(named[id(p)] for p in g["params"]), g.get("lr_scale", 1.0)) for g in found]
+
+    plain = groups()  # recall_lr 0: the convolution trains with the network, the keys at recall_key_lr
+    assert len(plain) == 2 and "recall.conv.weight" in plain[0][0]
+    assert plain[1] == (["recall.key.0.bias", "recall.key.0.weight", "recall.key.2.bias", "recall.key.2.weight",
+                         "recall.none_logit"], pytest.approx(100.0))
+    own = groups(recall_lr=1e-3)
+    assert own[2] == (["recall.conv.weight"], pytest.approx(10.0)) and "recall.conv.weight" not in own[0][0]
+    # a network without a recall: one group whatever recall_lr says
+    plain_net = build_expert(TrainConfig(model="unet", role="stm", backbone_overrides=CFG), 6, 32)[0].backbone
+    assert len(parameter_groups(plain_net, TrainConfig(recall_lr=1e-3))) == 1

@@ -205,6 +205,8 @@ def test_cosine_learning_rate_decay_follows_its_curve_and_refuses_an_open_end(tm
         train(TrainConfig(lr_decay="linear", steps=10, out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="recall_key_lr must be > 0"):
         train(TrainConfig(recall_key_lr=0.0, out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="recall_lr must be >= 0"):
+        train(TrainConfig(recall_lr=-1e-3, out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="same_view_fraction must be in"):
         train(TrainConfig(same_view_fraction=1.5, out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # refused before anything is written
