@@ -43,3 +43,11 @@ def test_bad_grids_are_refused_with_the_fix():
                                   ("", "1", "empty")):
         with pytest.raises(ValueError, match=match):
             parse_grid(StepsCurveConfig(methods=methods, steps=steps))
+
+
+def test_episodes_reach_the_clips_and_are_refused_for_a_data_folder(tmp_path):
+    """``episodes=`` is ``come_rl.evaluate``'s: it counts online episodes, so a data folder refuses it, naming why."""
+    with pytest.raises(ValueError, match="episodes=2 with data="):
+        run(StepsCurveConfig(data=str(tmp_path / "maze"), episodes=2, clips=4, methods="ddim", steps="1",
+                             out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

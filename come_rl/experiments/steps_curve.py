@@ -41,6 +41,9 @@ class StepsCurveConfig:
     data: str = "online:memory_maze"
     seed: int = 50000
     clips: int = 256
+    episodes: int = 0
+    """online data: how many episodes the clips are drawn from (``come_rl.evaluate``'s ``episodes=``; 0: the env's
+    default)."""
     methods: str = "ddim,euler"
     """comma-separated sampler methods (ddim, euler, heun)."""
     steps: str = "1,2,3,4,6,10"
@@ -71,7 +74,8 @@ def parse_grid(config: StepsCurveConfig) -> tuple[list[str], list[int]]:
 def run(config: StepsCurveConfig) -> list[dict]:
     methods, step_counts = parse_grid(config)
     evaluate_config = EvaluateConfig(checkpoint=config.checkpoint, expert=config.expert, data=config.data,
-                                     clips=config.clips, batch_size=config.batch_size, seed=config.seed,
+                                     clips=config.clips, episodes=config.episodes, batch_size=config.batch_size,
+                                     seed=config.seed,
                                      threads=config.threads, device=config.device, precision=config.precision)
     wm, expert, source, clips, tensors = load_model_and_clips(evaluate_config)
     kinds = transition_kinds(clips, data_env_name(source, config.data))
