@@ -409,6 +409,11 @@ class CompositionConfig:
     after the real context the sampled frames have not drifted yet (Memory Maze: re-anchoring costs LPIPS on frames 2-5
     of a rollout and pays from the 6th on, results/consistency_s32). Measured there, it gains nothing: the late gain
     shrinks as much as the early loss (results/consistency_tuning, session 32). 0: from the first frame."""
+    anchor_skip_recent: int = 0
+    """with ``anchor``, the last ``anchor_skip_recent`` observed frames are not re-anchoring candidates: right after
+    the real context the memorized view nearest the imagined pose is mostly one of the frames just seen, a little
+    behind the agent on its own track (Memory Maze: 0.1-0.3 cell per step), and re-anchoring on it tells the rollout
+    it stands where it stood a step ago; older views of the place stay candidates. 0: every memorized frame."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
@@ -457,6 +462,10 @@ class CompositionConfig:
         if isinstance(self.anchor_after, bool) or not isinstance(self.anchor_after, int) or self.anchor_after < 0:
             raise ValueError(f"anchor_after must be a number of imagined frames >= 0 (0: re-anchor from the first), got "
                              f"{self.anchor_after!r}")
+        if (isinstance(self.anchor_skip_recent, bool) or not isinstance(self.anchor_skip_recent, int)
+                or self.anchor_skip_recent < 0):
+            raise ValueError(f"anchor_skip_recent must be a number of observed frames >= 0 (0: every memorized frame is "
+                             f"a candidate), got {self.anchor_skip_recent!r}")
         if self.combine not in COMBINE_MODES or (self.combine != "sum" and not self.pairwise):
             raise ValueError(f"combine must be one of {COMBINE_MODES} (other than sum only with pairwise: true), got "
                              f"{self.combine!r} with pairwise={self.pairwise}")

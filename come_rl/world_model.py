@@ -537,9 +537,12 @@ class WorldModel:
 
     def _anchor_match(self, memory_poses: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index (B,), close (B,)): the memorized pose nearest ``pose`` (B, 3) within ``composition.anchor`` cells and
-        ``anchor_degrees``, and whether there is one."""
+        ``anchor_degrees`` (not among the last ``anchor_skip_recent`` observed), and whether there is one."""
         position, turn = _pose_offsets(memory_poses, pose)
         within = (position <= self.composition.anchor) & (turn <= math.radians(self.composition.anchor_degrees))
+        recent = self.composition.anchor_skip_recent
+        if recent:  # the frames just observed are not candidates (CompositionConfig.anchor_skip_recent)
+            within[..., max(within.shape[-1] - recent, 0):] = False
         score = torch.where(within, position / self.composition.anchor + turn / math.radians(
             self.composition.anchor_degrees), torch.full_like(position, float("inf")))
         return score.argmin(-1), within.any(-1)

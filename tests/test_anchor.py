@@ -24,13 +24,14 @@ def _base() -> DiffusionExpert:
 
 
 def _imagine(base, anchor: float, imagined_pose, memorized_value: float, horizon: int = 3, anchor_seed: float = 0.0,
-             anchor_after: int = 0):
+             anchor_after: int = 0, anchor_skip_recent: int = 0):
     """Observe five frames; frame 0 (value ``memorized_value``) was seen at (5, 5, 0). Every imagined frame is posed at
     ``imagined_pose``."""
     pose = torch.tensor(imagined_pose, dtype=torch.float32)
     wm = WorldModel(base, ActionSpec.discrete(6), 64, composition=CompositionConfig(experts=["base"], anchor=anchor,
                                                                                    anchor_seed=anchor_seed,
-                                                                                   anchor_after=anchor_after),
+                                                                                   anchor_after=anchor_after,
+                                                                                   anchor_skip_recent=anchor_skip_recent),
                     sampler=SamplerConfig(steps=4), pose_model=lambda poses, actions: pose.expand(poses.shape[0], 3))
     wm.reset()
     poses = [[5.0, 5.0, 0.0], [1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 2.0, 0.0]]
@@ -66,6 +67,26 @@ def test_anchor_after_leaves_the_first_imagined_frames_as_sampled():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="anchor_after"):
             CompositionConfig(experts=["base"], anchor=0.3, anchor_after=bad)
+
+
+def test_anchor_skip_recent_leaves_the_frames_just_seen_out_of_the_candidates():
+    """The last observed frame (3, 2) is the nearest memorized pose to (3, 2.05); skipping it leaves nothing within the
+    tolerance (frame 3 at (3, 1) is 1.05 cells off). The oldest frame (5, 5) stays a candidate while fewer than all five
+    are skipped."""
+    base = _base()
+    _, marks = _imagine(base, 1.0, [3.0, 2.05, 0.0], 0.5)
+    assert bool(marks.all())
+    _, marks = _imagine(base, 1.0, [3.0, 2.05, 0.0], 0.5, anchor_skip_recent=1)
+    assert not bool(marks.any())
+    plain, _ = _imagine(base, 0.0, [5.1, 5.0, 0.0], 0.5)
+    anchored, _ = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5)
+    old, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, anchor_skip_recent=4)
+    assert bool(marks.all()) and torch.equal(old, anchored)  # frame 0 is older than the 4 skipped
+    none, marks = _imagine(base, 1.0, [5.1, 5.0, 0.0], 0.5, anchor_skip_recent=5)
+    assert not bool(marks.any()) and torch.equal(none, plain)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="anchor_skip_recent"):
+            CompositionConfig(experts=["base"], anchor=0.3, anchor_skip_recent=bad)
 
 
 def test_anchor_seed_samples_a_revisited_frame_from_the_memorized_view():
