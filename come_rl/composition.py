@@ -412,7 +412,7 @@ class CompositionConfig:
     anchor_skip_recent: int = 0
     """with ``anchor``, the last ``anchor_skip_recent`` observed frames are not re-anchoring candidates: right after
     the real context the memorized view nearest the imagined pose is mostly one of the frames just seen, a little
-    behind the agent on its own track (Memory Maze: 0.1-0.3 cell per step), and re-anchoring on it tells the rollout
+    behind the agent on its own track (Memory Maze: up to 0.25 cell per step), and re-anchoring on it tells the rollout
     it stands where it stood a step ago; older views of the place stay candidates. 0: every memorized frame."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
