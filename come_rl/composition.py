@@ -410,10 +410,11 @@ class CompositionConfig:
     of a rollout and pays from the 6th on, results/consistency_s32). Measured there, it gains nothing: the late gain
     shrinks as much as the early loss (results/consistency_tuning, session 32). 0: from the first frame."""
     anchor_skip_recent: int = 0
-    """with ``anchor``, the last ``anchor_skip_recent`` observed frames are not re-anchoring candidates: right after
-    the real context the memorized view nearest the imagined pose is mostly one of the frames just seen, a little
-    behind the agent on its own track (Memory Maze: up to 0.25 cell per step), and re-anchoring on it tells the rollout
-    it stands where it stood a step ago; older views of the place stay candidates. 0: every memorized frame."""
+    """with ``anchor``, the last ``anchor_skip_recent`` observed frames are not re-anchoring candidates (a view just
+    seen lies a little behind the agent on its own track, Memory Maze: up to 0.25 cell per step, and tells the rollout
+    it has not moved); older views of the place stay candidates. Measured on the maze it does not remove the early cost
+    of re-anchoring (older views cost as much) and loses later anchors (results/consistency_tuning, session 34).
+    0: every memorized frame."""
     pairwise: bool = False
     """each memory expert adds to the base what its normalised composition with the base alone adds
     (``come_rl.composition``): alphas tuned for base + one expert keep their meaning when experts are added."""
