@@ -314,3 +314,34 @@ def test_every_combine_mode_runs_the_same_through_the_reference_composer():
             assert torch.allclose(fast, slow, atol=1e-6), (combine, t)
     with pytest.raises(ValueError, match="combine must be"):
         CompositionConfig(combine="max")  # pairwise is off
+
+
+def test_one_ddim_step_queries_only_t1_so_the_maze_ltm_gate_does_not_change_the_first_command():
+    """The first command samples with 1 DDIM step: the denoiser is asked at t = 1 only, so the maze checkpoint's LTM
+    gate (shipped or none) gives the same samples there; at 10 steps it does not (the gate is a real choice)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from come_rl.composition import CompositionConfig, build_composer
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "come_rl" / "checkpoints" / "memory_maze" /
+                       "world_model.json").read_text())["composition"]
+    experts = {role: _DistinctExpert(scale) for role, scale in zip(("base", "ltm"), (0.5, 1.5))}
+    conditions = {role: {"context": torch.full((2, 2, 4), 0.3), "actions": torch.zeros(2, 3, 1)} for role in experts}
+    samples = {}
+    for steps in (1, 10):
+        for gate in (0.5, 0.0):
+            config = dataclasses.replace(CompositionConfig(**spec), experts=["base", "ltm"], active_from={"ltm": gate})
+            levels = []
+            denoise = build_composer(config, experts).bind(conditions)
+
+            def recorded(x, t, denoise=denoise, levels=levels):
+                levels.extend(t.tolist())
+                return denoise(x, t)
+
+            samples[steps, gate] = sample(recorded, (2, 5), CosineSchedule(), SamplerConfig(steps=steps),
+                                          generator=torch.Generator().manual_seed(3))
+            assert (set(levels) == {1.0}) == (steps == 1)
+    assert torch.equal(samples[1, 0.5], samples[1, 0.0])
+    assert not torch.allclose(samples[10, 0.5], samples[10, 0.0], atol=1e-4)
