@@ -122,6 +122,14 @@ class TrainConfig:
     """> 0 (an STM on episodes with poses): this share of each batch is clips whose target's view only a context frame
     older than the last three saw (within 0.15 cell and 10 degrees, ``come_rl.data.same_view``): the ~10 % of maze steps
     where the window holds what the last frames miss. 0: uniform clips."""
+    stale_recent_fraction: float = 0.0
+    """> 0 (an STM): this share of the rows shows its newest context frames stale, each the frame some steps before
+    it (``come_rl.data.same_view.StaleRecentClips``), as a rollout's own frames lag the motion while the window's
+    older frames stay true; actions and target true. 0: true contexts."""
+    stale_recent_max: int = 12
+    """the most newest context frames made stale in such a row (uniform in 1 .. this; < context_frames)."""
+    stale_recent_steps: int = 4
+    """the most steps a stale frame lags (uniform in 1 .. this)."""
     recall_key_lr: float = 1e-2
     """the learning rate of a window recall's keys (``UNetConfig.window_recall``: a small MLP of the actions since each
     context frame), on the same warm-up and decay as ``lr``: at the rest of the network's rate (1e-4 for a warm start)
@@ -602,6 +610,9 @@ def train_expert(config: TrainConfig) -> TrainResult:
     if not 0.0 <= config.same_view_fraction <= 1.0:
         raise ValueError(f"same_view_fraction must be in [0, 1] (the share of each batch of same-view clips), got "
                          f"{config.same_view_fraction}")
+    if not 0.0 <= config.stale_recent_fraction <= 1.0:
+        raise ValueError(f"stale_recent_fraction must be in [0, 1] (the share of rows with stale newest context "
+                         f"frames), got {config.stale_recent_fraction}")
     if not config.dist_timeout_s > 0:
         raise ValueError(f"dist_timeout_s must be > 0 seconds (how long a rank waits for the others), got "
                          f"{config.dist_timeout_s}")
@@ -684,6 +695,16 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
         if main:
             print(f"same-view clips: {config.same_view_fraction:.0%} of each batch, from "
                   f"{len(source.starts(k + 2)[0])} such clips of {k + 2} frames")
+    if config.stale_recent_fraction:
+        if expert.retrieval:
+            raise ValueError("stale_recent_fraction is for an STM; a retrieving expert has retrieval_stale_fraction")
+        if config.stale_recent_max >= k:
+            raise ValueError(f"stale_recent_max={config.stale_recent_max} must be below the expert's {k} context frames "
+                             f"(older frames must stay true): lower it")
+        from come_rl.data.same_view import StaleRecentClips
+
+        source = StaleRecentClips(source, config.stale_recent_fraction, config.stale_recent_max,
+                                  config.stale_recent_steps)
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(parameter_groups(expert.backbone, config), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

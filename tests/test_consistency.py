@@ -70,16 +70,20 @@ def test_the_summary_pairs_each_row_with_the_base_by_episode():
 
 def test_online_memory_maze_gives_the_same_clips_for_the_same_seed():
     from come_rl.collect import make_env_and_policy, record_episode
+    from come_rl.data.episodes import EpisodeDataset
     from come_rl.data_sources import SeededEpisodePool
 
-    pools = [SeededEpisodePool("memory_maze", episodes=2, steps=20, seed=40000) for _ in range(2)]
-    assert [len(a) for a in pools[0].dataset.actions] == [20, 20] and pools[0].dataset.seeds == [40000, 40001]
-    # Episode i is exactly what `come_rl.collect seed=40000` records as its episode i.
+    pool = SeededEpisodePool("memory_maze", episodes=2, steps=20, seed=40000)
+    assert [len(a) for a in pool.dataset.actions] == [20, 20] and pool.dataset.seeds == [40000, 40001]
+    # Episode i is exactly what `come_rl.collect seed=40000` records as its episode i: a second generation from the
+    # same seeds, by the collector's own path, gives the same episodes and so the same clips.
     env, policy = make_env_and_policy({"env": "memory_maze", "maze_size": 9, "image_size": 64, "steps": 20})
-    collected = record_episode(env, policy, 20, 40001, 1)
-    assert np.array_equal(collected.frames, pools[0].dataset.frames[1])
-    assert np.array_equal(collected.poses, pools[0].dataset.poses[1])
-    a, b = (p.sample_clips(8, 5, np.random.default_rng(3)) for p in pools)
+    collected = [record_episode(env, policy, 20, 40000 + i, i) for i in range(2)]
+    env.close()
+    for i, episode in enumerate(collected):
+        assert np.array_equal(episode.frames, pool.dataset.frames[i]) and np.array_equal(episode.poses, pool.dataset.poses[i])
+    again = EpisodeDataset.from_episodes(collected, pool.action_spec)
+    a, b = pool.sample_clips(8, 5, np.random.default_rng(3)), again.sample_clips(8, 5, np.random.default_rng(3))
     assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["actions"], b["actions"])
     assert np.array_equal(a["poses"], b["poses"])
     assert a["frames"].shape == (8, 5, 64, 64, 3) and a["actions"].shape == (8, 4, 6)

@@ -17,6 +17,19 @@ class _Square:
         return task * task + self.offset
 
 
+def test_nothing_left_to_run_starts_no_ray_cluster(monkeypatch):
+    """A resumed Ray run whose episodes all finished (come_rl.run run.backend=ray, the same command again) plays
+    nothing and starts neither Ray nor a worker: it only rebuilds its tables."""
+    import come_rl.fanout as fanout
+
+    started = []
+    monkeypatch.setattr(fanout, "init_ray", lambda **kwargs: started.append(kwargs))
+    assert list(fanout.iter_tasks(_Square, (0,), [], backend="ray", workers=2, progress=False)) == []
+    assert started == []
+    with pytest.raises(ValueError, match="workers must"):  # settings are still checked first
+        list(fanout.iter_tasks(_Square, (0,), [], backend="ray", workers=0))
+
+
 def test_local_backend_runs_in_order_with_one_worker():
     assert run_tasks(_Square, (1,), [3, 1, 2], progress=False) == [10, 2, 5]
 

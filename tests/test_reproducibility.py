@@ -98,6 +98,5 @@ def test_the_main_command_gives_identical_csvs_in_another_process_and_on_ray(tmp
     # the budget exercised what it is meant to: memorization in the preload and in the stream
     assert [int(row["preload/steps"]) for row in episodes] == [2, 2]
     assert all(int(row["memorize_calls"]) == 1 for row in episodes)
-    # the Ray run resumes like a local one: the same command again finds every episode recorded
-    again = run_main(fanned, tmp_path, "run.backend=ray", "run.workers=2")
-    assert again.returncode == 0 and "2 of 2 episodes already finished" in again.stdout, again.stderr[-3000:]
+    # (a Ray run resumes as a local one: the same run_goal_episodes records; with nothing left it starts no Ray worker,
+    # tests/test_fanout.py)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from come_rl.data.episodes import Episode, EpisodeDataset
-from come_rl.data.same_view import SameViewClips, window_same_view
+from come_rl.data.same_view import SameViewClips, StaleRecentClips, window_same_view
 from come_rl.diffusion import CosineSchedule
 from come_rl.interfaces import ActionSpec
 from come_rl.experts.expert import DiffusionExpert
@@ -86,6 +86,30 @@ def test_same_view_clips_fill_their_share_of_the_batch_with_such_clips():
         SameViewClips(_Source(), fraction=1.5)
     with pytest.raises(ValueError, match="longer context"):
         source.sample_clips(4, 5, np.random.default_rng(0))
+
+
+def test_stale_recent_clips_lag_only_the_newest_context_frames_of_their_share_of_rows():
+    source = StaleRecentClips(_Source(), fraction=0.5, max_recent=3, max_stale=2)
+    clips = source.sample_clips(64, 8, np.random.default_rng(1))  # 7 context frames, the target last
+    plain = _Source().sample_clips(64, 8, np.random.default_rng(1))  # the same draws before the wrapper's own
+    true = plain["frames"][:, :, 0, 0, 0].astype(int)  # frame value = its index in the episode
+    got = clips["frames"][:, :, 0, 0, 0].astype(int)
+    assert np.array_equal(clips["actions"], plain["actions"]) and np.array_equal(got[:, -1], true[:, -1])
+    changed = got != true
+    assert 16 < changed.any(axis=1).sum() < 48, "about half the rows are stale"
+    for row in np.flatnonzero(changed.any(axis=1)):
+        r = 7 - np.flatnonzero(~changed[row, :7]).max() - 1  # changed frames form a suffix of the context
+        assert 1 <= r <= 3 and changed[row, 7 - r:7].all() and not changed[row, :7 - r].any()
+        lag = set((true[row, 7 - r:7] - got[row, 7 - r:7]).tolist())
+        assert len(lag) == 1 and lag.pop() in (1, 2), "each stale frame is the frame s steps before it"
+    again = source.sample_clips(64, 8, np.random.default_rng(1))
+    assert np.array_equal(again["frames"], clips["frames"])  # the same rng, the same batch
+    with pytest.raises(ValueError, match="no true context frame"):
+        source.sample_clips(4, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        StaleRecentClips(_Source(), fraction=0.0, max_recent=3)
+    with pytest.raises(ValueError, match="stale_recent_max"):
+        StaleRecentClips(_Source(), fraction=0.5, max_recent=0)
 
 
 def test_a_recall_stm_warm_started_from_a_plain_one_begins_as_it(tmp_path):

@@ -5,6 +5,10 @@ the next view and uniform clips rarely need anything older. The clips that do ar
 ``distance`` cells and ``degrees`` of heading of a context frame older than the last ``recent`` and of none of those
 (a turn that comes back: left, left, right, right). They are ~10 % of the steps of the exploring policy's episodes in
 a window of 16 frames; :class:`SameViewClips` makes them a chosen share of every training batch.
+
+In a rollout the newest frames of the window are the model's own and drift, while the older real ones still hold what
+was seen: :class:`StaleRecentClips` teaches that situation with real frames only, by showing a share of the clips with
+their newest context frames stale (each the frame some steps before it), actions and target true.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 
 import numpy as np
 
-__all__ = ["RECENT", "SAME_VIEW_DEGREES", "SAME_VIEW_DISTANCE", "SameViewClips", "window_same_view"]
+__all__ = ["RECENT", "SAME_VIEW_DEGREES", "SAME_VIEW_DISTANCE", "SameViewClips", "StaleRecentClips", "window_same_view"]
 
 SAME_VIEW_DISTANCE = 0.15
 """cells: nearly the same place (a move is at most a quarter cell)."""
@@ -113,3 +117,46 @@ class SameViewClips:
         out["poses"][:rows] = ds._all_poses[frame_index]
         out["episode"][:rows], out["start"][:rows] = episode, start
         return out
+
+
+class StaleRecentClips:
+    """A clip source: the clips of ``source`` with ``fraction`` of the rows (drawn from ``rng`` after the source's
+    clips, so one seed gives one sequence of batches) made to look like a rollout that drifted: their newest ``r``
+    context frames (``r`` uniform in 1 .. ``max_recent``) are each replaced by the frame ``s`` steps before it in the
+    clip (``s`` uniform in 1 .. ``max_stale``, clamped at the clip's first frame), as a rollout's frames lag the
+    motion; the older context frames, the actions, the poses and the target stay true. An STM trained on them can
+    learn when its newest frames are not to be trusted and what its window's older frames (and its recall of them)
+    then hold. The last context frame changes in those rows, so a residual target is the change from the stale
+    frame: what a rollout's next frame must undo."""
+
+    def __init__(self, source, fraction: float, max_recent: int, max_stale: int = 4):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"stale_recent_fraction must be in (0, 1] (the share of each batch), got {fraction}")
+        if isinstance(max_recent, bool) or int(max_recent) != max_recent or max_recent < 1:
+            raise ValueError(f"stale_recent_max must be an integer >= 1 (newest context frames made stale), got "
+                             f"{max_recent}")
+        if isinstance(max_stale, bool) or int(max_stale) != max_stale or max_stale < 1:
+            raise ValueError(f"stale_recent_steps must be an integer >= 1 (steps a stale frame lags), got {max_stale}")
+        self.source, self.fraction = source, float(fraction)
+        self.max_recent, self.max_stale = int(max_recent), int(max_stale)
+        self.action_spec, self.frame_size = source.action_spec, source.frame_size
+
+    def __getattr__(self, name):  # starts() of a SameViewClips, state_dict of a data source, ...
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def sample_clips(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
+        clips = self.source.sample_clips(batch_size, length, rng)
+        context = length - 1  # frames 0 .. length - 2 are context, the last one the target
+        if self.max_recent >= context:
+            raise ValueError(f"stale_recent_max={self.max_recent} leaves no true context frame in a clip of {length} "
+                             f"frames ({context} context frames): use at most {context - 1}")
+        rows = np.flatnonzero(rng.random(batch_size) < self.fraction)
+        recent = rng.integers(1, self.max_recent + 1, len(rows))
+        stale = rng.integers(1, self.max_stale + 1, len(rows))
+        frames = clips["frames"].copy()
+        for row, r, s in zip(rows, recent, stale):
+            positions = np.arange(context - r, context)
+            frames[row, positions] = clips["frames"][row, np.maximum(positions - s, 0)]
+        return {**clips, "frames": frames}
