@@ -12,7 +12,7 @@ A frame k of the horizon (k = 0 .. H - 1, the context is frames 0 .. C - 1) is a
 - "beyond" revisit: a revisit (of the memorized 0 .. C - 1) that neither window holds: the LTM's and SLTM's part;
 - not a revisit.
 The episodes are regenerated from their seeds (``online:memory_maze``, as the consistency run did; ~1 min per episode
-on one core, cached in ``--cache``), the per-frame LPIPS are the runs' own columns. Writes ``split.csv`` (one row per
+on one core, cached in ``--cache``), the per-frame LPIPS are the runs' own columns. Writes ``split.csv`` (or ``out=<csv>``; one row per
 run episode, part and composition, every composition of the runs) and prints the table: mean per-episode paired difference (row - reference) with a 95 %
 t interval, over the episodes that have frames of that part.
 """
@@ -70,7 +70,8 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 def main(argv: list[str]) -> None:
     rows_arg = [a for a in argv if a.startswith("rows=")]
     names = rows_arg[0].removeprefix("rows=").split(",") if rows_arg else ["stm", "base"]
-    runs = [Path(a) for a in argv if not a.startswith(("rows=", "--cache="))]
+    runs = [Path(a) for a in argv if not a.startswith(("rows=", "--cache=", "out="))]
+    out_arg = [a for a in argv if a.startswith("out=")]
     cache_arg = [a for a in argv if a.startswith("--cache=")]
     cache = Path(cache_arg[0].removeprefix("--cache=")) if cache_arg else Path("/tmp/stm_reach_poses")
     context, horizon = 400, 32
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> None:
                     if mask.any():
                         records.append({"run": run.name, "seed": seed, "part": part, "row": name,
                                         "lpips": float(by_row[name][mask].mean()), "frames": int(mask.sum())})
-    out = HERE / "split.csv"
+    out = Path(out_arg[0].removeprefix("out=")) if out_arg else HERE / "split.csv"
     with open(out.with_suffix(".tmp"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))
         writer.writeheader()
