@@ -209,4 +209,6 @@ def test_cosine_learning_rate_decay_follows_its_curve_and_refuses_an_open_end(tm
         train(TrainConfig(recall_lr=-1e-3, out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="same_view_fraction must be in"):
         train(TrainConfig(same_view_fraction=1.5, out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="stale_recent_fraction must be in"):
+        train(TrainConfig(stale_recent_fraction=-0.5, out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # refused before anything is written

@@ -20,14 +20,13 @@ t interval, over the episodes that have frames of that part.
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from come_rl.data_sources import SeededEpisodePool
-from come_rl.experiments.consistency import revisit_mask
+from come_rl.experiments.consistency import mean_interval, revisit_mask
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("base_window", "stm_window", "beyond", "none")
@@ -56,15 +55,6 @@ def frame_parts(poses: np.ndarray, context: int, horizon: int) -> list[str]:
         else:
             parts.append("none")
     return parts
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    from scipy import stats
-
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()) if len(values) else math.nan, math.nan
-    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +100,7 @@ def main(argv: list[str]) -> None:
         if not eps:
             continue
         diffs = [keyed[(*e, names[0])]["lpips"] - keyed[(*e, reference)]["lpips"] for e in eps]
-        mean, half = t_interval(diffs)
+        mean, half = mean_interval(diffs)
         means = [np.mean([keyed[(*e, n)]["lpips"] for e in eps]) for n in names]
         frames = sum(keyed[(*e, reference)]["frames"] for e in eps)
         print(f"| {part} | {len(eps)} | {frames} | " + " | ".join(f"{m:.4f}" for m in means)
