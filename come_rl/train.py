@@ -127,7 +127,12 @@ class TrainConfig:
     it (``come_rl.data.same_view.StaleRecentClips``), as a rollout's own frames lag the motion while the window's
     older frames stay true; actions and target true. 0: true contexts."""
     stale_recent_max: int = 12
-    """the most newest context frames made stale in such a row (uniform in 1 .. this; < context_frames)."""
+    """the most newest context frames made stale in such a row (uniform in 1 .. this; <= context_frames)."""
+    stale_recent_told: bool = False
+    """with ``stale_recent_fraction``: the STM (a window recall) is told how many of its newest context frames are
+    stale (its context level, ``UNetConfig.staleness_levels`` = its context length; sampling tells it how many are
+    imagined) and its recall learns a score for them, so that true contexts keep teaching its one-step behaviour
+    and stale ones when to read the window's older real frames. false: not told."""
     stale_recent_steps: int = 4
     """the most steps a stale frame lags (uniform in 1 .. this)."""
     recall_key_lr: float = 1e-2
@@ -210,6 +215,15 @@ def build_expert(config: TrainConfig, action_dim: int, frame_size: int) -> tuple
         if config.context_noise > 0:
             raise ValueError("context_noise and retrieval_stale_fraction both use the context level: pick one")
         kwargs["context_noise"], kwargs["staleness_levels"] = True, config.retrieval_max_stale
+    if config.stale_recent_told:
+        if config.stale_recent_fraction <= 0:
+            raise ValueError("stale_recent_told tells an STM about its stale frames: set stale_recent_fraction > 0 too")
+        if name != "unet" or not kwargs.get("window_recall"):
+            raise ValueError(f"stale_recent_told is for an STM with a window recall (a U-Net with window_recall=true); "
+                             f"model={config.model} has none: add backbone_overrides with window_recall=true")
+        if config.context_noise > 0:
+            raise ValueError("context_noise and stale_recent_told both use the context level: pick one")
+        kwargs["context_noise"], kwargs["staleness_levels"] = True, int(kwargs.get("context_frames", 3))
     if config.retrieval_blind:
         if name != "unet" or not kwargs.get("retrieval"):
             raise ValueError(f"retrieval_blind is for a retrieving U-Net (model=unet_maze_retrieval); "
@@ -550,7 +564,7 @@ def parameter_groups(backbone: torch.nn.Module, config: TrainConfig) -> list[dic
     so warm-up and decay apply to every group). Empty groups are left out."""
     keys, conv, others = [], [], []
     for name, param in backbone.named_parameters():
-        if name.startswith(("recall.key.", "recall.none")):
+        if name.startswith(("recall.key.", "recall.none", "recall.stale")):
             keys.append(param)
         elif name.startswith("recall.conv.") and config.recall_lr > 0:
             conv.append(param)
@@ -698,13 +712,13 @@ def _train(config: TrainConfig, context: DistributedContext, micro_batch: int, d
     if config.stale_recent_fraction:
         if expert.retrieval:
             raise ValueError("stale_recent_fraction is for an STM; a retrieving expert has retrieval_stale_fraction")
-        if config.stale_recent_max >= k:
-            raise ValueError(f"stale_recent_max={config.stale_recent_max} must be below the expert's {k} context frames "
-                             f"(older frames must stay true): lower it")
+        if config.stale_recent_max > k:
+            raise ValueError(f"stale_recent_max={config.stale_recent_max} must be at most the expert's {k} context "
+                             f"frames: lower it")
         from come_rl.data.same_view import StaleRecentClips
 
         source = StaleRecentClips(source, config.stale_recent_fraction, config.stale_recent_max,
-                                  config.stale_recent_steps)
+                                  config.stale_recent_steps, told=k if config.stale_recent_told else 0)
     ema = {name: p.detach().clone() for name, p in expert.backbone.state_dict().items()}
     optimizer = torch.optim.AdamW(parameter_groups(expert.backbone, config), lr=config.lr, weight_decay=config.weight_decay)
     spec = expert_spec(expert, backbone_name, backbone_kwargs, extra={

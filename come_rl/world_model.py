@@ -448,6 +448,9 @@ class WorldModel:
                         "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                         "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                     }
+                    levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
+                    if levels:  # a told STM (UNetConfig.staleness_levels): its h newest frames are imagined
+                        conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     view, view_pose = self.memory.gather(index)[:, None].to(frames), self.pose_features(

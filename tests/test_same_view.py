@@ -208,3 +208,74 @@ def test_the_recall_convolution_trains_at_its_own_rate_when_asked():
     # a network without a recall: one group whatever recall_lr says
     plain_net = build_expert(TrainConfig(model="unet", role="stm", backbone_overrides=CFG), 6, 32)[0].backbone
     assert len(parameter_groups(plain_net, TrainConfig(recall_lr=1e-3))) == 1
+
+
+def test_told_stale_clips_say_how_many_newest_frames_lag():
+    source = StaleRecentClips(_Source(), fraction=0.5, max_recent=3, max_stale=2, told=6)
+    clips = source.sample_clips(64, 8, np.random.default_rng(1))  # 7 context frames (the first is dropped later)
+    plain = _Source().sample_clips(64, 8, np.random.default_rng(1))
+    changed = clips["frames"][:, :7, 0, 0, 0] != plain["frames"][:, :7, 0, 0, 0]
+    stale = changed.sum(1)  # a stale suffix of r frames, each lagging its frame: r frames changed
+    assert clips["staleness"].dtype == np.float32 and clips["staleness"].shape == (64,)
+    assert np.allclose(clips["staleness"][stale > 0] * 6, stale[stale > 0])
+    assert (clips["staleness"] > 0).sum() >= (stale > 0).sum() and 16 < (clips["staleness"] > 0).sum() < 48
+    assert "staleness" not in StaleRecentClips(_Source(), 0.5, 3).sample_clips(4, 8, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="told"):
+        StaleRecentClips(_Source(), fraction=0.5, max_recent=3, told=2)  # fewer levels than stale frames
+
+
+def test_a_told_stm_starts_as_its_source_and_its_recall_learns_to_skip_stale_frames(tmp_path):
+    """Built by stale_recent_told, an STM has a context level (its stale count / K) and a recall score for stale
+    frames, both zero at a warm start (it predicts as its source at any level); trained on clips whose newest frames
+    are stale copies, the recall's score for them goes down, so its attention moves to the true older frames."""
+    from come_rl.checkpoint import expert_spec, save_expert
+    from come_rl.train import TrainConfig, build_expert, warm_start
+
+    torch.manual_seed(0)
+    overrides = dict(CFG, window_recall=True)
+    donor = DiffusionExpert(VideoUNet(UNetConfig(**overrides)), CosineSchedule(), target="residual", prediction="x0")
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_expert(tmp_path, donor, expert_spec(donor, "unet", overrides, extra={"frame_size": 32}))
+    config = TrainConfig(model="unet", role="stm", target="residual", prediction="x0", stale_recent_fraction=0.5,
+                         stale_recent_told=True, backbone_overrides=overrides)
+    expert, _, kwargs = build_expert(config, 6, 32)
+    assert kwargs["staleness_levels"] == 8 and expert.backbone.recall.stale_logit is not None
+    warm_start(expert, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    frames = torch.rand(2, 8, 3, 32, 32, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
+    x_t, t = torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+    with torch.no_grad():
+        want = donor.predict_eps(donor.prepare(frames, actions), x_t, t)
+        for level in (0.0, 0.5):
+            got = expert.predict_eps(expert.prepare(frames, actions, context_level=torch.full((2,), level)), x_t, t)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Clips of a scene that does not move: every true frame is the target; the newest r frames are noise (stale).
+    recall = expert.backbone.recall
+    optimizer = torch.optim.Adam([recall.stale_logit], lr=5e-2)
+    clean = torch.rand(16, 1, 3, 32, 32, generator=g).expand(16, 10, 3, 32, 32).clone()
+    still = torch.zeros(16, 10, 6)
+    r = torch.randint(1, 5, (16,), generator=g)
+    for row in range(16):
+        clean[row, 9 - r[row]:9] = torch.rand(int(r[row]), 3, 32, 32, generator=g) * 2 - 1
+    level = r.float() / 8
+
+    def stale_share():
+        with torch.no_grad():
+            w = recall.weights(still[:, 1:], r)
+        return torch.stack([w[i, 8 - int(r[i]):8].sum() for i in range(16)]).mean().item()
+
+    before = stale_share()
+    for _ in range(60):
+        loss = expert.loss(clean[:, 1:], still[:, 1:], generator=g, context_level=level, context_eps=None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert recall.stale_logit.item() < -0.5, recall.stale_logit.item()
+    assert stale_share() < 0.5 * before, (stale_share(), before)
+    with pytest.raises(ValueError, match="stale_recent_fraction"):
+        build_expert(TrainConfig(model="unet", role="stm", stale_recent_told=True, backbone_overrides=overrides), 6, 32)
+    with pytest.raises(ValueError, match="window recall"):
+        build_expert(TrainConfig(model="unet", role="stm", stale_recent_fraction=0.5, stale_recent_told=True,
+                                 backbone_overrides=CFG), 6, 32)

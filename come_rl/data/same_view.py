@@ -127,9 +127,13 @@ class StaleRecentClips:
     motion; the older context frames, the actions, the poses and the target stay true. An STM trained on them can
     learn when its newest frames are not to be trusted and what its window's older frames (and its recall of them)
     then hold. The last context frame changes in those rows, so a residual target is the change from the stale
-    frame: what a rollout's next frame must undo."""
+    frame: what a rollout's next frame must undo.
 
-    def __init__(self, source, fraction: float, max_recent: int, max_stale: int = 4):
+    ``told`` > 0: each clip also says how many of its newest context frames are stale (``staleness``: r / ``told``,
+    0 for true rows), the context level an STM built with ``UNetConfig.staleness_levels`` = ``told`` is given, as a
+    rollout tells it how many of its newest frames are imagined; true rows then teach it its one-step behaviour."""
+
+    def __init__(self, source, fraction: float, max_recent: int, max_stale: int = 4, told: int = 0):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"stale_recent_fraction must be in (0, 1] (the share of each batch), got {fraction}")
         if isinstance(max_recent, bool) or int(max_recent) != max_recent or max_recent < 1:
@@ -138,7 +142,10 @@ class StaleRecentClips:
         if isinstance(max_stale, bool) or int(max_stale) != max_stale or max_stale < 1:
             raise ValueError(f"stale_recent_steps must be an integer >= 1 (steps a stale frame lags), got {max_stale}")
         self.source, self.fraction = source, float(fraction)
-        self.max_recent, self.max_stale = int(max_recent), int(max_stale)
+        if isinstance(told, bool) or int(told) != told or told < 0 or (told and told < max_recent):
+            raise ValueError(f"told must be 0 (not told) or the STM's context length >= stale_recent_max={max_recent}, "
+                             f"got {told}")
+        self.max_recent, self.max_stale, self.told = int(max_recent), int(max_stale), int(told)
         self.action_spec, self.frame_size = source.action_spec, source.frame_size
 
     def __getattr__(self, name):  # starts() of a SameViewClips, state_dict of a data source, ...
@@ -159,4 +166,9 @@ class StaleRecentClips:
         for row, r, s in zip(rows, recent, stale):
             positions = np.arange(context - r, context)
             frames[row, positions] = clips["frames"][row, np.maximum(positions - s, 0)]
-        return {**clips, "frames": frames}
+        out = {**clips, "frames": frames}
+        if self.told:
+            staleness = np.zeros(batch_size, np.float32)
+            staleness[rows] = recent / self.told
+            out["staleness"] = staleness
+        return out

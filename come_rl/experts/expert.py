@@ -218,7 +218,8 @@ class DiffusionExpert(nn.Module):
         if recall is not None:  # a window recall (UNetConfig.window_recall): its keys learn from its own loss too,
             # the recalled view against the next frame, as the motion prior's warp does (through the zero-initialised
             # input alone their gradient starts at zero)
-            recall_loss = F.mse_loss(recall.frame(context, actions).float(), frames[:, -1].float())
+            stale = backbone.stale_count(level) if hasattr(backbone, "stale_count") else None
+            recall_loss = F.mse_loss(recall.frame(context, actions, stale).float(), frames[:, -1].float())
             motion_loss = recall_loss if motion_loss is None else motion_loss + recall_loss
         t, eps, drop = devices.to_device(t, device), devices.to_device(eps, device), devices.to_device(drop, device)
         alpha, sigma = self.schedule.alpha_sigma(t)

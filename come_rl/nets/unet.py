@@ -86,7 +86,10 @@ class UNetConfig:
     """> 0 (a retrieving expert trained with stale clips, ``retrieval_stale_fraction``): the context level
     (``context_noise``'s FiLM input) tells how many steps its past frames lag, divided by this; sampling tells it the
     number of frames imagined so far (``WorldModel.imagine``), so the expert knows when its past frames are its own
-    and leans on the retrieved view. 0: no such input."""
+    and leans on the retrieved view. An STM with a window recall trained with told stale clips
+    (``stale_recent_told``): the level is how many of its newest context frames are stale (in a rollout: imagined),
+    divided by this (its context length), and the recall learns a score for those frames (``WindowRecall.stale_logit``),
+    so it can prefer the window's real frames. 0: no such input."""
     window_recall: bool = False
     """an STM that recalls a view from its window (:class:`WindowRecall`): attention over the context frames keyed by
     the actions taken since each was seen, whose weighted frame is one more context input (zero-initialised: warm-
@@ -109,9 +112,11 @@ class UNetConfig:
                              f"context_frames={self.context_frames}")
         if self.retrieval_blind and not self.retrieval:
             raise ValueError("retrieval_blind is for a retrieving U-Net (retrieval=true)")
-        if self.staleness_levels and not (self.retrieval and self.context_noise):
-            raise ValueError("staleness_levels is for a retrieving U-Net with a context level input (retrieval=true, "
-                             f"context_noise=true); got retrieval={self.retrieval}, context_noise={self.context_noise}")
+        if self.staleness_levels and not ((self.retrieval or self.window_recall) and self.context_noise):
+            raise ValueError("staleness_levels is for a retrieving U-Net or an STM with a window recall, with a context "
+                             f"level input (retrieval=true or window_recall=true, context_noise=true); got "
+                             f"retrieval={self.retrieval}, window_recall={self.window_recall}, "
+                             f"context_noise={self.context_noise}")
         if self.window_recall and (self.context_frames < 2 or self.retrieval):
             raise ValueError("window_recall recalls a view among >= 2 past context frames of an STM (not a retrieving "
                              f"expert); got context_frames={self.context_frames}, retrieval={self.retrieval}")
@@ -216,30 +221,37 @@ class WindowRecall(nn.Module):
 
     COUNT_SCALE = 4.0
 
-    def __init__(self, action_dim: int, context_frames: int, inputs: int, width: int, unshuffle: int, hidden: int = 64):
+    def __init__(self, action_dim: int, context_frames: int, inputs: int, width: int, unshuffle: int, hidden: int = 64,
+                 told_stale: bool = False):
         super().__init__()
         self.context_frames, self.unshuffle = context_frames, unshuffle
         self.key = nn.Sequential(nn.Linear(action_dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.none_logit = nn.Parameter(torch.zeros(1))
+        # Told which newest frames are stale (imagined): one learned score added to theirs, zero at the start.
+        self.stale_logit = nn.Parameter(torch.zeros(1)) if told_stale else None
         self.conv = nn.Conv2d(inputs, width, 3, padding=1, bias=False)
         nn.init.zeros_(self.conv.weight)
 
-    def weights(self, actions: torch.Tensor) -> torch.Tensor:
-        """(B, K + 1, A) -> (B, K + 1): the attention on each context frame, oldest first, and on "none" (last)."""
+    def weights(self, actions: torch.Tensor, stale: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K + 1, A) -> (B, K + 1): the attention on each context frame, oldest first, and on "none" (last).
+        ``stale`` (B,): how many of the newest context frames are stale (a recall built with ``told_stale``)."""
         b, k = actions.shape[0], self.context_frames
         since = actions.flip(1).cumsum(1).flip(1)[:, 1:] / self.COUNT_SCALE  # (B, K, A): actions after frame j
         age = torch.arange(k, 0, -1, device=actions.device, dtype=since.dtype) / k
         scores = self.key(torch.cat([since, age[None, :, None].expand(b, k, 1)], dim=-1)).squeeze(-1)
+        if stale is not None and self.stale_logit is not None:
+            newest = torch.arange(k, device=actions.device)[None, :] >= k - stale.to(actions.device)[:, None]
+            scores = scores + newest.to(scores.dtype) * self.stale_logit.to(scores.dtype)
         return torch.softmax(torch.cat([scores, self.none_logit.expand(b, 1).to(scores.dtype)], dim=1).float(), dim=1)
 
-    def frame(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def frame(self, context: torch.Tensor, actions: torch.Tensor, stale: torch.Tensor | None = None) -> torch.Tensor:
         """The recalled view (B, C, H, W): the context frames weighted by :meth:`weights` (zero for "none")."""
-        w = self.weights(actions)[:, :-1].to(context.dtype)
+        w = self.weights(actions, stale)[:, :-1].to(context.dtype)
         return torch.einsum("bk,bkchw->bchw", w, context)
 
-    def forward(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, actions: torch.Tensor, stale: torch.Tensor | None = None) -> torch.Tensor:
         """First-layer features of the recalled view: (B, width, H / unshuffle, W / unshuffle)."""
-        return self.conv(F.pixel_unshuffle(self.frame(context, actions), self.unshuffle))
+        return self.conv(F.pixel_unshuffle(self.frame(context, actions, stale), self.unshuffle))
 
 
 class VideoUNet(VideoBackbone):
@@ -259,7 +271,8 @@ class VideoUNet(VideoBackbone):
         self.warp = FlowWarp(c, f, config.action_dim, config.warp_width) if config.warp_anchor else None
         context_inputs = config.context_frames + (1 if config.warp_anchor else 0)
         self.in_context = nn.Conv2d(context_inputs * c * f * f, widths[0], 3, padding=1, bias=False)
-        self.recall = (WindowRecall(config.action_dim, config.context_frames, c * f * f, widths[0], f)
+        self.recall = (WindowRecall(config.action_dim, config.context_frames, c * f * f, widths[0], f,
+                                    told_stale=config.staleness_levels > 0)
                        if config.window_recall else None)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         # Current and previous action: the previous one tells motion already under way (e.g. a turn in progress).
@@ -324,7 +337,8 @@ class VideoUNet(VideoBackbone):
         packed = F.pixel_unshuffle(frames.flatten(1, 2), cfg.unshuffle)  # (B, K*C*f*f, h, w)
         context_features = self.in_context(packed * keep[:, None, None, None])
         if self.recall is not None:
-            context_features = context_features + self.recall(context, actions) * keep[:, None, None, None]
+            context_features = context_features + self.recall(
+                context, actions, self.stale_count(context_level)) * keep[:, None, None, None]
         cond = self.action_embed(torch.cat([actions[:, -1], actions[:, -2]], dim=-1))
         if self.pose_embed is not None:
             if poses is None:
@@ -343,6 +357,12 @@ class VideoUNet(VideoBackbone):
         if anchor is not None:
             state["anchor"] = anchor
         return state
+
+    def stale_count(self, context_level: torch.Tensor | None) -> torch.Tensor | None:
+        """How many newest context frames a told STM's level says are stale (B,) long, or None (not told / no level)."""
+        if context_level is None or self.recall is None or self.recall.stale_logit is None:
+            return None
+        return torch.round(context_level.float() * self.config.staleness_levels).long()
 
     def anchor_frame(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor | None:
         """The motion prior's prediction of the next frame (the warped last frame), or None without ``warp_anchor``."""
