@@ -279,3 +279,31 @@ def test_a_told_stm_starts_as_its_source_and_its_recall_learns_to_skip_stale_fra
     with pytest.raises(ValueError, match="window recall"):
         build_expert(TrainConfig(model="unet", role="stm", stale_recent_fraction=0.5, stale_recent_told=True,
                                  backbone_overrides=CFG), 6, 32)
+
+
+def test_imagination_tells_a_told_stm_how_many_of_its_newest_frames_it_imagined():
+    """A told STM (staleness_levels = its context length) is told min(h, K) / K at imagined step h: 0 on the real
+    context, then the count of its own frames in the window."""
+    from come_rl.diffusion import SamplerConfig
+    from come_rl.interfaces import ActionSpec
+    from come_rl.world_model import CompositionConfig, WorldModel
+
+    tiny = dict(frame_size=32, unshuffle=4, action_dim=6, widths=[8, 16], cond_dim=16)
+    stm = DiffusionExpert(VideoUNet(UNetConfig(**tiny, context_frames=4, window_recall=True, context_noise=True,
+                                               staleness_levels=4)), CosineSchedule(), name="stm").eval()
+    told = []
+    prepare = stm.prepare
+
+    def recording_prepare(*args, context_level=None, **kwargs):
+        told.append(None if context_level is None else context_level.tolist())
+        return prepare(*args, context_level=context_level, **kwargs)
+
+    stm.prepare = recording_prepare
+    base = DiffusionExpert(VideoUNet(UNetConfig(**tiny, context_frames=2)), CosineSchedule()).eval()
+    wm = WorldModel(base, ActionSpec.discrete(6), 32, stm=stm, sampler=SamplerConfig(steps=1),
+                    composition=CompositionConfig(experts=["base", "stm"], pairwise=True))
+    wm.reset()
+    for i in range(5):
+        wm.observe(torch.full((3, 32, 32), 0.1 * i), None if i == 0 else ActionSpec.discrete(6).encode(1))
+    wm.imagine(torch.as_tensor(ActionSpec.discrete(6).encode(1)).float()[None, None].expand(2, 6, 6), seed=0)
+    assert [row[0] for row in told] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # one prepare per imagined frame
