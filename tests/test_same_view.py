@@ -112,23 +112,35 @@ def test_stale_recent_clips_lag_only_the_newest_context_frames_of_their_share_of
         StaleRecentClips(_Source(), fraction=0.5, max_recent=0)
 
 
-def test_a_recall_stm_warm_started_from_a_plain_one_begins_as_it(tmp_path):
+def _saved_donor(directory, config: dict) -> DiffusionExpert:
+    """A residual x0 U-Net STM of ``config`` with every weight away from its initialisation, saved in ``directory``."""
     from come_rl.checkpoint import expert_spec, save_expert
-    from come_rl.train import TrainConfig, build_expert, warm_start
 
     torch.manual_seed(0)
-    donor = DiffusionExpert(VideoUNet(UNetConfig(**CFG)), CosineSchedule(), target="residual", prediction="x0")
+    donor = DiffusionExpert(VideoUNet(UNetConfig(**config)), CosineSchedule(), target="residual", prediction="x0")
     for p in donor.backbone.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    save_expert(tmp_path, donor, expert_spec(donor, "unet", CFG, extra={"frame_size": 32}))
+    save_expert(directory, donor, expert_spec(donor, "unet", config, extra={"frame_size": 32}))
+    return donor
+
+
+def _one_step_inputs(g: torch.Generator) -> tuple:
+    """(frames, actions, x_t, t) of 2 rows for an 8-frame context of 32x32 frames."""
+    frames = torch.rand(2, 8, 3, 32, 32, generator=g) * 2 - 1
+    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
+    return frames, actions, torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+
+
+def test_a_recall_stm_warm_started_from_a_plain_one_begins_as_it(tmp_path):
+    from come_rl.train import TrainConfig, build_expert, warm_start
+
+    donor = _saved_donor(tmp_path, CFG)
     config = TrainConfig(model="unet", role="stm", target="residual", prediction="x0",
                          backbone_overrides=dict(CFG, window_recall=True))
     expert, _, _ = build_expert(config, 6, 32)
     assert "recall tensors initialised" in warm_start(expert, tmp_path)
     g = torch.Generator().manual_seed(5)
-    frames = torch.rand(2, 8, 3, 32, 32, generator=g) * 2 - 1
-    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
-    x_t, t = torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+    frames, actions, x_t, t = _one_step_inputs(g)
     with torch.no_grad():
         want = donor.predict_eps(donor.prepare(frames, actions), x_t, t)
         got = expert.predict_eps(expert.prepare(frames, actions), x_t, t)
@@ -228,24 +240,17 @@ def test_a_told_stm_starts_as_its_source_and_its_recall_learns_to_skip_stale_fra
     """Built by stale_recent_told, an STM has a context level (its stale count / K) and a recall score for stale
     frames, both zero at a warm start (it predicts as its source at any level); trained on clips whose newest frames
     are stale copies, the recall's score for them goes down, so its attention moves to the true older frames."""
-    from come_rl.checkpoint import expert_spec, save_expert
     from come_rl.train import TrainConfig, build_expert, warm_start
 
-    torch.manual_seed(0)
     overrides = dict(CFG, window_recall=True)
-    donor = DiffusionExpert(VideoUNet(UNetConfig(**overrides)), CosineSchedule(), target="residual", prediction="x0")
-    for p in donor.backbone.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_expert(tmp_path, donor, expert_spec(donor, "unet", overrides, extra={"frame_size": 32}))
+    donor = _saved_donor(tmp_path, overrides)
     config = TrainConfig(model="unet", role="stm", target="residual", prediction="x0", stale_recent_fraction=0.5,
                          stale_recent_told=True, backbone_overrides=overrides)
     expert, _, kwargs = build_expert(config, 6, 32)
     assert kwargs["staleness_levels"] == 8 and expert.backbone.recall.stale_logit is not None
     warm_start(expert, tmp_path)
     g = torch.Generator().manual_seed(5)
-    frames = torch.rand(2, 8, 3, 32, 32, generator=g) * 2 - 1
-    actions = torch.nn.functional.one_hot(torch.randint(0, 6, (2, 9), generator=g), 6).float()
-    x_t, t = torch.randn(2, 3, 32, 32, generator=g), torch.full((2,), 0.6)
+    frames, actions, x_t, t = _one_step_inputs(g)
     with torch.no_grad():
         want = donor.predict_eps(donor.prepare(frames, actions), x_t, t)
         for level in (0.0, 0.5):
