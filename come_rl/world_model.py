@@ -412,6 +412,9 @@ class WorldModel:
         appearance = self.composition.anchor_appearance if anchor > 0 else 0.0
         if appearance > 0:  # every memorized view, pooled 4x4, once per call: what a sampled frame is compared with
             thumbs = _thumbnails(self.memory.frames.to(device))
+        # experts told how many of their past frames are imagined (UNetConfig.staleness_levels; 0: not told)
+        told_levels = {role: getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
+                       for role, expert in experts.items()}
         outputs = []
         all_actions, full_batch = actions, batch
         for h in range(horizon):
@@ -448,9 +451,6 @@ class WorldModel:
                         "context": frames[:, -k:], "actions": step_actions[:, -(k + 1):],
                         "poses": step_poses[:, -(k + 1):] if needs_poses and expert.uses_poses else None,
                     }
-                    levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
-                    if levels:  # a told STM (UNetConfig.staleness_levels): its h newest frames are imagined
-                        conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
                 else:  # slot 0: the memorized frame nearest the next pose, reached by no action
                     index = nearest_pose_index(memory_poses, next_pose.float())
                     view, view_pose = self.memory.gather(index)[:, None].to(frames), self.pose_features(
@@ -464,9 +464,9 @@ class WorldModel:
                         if blind else torch.cat([view_pose, step_poses[:, -k:]], dim=1),
                     }
                     self._gate_retrieval(conditions, role, memory_poses[index], next_pose)
-                    levels = getattr(getattr(expert.backbone, "config", None), "staleness_levels", 0)
-                    if levels:  # its past frames lag: h of them are imagined (come_rl.experts.retrieval)
-                        conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
+                levels = told_levels[role]
+                if levels:  # its h newest past frames are imagined (a stale-trained SLTM or a told STM)
+                    conditions[role]["context_level"] = torch.full((batch,), min(h, levels) / levels)
             seed_x0, view = None, None
             if anchor > 0:  # a revisit: the memorized view seen nearest the next pose, gathered once for this step
                 index, close = self._anchor_match(memory_poses, next_pose)

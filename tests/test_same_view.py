@@ -284,6 +284,9 @@ def test_a_told_stm_starts_as_its_source_and_its_recall_learns_to_skip_stale_fra
     with pytest.raises(ValueError, match="window recall"):
         build_expert(TrainConfig(model="unet", role="stm", stale_recent_fraction=0.5, stale_recent_told=True,
                                  backbone_overrides=CFG), 6, 32)
+    with pytest.raises(ValueError, match="both use the context level"):
+        build_expert(TrainConfig(model="unet", role="stm", stale_recent_fraction=0.5, stale_recent_told=True,
+                                 context_noise=0.3, backbone_overrides=overrides), 6, 32)
 
 
 def test_imagination_tells_a_told_stm_how_many_of_its_newest_frames_it_imagined():
